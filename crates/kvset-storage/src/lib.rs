@@ -1,0 +1,185 @@
+//! Durable storage for one kvset member: its volume identity, the Raft log, the key-value state
+//! machine and its snapshots, all in one sled database per volume.
+//!
+//! # How a write flows through this crate
+//!
+//! 1. The server batches client writes into one [`Batch`] and proposes it to openraft.
+//! 2. openraft calls [`LogStore`]'s `append`: the entry is written to the `raft` tree and its
+//!    callback handed to the flusher thread, which acknowledges it only after `Db::flush`
+//!    returned (group commit: one fsync covers every append that arrived meanwhile).
+//! 3. Once a quorum has the entry, openraft calls [`StateMachine`]'s `apply`: every command of
+//!    the batch is evaluated through an in-memory overlay and written, with the new
+//!    `last_applied`, in one atomic `sled::Batch`. The results ([`BatchResult`]) go back to the
+//!    waiting clients.
+//! 4. Reads go through [`SmReader`], which sees whole applied batches only.
+//! 5. Now and then openraft asks for a snapshot: the builder writes a consistent file of the
+//!    state without blocking applies, and openraft purges the log up to it.
+//!
+//! # Layout of a volume
+//!
+//! ```text
+//! <data dir>/kvset-volume.json   identity: node id, ordinal, cluster id (volume.rs)
+//! <data dir>/db/                 sled: trees `raft` (log + vote), `sm0`/`sm1` (state), `sm_slot`
+//! <data dir>/snapshots/          snap-<term>-<index>-<id>.snap (snapshot.rs)
+//! ```
+//!
+//! # What it leaves out
+//!
+//! * No MVCC history: the state machine keeps the latest version of each key (with its create
+//!   and mod revisions and version), not older versions. Reads at a past revision and watches
+//!   from a past revision are therefore not possible.
+//! * sled never shrinks its files; space after deletes is reused, not returned (see README).
+//! * A snapshot received from a leader that fails verification stops the node (openraft treats
+//!   every storage error as fatal); it is reported, never half-applied.
+//!
+//! Every type keeps its invariants and flush points in its own docs: [`LogStore`],
+//! [`StateMachine`], [`Volume`].
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+mod apply;
+pub mod codec;
+mod log_store;
+mod observer;
+pub mod snapshot;
+mod state_machine;
+pub mod types;
+pub mod volume;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use apply::ReadError;
+pub use log_store::LogReader;
+pub use log_store::LogStore;
+pub use observer::NoopObserver;
+pub use observer::StorageObserver;
+pub use snapshot::SnapshotFile;
+pub use state_machine::AppliedState;
+pub use state_machine::SmOpenError;
+pub use state_machine::SmReader;
+pub use state_machine::SnapshotBuilder;
+pub use state_machine::StateDigest;
+pub use state_machine::StateMachine;
+pub use state_machine::INITIAL_REVISION;
+pub use types::*;
+pub use volume::ClusterId;
+pub use volume::Volume;
+pub use volume::VolumeError;
+pub use volume::VolumeMeta;
+
+#[allow(unused_imports)]
+use std::io::Cursor; // `declare_raft_types!` names it for its default SnapshotData.
+
+openraft::declare_raft_types!(
+    /// kvset's openraft type configuration.
+    pub TypeConfig:
+        D = Batch,
+        R = BatchResult,
+        NodeId = u64,
+        Node = Member,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = SnapshotFile,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A Raft log entry.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// A Raft log id (term, leader, index).
+pub type LogId = openraft::LogId<u64>;
+/// Snapshot metadata.
+pub type SnapshotMeta = openraft::SnapshotMeta<u64, Member>;
+/// A membership config with the log id it was stored at.
+pub type StoredMembership = openraft::StoredMembership<u64, Member>;
+/// A membership config.
+pub type Membership = openraft::Membership<u64, Member>;
+
+/// Error opening a member's storage.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error("{path}: cannot open the database: {source}")]
+    Sled { path: std::path::PathBuf, source: sled::Error },
+    #[error(transparent)]
+    StateMachine(#[from] SmOpenError),
+}
+
+/// Tuning of the sled database.
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// sled page cache size in bytes.
+    pub cache_bytes: u64,
+    /// Receives flush, apply and snapshot events (metrics).
+    pub observer: Arc<dyn StorageObserver>,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions").field("cache_bytes", &self.cache_bytes).finish_non_exhaustive()
+    }
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { cache_bytes: 256 << 20, observer: Arc::new(NoopObserver) }
+    }
+}
+
+/// An opened member store: the log and the state machine over one sled database.
+#[derive(Debug)]
+pub struct Store {
+    pub log: LogStore,
+    pub state_machine: StateMachine,
+    pub reader: SmReader,
+    db: sled::Db,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database of an opened [`Volume`]. Needs a Tokio runtime:
+    /// (kept for symmetry with the server; the flusher is a thread of its own).
+    pub fn open(volume: &Volume, options: StoreOptions) -> Result<Self, OpenError> {
+        Self::open_dir(volume.dir(), options)
+    }
+
+    /// Opens the database under `dir` without looking at volume metadata (for tools and tests
+    /// that manage identity themselves).
+    pub fn open_dir(dir: &Path, options: StoreOptions) -> Result<Self, OpenError> {
+        let db_path = dir.join("db");
+        let db = sled::Config::new()
+            .path(&db_path)
+            .cache_capacity(options.cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|source| OpenError::Sled { path: db_path.clone(), source })?;
+        let log = LogStore::open(db.clone(), options.observer.clone())
+            .map_err(|source| OpenError::Sled { path: db_path.clone(), source })?;
+        let state_machine = StateMachine::open(db.clone(), dir.join("snapshots"), options.observer)?;
+        let reader = state_machine.reader();
+        Ok(Self { log, state_machine, reader, db })
+    }
+
+    /// Flushes everything to disk.
+    pub async fn flush(&self) -> Result<(), sled::Error> {
+        self.db.flush_async().await.map(|_| ())
+    }
+
+    /// Bytes sled reports for its files (includes space not yet reused).
+    pub fn db_size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// Bytes used by every file under `dir`, recursively (what a volume costs on disk).
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    for entry in entries.flatten() {
+        match entry.metadata() {
+            Ok(m) if m.is_dir() => total += dir_size(&entry.path()),
+            Ok(m) => total += m.len(),
+            Err(_) => {}
+        }
+    }
+    total
+}

@@ -1,0 +1,365 @@
+//! The Raft log and Raft metadata, in one sled tree (`raft`).
+//!
+//! Layout of the tree:
+//!
+//! | key                      | value                                   |
+//! |--------------------------|-----------------------------------------|
+//! | `0x00 "vote"`            | the last vote (§5.2: term + voted-for)  |
+//! | `0x00 "committed"`       | last known committed log id (a hint)    |
+//! | `0x00 "purged"`          | last purged log id                      |
+//! | `0x01` + index (8 B, BE) | the log entry at `index`                |
+//!
+//! Big-endian index keys make sled's byte order the log order, so ranges are range scans.
+//!
+//! Invariants kept by [`LogStore`]:
+//!
+//! * **Entries are contiguous**: indexes `purged+1 ..= last` are all present. `append` only
+//!   extends the log (openraft truncates conflicts first), `truncate` removes a suffix, `purge`
+//!   a prefix, each in one atomic sled batch.
+//! * **An append is acknowledged only after it is durable**: `append` writes the entries, then
+//!   hands openraft's callback to the flusher thread, which calls it only after `Db::flush` has
+//!   returned. The flusher drains every pending callback before each flush, so one fsync covers
+//!   all appends that arrived meanwhile (group commit).
+//! * **A vote is durable before `save_vote` returns** (§5.1: a server must not vote twice in a
+//!   term, even across a crash).
+//! * **Purge never leaves a hole**: the new `purged` marker and the removal of the entries up to
+//!   it are one atomic batch, so after any crash `purged+1` is the first entry present.
+//! * Committed entries are never removed by `truncate`: openraft only truncates uncommitted
+//!   conflicting entries (§5.3).
+//!
+//! The `committed` marker is not flushed on its own; losing it only means openraft re-applies
+//! fewer entries at start and learns the commit index from the leader again.
+
+use std::fmt::Debug;
+use std::ops::Bound;
+use std::ops::RangeBounds;
+use std::sync::Arc;
+use std::time::Instant;
+
+use openraft::storage::LogFlushed;
+use openraft::storage::RaftLogStorage;
+use openraft::AnyError;
+use openraft::ErrorSubject;
+use openraft::ErrorVerb;
+use openraft::LogId;
+use openraft::LogState;
+use openraft::OptionalSend;
+use openraft::RaftLogId;
+use openraft::RaftLogReader;
+use openraft::StorageError;
+use openraft::StorageIOError;
+use openraft::Vote;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use crate::codec;
+use crate::observer::StorageObserver;
+use crate::Entry;
+use crate::TypeConfig;
+
+const META_VOTE: &[u8] = b"\x00vote";
+const META_COMMITTED: &[u8] = b"\x00committed";
+const META_PURGED: &[u8] = b"\x00purged";
+const ENTRY_PREFIX: u8 = 0x01;
+
+/// Pending appends the flusher may hold before `append` blocks on it.
+const FLUSH_QUEUE: usize = 1024;
+
+fn entry_key(index: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = ENTRY_PREFIX;
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn index_of(key: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = key.get(1..9)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+fn io_err(
+    subject: ErrorSubject<u64>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError<u64> {
+    StorageError::IO { source: StorageIOError::new(subject, verb, AnyError::new(&e)) }
+}
+
+/// Reads log entries; cloned for openraft's replication streams.
+#[derive(Clone)]
+pub struct LogReader {
+    tree: sled::Tree,
+}
+
+impl Debug for LogReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogReader").finish_non_exhaustive()
+    }
+}
+
+impl LogReader {
+    fn read_range(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry>, StorageError<u64>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => Bound::Included(entry_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(entry_key(*i)),
+            Bound::Unbounded => Bound::Included(entry_key(0)),
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Bound::Included(entry_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(entry_key(*i)),
+            Bound::Unbounded => Bound::Excluded([ENTRY_PREFIX + 1, 0, 0, 0, 0, 0, 0, 0, 0]),
+        };
+        let mut out = Vec::new();
+        for item in self.tree.range((start, end)) {
+            let (k, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            let index = index_of(&k).unwrap_or_default();
+            let entry: Entry = codec::decode("log entry", &v)
+                .map_err(|e| io_err(ErrorSubject::LogIndex(index), ErrorVerb::Read, e))?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    fn last_entry(&self) -> Result<Option<Entry>, StorageError<u64>> {
+        let last = self
+            .tree
+            .range(entry_key(0)..=entry_key(u64::MAX))
+            .next_back()
+            .transpose()
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        match last {
+            Some((_, v)) => Ok(Some(
+                codec::decode("log entry", &v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError<u64>> {
+        let this = self.clone();
+        let (start, end) = (range.start_bound().cloned(), range.end_bound().cloned());
+        tokio::task::spawn_blocking(move || this.read_range((start, end)))
+            .await
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?
+    }
+}
+
+/// The Raft log store (openraft `RaftLogStorage`). See the module docs for its invariants.
+pub struct LogStore {
+    db: sled::Db,
+    reader: LogReader,
+    /// Feeds the flusher thread; dropped first in `Drop` so the thread ends.
+    flusher: Option<mpsc::SyncSender<LogFlushed<TypeConfig>>>,
+    flusher_thread: Option<JoinHandle<()>>,
+    observer: Arc<dyn StorageObserver>,
+}
+
+impl Drop for LogStore {
+    /// Stops the flusher thread and waits for it, so that once a `LogStore` is gone its
+    /// database handle is too (an in-process restart can reopen the volume at once).
+    fn drop(&mut self) {
+        self.flusher.take();
+        if let Some(thread) = self.flusher_thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore").finish_non_exhaustive()
+    }
+}
+
+impl LogStore {
+    /// Opens the log in `db` and starts its flusher thread.
+    pub(crate) fn open(db: sled::Db, observer: Arc<dyn StorageObserver>) -> Result<Self, sled::Error> {
+        let tree = db.open_tree("raft")?;
+        let reader = LogReader { tree };
+        let (tx, rx) = mpsc::sync_channel(FLUSH_QUEUE);
+        let thread = {
+            let (db, observer) = (db.clone(), observer.clone());
+            std::thread::Builder::new()
+                .name("kvset-log-flush".into())
+                .spawn(move || flusher(db, rx, observer))
+                .map_err(sled::Error::Io)?
+        };
+        let store = Self { db, reader, flusher: Some(tx), flusher_thread: Some(thread), observer };
+        store.remove_purged_leftovers()?;
+        Ok(store)
+    }
+
+    /// Removes entries at or below the purge marker. They can only exist in data written by an
+    /// older layout; kept for robustness, it costs one range scan at start.
+    fn remove_purged_leftovers(&self) -> Result<(), sled::Error> {
+        if let Some(purged) = self.read_meta::<LogId<u64>>(META_PURGED).ok().flatten() {
+            let mut batch = sled::Batch::default();
+            for item in self.reader.tree.range(entry_key(0)..=entry_key(purged.index)) {
+                batch.remove(item?.0);
+            }
+            self.reader.tree.apply_batch(batch)?;
+        }
+        Ok(())
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError<u64>> {
+        let subject = || if key == META_VOTE { ErrorSubject::Vote } else { ErrorSubject::Store };
+        match self.reader.tree.get(key).map_err(|e| io_err(subject(), ErrorVerb::Read, e))? {
+            Some(v) => {
+                Ok(Some(codec::decode("raft meta", &v).map_err(|e| io_err(subject(), ErrorVerb::Read, e))?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn write_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError<u64>> {
+        let bytes = codec::encode("raft meta", value)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        self.reader.tree.insert(key, bytes).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        Ok(())
+    }
+}
+
+/// The flusher thread: waits for append callbacks, flushes once for all that are pending, then
+/// completes them in order. A thread rather than a task because `flush` is blocking I/O that
+/// can stall for seconds on a slow disk. Ends when the `LogStore` is dropped.
+fn flusher(db: sled::Db, rx: mpsc::Receiver<LogFlushed<TypeConfig>>, observer: Arc<dyn StorageObserver>) {
+    let mut pending = Vec::new();
+    while let Ok(first) = rx.recv() {
+        pending.push(first);
+        while let Ok(more) = rx.try_recv() {
+            pending.push(more);
+        }
+        let started = Instant::now();
+        let result = db.flush();
+        observer.log_flushed(pending.len(), started.elapsed());
+        match result {
+            Ok(_) => {
+                for cb in pending.drain(..) {
+                    cb.log_io_completed(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "flushing the Raft log failed; the node will stop");
+                for cb in pending.drain(..) {
+                    cb.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError<u64>> {
+        self.reader.try_get_log_entries(range).await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<u64>> {
+        let last_purged_log_id = self.read_meta::<LogId<u64>>(META_PURGED)?;
+        let last_log_id = match self.reader.last_entry()? {
+            Some(entry) => Some(*entry.get_log_id()),
+            None => last_purged_log_id,
+        };
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.reader.clone()
+    }
+
+    /// Stores the vote and flushes before returning.
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
+        let bytes =
+            codec::encode("vote", vote).map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+        self.reader
+            .tree
+            .insert(META_VOTE, bytes)
+            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+        let started = Instant::now();
+        self.db.flush_async().await.map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+        self.observer.vote_flushed(started.elapsed());
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
+        self.read_meta(META_VOTE)
+    }
+
+    /// Stores the committed log id without flushing (see the module docs).
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError<u64>> {
+        self.write_meta(META_COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
+        Ok(self.read_meta::<Option<LogId<u64>>>(META_COMMITTED)?.flatten())
+    }
+
+    /// Writes the entries, then queues the callback for the flusher: openraft learns the entries
+    /// are durable only after `Db::flush` covered them. The entries are readable on return.
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let log_id = *entry.get_log_id();
+            let bytes = codec::encode("log entry", &entry)
+                .map_err(|e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Write, e))?;
+            batch.insert(&entry_key(log_id.index), bytes);
+        }
+        let tree = self.reader.tree.clone();
+        tokio::task::spawn_blocking(move || tree.apply_batch(batch))
+            .await
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        let stopped =
+            || io_err(ErrorSubject::Logs, ErrorVerb::Write, std::io::Error::other("log flusher stopped"));
+        let flusher = self.flusher.as_ref().ok_or_else(stopped)?;
+        // openraft waits for each append's callback before the next, so the queue never fills
+        // and this send does not block.
+        flusher.send(callback).map_err(|_| stopped())?;
+        Ok(())
+    }
+
+    /// Removes entries with index `>= log_id.index` in one atomic batch.
+    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        let mut batch = sled::Batch::default();
+        for item in self.reader.tree.range(entry_key(log_id.index)..=entry_key(u64::MAX)) {
+            let (k, _) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+            batch.remove(k);
+        }
+        self.reader.tree.apply_batch(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        Ok(())
+    }
+
+    /// Records the new purge marker and removes entries `<= log_id.index` in one atomic batch.
+    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        let mut batch = sled::Batch::default();
+        let marker =
+            codec::encode("purged", &log_id).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        batch.insert(META_PURGED, marker);
+        for item in self.reader.tree.range(entry_key(0)..=entry_key(log_id.index)) {
+            let (k, _) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+            batch.remove(k);
+        }
+        self.reader.tree.apply_batch(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        Ok(())
+    }
+}

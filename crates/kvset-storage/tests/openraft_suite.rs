@@ -1,0 +1,36 @@
+//! openraft's own storage test suite, run unchanged against the sled store.
+
+use kvset_storage::LogStore;
+use kvset_storage::StateMachine;
+use kvset_storage::Store;
+use kvset_storage::StoreOptions;
+use kvset_storage::TypeConfig;
+use openraft::testing::StoreBuilder;
+use openraft::testing::Suite;
+use openraft::StorageError;
+use tempfile::TempDir;
+
+/// Opens a fresh store in a new temporary directory for every test of the suite.
+struct SledBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledBuilder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<u64>> {
+        let dir = tempfile::tempdir().map_err(|e| {
+            StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Write, e)
+        })?;
+        let store = Store::open_dir(dir.path(), StoreOptions::default()).map_err(|e| {
+            StorageError::from_io_error(
+                openraft::ErrorSubject::Store,
+                openraft::ErrorVerb::Read,
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        Ok((dir, store.log, store.state_machine))
+    }
+}
+
+/// The suite builds its own Tokio runtime per case, so this is a plain `#[test]`.
+#[test]
+fn openraft_storage_suite() -> Result<(), StorageError<u64>> {
+    Suite::test_all(SledBuilder)
+}
