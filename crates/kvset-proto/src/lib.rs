@@ -32,6 +32,21 @@ pub mod service_names {
     pub const RAFT: &str = "kvset.v1.Raft";
 }
 
+/// gRPC metadata keys that are part of the wire contract.
+pub mod metadata {
+    /// On `UNAVAILABLE`: client address (host:port) of the leader, when one is known.
+    pub const LEADER: &str = "kvset-leader";
+    /// On `UNAVAILABLE`: node id of the leader, when one is known.
+    pub const LEADER_ID: &str = "kvset-leader-id";
+    /// On `UNAVAILABLE`: present ("true") when the server guarantees the request was not
+    /// applied, so a write may be retried safely. Transport errors never carry it.
+    pub const NOT_APPLIED: &str = "kvset-not-applied";
+    /// On requests: set by a member forwarding a client request to the leader; a member that
+    /// receives a forwarded request it cannot serve answers `UNAVAILABLE` instead of forwarding
+    /// again.
+    pub const FORWARDED: &str = "kvset-forwarded";
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;

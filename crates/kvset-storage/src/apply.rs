@@ -127,12 +127,16 @@ impl<'t> Overlay<'t> {
     pub(crate) fn range(&self, query: &RangeQuery) -> Result<RangeResult, ReadError> {
         let mut out = RangeResult::default();
         let limit = query.limit.max(1);
+        let mut bytes = 0usize;
         self.scan(&query.range, |key, value| {
             out.count += 1;
-            if !query.count_only {
-                if out.kvs.len() < limit {
+            if !query.count_only && out.next_key.is_none() {
+                let size = key.len() + if query.keys_only { 0 } else { value.value.len() };
+                let fits = out.kvs.is_empty() || (out.kvs.len() < limit && bytes + size <= query.max_bytes);
+                if fits {
+                    bytes += size;
                     out.kvs.push(value.to_key_value(key, query.keys_only));
-                } else if out.next_key.is_none() {
+                } else {
                     out.more = true;
                     out.next_key = Some(key.to_vec());
                 }
@@ -161,6 +165,9 @@ pub(crate) fn apply_command(
     command: &Command,
 ) -> Result<CommandResult, ReadError> {
     match command {
+        Command::SetReplicas(replicas) => {
+            Ok(CommandResult::SetReplicas { revision: *revision, replicas: *replicas })
+        }
         Command::Put(put) => {
             let rev = *revision + 1;
             let prev = do_put(overlay, rev, put)?;
@@ -325,13 +332,34 @@ mod tests {
         for i in 0..10 {
             apply_command(&mut ov, &mut rev, &put(&format!("k{i}"), "v")).unwrap();
         }
-        let q = RangeQuery { range: KeyRange::prefix("k"), limit: 4, keys_only: true, count_only: false };
+        let q = RangeQuery {
+            range: KeyRange::prefix("k"),
+            limit: 4,
+            max_bytes: usize::MAX,
+            keys_only: true,
+            count_only: false,
+        };
         let page = ov.range(&q).unwrap();
         assert_eq!(page.kvs.len(), 4);
         assert_eq!(page.count, 10);
         assert!(page.more);
         assert_eq!(page.next_key.as_deref(), Some(&b"k4"[..]));
         assert!(page.kvs.iter().all(|kv| kv.value.is_empty()));
+
+        // A byte budget ends the page early, but never below one key.
+        let q = RangeQuery {
+            range: KeyRange::prefix("k"),
+            limit: 10,
+            max_bytes: 5,
+            keys_only: false,
+            count_only: false,
+        };
+        let page = ov.range(&q).unwrap();
+        assert_eq!(page.kvs.len(), 1, "k0 + v is 3 bytes; k1 + v would make 6 > 5");
+        assert_eq!((page.more, page.count), (true, 10));
+        assert_eq!(page.next_key.as_deref(), Some(&b"k1"[..]));
+        let q = RangeQuery { max_bytes: 0, ..q };
+        assert_eq!(ov.range(&q).unwrap().kvs.len(), 1);
     }
 
     #[test]
@@ -356,6 +384,7 @@ mod tests {
                 failure: vec![TxnOp::Range(RangeQuery {
                     range: KeyRange::single("k"),
                     limit: 1,
+                    max_bytes: usize::MAX,
                     keys_only: false,
                     count_only: false,
                 })],

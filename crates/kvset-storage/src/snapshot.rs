@@ -52,6 +52,8 @@ pub struct SnapshotHeader {
     pub meta: SnapshotMeta,
     /// Store revision at the snapshot.
     pub revision: i64,
+    /// Desired voter count recorded in the state machine, if ever set.
+    pub replicas: Option<u32>,
 }
 
 /// A snapshot file being read or written, as openraft's `SnapshotData`.
@@ -204,7 +206,7 @@ impl SnapshotReader {
             input: BufReader::with_capacity(1 << 20, file),
             crc: crc32fast::Hasher::new(),
             count: 0,
-            header: SnapshotHeader { meta: SnapshotMeta::default(), revision: 0 },
+            header: SnapshotHeader { meta: SnapshotMeta::default(), revision: 0, replicas: None },
             done: false,
         };
         let mut magic = [0u8; MAGIC.len()];
@@ -302,7 +304,7 @@ mod tests {
     use super::*;
 
     fn write_sample(path: &Path, n: usize) -> SnapshotHeader {
-        let header = SnapshotHeader { meta: SnapshotMeta::default(), revision: 42 };
+        let header = SnapshotHeader { meta: SnapshotMeta::default(), revision: 42, replicas: Some(3) };
         let mut w = SnapshotWriter::create(path, &header).unwrap();
         for i in 0..n {
             w.record(format!("key-{i}").as_bytes(), format!("value-{i}").as_bytes()).unwrap();

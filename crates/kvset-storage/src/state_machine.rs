@@ -75,6 +75,7 @@ use crate::TypeConfig;
 const META_APPLIED: &[u8] = b"\x00applied";
 const META_MEMBERSHIP: &[u8] = b"\x00membership";
 const META_REVISION: &[u8] = b"\x00revision";
+const META_REPLICAS: &[u8] = b"\x00replicas";
 const SLOT_KEY: &[u8] = b"active";
 const SLOT_NAMES: [&str; 2] = ["sm0", "sm1"];
 /// Records per sled batch when loading a snapshot.
@@ -107,6 +108,8 @@ pub struct AppliedState {
     pub last_applied: Option<LogId>,
     pub membership: StoredMembership,
     pub revision: Revision,
+    /// Desired voter count last set with `Command::SetReplicas`, if ever.
+    pub replicas: Option<u32>,
 }
 
 /// A summary of the whole key-value state, equal on members that applied the same log prefix.
@@ -199,6 +202,9 @@ impl Shared {
                     n_commands += batch.commands.len();
                     let mut out = Vec::with_capacity(batch.commands.len());
                     for command in &batch.commands {
+                        if let Command::SetReplicas(n) = command {
+                            applied.replicas = Some(*n);
+                        }
                         out.push(
                             apply_command(&mut overlay, &mut applied.revision, command)
                                 .map_err(|e| sm_err(ErrorVerb::Read, e))?,
@@ -379,6 +385,7 @@ impl Shared {
                 last_applied: meta.last_log_id,
                 membership: meta.last_membership.clone(),
                 revision: header.revision,
+                replicas: header.replicas,
             };
             write_meta(&mut batch, &applied).map_err(io::Error::other)?;
             tree.apply_batch(batch).map_err(io::Error::other)?;
@@ -412,6 +419,7 @@ fn write_meta(batch: &mut sled::Batch, applied: &AppliedState) -> Result<(), cod
     batch.insert(META_APPLIED, codec::encode("last applied", &applied.last_applied)?);
     batch.insert(META_MEMBERSHIP, codec::encode("membership", &applied.membership)?);
     batch.insert(META_REVISION, codec::encode("revision", &applied.revision)?);
+    batch.insert(META_REPLICAS, codec::encode("replicas", &applied.replicas)?);
     Ok(())
 }
 
@@ -429,7 +437,11 @@ fn read_applied(tree: &sled::Tree) -> Result<AppliedState, SmOpenError> {
         Some(v) => codec::decode("revision", &v)?,
         None => INITIAL_REVISION,
     };
-    Ok(AppliedState { last_applied, membership, revision })
+    let replicas = match get(META_REPLICAS)? {
+        Some(v) => codec::decode("replicas", &v)?,
+        None => None,
+    };
+    Ok(AppliedState { last_applied, membership, revision, replicas })
 }
 
 /// A file name for a snapshot: `snap-<term>-<index>-<sanitised id>.snap`.
@@ -620,6 +632,17 @@ impl SmReader {
         Ok(StateDigest { revision: st.applied.revision, keys, crc: crc.finalize() })
     }
 
+    /// Flushes the whole database to disk.
+    pub fn flush(&self) -> Result<(), ReadError> {
+        self.shared.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes sled reports for its files.
+    pub fn db_size_on_disk(&self) -> u64 {
+        self.shared.db.size_on_disk().unwrap_or(0)
+    }
+
     /// The current snapshot's metadata and file, if any.
     pub fn current_snapshot(&self) -> Option<(SnapshotMeta, PathBuf)> {
         lock(&self.shared.current).as_ref().map(|c| (c.meta.clone(), c.path.clone()))
@@ -651,7 +674,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                         .unwrap_or(0)
                 ),
             };
-            (st.tree.clone(), SnapshotHeader { meta, revision: applied.revision })
+            (st.tree.clone(), SnapshotHeader { meta, revision: applied.revision, replicas: applied.replicas })
         };
 
         let shared = self.shared.clone();

@@ -27,6 +27,7 @@ fn everything(reader: &SmReader) -> BTreeMap<String, String> {
     let q = RangeQuery {
         range: KeyRange { start: Vec::new(), end: RangeEnd::Unbounded },
         limit: usize::MAX,
+        max_bytes: usize::MAX,
         keys_only: false,
         count_only: false,
     };

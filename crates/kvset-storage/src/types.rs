@@ -36,6 +36,9 @@ pub enum Command {
     Delete(Delete),
     /// Compares, then runs one of two op lists, at one revision.
     Txn(Txn),
+    /// Records the desired number of voters (the `static` replicas source). Does not change the
+    /// store revision.
+    SetReplicas(u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +125,9 @@ pub struct RangeQuery {
     pub range: KeyRange,
     /// Largest number of keys to return; at least 1.
     pub limit: usize,
+    /// Largest sum of key and value bytes to return; a page ends early (with `more`) once it
+    /// would exceed this, but always holds at least one key.
+    pub max_bytes: usize,
     /// Leave values out.
     pub keys_only: bool,
     /// Return only the count.
@@ -196,6 +202,7 @@ pub enum CommandResult {
     Put { revision: Revision, prev: Option<KeyValue> },
     Delete { revision: Revision, deleted: i64, prev: Vec<KeyValue> },
     Txn { revision: Revision, succeeded: bool, responses: Vec<OpResult> },
+    SetReplicas { revision: Revision, replicas: u32 },
 }
 
 impl CommandResult {
@@ -204,7 +211,8 @@ impl CommandResult {
         match self {
             CommandResult::Put { revision, .. }
             | CommandResult::Delete { revision, .. }
-            | CommandResult::Txn { revision, .. } => *revision,
+            | CommandResult::Txn { revision, .. }
+            | CommandResult::SetReplicas { revision, .. } => *revision,
         }
     }
 }

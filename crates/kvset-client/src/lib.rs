@@ -1,0 +1,527 @@
+//! An async client for kvset.
+//!
+//! [`Client`] talks gRPC to a list of endpoints (any members, or a Kubernetes Service). It
+//! learns the leader from `Status` and from `UNAVAILABLE` answers and goes to it directly when
+//! it can reach it; any member would forward anyway. Every call has a deadline
+//! ([`ClientOptions::timeout`]).
+//!
+//! # What is retried
+//!
+//! * **Reads** are retried on any transient failure until the deadline.
+//! * **Writes** are retried only when they certainly were not applied: the server said so
+//!   (`UNAVAILABLE` carrying `kvset-not-applied`), or the connection could not be opened at
+//!   all. A write whose outcome is unknown (connection lost mid-call, `UNKNOWN`, deadline) is
+//!   returned as [`Error::Indeterminate`] / [`Error::DeadlineExceeded`] and never silently
+//!   re-sent: a retry could apply it twice.
+//!
+//! The client depends on neither sled nor openraft: only on the wire contract (`kvset-proto`).
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+use std::time::Instant;
+
+use kvset_proto::metadata;
+pub use kvset_proto::v1 as pb;
+use kvset_proto::v1::cluster_client::ClusterClient;
+use kvset_proto::v1::kv_client::KvClient;
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
+use tonic::Code;
+use tonic::Status;
+
+/// Largest response the client accepts, in bytes.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Deadline of each call, retries included.
+    pub timeout: Duration,
+    /// Time allowed to open a connection to one endpoint.
+    pub connect_timeout: Duration,
+    /// Follow leader hints and send requests straight to the leader.
+    pub prefer_leader: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(1),
+            prefer_leader: true,
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed or breaks a limit; nothing was applied.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// No member could serve the request before the deadline; nothing was applied.
+    #[error("unavailable: {message}")]
+    Unavailable { message: String, leader: Option<String> },
+    /// A write's outcome is unknown: it may or may not have been applied.
+    #[error("outcome unknown: {0}")]
+    Indeterminate(String),
+    /// The deadline passed; a write may or may not have been applied.
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+    /// The server does not serve this call.
+    #[error("not implemented: {0}")]
+    Unimplemented(String),
+    /// The cluster refused the request in its current state.
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// An endpoint is not a valid host:port.
+    #[error("bad endpoint {0:?}")]
+    BadEndpoint(String),
+    /// Any other status from the server.
+    #[error("{code:?}: {message}")]
+    Server { code: Code, message: String },
+}
+
+impl Error {
+    /// Whether the request certainly had no effect.
+    pub fn not_applied(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidArgument(_)
+                | Error::Unavailable { .. }
+                | Error::Unimplemented(_)
+                | Error::FailedPrecondition(_)
+                | Error::BadEndpoint(_)
+        )
+    }
+}
+
+/// Whether a call may change state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+}
+
+struct Inner {
+    endpoints: Vec<String>,
+    channels: Mutex<HashMap<String, Channel>>,
+    leader: Mutex<Option<String>>,
+    next: AtomicUsize,
+    options: ClientOptions,
+}
+
+/// A kvset client; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("endpoints", &self.inner.endpoints).finish_non_exhaustive()
+    }
+}
+
+/// Whether a status is a failure to connect at all (so nothing was sent).
+fn is_connect_error(status: &Status) -> bool {
+    use std::error::Error as _;
+    if status.code() != Code::Unavailable {
+        return false;
+    }
+    let mut source = status.source();
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::AddrNotAvailable
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+            ) {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    let text = format!("{:?}", status.source());
+    text.contains("ConnectError") || text.contains("tcp connect error") || text.contains("dns error")
+}
+
+fn header(status: &Status, key: &str) -> Option<String> {
+    status.metadata().get(key).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+fn final_error(status: &Status, kind: Kind) -> Error {
+    let message = status.message().to_string();
+    match status.code() {
+        Code::InvalidArgument => Error::InvalidArgument(message),
+        Code::Unimplemented => Error::Unimplemented(message),
+        Code::FailedPrecondition => Error::FailedPrecondition(message),
+        Code::DeadlineExceeded | Code::Cancelled => Error::DeadlineExceeded(message),
+        Code::Unavailable if header(status, metadata::NOT_APPLIED).is_some() || kind == Kind::Read => {
+            Error::Unavailable { message, leader: header(status, metadata::LEADER) }
+        }
+        Code::Unavailable | Code::Unknown if kind == Kind::Write => Error::Indeterminate(message),
+        code => Error::Server { code, message },
+    }
+}
+
+impl Client {
+    /// A client for `endpoints` (host:port each). Connections open on first use.
+    pub fn new(
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+        options: ClientOptions,
+    ) -> Result<Self, Error> {
+        let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
+        if endpoints.is_empty() {
+            return Err(Error::BadEndpoint(String::new()));
+        }
+        for e in &endpoints {
+            Endpoint::from_shared(format!("http://{e}")).map_err(|_| Error::BadEndpoint(e.clone()))?;
+        }
+        let start = rand::random::<usize>() % endpoints.len();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoints,
+                channels: Mutex::default(),
+                leader: Mutex::default(),
+                next: AtomicUsize::new(start),
+                options,
+            }),
+        })
+    }
+
+    /// The endpoints this client was given.
+    pub fn endpoints(&self) -> &[String] {
+        &self.inner.endpoints
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, Error> {
+        let mut channels = self.inner.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|_| Error::BadEndpoint(addr.to_string()))?
+            .connect_timeout(self.inner.options.connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn kv_client(&self, addr: &str) -> Result<KvClient<Channel>, Error> {
+        Ok(KvClient::new(self.channel(addr)?).max_decoding_message_size(MAX_RESPONSE_BYTES))
+    }
+
+    fn cluster_client(&self, addr: &str) -> Result<ClusterClient<Channel>, Error> {
+        Ok(ClusterClient::new(self.channel(addr)?).max_decoding_message_size(MAX_RESPONSE_BYTES))
+    }
+
+    fn leader_hint(&self) -> Option<String> {
+        self.inner.leader.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_leader(&self, leader: Option<String>) {
+        *self.inner.leader.lock().unwrap_or_else(|e| e.into_inner()) = leader;
+    }
+
+    /// The endpoint for the next attempt: the known leader, else the next endpoint in turn.
+    fn pick(&self) -> String {
+        if self.inner.options.prefer_leader {
+            if let Some(leader) = self.leader_hint() {
+                return leader;
+            }
+        }
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        self.inner.endpoints[i % self.inner.endpoints.len()].clone()
+    }
+
+    /// Runs `call` with the retry rules of the module docs.
+    async fn run<Req: Clone, Resp>(
+        &self,
+        kind: Kind,
+        req: Req,
+        call: impl AsyncFn(String, tonic::Request<Req>) -> Result<tonic::Response<Resp>, Status>,
+    ) -> Result<Resp, Error> {
+        let deadline = Instant::now() + self.inner.options.timeout;
+        let mut backoff = Duration::from_millis(25);
+        let mut last: Option<Status> = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(match last {
+                    Some(status) => match final_error(&status, kind) {
+                        Error::Unavailable { message, leader } => Error::Unavailable {
+                            message: format!("gave up at the deadline: {message}"),
+                            leader,
+                        },
+                        other => other,
+                    },
+                    None => Error::DeadlineExceeded("no attempt completed".into()),
+                });
+            }
+            let addr = self.pick();
+            let mut request = tonic::Request::new(req.clone());
+            request.set_timeout(left);
+            let status = match tokio::time::timeout(left, call(addr.clone(), request)).await {
+                Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded("client deadline"),
+            };
+            let not_applied = header(&status, metadata::NOT_APPLIED).is_some();
+            let connect = is_connect_error(&status);
+            let retry = match status.code() {
+                Code::Unavailable if not_applied || connect => true,
+                Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled => kind == Kind::Read,
+                _ => false,
+            };
+            if !retry {
+                return Err(final_error(&status, kind));
+            }
+            // Follow the hint; forget a leader we could not reach.
+            match header(&status, metadata::LEADER) {
+                Some(leader) if leader != addr => self.set_leader(Some(leader)),
+                _ => {
+                    if self.leader_hint().as_deref() == Some(addr.as_str()) {
+                        self.set_leader(None);
+                    }
+                }
+            }
+            tracing::debug!(endpoint = %addr, code = ?status.code(), message = status.message(), "retrying");
+            last = Some(status);
+            let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+            tokio::time::sleep(pause).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Sets `key` to `value`.
+    pub async fn put(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<pb::PutResponse, Error> {
+        self.put_request(pb::PutRequest { key: key.into(), value: value.into(), ..Default::default() }).await
+    }
+
+    /// Sends a full Put request.
+    pub async fn put_request(&self, req: pb::PutRequest) -> Result<pb::PutResponse, Error> {
+        self.run(Kind::Write, req, async |addr, r| match self.kv_client(&addr) {
+            Ok(mut c) => c.put(r).await,
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        })
+        .await
+    }
+
+    /// Reads `key` linearizably; `None` when absent.
+    pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<Option<pb::KeyValue>, Error> {
+        Ok(self.get_request(pb::GetRequest { key: key.into(), consistency: 0 }).await?.kv)
+    }
+
+    /// Sends a full Get request (choose the consistency there).
+    pub async fn get_request(&self, req: pb::GetRequest) -> Result<pb::GetResponse, Error> {
+        self.run(Kind::Read, req, async |addr, r| match self.kv_client(&addr) {
+            Ok(mut c) => c.get(r).await,
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        })
+        .await
+    }
+
+    /// Reads one page of a range.
+    pub async fn range(&self, req: pb::RangeRequest) -> Result<pb::RangeResponse, Error> {
+        self.run(Kind::Read, req, async |addr, r| match self.kv_client(&addr) {
+            Ok(mut c) => c.range(r).await,
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        })
+        .await
+    }
+
+    /// Deletes a key or range.
+    pub async fn delete(&self, req: pb::DeleteRequest) -> Result<pb::DeleteResponse, Error> {
+        self.run(Kind::Write, req, async |addr, r| match self.kv_client(&addr) {
+            Ok(mut c) => c.delete(r).await,
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        })
+        .await
+    }
+
+    /// Runs a transaction.
+    pub async fn txn(&self, req: pb::TxnRequest) -> Result<pb::TxnResponse, Error> {
+        self.run(Kind::Write, req, async |addr, r| match self.kv_client(&addr) {
+            Ok(mut c) => c.txn(r).await,
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        })
+        .await
+    }
+
+    /// Sets `key` to `new` if its value is `expected` (`None`: if the key does not exist).
+    /// Returns whether the swap happened and the response.
+    pub async fn compare_and_swap(
+        &self,
+        key: impl Into<Vec<u8>>,
+        expected: Option<&[u8]>,
+        new: impl Into<Vec<u8>>,
+    ) -> Result<pb::TxnResponse, Error> {
+        self.txn(cas_request(key.into(), expected, new.into())).await
+    }
+
+    /// The Status of the member at `endpoint` (no retries, no leader following).
+    pub async fn status_of(&self, endpoint: &str) -> Result<pb::StatusResponse, Error> {
+        let mut c = self.cluster_client(endpoint)?;
+        let mut r = tonic::Request::new(pb::StatusRequest {});
+        r.set_timeout(self.inner.options.timeout);
+        match tokio::time::timeout(self.inner.options.timeout, c.status(r)).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(final_error(&status, Kind::Read)),
+            Err(_) => Err(Error::DeadlineExceeded(format!("status of {endpoint}"))),
+        }
+    }
+
+    /// The members of the cluster, from the leader.
+    pub async fn member_list(&self) -> Result<pb::MemberListResponse, Error> {
+        self.run(Kind::Read, pb::MemberListRequest {}, async |addr, r| match self.cluster_client(&addr) {
+            Ok(mut c) => c.member_list(r).await,
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        })
+        .await
+    }
+
+    /// Sets the desired number of voters.
+    pub async fn set_replicas(&self, replicas: u32) -> Result<pb::SetReplicasResponse, Error> {
+        self.run(Kind::Write, pb::SetReplicasRequest { replicas }, async |addr, r| {
+            match self.cluster_client(&addr) {
+                Ok(mut c) => c.set_replicas(r).await,
+                Err(e) => Err(Status::invalid_argument(e.to_string())),
+            }
+        })
+        .await
+    }
+
+    /// Adds a learner (manual override).
+    pub async fn add_learner(&self, req: pb::AddLearnerRequest) -> Result<pb::AddLearnerResponse, Error> {
+        self.run(Kind::Write, req, async |addr, r| match self.cluster_client(&addr) {
+            Ok(mut c) => c.add_learner(r).await,
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        })
+        .await
+    }
+
+    /// Promotes a learner to voter (manual override).
+    pub async fn promote(&self, node_id: u64) -> Result<pb::PromoteResponse, Error> {
+        self.run(Kind::Write, pb::PromoteRequest { node_id }, async |addr, r| {
+            match self.cluster_client(&addr) {
+                Ok(mut c) => c.promote(r).await,
+                Err(e) => Err(Status::invalid_argument(e.to_string())),
+            }
+        })
+        .await
+    }
+
+    /// Removes a member (manual override).
+    pub async fn remove(&self, node_id: u64) -> Result<pb::RemoveResponse, Error> {
+        self.run(Kind::Write, pb::RemoveRequest { node_id }, async |addr, r| {
+            match self.cluster_client(&addr) {
+                Ok(mut c) => c.remove(r).await,
+                Err(e) => Err(Status::invalid_argument(e.to_string())),
+            }
+        })
+        .await
+    }
+
+    /// Makes the member at `endpoint` build a snapshot now.
+    pub async fn snapshot(&self, endpoint: &str) -> Result<pb::SnapshotResponse, Error> {
+        let mut c = self.cluster_client(endpoint)?;
+        let mut r = tonic::Request::new(pb::SnapshotRequest {});
+        r.set_timeout(self.inner.options.timeout);
+        c.snapshot(r).await.map(tonic::Response::into_inner).map_err(|s| final_error(&s, Kind::Read))
+    }
+}
+
+/// A compare-and-swap transaction: `key` = `new` if its value is `expected` (or it is absent
+/// when `expected` is `None`); on failure the current key is returned.
+pub fn cas_request(key: Vec<u8>, expected: Option<&[u8]>, new: Vec<u8>) -> pb::TxnRequest {
+    use pb::compare::Result as R;
+    use pb::compare::Target as T;
+    use pb::compare::TargetUnion as U;
+    let compare = match expected {
+        Some(v) => pb::Compare {
+            result: R::Equal as i32,
+            target: T::Value as i32,
+            key: key.clone(),
+            target_union: Some(U::Value(v.to_vec())),
+        },
+        None => pb::Compare {
+            result: R::Equal as i32,
+            target: T::Version as i32,
+            key: key.clone(),
+            target_union: Some(U::Version(0)),
+        },
+    };
+    pb::TxnRequest {
+        compare: vec![compare],
+        success: vec![pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                key: key.clone(),
+                value: new,
+                ..Default::default()
+            })),
+        }],
+        failure: vec![pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestRange(pb::RangeRequest {
+                key,
+                ..Default::default()
+            })),
+        }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_outcomes_are_classified_conservatively() {
+        let mut not_applied = Status::unavailable("no leader");
+        not_applied.metadata_mut().insert(metadata::NOT_APPLIED, "true".parse().unwrap());
+        assert!(matches!(final_error(&not_applied, Kind::Write), Error::Unavailable { .. }));
+        assert!(final_error(&not_applied, Kind::Write).not_applied());
+        let lost = Status::unavailable("connection reset");
+        assert!(matches!(final_error(&lost, Kind::Write), Error::Indeterminate(_)));
+        assert!(!final_error(&lost, Kind::Write).not_applied());
+        assert!(matches!(
+            final_error(&Status::unknown("raft stopped"), Kind::Write),
+            Error::Indeterminate(_)
+        ));
+        assert!(matches!(final_error(&lost, Kind::Read), Error::Unavailable { .. }));
+        assert!(matches!(
+            final_error(&Status::invalid_argument("x"), Kind::Write),
+            Error::InvalidArgument(_)
+        ));
+        assert!(matches!(
+            final_error(&Status::deadline_exceeded("x"), Kind::Write),
+            Error::DeadlineExceeded(_)
+        ));
+    }
+
+    #[test]
+    fn endpoints_are_validated() {
+        assert!(Client::new(Vec::<String>::new(), ClientOptions::default()).is_err());
+        assert!(Client::new(["bad host:1"], ClientOptions::default()).is_err());
+        assert!(Client::new(["127.0.0.1:2379"], ClientOptions::default()).is_ok());
+    }
+
+    #[test]
+    fn cas_on_absent_key_compares_version_zero() {
+        let req = cas_request(b"k".to_vec(), None, b"v".to_vec());
+        assert_eq!(req.compare[0].target, pb::compare::Target::Version as i32);
+        assert_eq!(req.compare[0].target_union, Some(pb::compare::TargetUnion::Version(0)));
+    }
+}

@@ -1,0 +1,179 @@
+//! Write batching: many client writes, one Raft entry.
+//!
+//! openraft 0.9 fsyncs once per appended entry and waits for each flush before the next, so
+//! throughput is bounded by entries per second, not commands. The batcher puts every write on a
+//! bounded queue; a loop takes one of `batch.in_flight` permits, then everything queued at
+//! that moment (up to `batch.max_commands` commands and `batch.max_bytes` bytes) becomes one
+//! [`Batch`] proposed with `client_write`. Each caller gets its own result back.
+//!
+//! * **No added delay when idle**: with a permit free, the first write is proposed at once.
+//! * **Batches grow under load**: while all permits are busy, writes accumulate in the queue.
+//! * **Backpressure**: a full queue answers `UNAVAILABLE` (not applied).
+//! * **Honest errors**: `ForwardToLeader` from openraft means the entry was never appended or
+//!   was truncated, so the commands were not applied (safe to retry elsewhere). A stopped Raft
+//!   leaves the outcome unknown.
+
+use std::sync::Arc;
+
+use kvset_storage::Batch;
+use kvset_storage::Command;
+use kvset_storage::CommandResult;
+use kvset_storage::Member;
+use kvset_storage::TypeConfig;
+use openraft::error::ClientWriteError;
+use openraft::error::RaftError;
+use openraft::Raft;
+use tokio::sync::mpsc;
+use tokio::sync::oneshot;
+use tokio::sync::Semaphore;
+
+use crate::config::BatchConfig;
+use crate::metrics::Metrics;
+
+/// Why a write did not produce a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteError {
+    /// This member is not the leader; the write was not applied.
+    NotLeader { leader_id: Option<u64>, leader: Option<Member> },
+    /// The write was not accepted (queue full, shutting down); not applied.
+    Unavailable(String),
+    /// The outcome is unknown.
+    Indeterminate(String),
+}
+
+struct Pending {
+    command: Command,
+    bytes: usize,
+    reply: oneshot::Sender<Result<CommandResult, WriteError>>,
+}
+
+/// Handle to the batching loop.
+#[derive(Debug, Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Pending>,
+}
+
+/// Approximate encoded size of a command (keys and values dominate).
+fn command_bytes(c: &Command) -> usize {
+    use kvset_storage::TxnOp;
+    let op = |op: &TxnOp| match op {
+        TxnOp::Put(p) => p.key.len() + p.value.len() + 16,
+        TxnOp::Delete(d) => d.range.start.len() + 16,
+        TxnOp::Range(r) => r.range.start.len() + 16,
+    };
+    match c {
+        Command::Put(p) => p.key.len() + p.value.len() + 16,
+        Command::Delete(d) => d.range.start.len() + 16,
+        Command::SetReplicas(_) => 16,
+        Command::Txn(t) => {
+            t.compares.iter().map(|c| c.key.len() + 16).sum::<usize>()
+                + t.success.iter().map(op).sum::<usize>()
+                + t.failure.iter().map(op).sum::<usize>()
+        }
+    }
+}
+
+impl Batcher {
+    /// Starts the batching loop for `raft`. It ends when every `Batcher` clone is dropped,
+    /// after the writes in flight have finished.
+    pub fn start(raft: Raft<TypeConfig>, config: &BatchConfig, metrics: Arc<Metrics>) -> Self {
+        let (tx, rx) = mpsc::channel(config.queue as usize);
+        tokio::spawn(run(raft, rx, config.clone(), metrics));
+        Self { tx }
+    }
+
+    /// Submits one command and waits for its result.
+    pub async fn submit(&self, command: Command) -> Result<CommandResult, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        let bytes = command_bytes(&command);
+        self.tx.try_send(Pending { command, bytes, reply }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                WriteError::Unavailable("write queue is full (batch.queue)".into())
+            }
+            mpsc::error::TrySendError::Closed(_) => WriteError::Unavailable("member is shutting down".into()),
+        })?;
+        rx.await.unwrap_or_else(|_| {
+            Err(WriteError::Indeterminate("the write was dropped while in flight".into()))
+        })
+    }
+}
+
+async fn run(
+    raft: Raft<TypeConfig>,
+    mut rx: mpsc::Receiver<Pending>,
+    config: BatchConfig,
+    metrics: Arc<Metrics>,
+) {
+    let in_flight = config.in_flight as usize;
+    let permits = Arc::new(Semaphore::new(in_flight));
+    let mut carry: Option<Pending> = None;
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => break,
+            },
+        };
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        while batch.len() < config.max_commands as usize {
+            match rx.try_recv() {
+                Ok(p) if bytes + p.bytes > config.max_bytes as usize => {
+                    carry = Some(p);
+                    break;
+                }
+                Ok(p) => {
+                    bytes += p.bytes;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        metrics.batch_commands.observe(batch.len() as f64);
+        metrics.batch_bytes.observe(bytes as f64);
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let (commands, replies): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+            let n = commands.len();
+            let outcome = raft.client_write(Batch { commands }).await;
+            drop(permit);
+            match outcome {
+                Ok(resp) if resp.data.results.len() == n => {
+                    for (reply, result) in replies.into_iter().zip(resp.data.results) {
+                        let _ = reply.send(Ok(result));
+                    }
+                }
+                Ok(resp) => {
+                    tracing::error!(
+                        expected = n,
+                        got = resp.data.results.len(),
+                        "batch result count mismatch"
+                    );
+                    for reply in replies {
+                        let _ =
+                            reply.send(Err(WriteError::Indeterminate("batch result count mismatch".into())));
+                    }
+                }
+                Err(e) => {
+                    let err = match e {
+                        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                            WriteError::NotLeader { leader_id: f.leader_id, leader: f.leader_node }
+                        }
+                        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                            WriteError::Indeterminate(e.to_string())
+                        }
+                        RaftError::Fatal(f) => WriteError::Indeterminate(format!("raft stopped: {f}")),
+                    };
+                    for reply in replies {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        });
+    }
+    // Queue closed: wait for the writes in flight so their callers get their results.
+    let _ = permits.acquire_many(in_flight as u32).await;
+}

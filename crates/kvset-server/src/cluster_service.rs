@@ -1,0 +1,327 @@
+//! The `Cluster` gRPC service: status and membership administration.
+//!
+//! `Status` and `Snapshot` act on the receiving member. Everything else needs the leader and is
+//! forwarded there like a write. Membership normally manages itself (see `membership`); the
+//! manual calls exist for disaster recovery and are refused when they would break the cluster
+//! (removing the last voter, promoting an unknown node).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvset_proto::v1 as pb;
+use kvset_proto::v1::cluster_client::ClusterClient;
+use kvset_storage::Command;
+use kvset_storage::CommandResult;
+use kvset_storage::Member;
+use openraft::error::ClientWriteError;
+use openraft::error::RaftError;
+use openraft::ChangeMembers;
+use tonic::transport::Channel;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+
+use crate::errors::KvError;
+use crate::forward::forwarded_error;
+use crate::forward::CallContext;
+use crate::kv_service::observe;
+use crate::node::NodeShared;
+use crate::node::Route;
+
+/// Largest replica count accepted (a consensus group beyond 9 voters only gets slower).
+pub const MAX_REPLICAS: u32 = 9;
+
+/// The cluster administration service.
+#[derive(Debug, Clone)]
+pub struct ClusterService {
+    shared: Arc<NodeShared>,
+}
+
+type BackupStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+fn membership_err(e: RaftError<u64, ClientWriteError<u64, Member>>) -> KvError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => KvError::NoLeader {
+            leader_id: f.leader_id,
+            leader_addr: f.leader_node.map(|n| n.client_addr),
+            reason: "this member is no longer the leader".into(),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            KvError::FailedPrecondition(e.to_string())
+        }
+        RaftError::Fatal(f) => KvError::Unavailable(format!("raft stopped: {f}")),
+    }
+}
+
+/// The members of the current configuration, as the leader sees them.
+pub fn member_list(shared: &NodeShared) -> Vec<pb::Member> {
+    let m = shared.raft_metrics();
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let mut out: Vec<pb::Member> = membership
+        .nodes()
+        .map(|(id, node)| pb::Member {
+            node_id: *id,
+            ordinal: node.ordinal,
+            name: node.name.clone(),
+            peer_addr: node.peer_addr.clone(),
+            client_addr: node.client_addr.clone(),
+            voter: voters.contains(id),
+            matched_index: if *id == shared.node_id {
+                m.last_log_index.unwrap_or(0)
+            } else {
+                m.replication.as_ref().and_then(|r| r.get(id).copied().flatten()).map_or(0, |l| l.index)
+            },
+        })
+        .collect();
+    out.sort_by_key(|m| (m.ordinal, m.node_id));
+    out
+}
+
+impl ClusterService {
+    /// The service of `shared`'s member.
+    pub fn new(shared: Arc<NodeShared>) -> Self {
+        Self { shared }
+    }
+
+    /// Runs `local` on the leader (here, or by forwarding with `forward`).
+    async fn on_leader<T>(
+        &self,
+        ctx: CallContext,
+        local: impl AsyncFnOnce() -> Result<T, KvError>,
+        forward: impl AsyncFnOnce(ClusterClient<Channel>) -> Result<Response<T>, Status>,
+    ) -> Result<T, KvError> {
+        match self.shared.route(ctx.forwarded)? {
+            Route::Local => local().await,
+            Route::Forward { addr, .. } => {
+                let client = self.shared.forwarder.cluster(&addr)?;
+                forward(client).await.map(Response::into_inner).map_err(|s| forwarded_error(s, &addr, true))
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let ctx = CallContext::of(&req);
+        observe(&self.shared, "Status", &ctx, async { Ok(self.shared.status()) }).await
+    }
+
+    async fn member_list(
+        &self,
+        req: Request<pb::MemberListRequest>,
+    ) -> Result<Response<pb::MemberListResponse>, Status> {
+        let ctx = CallContext::of(&req);
+        let msg = req.into_inner();
+        observe(&self.shared, "MemberList", &ctx, async {
+            self.on_leader(
+                ctx,
+                async || {
+                    self.shared.read_barrier(ctx.deadline).await?;
+                    Ok(pb::MemberListResponse {
+                        cluster_id: self.shared.cluster_id().map(|c| c.to_string()).unwrap_or_default(),
+                        leader_id: self.shared.node_id,
+                        members: member_list(&self.shared),
+                    })
+                },
+                async move |mut c| c.member_list(ctx.forward(msg)).await,
+            )
+            .await
+        })
+        .await
+    }
+
+    async fn set_replicas(
+        &self,
+        req: Request<pb::SetReplicasRequest>,
+    ) -> Result<Response<pb::SetReplicasResponse>, Status> {
+        let ctx = CallContext::of(&req);
+        let msg = req.into_inner();
+        observe(&self.shared, "SetReplicas", &ctx, async {
+            if msg.replicas == 0 || msg.replicas > MAX_REPLICAS {
+                return Err(KvError::InvalidArgument(format!(
+                    "replicas is {}, must be between 1 and {MAX_REPLICAS}",
+                    msg.replicas
+                )));
+            }
+            if self.shared.config.replicas_source == "kubernetes" {
+                return Err(KvError::FailedPrecondition(
+                    "replicas come from the StatefulSet (replicas_source = kubernetes): use `kubectl scale`"
+                        .into(),
+                ));
+            }
+            let n = msg.replicas;
+            self.on_leader(
+                ctx,
+                async || match self.shared.submit(Command::SetReplicas(n), ctx.deadline).await? {
+                    CommandResult::SetReplicas { replicas, .. } => Ok(pb::SetReplicasResponse { replicas }),
+                    other => Err(KvError::Internal(format!("unexpected result {other:?}"))),
+                },
+                async move |mut c| c.set_replicas(ctx.forward(msg)).await,
+            )
+            .await
+        })
+        .await
+    }
+
+    async fn add_learner(
+        &self,
+        req: Request<pb::AddLearnerRequest>,
+    ) -> Result<Response<pb::AddLearnerResponse>, Status> {
+        let ctx = CallContext::of(&req);
+        let msg = req.into_inner();
+        observe(&self.shared, "AddLearner", &ctx, async {
+            if msg.node_id == 0 || msg.peer_addr.is_empty() || msg.client_addr.is_empty() {
+                return Err(KvError::InvalidArgument(
+                    "node_id, peer_addr and client_addr are required".into(),
+                ));
+            }
+            let member = Member {
+                ordinal: msg.ordinal,
+                name: self.shared.identity.sibling(msg.ordinal),
+                peer_addr: msg.peer_addr.clone(),
+                client_addr: msg.client_addr.clone(),
+            };
+            let id = msg.node_id;
+            self.on_leader(
+                ctx,
+                async || {
+                    self.shared.raft.add_learner(id, member, false).await.map_err(membership_err)?;
+                    Ok(pb::AddLearnerResponse { members: member_list(&self.shared) })
+                },
+                async move |mut c| c.add_learner(ctx.forward(msg)).await,
+            )
+            .await
+        })
+        .await
+    }
+
+    async fn promote(
+        &self,
+        req: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
+        let ctx = CallContext::of(&req);
+        let msg = req.into_inner();
+        observe(&self.shared, "Promote", &ctx, async {
+            let id = msg.node_id;
+            self.on_leader(
+                ctx,
+                async || {
+                    let m = self.shared.raft_metrics();
+                    let membership = m.membership_config.membership();
+                    if membership.get_node(&id).is_none() {
+                        return Err(KvError::FailedPrecondition(format!(
+                            "node {id} is not a learner of this cluster"
+                        )));
+                    }
+                    if membership.voter_ids().any(|v| v == id) {
+                        return Ok(pb::PromoteResponse { members: member_list(&self.shared) });
+                    }
+                    self.shared
+                        .raft
+                        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                        .await
+                        .map_err(membership_err)?;
+                    Ok(pb::PromoteResponse { members: member_list(&self.shared) })
+                },
+                async move |mut c| c.promote(ctx.forward(msg)).await,
+            )
+            .await
+        })
+        .await
+    }
+
+    async fn remove(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveResponse>, Status> {
+        let ctx = CallContext::of(&req);
+        let msg = req.into_inner();
+        observe(&self.shared, "Remove", &ctx, async {
+            let id = msg.node_id;
+            self.on_leader(
+                ctx,
+                async || {
+                    let m = self.shared.raft_metrics();
+                    let membership = m.membership_config.membership();
+                    if membership.get_node(&id).is_none() {
+                        return Err(KvError::FailedPrecondition(format!(
+                            "node {id} is not a member of this cluster"
+                        )));
+                    }
+                    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+                    let change = if voters.contains(&id) {
+                        if voters.len() == 1 {
+                            return Err(KvError::FailedPrecondition(
+                                "refusing to remove the last voter".into(),
+                            ));
+                        }
+                        ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+                    } else {
+                        ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+                    };
+                    self.shared.raft.change_membership(change, false).await.map_err(membership_err)?;
+                    Ok(pb::RemoveResponse { members: member_list(&self.shared) })
+                },
+                async move |mut c| c.remove(ctx.forward(msg)).await,
+            )
+            .await
+        })
+        .await
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let ctx = CallContext::of(&req);
+        observe(&self.shared, "TransferLeader", &ctx, async {
+            Err::<pb::TransferLeaderResponse, _>(KvError::Unimplemented(
+                "leadership transfer: openraft 0.9 offers none; a leader that stops costs about one election timeout".into(),
+            ))
+        })
+        .await
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let ctx = CallContext::of(&req);
+        observe(&self.shared, "Snapshot", &ctx, async {
+            let raft = &self.shared.raft;
+            let target = raft.metrics().borrow().last_applied;
+            raft.trigger()
+                .snapshot()
+                .await
+                .map_err(|e| KvError::Unavailable(format!("raft stopped: {e}")))?;
+            let Some(target) = target else {
+                return Ok(pb::SnapshotResponse { last_log_index: 0 });
+            };
+            let left = ctx.remaining().max(Duration::from_millis(1));
+            let mut rx = raft.metrics();
+            let done = tokio::time::timeout(
+                left,
+                rx.wait_for(|m| m.snapshot.is_some_and(|s| s.index >= target.index)),
+            )
+            .await;
+            match done {
+                Ok(Ok(m)) => Ok(pb::SnapshotResponse { last_log_index: m.snapshot.map_or(0, |s| s.index) }),
+                Ok(Err(_)) => Err(KvError::Unavailable("raft stopped".into())),
+                Err(_) => Err(KvError::DeadlineExceeded("the snapshot was not built in time".into())),
+            }
+        })
+        .await
+    }
+
+    type BackupStream = BackupStream;
+
+    async fn backup(&self, req: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        let ctx = CallContext::of(&req);
+        observe(&self.shared, "Backup", &ctx, async {
+            Err::<Self::BackupStream, _>(KvError::Unimplemented(
+                "Backup is specified but not served by this version".into(),
+            ))
+        })
+        .await
+    }
+}

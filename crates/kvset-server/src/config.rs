@@ -1,0 +1,695 @@
+//! Configuration: one struct, one defaults table, four layers.
+//!
+//! Values are taken, each layer overriding the one before, from:
+//!
+//! 1. the defaults ([`Config::default`]);
+//! 2. an optional TOML file (`--config FILE` or `KVSET_CONFIG`);
+//! 3. environment variables `KVSET_<KEY>`, the key upper-cased with `.` → `_`
+//!    (`raft.heartbeat_interval_ms` → `KVSET_RAFT_HEARTBEAT_INTERVAL_MS`);
+//! 4. command-line flags `--<key>` with `.`/`_` → `-` (`--raft-heartbeat-interval-ms`);
+//!
+//! then [`Config::validate`]d, with errors naming the key. Every key, its unit and its default
+//! are documented once, in [`KEYS`]; the reference file `deploy/kvset.toml` is rendered from it
+//! and a test keeps the two equal.
+//!
+//! Identity keys have Kubernetes fallbacks: an empty `name` is taken from `POD_NAME` or
+//! `HOSTNAME`, an empty `namespace` from `POD_NAMESPACE` (see [`Config::resolve`]).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+/// The whole configuration of a member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub namespace: String,
+    pub service: String,
+    pub advertise_host: String,
+    pub listen_host: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub ops_port: u16,
+    pub port_stride: u16,
+    pub peer_addrs: Vec<String>,
+    pub client_addrs: Vec<String>,
+    pub initial_replicas: u32,
+    pub replicas_source: String,
+    pub cluster_id: String,
+    pub log_format: String,
+    pub log_level: String,
+    pub shutdown_timeout_ms: u64,
+    pub cache_bytes: u64,
+    pub raft: RaftConfig,
+    pub limits: Limits,
+    pub batch: BatchConfig,
+}
+
+/// Raft timing and log management.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftConfig {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    pub rpc_timeout_ms: u64,
+    pub snapshot_every_entries: u64,
+    pub keep_entries_after_snapshot: u64,
+    pub snapshot_chunk_bytes: u64,
+    pub max_payload_entries: u64,
+    pub catchup_lag_entries: u64,
+}
+
+/// Request limits; every one is enforced with `INVALID_ARGUMENT` naming it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub key_max_bytes: u64,
+    pub value_max_bytes: u64,
+    pub request_max_bytes: u64,
+    pub txn_max_ops: u64,
+    pub range_max_keys: u64,
+    pub response_max_bytes: u64,
+}
+
+/// The write batcher: client writes gathered into one Raft entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    pub max_commands: u64,
+    pub max_bytes: u64,
+    pub in_flight: u64,
+    pub queue: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            data_dir: PathBuf::from("/data"),
+            namespace: String::new(),
+            service: "kvset-peers".into(),
+            advertise_host: "{set}-{ordinal}.{service}.{namespace}.svc.cluster.local".into(),
+            listen_host: "0.0.0.0".into(),
+            client_port: 2379,
+            peer_port: 2380,
+            ops_port: 2381,
+            port_stride: 0,
+            peer_addrs: Vec::new(),
+            client_addrs: Vec::new(),
+            initial_replicas: 3,
+            replicas_source: "static".into(),
+            cluster_id: String::new(),
+            log_format: "auto".into(),
+            log_level: "info".into(),
+            shutdown_timeout_ms: 10_000,
+            cache_bytes: 256 << 20,
+            raft: RaftConfig::default(),
+            limits: Limits::default(),
+            batch: BatchConfig::default(),
+        }
+    }
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 250,
+            election_timeout_min_ms: 2500,
+            election_timeout_max_ms: 5000,
+            rpc_timeout_ms: 2000,
+            snapshot_every_entries: 10_000,
+            keep_entries_after_snapshot: 1000,
+            snapshot_chunk_bytes: 1 << 20,
+            max_payload_entries: 64,
+            catchup_lag_entries: 100,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            key_max_bytes: 4096,
+            value_max_bytes: 1 << 20,
+            request_max_bytes: 2 << 20,
+            txn_max_ops: 128,
+            range_max_keys: 10_000,
+            response_max_bytes: 4 << 20,
+        }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self { max_commands: 512, max_bytes: 2 << 20, in_flight: 2, queue: 10_000 }
+    }
+}
+
+/// One documented key: its dotted name and what it means (with its unit).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyDoc {
+    pub key: &'static str,
+    pub doc: &'static str,
+}
+
+/// Every configuration key, documented. The order is the order of the reference file.
+pub const KEYS: &[KeyDoc] = &[
+    KeyDoc { key: "name", doc: "Member name `<set>-<ordinal>`, e.g. `kvset-2`. Empty: taken from POD_NAME, then HOSTNAME." },
+    KeyDoc { key: "data_dir", doc: "Directory of this member's volume (Raft log, state, snapshots, identity)." },
+    KeyDoc { key: "namespace", doc: "Kubernetes namespace, for addresses. Empty: taken from POD_NAMESPACE, else `default`." },
+    KeyDoc { key: "service", doc: "Name of the headless Service that gives members their DNS names." },
+    KeyDoc {
+        key: "advertise_host",
+        doc: "Host other members and clients use to reach member N. Placeholders: {set} {ordinal} {service} {namespace}.",
+    },
+    KeyDoc { key: "listen_host", doc: "Address the client, peer and ops listeners bind to." },
+    KeyDoc { key: "client_port", doc: "Client gRPC port (Kv, Cluster, health, reflection) of ordinal 0." },
+    KeyDoc { key: "peer_port", doc: "Peer gRPC port (Raft) of ordinal 0." },
+    KeyDoc { key: "ops_port", doc: "HTTP port of ordinal 0 for /metrics, /healthz and /readyz." },
+    KeyDoc {
+        key: "port_stride",
+        doc: "Ports of ordinal N are the ports above + N * port_stride. 0 in Kubernetes; 10 for a cluster on one host.",
+    },
+    KeyDoc {
+        key: "peer_addrs",
+        doc: "Explicit host:port of each ordinal's peer endpoint (index = ordinal); overrides advertise_host when set.",
+    },
+    KeyDoc {
+        key: "client_addrs",
+        doc: "Explicit host:port of each ordinal's client endpoint (index = ordinal); overrides advertise_host when set.",
+    },
+    KeyDoc {
+        key: "initial_replicas",
+        doc: "Members of a brand-new cluster: ordinal 0 bootstraps only once ordinals 0..initial_replicas all answer empty.",
+    },
+    KeyDoc {
+        key: "replicas_source",
+        doc: "Where the desired replica count comes from: `static` (Cluster.SetReplicas) or `kubernetes` (the StatefulSet).",
+    },
+    KeyDoc { key: "cluster_id", doc: "If set (32 hex chars), refuse to start on a volume of any other cluster." },
+    KeyDoc { key: "log_format", doc: "`text`, `json`, or `auto` (text on a terminal, json otherwise)." },
+    KeyDoc { key: "log_level", doc: "tracing filter, e.g. `info` or `kvset_server=debug,info`; RUST_LOG wins when set." },
+    KeyDoc {
+        key: "shutdown_timeout_ms",
+        doc: "Milliseconds a graceful shutdown may take to drain requests and stop Raft before it is cut short.",
+    },
+    KeyDoc { key: "cache_bytes", doc: "Bytes of sled page cache." },
+    KeyDoc {
+        key: "raft.heartbeat_interval_ms",
+        doc: "Milliseconds between leader heartbeats.",
+    },
+    KeyDoc {
+        key: "raft.election_timeout_min_ms",
+        doc: "Lower bound, in milliseconds, of the randomised election timeout. Above the 1-2 s disk stalls seen on shared disks.",
+    },
+    KeyDoc { key: "raft.election_timeout_max_ms", doc: "Upper bound, in milliseconds, of the election timeout." },
+    KeyDoc { key: "raft.rpc_timeout_ms", doc: "Milliseconds a peer RPC (append, vote, snapshot chunk) may take." },
+    KeyDoc { key: "raft.snapshot_every_entries", doc: "Build a snapshot after this many log entries since the last one." },
+    KeyDoc {
+        key: "raft.keep_entries_after_snapshot",
+        doc: "Log entries kept behind a snapshot, so briefly lagging members catch up without one.",
+    },
+    KeyDoc { key: "raft.snapshot_chunk_bytes", doc: "Bytes per snapshot chunk sent to a member." },
+    KeyDoc { key: "raft.max_payload_entries", doc: "Most log entries in one AppendEntries RPC." },
+    KeyDoc {
+        key: "raft.catchup_lag_entries",
+        doc: "A learner is promoted to voter once its applied index is within this many entries of the leader's.",
+    },
+    KeyDoc { key: "limits.key_max_bytes", doc: "Largest key, in bytes. Keys must also be non-empty." },
+    KeyDoc { key: "limits.value_max_bytes", doc: "Largest value, in bytes." },
+    KeyDoc { key: "limits.request_max_bytes", doc: "Largest encoded client request, in bytes." },
+    KeyDoc { key: "limits.txn_max_ops", doc: "Most compares + ops in one Txn." },
+    KeyDoc { key: "limits.range_max_keys", doc: "Most keys in one Range page." },
+    KeyDoc {
+        key: "limits.response_max_bytes",
+        doc: "A Range page ends once its keys and values would pass this many bytes (at least one key is returned).",
+    },
+    KeyDoc { key: "batch.max_commands", doc: "Most client commands gathered into one Raft entry." },
+    KeyDoc { key: "batch.max_bytes", doc: "Most bytes of client commands gathered into one Raft entry." },
+    KeyDoc {
+        key: "batch.in_flight",
+        doc: "Raft entries proposed and not yet applied at once; writes arriving meanwhile wait and form the next batch.",
+    },
+    KeyDoc { key: "batch.queue", doc: "Writes that may wait for a batch before new ones get UNAVAILABLE (backpressure)." },
+];
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("{source_name}: unknown config key `{key}`")]
+    UnknownKey { source_name: String, key: String },
+    #[error("{source_name}: `{key}` = {value:?}: {reason}")]
+    BadValue { source_name: String, key: String, value: String, reason: String },
+    #[error("invalid config: `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// The environment variable of a key.
+pub fn env_var(key: &str) -> String {
+    format!("KVSET_{}", key.replace('.', "_").to_uppercase())
+}
+
+/// The command-line flag of a key (without `--`).
+pub fn flag(key: &str) -> String {
+    key.replace(['.', '_'], "-")
+}
+
+/// Flattens a TOML table into dotted keys.
+fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, toml::Value>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            toml::Value::Table(t) => flatten(&key, t, out),
+            other => {
+                out.insert(key, other.clone());
+            }
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, key: &str, value: toml::Value) {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().unwrap_or(key);
+    let mut t = table;
+    for p in parts {
+        t = match t.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new())) {
+            toml::Value::Table(inner) => inner,
+            _ => return,
+        };
+    }
+    t.insert(last.to_string(), value);
+}
+
+/// Parses a string from the environment or a flag as the type of the key's default.
+fn parse_like(default: &toml::Value, raw: &str) -> Result<toml::Value, String> {
+    match default {
+        toml::Value::Integer(_) => {
+            raw.trim().parse::<i64>().map(toml::Value::Integer).map_err(|e| format!("not an integer: {e}"))
+        }
+        toml::Value::Boolean(_) => match raw.trim() {
+            "true" | "1" => Ok(toml::Value::Boolean(true)),
+            "false" | "0" => Ok(toml::Value::Boolean(false)),
+            _ => Err("not a boolean (true/false)".into()),
+        },
+        toml::Value::Array(_) => Ok(toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.into()))
+                .collect(),
+        )),
+        _ => Ok(toml::Value::String(raw.to_string())),
+    }
+}
+
+fn same_kind(a: &toml::Value, b: &toml::Value) -> bool {
+    std::mem::discriminant(a) == std::mem::discriminant(b)
+}
+
+/// Keys stored in 16-bit and 32-bit fields; every other integer is a u64.
+const U16_KEYS: &[&str] = &["client_port", "peer_port", "ops_port", "port_stride"];
+const U32_KEYS: &[&str] = &["initial_replicas"];
+
+/// Checks an integer value fits its key's field (all are unsigned).
+fn check_range(key: &str, value: &toml::Value) -> Result<(), String> {
+    let toml::Value::Integer(v) = value else { return Ok(()) };
+    let max = if U16_KEYS.contains(&key) {
+        u16::MAX as i64
+    } else if U32_KEYS.contains(&key) {
+        u32::MAX as i64
+    } else {
+        i64::MAX
+    };
+    if *v < 0 || *v > max {
+        return Err(format!("must be between 0 and {max}"));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then `file`, then `env` (`KVSET_*` entries), then
+    /// `flags` (key, value) pairs; then validates it.
+    pub fn load(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+        flags: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let defaults = Self::defaults_flat();
+        let mut table = toml::Table::try_from(Config::default())
+            .map_err(|e| ConfigError::Invalid { key: "defaults", reason: e.to_string() })?;
+
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::File { path: path.to_path_buf(), reason: e.to_string() })?;
+            let parsed: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::File {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+            let mut flat = BTreeMap::new();
+            flatten("", &parsed, &mut flat);
+            let source_name = format!("config file {}", path.display());
+            for (key, value) in flat {
+                let Some(default) = defaults.get(&key) else {
+                    return Err(ConfigError::UnknownKey { source_name, key });
+                };
+                let checked = if same_kind(default, &value) {
+                    check_range(&key, &value)
+                } else {
+                    Err(format!("expected {}", default.type_str()))
+                };
+                if let Err(reason) = checked {
+                    return Err(ConfigError::BadValue { source_name, key, value: value.to_string(), reason });
+                }
+                set_path(&mut table, &key, value);
+            }
+        }
+
+        for (key, default) in &defaults {
+            if let Some(raw) = env.get(&env_var(key)) {
+                let value = parse_like(default, raw).and_then(|v| check_range(key, &v).map(|_| v)).map_err(
+                    |reason| ConfigError::BadValue {
+                        source_name: format!("environment {}", env_var(key)),
+                        key: key.clone(),
+                        value: raw.clone(),
+                        reason,
+                    },
+                )?;
+                set_path(&mut table, key, value);
+            }
+        }
+
+        for (key, raw) in flags {
+            let Some(default) = defaults.get(key) else {
+                return Err(ConfigError::UnknownKey { source_name: "command line".into(), key: key.clone() });
+            };
+            let value =
+                parse_like(default, raw).and_then(|v| check_range(key, &v).map(|_| v)).map_err(|reason| {
+                    ConfigError::BadValue {
+                        source_name: format!("flag --{}", flag(key)),
+                        key: key.clone(),
+                        value: raw.clone(),
+                        reason,
+                    }
+                })?;
+            set_path(&mut table, key, value);
+        }
+
+        let config: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::BadValue {
+            source_name: "configuration".into(),
+            key: String::new(),
+            value: String::new(),
+            reason: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every key with its default value, flattened.
+    pub fn defaults_flat() -> BTreeMap<String, toml::Value> {
+        let mut flat = BTreeMap::new();
+        if let Ok(table) = toml::Table::try_from(Config::default()) {
+            flatten("", &table, &mut flat);
+        }
+        flat
+    }
+
+    /// Checks relations between values, naming the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
+        let r = &self.raft;
+        if r.heartbeat_interval_ms == 0 {
+            return bad("raft.heartbeat_interval_ms", "must be at least 1".into());
+        }
+        if r.election_timeout_min_ms <= r.heartbeat_interval_ms * 2 {
+            return bad(
+                "raft.election_timeout_min_ms",
+                format!("must exceed twice raft.heartbeat_interval_ms ({} ms)", r.heartbeat_interval_ms),
+            );
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return bad("raft.election_timeout_max_ms", "must exceed raft.election_timeout_min_ms".into());
+        }
+        if r.rpc_timeout_ms == 0 {
+            return bad("raft.rpc_timeout_ms", "must be at least 1".into());
+        }
+        if r.snapshot_every_entries == 0 {
+            return bad("raft.snapshot_every_entries", "must be at least 1".into());
+        }
+        if r.snapshot_chunk_bytes < 1024 || r.snapshot_chunk_bytes > 64 << 20 {
+            return bad("raft.snapshot_chunk_bytes", "must be between 1 KiB and 64 MiB".into());
+        }
+        if r.max_payload_entries == 0 {
+            return bad("raft.max_payload_entries", "must be at least 1".into());
+        }
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.key_max_bytes", l.key_max_bytes),
+            ("limits.request_max_bytes", l.request_max_bytes),
+            ("limits.txn_max_ops", l.txn_max_ops),
+            ("limits.range_max_keys", l.range_max_keys),
+            ("limits.response_max_bytes", l.response_max_bytes),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1".into());
+            }
+        }
+        if l.request_max_bytes > 64 << 20 {
+            return bad("limits.request_max_bytes", "must be at most 64 MiB".into());
+        }
+        if l.key_max_bytes + l.value_max_bytes > l.request_max_bytes {
+            return bad(
+                "limits.request_max_bytes",
+                format!(
+                    "must hold the largest key plus the largest value ({} + {} bytes)",
+                    l.key_max_bytes, l.value_max_bytes
+                ),
+            );
+        }
+        let b = &self.batch;
+        if b.max_commands == 0 || b.in_flight == 0 || b.queue == 0 {
+            return bad(
+                "batch",
+                "batch.max_commands, batch.in_flight and batch.queue must be at least 1".into(),
+            );
+        }
+        if b.max_bytes < l.request_max_bytes {
+            return bad("batch.max_bytes", "must be at least limits.request_max_bytes".into());
+        }
+        if self.initial_replicas == 0 || self.initial_replicas > 9 {
+            return bad("initial_replicas", "must be between 1 and 9".into());
+        }
+        if !["static", "kubernetes"].contains(&self.replicas_source.as_str()) {
+            return bad(
+                "replicas_source",
+                format!("must be `static` or `kubernetes`, not {:?}", self.replicas_source),
+            );
+        }
+        if !["auto", "text", "json"].contains(&self.log_format.as_str()) {
+            return bad("log_format", format!("must be `auto`, `text` or `json`, not {:?}", self.log_format));
+        }
+        if !self.cluster_id.is_empty() && self.cluster_id.parse::<kvset_storage::ClusterId>().is_err() {
+            return bad("cluster_id", "must be empty or 32 hex characters".into());
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return bad("data_dir", "must not be empty".into());
+        }
+        if self.shutdown_timeout_ms == 0 {
+            return bad("shutdown_timeout_ms", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Fills identity keys from the Kubernetes environment: `name` from `POD_NAME` or
+    /// `HOSTNAME`, `namespace` from `POD_NAMESPACE` (else `default`).
+    pub fn resolve(&mut self, env: &BTreeMap<String, String>) {
+        if self.name.is_empty() {
+            for var in ["POD_NAME", "HOSTNAME"] {
+                if let Some(v) = env.get(var).filter(|v| !v.is_empty()) {
+                    self.name = v.clone();
+                    break;
+                }
+            }
+        }
+        if self.namespace.is_empty() {
+            self.namespace = env
+                .get("POD_NAMESPACE")
+                .filter(|v| !v.is_empty())
+                .cloned()
+                .unwrap_or_else(|| "default".into());
+        }
+    }
+
+    /// The reference configuration file: every key, documented, at its default.
+    pub fn reference_toml() -> String {
+        let defaults = Self::defaults_flat();
+        let mut out = String::from(
+            "# kvset reference configuration: every key at its default value.\n\
+             #\n\
+             # Load with `kvset serve --config FILE`. Each key can also be set with an environment\n\
+             # variable KVSET_<KEY> (dots become underscores, upper case: KVSET_RAFT_HEARTBEAT_INTERVAL_MS)\n\
+             # or a flag --<key> (dots and underscores become dashes: --raft-heartbeat-interval-ms).\n\
+             # Precedence: defaults < this file < environment < flags.\n\
+             #\n\
+             # This file is generated from crates/kvset-server/src/config.rs and checked by a test.\n",
+        );
+        let mut section = "";
+        for doc in KEYS {
+            let (sec, leaf) = doc.key.rsplit_once('.').unwrap_or(("", doc.key));
+            if sec != section {
+                out.push_str(&format!("\n[{sec}]\n"));
+                section = sec;
+            }
+            out.push('\n');
+            for line in wrap(doc.doc, 92) {
+                out.push_str(&format!("# {line}\n"));
+            }
+            let value = defaults.get(doc.key).map(|v| v.to_string()).unwrap_or_default();
+            out.push_str(&format!("{leaf} = {value}\n"));
+        }
+        out
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
+    }
+
+    /// Heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.raft.heartbeat_interval_ms)
+    }
+}
+
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.len() + 1 + word.len() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    lines.push(line);
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn every_key_is_documented_exactly_once() {
+        let defaults = Config::defaults_flat();
+        let documented: Vec<&str> = KEYS.iter().map(|k| k.key).collect();
+        for key in defaults.keys() {
+            assert_eq!(
+                documented.iter().filter(|d| **d == key).count(),
+                1,
+                "key {key} must be documented once"
+            );
+        }
+        assert_eq!(documented.len(), defaults.len(), "KEYS documents a key that does not exist");
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn reference_config_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kvset.toml");
+        let rendered = Config::reference_toml();
+        if std::env::var("KVSET_UPDATE_REFERENCE").is_ok() {
+            std::fs::write(&path, &rendered).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).expect("deploy/kvset.toml exists");
+        assert_eq!(
+            on_disk, rendered,
+            "deploy/kvset.toml drifted; regenerate with KVSET_UPDATE_REFERENCE=1 cargo test"
+        );
+        let loaded = Config::load(Some(&path), &BTreeMap::new(), &[]).unwrap();
+        assert_eq!(loaded, Config::default());
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "client_port = 1000\npeer_port = 1001\n[raft]\nheartbeat_interval_ms = 100\n")
+            .unwrap();
+        let env =
+            env(&[("KVSET_PEER_PORT", "2001"), ("KVSET_OPS_PORT", "2002"), ("KVSET_PEER_ADDRS", "a:1, b:2")]);
+        let flags = vec![("ops_port".to_string(), "3002".to_string())];
+        let c = Config::load(Some(&file), &env, &flags).unwrap();
+        assert_eq!((c.client_port, c.peer_port, c.ops_port), (1000, 2001, 3002));
+        assert_eq!(c.raft.heartbeat_interval_ms, 100);
+        assert_eq!(c.peer_addrs, vec!["a:1".to_string(), "b:2".to_string()]);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_source() {
+        let err = Config::load(None, &env(&[("KVSET_RAFT_HEARTBEAT_INTERVAL_MS", "fast")]), &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("KVSET_RAFT_HEARTBEAT_INTERVAL_MS") && msg.contains("not an integer"), "{msg}");
+
+        let err = Config::load(None, &BTreeMap::new(), &[("nope".into(), "1".into())]).unwrap_err();
+        assert!(err.to_string().contains("unknown config key `nope`"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[raft]\nheartbeat_interval_ms = \"x\"\n").unwrap();
+        let err = Config::load(Some(&file), &BTreeMap::new(), &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("raft.heartbeat_interval_ms") && err.to_string().contains("integer"),
+            "{err}"
+        );
+        std::fs::write(&file, "[raft]\nbogus = 1\n").unwrap();
+        assert!(Config::load(Some(&file), &BTreeMap::new(), &[])
+            .unwrap_err()
+            .to_string()
+            .contains("raft.bogus"));
+        std::fs::write(&file, "this is not toml").unwrap();
+        assert!(matches!(Config::load(Some(&file), &BTreeMap::new(), &[]), Err(ConfigError::File { .. })));
+
+        let err =
+            Config::load(None, &BTreeMap::new(), &[("raft.election_timeout_max_ms".into(), "10".into())])
+                .unwrap_err();
+        assert!(err.to_string().contains("raft.election_timeout_max_ms"), "{err}");
+        let err =
+            Config::load(None, &BTreeMap::new(), &[("limits.value_max_bytes".into(), "3000000".into())])
+                .unwrap_err();
+        assert!(err.to_string().contains("limits.request_max_bytes"), "{err}");
+        let err =
+            Config::load(None, &BTreeMap::new(), &[("client_port".into(), "70000".into())]).unwrap_err();
+        assert!(err.to_string().contains("client_port") && err.to_string().contains("65535"), "{err}");
+        let err = Config::load(None, &env(&[("KVSET_CACHE_BYTES", "-1")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("KVSET_CACHE_BYTES"), "{err}");
+    }
+
+    #[test]
+    fn identity_falls_back_to_kubernetes_env() {
+        let mut c = Config::default();
+        c.resolve(&env(&[("HOSTNAME", "kvset-1"), ("POD_NAME", "kvset-2"), ("POD_NAMESPACE", "prod")]));
+        assert_eq!((c.name.as_str(), c.namespace.as_str()), ("kvset-2", "prod"));
+        let mut c = Config::default();
+        c.resolve(&env(&[("HOSTNAME", "kvset-1")]));
+        assert_eq!((c.name.as_str(), c.namespace.as_str()), ("kvset-1", "default"));
+    }
+}

@@ -1,0 +1,188 @@
+//! Forwarding client requests from a follower to the leader's client port.
+//!
+//! Any member accepts any call (DESIGN.md §5): writes and linearizable reads that reach a
+//! follower are re-sent, unchanged, to the leader's client endpoint with the `kvset-forwarded`
+//! metadata entry and the caller's remaining deadline. A forwarded request is never forwarded
+//! again: a member that is not the leader when a forwarded request arrives answers
+//! `UNAVAILABLE` with its own leader hint.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use std::time::Instant;
+
+use kvset_proto::metadata;
+use kvset_proto::v1::cluster_client::ClusterClient;
+use kvset_proto::v1::kv_client::KvClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use crate::errors::KvError;
+use crate::network::lazy_channel;
+
+/// Largest response accepted from the leader.
+pub const CLIENT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Deadline used when the caller sent none.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// What a handler needs to know about the incoming call.
+#[derive(Debug, Clone, Copy)]
+pub struct CallContext {
+    /// The request was forwarded by another member.
+    pub forwarded: bool,
+    /// When the caller stops waiting.
+    pub deadline: Instant,
+}
+
+impl CallContext {
+    /// Reads the forwarding marker and the `grpc-timeout` deadline of a request.
+    pub fn of<T>(request: &tonic::Request<T>) -> Self {
+        let md = request.metadata();
+        let timeout = md
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .unwrap_or(DEFAULT_DEADLINE);
+        Self { forwarded: md.get(metadata::FORWARDED).is_some(), deadline: Instant::now() + timeout }
+    }
+
+    /// Time left before the deadline.
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Wraps `message` for forwarding: marker plus the remaining deadline.
+    pub fn forward<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.metadata_mut().insert(metadata::FORWARDED, MetadataValue::from_static("true"));
+        request.set_timeout(self.remaining());
+        request
+    }
+}
+
+/// Parses a `grpc-timeout` header value ("100m", "5S", "2H").
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Cached channels to other members' client endpoints.
+#[derive(Debug, Default)]
+pub struct Forwarder {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Forwarder {
+    fn channel(&self, addr: &str) -> Result<Channel, KvError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = lazy_channel(addr, Duration::from_secs(2))
+            .map_err(|e| KvError::Unavailable(format!("leader address {addr:?} is invalid: {e}")))?;
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// A Kv client for the member at `addr`.
+    pub fn kv(&self, addr: &str) -> Result<KvClient<Channel>, KvError> {
+        Ok(KvClient::new(self.channel(addr)?)
+            .max_decoding_message_size(CLIENT_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES))
+    }
+
+    /// A Cluster client for the member at `addr`.
+    pub fn cluster(&self, addr: &str) -> Result<ClusterClient<Channel>, KvError> {
+        Ok(ClusterClient::new(self.channel(addr)?)
+            .max_decoding_message_size(CLIENT_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES))
+    }
+}
+
+/// Whether a status came from the server (it carries no transport error): the leader answered.
+fn answered_by_server(status: &tonic::Status) -> bool {
+    use std::error::Error;
+    let mut source = status.source();
+    while let Some(e) = source {
+        if e.downcast_ref::<tonic::transport::Error>().is_some()
+            || e.downcast_ref::<std::io::Error>().is_some()
+        {
+            return false;
+        }
+        source = e.source();
+    }
+    true
+}
+
+/// Whether a status is a failure to connect at all (so nothing was sent).
+pub fn is_connect_error(status: &tonic::Status) -> bool {
+    use std::error::Error;
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut source = status.source();
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::AddrNotAvailable
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+            ) {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    // tonic reports connect failures (including DNS) with this wording.
+    let text = format!("{:?}", status.source());
+    text.contains("ConnectError") || text.contains("tcp connect error") || text.contains("dns error")
+}
+
+/// Maps the outcome of a forwarded call. `write` tells whether the request changes state, in
+/// which case a lost connection makes the outcome unknown.
+pub fn forwarded_error(status: tonic::Status, leader_addr: &str, write: bool) -> KvError {
+    if answered_by_server(&status) {
+        return KvError::Remote(status);
+    }
+    if is_connect_error(&status) || !write {
+        return KvError::NoLeader {
+            leader_id: None,
+            leader_addr: Some(leader_addr.to_string()),
+            reason: format!("could not reach the leader at {leader_addr}: {}", status.message()),
+        };
+    }
+    KvError::Indeterminate(format!(
+        "connection to the leader at {leader_addr} failed mid-request: {}",
+        status.message()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("7"), None);
+        assert_eq!(parse_grpc_timeout("xS"), None);
+        assert_eq!(parse_grpc_timeout("5X"), None);
+    }
+}

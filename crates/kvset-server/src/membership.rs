@@ -1,0 +1,504 @@
+//! Self-managing membership (DESIGN.md §3): bootstrap, join, promotion, replacement and
+//! ordered scale-down, with no person running `member add`.
+//!
+//! One task per member runs [`step`] about once a second:
+//!
+//! * **Not yet in a cluster** (no Raft membership): probe the ordinals `0..max(initial
+//!   replicas, own ordinal + 1)`.
+//!   - If any answers with a cluster id, adopt it (refusing a cluster other than the one the
+//!     volume names) and ask that member to add us (`Join`, forwarded to the leader, which adds
+//!     us as a learner).
+//!   - Else, only ordinal 0 with an empty volume may bootstrap, and only once every ordinal in
+//!     `0..initial_replicas` answered that it is empty and has no cluster id. It mints the
+//!     cluster id and initialises Raft with all of them as voters. Anything else: wait, and
+//!     say what is awaited. Never guess.
+//! * **Leader**: reconcile. The membership converges to "the voters are the node ids of the
+//!   pods at ordinals `0..desired`". The pod at each ordinal is asked who it is (`Probe`), and
+//!   at most one change is made per step, in this order:
+//!   1. remove learners that are stale (the pod at their ordinal is another incarnation) or
+//!      beyond the desired count;
+//!   2. replace a voter whose ordinal is now answered by another node id, once that node is a
+//!      caught-up learner (one joint-consensus change swaps the ids);
+//!   3. promote caught-up learners, lowest ordinal first;
+//!   4. scale down: remove the voter with the highest ordinal `>= desired`, one at a time, never
+//!      leaving fewer voters than desired.
+//!
+//!   "Caught up" means the learner's own applied index (from its Probe answer) is within
+//!   `raft.catchup_lag_entries` of the leader's last log index.
+//! * **Voter that hears no leader**: probe the peers; if they lead a cluster whose voters no
+//!   longer include us, say so loudly (this volume's member was replaced or removed) and never
+//!   try to rejoin under the old id.
+//!
+//! A SIGTERM never removes a member: only the desired replica count does.
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvset_proto::v1 as pb;
+use kvset_proto::v1::raft_client::RaftClient;
+use kvset_storage::ClusterId;
+use kvset_storage::Member;
+use openraft::ChangeMembers;
+use openraft::RaftMetrics;
+use openraft::ServerState;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use crate::network::lazy_channel;
+use crate::node::NodeShared;
+
+/// How long one probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one membership change may take.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Steps without a leader before a voter checks whether it was removed.
+const LEADERLESS_STEPS: u32 = 5;
+
+/// State the membership loop keeps between steps.
+#[derive(Default)]
+struct Loop {
+    channels: HashMap<String, Channel>,
+    leaderless_steps: u32,
+}
+
+impl Loop {
+    fn client(&mut self, addr: &str) -> Result<RaftClient<Channel>, String> {
+        if let Some(c) = self.channels.get(addr) {
+            return Ok(RaftClient::new(c.clone()));
+        }
+        let c = lazy_channel(addr, PROBE_TIMEOUT).map_err(|e| format!("{addr}: {e}"))?;
+        self.channels.insert(addr.to_string(), c.clone());
+        Ok(RaftClient::new(c))
+    }
+
+    /// Probes several ordinals at once.
+    async fn probe_all(
+        &mut self,
+        shared: &NodeShared,
+        ordinals: impl IntoIterator<Item = u32>,
+    ) -> BTreeMap<u32, Result<pb::ProbeReply, String>> {
+        let mut calls = Vec::new();
+        for ordinal in ordinals {
+            let addr = shared.book.peer_addr(ordinal);
+            let client = self.client(&addr);
+            let req = pb::ProbeRequest {
+                from_name: shared.identity.name.clone(),
+                cluster_id: shared.cluster_id().map(|c| c.to_string()).unwrap_or_default(),
+            };
+            let name = shared.identity.sibling(ordinal);
+            calls.push(async move {
+                let result = match client {
+                    Err(e) => Err(e),
+                    Ok(mut c) => {
+                        let mut req = tonic::Request::new(req);
+                        req.set_timeout(PROBE_TIMEOUT);
+                        match tokio::time::timeout(PROBE_TIMEOUT, c.probe(req)).await {
+                            Ok(Ok(r)) => Ok(r.into_inner()),
+                            Ok(Err(status)) => Err(format!("{name} ({addr}): {}", short(&status))),
+                            Err(_) => Err(format!("{name} ({addr}): timed out")),
+                        }
+                    }
+                };
+                (ordinal, result)
+            });
+        }
+        futures::future::join_all(calls).await.into_iter().collect()
+    }
+}
+
+/// A status without its (long) source chain, for one-line logs.
+fn short(status: &tonic::Status) -> String {
+    use std::error::Error;
+    let msg = status.message();
+    let detail = status.source().map(|s| {
+        let mut e: &dyn Error = s;
+        while let Some(inner) = e.source() {
+            e = inner;
+        }
+        e.to_string()
+    });
+    match detail {
+        Some(d) if !d.is_empty() && d != msg => format!("{msg}: {d}"),
+        _ => msg.to_string(),
+    }
+}
+
+/// Runs the membership loop until `stop`.
+pub async fn run(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
+    let mut state = Loop::default();
+    let base = Duration::from_millis(500);
+    let mut delay = base;
+    loop {
+        let progressed = step(&shared, &mut state).await;
+        delay = if progressed { base } else { (delay * 2).min(Duration::from_secs(4)) };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// One step of the loop. Returns whether it changed something or is in steady state (short
+/// delay), as opposed to waiting on others (back off).
+async fn step(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
+    let m = shared.raft_metrics();
+    let membership = m.membership_config.membership();
+    if membership.nodes().next().is_none() {
+        return find_cluster(shared, state).await;
+    }
+    if m.state == ServerState::Leader {
+        state.leaderless_steps = 0;
+        return reconcile(shared, state, &m).await;
+    }
+    if m.current_leader.is_some() {
+        state.leaderless_steps = 0;
+        let role = if membership.voter_ids().any(|v| v == shared.node_id) { "voter" } else { "learner" };
+        shared.set_reconciler_status(format!("{role}; leader is node {}", m.current_leader.unwrap_or(0)));
+        return true;
+    }
+    state.leaderless_steps += 1;
+    if state.leaderless_steps >= LEADERLESS_STEPS {
+        check_removed(shared, state).await;
+    } else {
+        shared.set_reconciler_status("no leader known; waiting for an election".into());
+    }
+    false
+}
+
+/// A member with Raft state but no leader: find out whether the cluster moved on without us.
+async fn check_removed(shared: &NodeShared, state: &mut Loop) {
+    let me = shared.identity.ordinal;
+    let known: BTreeSet<u32> =
+        shared.raft_metrics().membership_config.membership().nodes().map(|(_, n)| n.ordinal).collect();
+    let ordinals: Vec<u32> = known.into_iter().filter(|o| *o != me).collect();
+    let replies = state.probe_all(shared, ordinals).await;
+    let mine = shared.cluster_id().map(|c| c.to_string()).unwrap_or_default();
+    for reply in replies.values().flatten() {
+        if reply.cluster_id == mine && reply.leader_id != 0 && !reply.voters.contains(&shared.node_id) {
+            let status = format!(
+                "node {} is no longer a member of cluster {mine}: this volume's member was replaced or removed \
+                 (the cluster's voters are {:?}, leader {}). It will not rejoin under this id; delete the volume \
+                 to rejoin as a new member",
+                shared.node_id, reply.voters, reply.leader_id
+            );
+            let changed = *shared.reconciler.lock().unwrap_or_else(|e| e.into_inner()) != status;
+            if changed {
+                tracing::error!("{status}");
+            }
+            shared.set_reconciler_status(status);
+            return;
+        }
+    }
+    shared.set_reconciler_status("no leader known; waiting for an election".into());
+}
+
+/// Not in any membership yet: join a cluster, or bootstrap one, or wait.
+async fn find_cluster(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
+    let me = shared.identity.ordinal;
+    let initial = shared.config.initial_replicas;
+    let upper = initial.max(me + 1);
+    let replies = state.probe_all(shared, (0..upper).filter(|o| *o != me)).await;
+
+    // Prefer a member that knows a leader.
+    let clustered = replies
+        .iter()
+        .filter_map(|(o, r)| r.as_ref().ok().map(|r| (*o, r)))
+        .filter(|(_, r)| !r.cluster_id.is_empty())
+        .max_by_key(|(_, r)| (r.member && r.leader_id != 0, r.member));
+    if let Some((ordinal, reply)) = clustered {
+        return join(shared, state, ordinal, reply).await;
+    }
+
+    if let Some(cluster) = shared.cluster_id() {
+        shared.set_reconciler_status(format!(
+            "volume belongs to cluster {cluster}; waiting for its leader to reach us (no other ordinal answered with it)"
+        ));
+        return false;
+    }
+    let unreachable: Vec<String> = replies.values().filter_map(|r| r.as_ref().err().cloned()).collect();
+    if me != 0 && !shared.options.force_new_cluster {
+        shared.set_reconciler_status(format!(
+            "waiting for ordinal 0 to bootstrap the cluster, or for a cluster to join{}",
+            if unreachable.is_empty() {
+                String::new()
+            } else {
+                format!(" (unreachable: {})", unreachable.join("; "))
+            }
+        ));
+        return false;
+    }
+
+    // Bootstrap rule: ordinal 0, empty volume, and every initial ordinal answered empty.
+    let raft_empty = shared.raft_metrics().last_log_index.is_none();
+    if !raft_empty {
+        shared.set_reconciler_status(
+            "volume has Raft state but no cluster id and no membership: refusing to bootstrap over it".into(),
+        );
+        return false;
+    }
+    let mut members: BTreeMap<u64, Member> = BTreeMap::from([(shared.node_id, shared.me.clone())]);
+    if !shared.options.force_new_cluster {
+        let mut waiting = Vec::new();
+        for ordinal in 1..initial {
+            match replies.get(&ordinal) {
+                Some(Ok(r)) if r.empty && r.cluster_id.is_empty() => {
+                    members.insert(r.node_id, shared.book.member(ordinal));
+                }
+                Some(Ok(r)) => waiting.push(format!(
+                    "{} is not empty (node {}, member: {}) but has no cluster id",
+                    shared.identity.sibling(ordinal),
+                    r.node_id,
+                    r.member
+                )),
+                Some(Err(e)) => waiting.push(e.clone()),
+                None => waiting.push(format!("{} was not probed", shared.identity.sibling(ordinal))),
+            }
+        }
+        if !waiting.is_empty() {
+            shared.set_reconciler_status(format!(
+                "waiting to bootstrap: every ordinal in 0..{initial} must answer empty; waiting for: {}",
+                waiting.join("; ")
+            ));
+            return false;
+        }
+    }
+
+    let cluster = ClusterId::random();
+    if let Err(e) = shared.adopt_cluster(cluster) {
+        shared.set_reconciler_status(format!("cannot record the new cluster id: {e}"));
+        return false;
+    }
+    let names: Vec<String> = members.values().map(|m| m.name.clone()).collect();
+    match shared.raft.initialize(members).await {
+        Ok(()) => {
+            tracing::info!(cluster_id = %cluster, voters = ?names, force = shared.options.force_new_cluster, "bootstrapped a new cluster");
+            shared.set_reconciler_status(format!("bootstrapped cluster {cluster} with voters {names:?}"));
+            true
+        }
+        Err(e) => {
+            shared.set_reconciler_status(format!("bootstrap of cluster {cluster} failed: {e}"));
+            false
+        }
+    }
+}
+
+/// Adopts the cluster `reply` belongs to and asks its member to add us.
+async fn join(shared: &Arc<NodeShared>, state: &mut Loop, ordinal: u32, reply: &pb::ProbeReply) -> bool {
+    let theirs: ClusterId = match reply.cluster_id.parse() {
+        Ok(c) => c,
+        Err(_) => {
+            shared.set_reconciler_status(format!("ordinal {ordinal} reports an invalid cluster id"));
+            return false;
+        }
+    };
+    if let Some(mine) = shared.cluster_id() {
+        if mine != theirs {
+            let status = format!(
+                "this volume belongs to cluster {mine} but {} reports cluster {theirs}: refusing to join another cluster",
+                shared.identity.sibling(ordinal)
+            );
+            tracing::error!("{status}");
+            shared.set_reconciler_status(status);
+            return false;
+        }
+    }
+    if let Err(e) = shared.adopt_cluster(theirs) {
+        shared.set_reconciler_status(format!("cannot record cluster id {theirs}: {e}"));
+        return false;
+    }
+    let addr = shared.book.peer_addr(ordinal);
+    let mut client = match state.client(&addr) {
+        Ok(c) => c,
+        Err(e) => {
+            shared.set_reconciler_status(e);
+            return false;
+        }
+    };
+    let me = &shared.me;
+    let mut req = tonic::Request::new(pb::JoinRequest {
+        cluster_id: theirs.to_string(),
+        node_id: shared.node_id,
+        ordinal: me.ordinal,
+        name: me.name.clone(),
+        peer_addr: me.peer_addr.clone(),
+        client_addr: me.client_addr.clone(),
+    });
+    req.set_timeout(Duration::from_secs(10));
+    match client.join(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            shared.set_reconciler_status(format!(
+                "joining cluster {theirs} as node {} (leader {}, already a member: {}); waiting for replication",
+                shared.node_id, r.leader_id, r.already_member
+            ));
+            true
+        }
+        Err(status) => {
+            shared.set_reconciler_status(format!(
+                "asked {} to join cluster {theirs}: {}; retrying",
+                shared.identity.sibling(ordinal),
+                short(&status)
+            ));
+            false
+        }
+    }
+}
+
+/// Runs one membership change with a deadline.
+async fn change(shared: &NodeShared, what: String, change: ChangeMembers<u64, Member>) -> bool {
+    tracing::info!(change = %what, "membership change");
+    shared.set_reconciler_status(format!("{what}: in progress"));
+    match tokio::time::timeout(CHANGE_TIMEOUT, shared.raft.change_membership(change, false)).await {
+        Ok(Ok(_)) => {
+            shared.metrics.membership_changes.inc();
+            shared.set_reconciler_status(format!("{what}: done"));
+            true
+        }
+        Ok(Err(e)) => {
+            shared.set_reconciler_status(format!("{what}: failed: {e}"));
+            false
+        }
+        Err(_) => {
+            shared.set_reconciler_status(format!("{what}: timed out"));
+            false
+        }
+    }
+}
+
+/// The leader's reconciliation step. See the module docs for the order of decisions.
+async fn reconcile(shared: &Arc<NodeShared>, state: &mut Loop, m: &RaftMetrics<u64, Member>) -> bool {
+    let (desired, source) = shared.desired_replicas();
+    let membership = m.membership_config.membership();
+    if membership.get_joint_config().len() > 1 {
+        shared.set_reconciler_status("a membership change is in progress".into());
+        return true;
+    }
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let nodes: BTreeMap<u64, Member> = membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
+    let learners: BTreeMap<u64, &Member> =
+        nodes.iter().filter(|(id, _)| !voters.contains(id)).map(|(id, n)| (*id, n)).collect();
+    let leader_last = m.last_log_index.unwrap_or(0);
+    let lag = shared.config.raft.catchup_lag_entries;
+
+    // Who answers at each relevant ordinal now.
+    let mut ordinals: BTreeSet<u32> = nodes.values().map(|n| n.ordinal).collect();
+    ordinals.extend(0..desired);
+    ordinals.remove(&shared.identity.ordinal);
+    let replies = state.probe_all(shared, ordinals).await;
+    let current = |ordinal: u32| -> Option<&pb::ProbeReply> {
+        if ordinal == shared.identity.ordinal {
+            None
+        } else {
+            replies.get(&ordinal).and_then(|r| r.as_ref().ok())
+        }
+    };
+    let caught_up = |id: u64, ordinal: u32| -> bool {
+        current(ordinal).is_some_and(|r| r.node_id == id && r.applied_index + lag >= leader_last)
+    };
+    let name =
+        |id: u64| nodes.get(&id).map_or_else(|| format!("node {id}"), |n| format!("{} (node {id})", n.name));
+
+    // 1. Stale or surplus learners.
+    for (id, node) in &learners {
+        let stale = current(node.ordinal).is_some_and(|r| r.node_id != *id);
+        if stale || node.ordinal >= desired {
+            let why = if stale {
+                "another incarnation now answers at its ordinal"
+            } else {
+                "beyond the desired replicas"
+            };
+            return change(
+                shared,
+                format!("remove learner {} ({why})", name(*id)),
+                ChangeMembers::RemoveNodes(BTreeSet::from([*id])),
+            )
+            .await;
+        }
+    }
+
+    // 2. Replacement of a voter whose ordinal now answers with another, caught-up, node id.
+    for voter in &voters {
+        let Some(node) = nodes.get(voter) else { continue };
+        let Some(reply) = current(node.ordinal) else { continue };
+        if reply.node_id == *voter || !learners.contains_key(&reply.node_id) {
+            continue;
+        }
+        if !caught_up(reply.node_id, node.ordinal) {
+            shared.set_reconciler_status(format!(
+                "replacing {}: waiting for node {} to catch up (applied {} of {leader_last})",
+                name(*voter),
+                reply.node_id,
+                reply.applied_index
+            ));
+            return true;
+        }
+        let mut next = voters.clone();
+        next.remove(voter);
+        next.insert(reply.node_id);
+        return change(
+            shared,
+            format!("replace {} with node {} (its volume was lost)", name(*voter), reply.node_id),
+            ChangeMembers::ReplaceAllVoters(next),
+        )
+        .await;
+    }
+
+    // 3. Promotion, lowest ordinal first.
+    let voter_ordinals: BTreeSet<u32> =
+        voters.iter().filter_map(|v| nodes.get(v)).map(|n| n.ordinal).collect();
+    let mut candidates: Vec<(u32, u64)> = learners
+        .iter()
+        .filter(|(_, n)| n.ordinal < desired && !voter_ordinals.contains(&n.ordinal))
+        .map(|(id, n)| (n.ordinal, *id))
+        .collect();
+    candidates.sort();
+    if let Some((ordinal, id)) = candidates.first().copied() {
+        if !caught_up(id, ordinal) {
+            shared.set_reconciler_status(format!(
+                "promoting {}: waiting for it to catch up (applied {} of {leader_last})",
+                name(id),
+                current(ordinal).map_or(0, |r| r.applied_index)
+            ));
+            return true;
+        }
+        return change(
+            shared,
+            format!("promote {} to voter", name(id)),
+            ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+        )
+        .await;
+    }
+
+    // 4. Scale down, highest ordinal first, never below the desired count.
+    let surplus = voters
+        .iter()
+        .filter_map(|v| nodes.get(v).map(|n| (n.ordinal, *v)))
+        .filter(|(o, _)| *o >= desired)
+        .max();
+    if let Some((_, id)) = surplus {
+        if voters.len() as u32 > desired {
+            return change(
+                shared,
+                format!("remove voter {} (scale down to {desired})", name(id)),
+                ChangeMembers::RemoveVoters(BTreeSet::from([id])),
+            )
+            .await;
+        }
+        shared.set_reconciler_status(format!(
+            "scale down to {desired} waits: {} voters, removing {} would leave fewer than desired",
+            voters.len(),
+            name(id)
+        ));
+        return true;
+    }
+
+    let names: Vec<String> = voters.iter().map(|v| name(*v)).collect();
+    shared.set_reconciler_status(format!(
+        "in sync: {} voters {names:?}, desired {desired} ({source})",
+        voters.len()
+    ));
+    true
+}

@@ -1,0 +1,114 @@
+//! The three servers of a member, each with graceful shutdown on the node's stop signal.
+//!
+//! * peer port: the `Raft` service only (so a NetworkPolicy can keep it pod-to-pod);
+//! * client port: `Kv`, `Cluster`, gRPC health (`grpc.health.v1`) and server reflection;
+//! * ops port: HTTP `/metrics`, `/healthz`, `/readyz`.
+
+use std::sync::Arc;
+
+use kvset_proto::v1::cluster_server::ClusterServer;
+use kvset_proto::v1::kv_server::KvServer;
+use kvset_proto::v1::raft_server::RaftServer;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::cluster_service::ClusterService;
+use crate::forward::CLIENT_MAX_MESSAGE_BYTES;
+use crate::kv_service::KvService;
+use crate::network::PEER_MAX_MESSAGE_BYTES;
+use crate::node::Listeners;
+use crate::node::NodeShared;
+use crate::raft_service::PeerService;
+
+/// Why the servers could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("server setup: {0}")]
+pub struct ServerError(String);
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Starts the servers; each task ends once it has drained after the stop signal.
+pub async fn spawn_servers(
+    shared: Arc<NodeShared>,
+    listeners: Listeners,
+    stop: watch::Receiver<bool>,
+) -> Result<Vec<JoinHandle<()>>, ServerError> {
+    let mut tasks = Vec::new();
+
+    // Peer server.
+    let peer = RaftServer::new(PeerService::new(shared.clone()))
+        .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES);
+    let incoming = TcpListenerStream::new(listeners.peer);
+    let stop_peer = stop.clone();
+    tasks.push(tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(peer)
+            .serve_with_incoming_shutdown(incoming, stopped(stop_peer))
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "peer server failed");
+        }
+    }));
+
+    // Client server: Kv, Cluster, health, reflection.
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    for name in ["", kvset_proto::service_names::KV, kvset_proto::service_names::CLUSTER] {
+        health_reporter.set_service_status(name, ServingStatus::Serving).await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kvset_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError(e.to_string()))?;
+    // Requests up to twice the request limit decode, so an oversized one is answered with
+    // INVALID_ARGUMENT naming the limit rather than a transport error.
+    let decode_limit = (shared.config.limits.request_max_bytes as usize).saturating_mul(2).max(4 << 20);
+    let kv = KvServer::new(KvService::new(shared.clone()))
+        .max_decoding_message_size(decode_limit)
+        .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);
+    let cluster = ClusterServer::new(ClusterService::new(shared.clone()))
+        .max_decoding_message_size(decode_limit)
+        .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);
+    let incoming = TcpListenerStream::new(listeners.client);
+    let stop_client = stop.clone();
+    let reporter = health_reporter.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut stop_health = stop_client.clone();
+        let health_down = async move {
+            let _ = stop_health.wait_for(|s| *s).await;
+            for name in ["", kvset_proto::service_names::KV, kvset_proto::service_names::CLUSTER] {
+                reporter.set_service_status(name, ServingStatus::NotServing).await;
+            }
+        };
+        tokio::spawn(health_down);
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(kv)
+            .add_service(cluster)
+            .serve_with_incoming_shutdown(incoming, stopped(stop_client))
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "client server failed");
+        }
+    }));
+
+    // Ops server.
+    let app = crate::ops::router(shared.clone());
+    let ops_listener = listeners.ops;
+    let stop_ops = stop.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(ops_listener, app).with_graceful_shutdown(stopped(stop_ops)).await {
+            tracing::error!(error = %e, "ops server failed");
+        }
+    }));
+
+    Ok(tasks)
+}

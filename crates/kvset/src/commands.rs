@@ -1,0 +1,268 @@
+//! The client subcommands.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use kvset_client::pb;
+use kvset_client::Client;
+use kvset_client::ClientOptions;
+use serde_json::json;
+
+use crate::output::*;
+use crate::Command;
+use crate::MemberCommand;
+use crate::TxnCommand;
+
+/// Runs one client command against `endpoints`.
+pub async fn run(
+    command: Command,
+    endpoints: &[String],
+    format: Format,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let client = Client::new(endpoints.iter().cloned(), ClientOptions { timeout, ..Default::default() })?;
+    match command {
+        Command::Get { key, serializable } => {
+            let consistency = if serializable {
+                pb::ReadConsistency::Serializable
+            } else {
+                pb::ReadConsistency::Linearizable
+            };
+            let resp = client
+                .get_request(pb::GetRequest {
+                    key: key.clone().into_bytes(),
+                    consistency: consistency as i32,
+                })
+                .await?;
+            match format {
+                Format::Json => print_json(
+                    &json!({"header": header_json(&resp.header), "kv": resp.kv.as_ref().map(kv_json)}),
+                ),
+                Format::Human => match resp.kv {
+                    Some(kv) => println!("{}", text(&kv.value)),
+                    None => bail!("key {key:?} not found"),
+                },
+            }
+        }
+        Command::Put { key, value, prev } => {
+            let resp = client
+                .put_request(pb::PutRequest {
+                    key: key.into_bytes(),
+                    value: value.into_bytes(),
+                    lease: 0,
+                    prev_kv: prev,
+                })
+                .await?;
+            match format {
+                Format::Json => print_json(
+                    &json!({"header": header_json(&resp.header), "prev_kv": resp.prev_kv.as_ref().map(kv_json)}),
+                ),
+                Format::Human => {
+                    println!("OK (revision {})", resp.header.map_or(0, |h| h.revision));
+                    if let Some(prev) = resp.prev_kv {
+                        println!("previous: {}", text(&prev.value));
+                    }
+                }
+            }
+        }
+        Command::Del { key, prefix, range_end } => {
+            let resp = client
+                .delete(pb::DeleteRequest {
+                    key: key.into_bytes(),
+                    range_end: range_end.map(String::into_bytes).unwrap_or_default(),
+                    prefix,
+                    prev_kv: false,
+                })
+                .await?;
+            match format {
+                Format::Json => {
+                    print_json(&json!({"header": header_json(&resp.header), "deleted": resp.deleted}))
+                }
+                Format::Human => println!("{} deleted", resp.deleted),
+            }
+        }
+        Command::Range { key, prefix, range_end, limit, keys_only, count, serializable } => {
+            let consistency = if serializable {
+                pb::ReadConsistency::Serializable
+            } else {
+                pb::ReadConsistency::Linearizable
+            };
+            let prefix = prefix || range_end.is_none();
+            let mut next = key.into_bytes();
+            let mut printed = 0u64;
+            let mut all = Vec::new();
+            loop {
+                let resp = client
+                    .range(pb::RangeRequest {
+                        key: next.clone(),
+                        range_end: range_end.clone().map(String::into_bytes).unwrap_or_default(),
+                        prefix,
+                        limit: 0,
+                        keys_only,
+                        count_only: count,
+                        consistency: consistency as i32,
+                    })
+                    .await?;
+                if count {
+                    match format {
+                        Format::Json => print_json(&json!({"count": resp.count})),
+                        Format::Human => println!("{}", resp.count),
+                    }
+                    return Ok(());
+                }
+                for kv in &resp.kvs {
+                    if limit > 0 && printed >= limit {
+                        break;
+                    }
+                    printed += 1;
+                    match format {
+                        Format::Json => all.push(kv_json(kv)),
+                        Format::Human if keys_only => println!("{}", text(&kv.key)),
+                        Format::Human => println!("{} = {}", text(&kv.key), text(&kv.value)),
+                    }
+                }
+                if !resp.more || (limit > 0 && printed >= limit) {
+                    break;
+                }
+                next = resp.next_key;
+            }
+            if format == Format::Json {
+                print_json(&json!({"kvs": all}));
+            }
+        }
+        Command::Txn(TxnCommand::Cas { key, expect, expect_absent, new }) => {
+            let expected = if expect_absent { None } else { expect.as_deref().map(str::as_bytes) };
+            let resp = client.compare_and_swap(key.clone().into_bytes(), expected, new.into_bytes()).await?;
+            let current = resp.responses.first().and_then(|r| match &r.response {
+                Some(pb::response_op::Response::ResponseRange(rr)) => rr.kvs.first().cloned(),
+                _ => None,
+            });
+            match format {
+                Format::Json => print_json(&json!({
+                    "header": header_json(&resp.header),
+                    "succeeded": resp.succeeded,
+                    "current": current.as_ref().map(kv_json),
+                })),
+                Format::Human if resp.succeeded => {
+                    println!("OK (revision {})", resp.header.map_or(0, |h| h.revision))
+                }
+                Format::Human => {
+                    let now =
+                        current.map_or_else(|| "absent".to_string(), |kv| format!("{:?}", text(&kv.value)));
+                    bail!("compare failed: {key:?} is {now}");
+                }
+            }
+        }
+        Command::Status => {
+            let mut failures = 0;
+            let mut rows = Vec::new();
+            for endpoint in endpoints {
+                match client.status_of(endpoint).await {
+                    Ok(s) => rows.push((endpoint.clone(), Ok(s))),
+                    Err(e) => {
+                        failures += 1;
+                        rows.push((endpoint.clone(), Err(e)));
+                    }
+                }
+            }
+            match format {
+                Format::Json => print_json(&json!(rows
+                    .iter()
+                    .map(|(e, r)| match r {
+                        Ok(s) => status_json(e, s),
+                        Err(err) => json!({"endpoint": e, "error": err.to_string()}),
+                    })
+                    .collect::<Vec<_>>())),
+                Format::Human => {
+                    println!(
+                        "{:<22} {:<9} {:<20} {:<9} {:<5} {:<20} {:<8} {:<8} {:<8} CLUSTER",
+                        "ENDPOINT",
+                        "NAME",
+                        "NODE ID",
+                        "ROLE",
+                        "TERM",
+                        "LEADER",
+                        "APPLIED",
+                        "REVISION",
+                        "DESIRED",
+                    );
+                    for (e, r) in &rows {
+                        match r {
+                            Ok(s) => println!(
+                                "{:<22} {:<9} {:<20} {:<9} {:<5} {:<20} {:<8} {:<8} {:<8} {}",
+                                e,
+                                s.name,
+                                s.node_id,
+                                role(s.role),
+                                s.term,
+                                s.leader_id,
+                                s.applied_index,
+                                s.revision,
+                                s.desired_replicas,
+                                s.cluster_id
+                            ),
+                            Err(err) => println!("{e:<22} error: {err}"),
+                        }
+                    }
+                    if let Some((_, Ok(s))) = rows.iter().find(|(_, r)| r.is_ok()) {
+                        if !s.reconciler.is_empty() {
+                            println!("\nmembership ({}): {}", s.name, s.reconciler);
+                        }
+                    }
+                }
+            }
+            if failures == endpoints.len() {
+                bail!("no endpoint answered");
+            }
+        }
+        Command::Member(m) => member(&client, m, format).await?,
+        Command::Snapshot => {
+            let endpoint = endpoints.first().cloned().unwrap_or_default();
+            let resp = client.snapshot(&endpoint).await?;
+            match format {
+                Format::Json => {
+                    print_json(&json!({"endpoint": endpoint, "last_log_index": resp.last_log_index}))
+                }
+                Format::Human => {
+                    println!("snapshot of {endpoint} covers the log up to index {}", resp.last_log_index)
+                }
+            }
+        }
+        Command::Serve(_) | Command::Cluster(_) => bail!("not a client command"),
+    }
+    Ok(())
+}
+
+async fn member(client: &Client, command: MemberCommand, format: Format) -> anyhow::Result<()> {
+    match command {
+        MemberCommand::List => {
+            let resp = client.member_list().await?;
+            print_members(format, resp.leader_id, &resp.members);
+        }
+        MemberCommand::Scale { replicas } => {
+            let resp = client.set_replicas(replicas).await?;
+            match format {
+                Format::Json => print_json(&json!({"replicas": resp.replicas})),
+                Format::Human => println!(
+                    "desired replicas set to {}; members join or leave one at a time in ordinal order (watch `kvset status`)",
+                    resp.replicas
+                ),
+            }
+        }
+        MemberCommand::Add { node_id, ordinal, peer_addr, client_addr } => {
+            let resp = client
+                .add_learner(pb::AddLearnerRequest { node_id, ordinal, peer_addr, client_addr })
+                .await?;
+            print_members(format, 0, &resp.members);
+        }
+        MemberCommand::Promote { node_id } => {
+            let resp = client.promote(node_id).await?;
+            print_members(format, 0, &resp.members);
+        }
+        MemberCommand::Remove { node_id } => {
+            let resp = client.remove(node_id).await?;
+            print_members(format, 0, &resp.members);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! The `kvset` binary: a thin wrapper over `kvset-server` (serve), `kvset-client` (every
+//! client command) and a local cluster supervisor (`cluster up`).
+
+mod cluster_up;
+mod commands;
+mod config_flags;
+mod output;
+
+use std::time::Duration;
+
+use clap::Parser;
+use clap::Subcommand;
+
+use crate::output::Format;
+
+/// kvset: a Raft-replicated key-value store for Kubernetes StatefulSets.
+#[derive(Debug, Parser)]
+#[command(name = "kvset", version, about, propagate_version = true)]
+struct Cli {
+    /// Client endpoints (host:port, comma-separated).
+    #[arg(
+        long,
+        global = true,
+        env = "KVSET_ENDPOINTS",
+        default_value = "127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    endpoints: Vec<String>,
+    /// Output format of client commands.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Human)]
+    output: Format,
+    /// Deadline of each client call, in seconds.
+    #[arg(long, global = true, default_value_t = 10.0)]
+    timeout: f64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a member (configuration: defaults < --config file < KVSET_* env < flags).
+    Serve(config_flags::ServeArgs),
+    /// Read a key.
+    Get {
+        key: String,
+        /// Serve from the contacted member's own state (may be stale) instead of the leader.
+        #[arg(long)]
+        serializable: bool,
+    },
+    /// Set a key.
+    Put {
+        key: String,
+        value: String,
+        /// Print the previous value.
+        #[arg(long)]
+        prev: bool,
+    },
+    /// Delete a key, a prefix or a range.
+    Del {
+        key: String,
+        /// Delete every key with this prefix.
+        #[arg(long, conflicts_with = "range_end")]
+        prefix: bool,
+        /// Delete keys in [key, range_end).
+        #[arg(long)]
+        range_end: Option<String>,
+    },
+    /// List keys of a prefix or range, following pages.
+    #[command(alias = "ls")]
+    Range {
+        /// Start key or prefix (default: everything).
+        #[arg(default_value = "")]
+        key: String,
+        /// Treat the key as a prefix (the default when no --range-end is given).
+        #[arg(long)]
+        prefix: bool,
+        /// Read keys in [key, range_end).
+        #[arg(long, conflicts_with = "prefix")]
+        range_end: Option<String>,
+        /// Stop after this many keys (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+        /// Print keys only.
+        #[arg(long)]
+        keys_only: bool,
+        /// Print the number of keys only.
+        #[arg(long)]
+        count: bool,
+        /// Serve from the contacted member's own state.
+        #[arg(long)]
+        serializable: bool,
+    },
+    /// Transactions.
+    #[command(subcommand)]
+    Txn(TxnCommand),
+    /// Status of each endpoint's member.
+    Status,
+    /// Membership (it manages itself; these are overrides and views).
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// Make the first endpoint's member build a snapshot now.
+    Snapshot,
+    /// Local clusters.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TxnCommand {
+    /// Compare-and-swap: set KEY to NEW if its value is EXPECTED (or if absent, with
+    /// --expect-absent).
+    Cas {
+        key: String,
+        /// The value the key must have.
+        #[arg(long, required_unless_present = "expect_absent")]
+        expect: Option<String>,
+        /// Require the key not to exist.
+        #[arg(long, conflicts_with = "expect")]
+        expect_absent: bool,
+        /// The new value.
+        #[arg(long = "set")]
+        new: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MemberCommand {
+    /// List members (from the leader).
+    List,
+    /// Set the desired number of voters; members join or leave in ordinal order.
+    Scale { replicas: u32 },
+    /// Add a learner by hand.
+    Add {
+        #[arg(long)]
+        node_id: u64,
+        #[arg(long)]
+        ordinal: u32,
+        #[arg(long)]
+        peer_addr: String,
+        #[arg(long)]
+        client_addr: String,
+    },
+    /// Promote a learner to voter by hand.
+    Promote { node_id: u64 },
+    /// Remove a member by hand.
+    Remove { node_id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Start a local cluster on loopback; Ctrl-C stops it.
+    Up(cluster_up::UpArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let timeout = Duration::from_secs_f64(cli.timeout.max(0.001));
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => config_flags::serve(args).await,
+            Command::Cluster(ClusterCommand::Up(args)) => cluster_up::run(args).await,
+            other => commands::run(other, &cli.endpoints, cli.output, timeout).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
