@@ -102,6 +102,23 @@ impl Error {
     }
 }
 
+/// One RPC attempt against one member's channel; a plain function pointer keeps client futures
+/// `Send` and `'static`, so calls can be spawned.
+type Call<Req, Resp> = fn(
+    Channel,
+    tonic::Request<Req>,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<tonic::Response<Resp>, Status>> + Send>,
+>;
+
+fn kv(channel: Channel) -> KvClient<Channel> {
+    KvClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES)
+}
+
+fn cluster(channel: Channel) -> ClusterClient<Channel> {
+    ClusterClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES)
+}
+
 /// Whether a call may change state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -217,12 +234,8 @@ impl Client {
         Ok(c)
     }
 
-    fn kv_client(&self, addr: &str) -> Result<KvClient<Channel>, Error> {
-        Ok(KvClient::new(self.channel(addr)?).max_decoding_message_size(MAX_RESPONSE_BYTES))
-    }
-
     fn cluster_client(&self, addr: &str) -> Result<ClusterClient<Channel>, Error> {
-        Ok(ClusterClient::new(self.channel(addr)?).max_decoding_message_size(MAX_RESPONSE_BYTES))
+        Ok(cluster(self.channel(addr)?))
     }
 
     fn leader_hint(&self) -> Option<String> {
@@ -249,7 +262,7 @@ impl Client {
         &self,
         kind: Kind,
         req: Req,
-        call: impl AsyncFn(String, tonic::Request<Req>) -> Result<tonic::Response<Resp>, Status>,
+        call: Call<Req, Resp>,
     ) -> Result<Resp, Error> {
         let deadline = Instant::now() + self.inner.options.timeout;
         let mut backoff = Duration::from_millis(25);
@@ -269,9 +282,10 @@ impl Client {
                 });
             }
             let addr = self.pick();
+            let channel = self.channel(&addr)?;
             let mut request = tonic::Request::new(req.clone());
             request.set_timeout(left);
-            let status = match tokio::time::timeout(left, call(addr.clone(), request)).await {
+            let status = match tokio::time::timeout(left, call(channel, request)).await {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(status)) => status,
                 Err(_) => Status::deadline_exceeded("client deadline"),
@@ -314,11 +328,7 @@ impl Client {
 
     /// Sends a full Put request.
     pub async fn put_request(&self, req: pb::PutRequest) -> Result<pb::PutResponse, Error> {
-        self.run(Kind::Write, req, async |addr, r| match self.kv_client(&addr) {
-            Ok(mut c) => c.put(r).await,
-            Err(e) => Err(Status::invalid_argument(e.to_string())),
-        })
-        .await
+        self.run(Kind::Write, req, |ch, r| Box::pin(async move { kv(ch).put(r).await })).await
     }
 
     /// Reads `key` linearizably; `None` when absent.
@@ -328,38 +338,22 @@ impl Client {
 
     /// Sends a full Get request (choose the consistency there).
     pub async fn get_request(&self, req: pb::GetRequest) -> Result<pb::GetResponse, Error> {
-        self.run(Kind::Read, req, async |addr, r| match self.kv_client(&addr) {
-            Ok(mut c) => c.get(r).await,
-            Err(e) => Err(Status::invalid_argument(e.to_string())),
-        })
-        .await
+        self.run(Kind::Read, req, |ch, r| Box::pin(async move { kv(ch).get(r).await })).await
     }
 
     /// Reads one page of a range.
     pub async fn range(&self, req: pb::RangeRequest) -> Result<pb::RangeResponse, Error> {
-        self.run(Kind::Read, req, async |addr, r| match self.kv_client(&addr) {
-            Ok(mut c) => c.range(r).await,
-            Err(e) => Err(Status::invalid_argument(e.to_string())),
-        })
-        .await
+        self.run(Kind::Read, req, |ch, r| Box::pin(async move { kv(ch).range(r).await })).await
     }
 
     /// Deletes a key or range.
     pub async fn delete(&self, req: pb::DeleteRequest) -> Result<pb::DeleteResponse, Error> {
-        self.run(Kind::Write, req, async |addr, r| match self.kv_client(&addr) {
-            Ok(mut c) => c.delete(r).await,
-            Err(e) => Err(Status::invalid_argument(e.to_string())),
-        })
-        .await
+        self.run(Kind::Write, req, |ch, r| Box::pin(async move { kv(ch).delete(r).await })).await
     }
 
     /// Runs a transaction.
     pub async fn txn(&self, req: pb::TxnRequest) -> Result<pb::TxnResponse, Error> {
-        self.run(Kind::Write, req, async |addr, r| match self.kv_client(&addr) {
-            Ok(mut c) => c.txn(r).await,
-            Err(e) => Err(Status::invalid_argument(e.to_string())),
-        })
-        .await
+        self.run(Kind::Write, req, |ch, r| Box::pin(async move { kv(ch).txn(r).await })).await
     }
 
     /// Sets `key` to `new` if its value is `expected` (`None`: if the key does not exist).
@@ -387,51 +381,37 @@ impl Client {
 
     /// The members of the cluster, from the leader.
     pub async fn member_list(&self) -> Result<pb::MemberListResponse, Error> {
-        self.run(Kind::Read, pb::MemberListRequest {}, async |addr, r| match self.cluster_client(&addr) {
-            Ok(mut c) => c.member_list(r).await,
-            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        self.run(Kind::Read, pb::MemberListRequest {}, |ch, r| {
+            Box::pin(async move { cluster(ch).member_list(r).await })
         })
         .await
     }
 
     /// Sets the desired number of voters.
     pub async fn set_replicas(&self, replicas: u32) -> Result<pb::SetReplicasResponse, Error> {
-        self.run(Kind::Write, pb::SetReplicasRequest { replicas }, async |addr, r| {
-            match self.cluster_client(&addr) {
-                Ok(mut c) => c.set_replicas(r).await,
-                Err(e) => Err(Status::invalid_argument(e.to_string())),
-            }
+        self.run(Kind::Write, pb::SetReplicasRequest { replicas }, |ch, r| {
+            Box::pin(async move { cluster(ch).set_replicas(r).await })
         })
         .await
     }
 
     /// Adds a learner (manual override).
     pub async fn add_learner(&self, req: pb::AddLearnerRequest) -> Result<pb::AddLearnerResponse, Error> {
-        self.run(Kind::Write, req, async |addr, r| match self.cluster_client(&addr) {
-            Ok(mut c) => c.add_learner(r).await,
-            Err(e) => Err(Status::invalid_argument(e.to_string())),
-        })
-        .await
+        self.run(Kind::Write, req, |ch, r| Box::pin(async move { cluster(ch).add_learner(r).await })).await
     }
 
     /// Promotes a learner to voter (manual override).
     pub async fn promote(&self, node_id: u64) -> Result<pb::PromoteResponse, Error> {
-        self.run(Kind::Write, pb::PromoteRequest { node_id }, async |addr, r| {
-            match self.cluster_client(&addr) {
-                Ok(mut c) => c.promote(r).await,
-                Err(e) => Err(Status::invalid_argument(e.to_string())),
-            }
+        self.run(Kind::Write, pb::PromoteRequest { node_id }, |ch, r| {
+            Box::pin(async move { cluster(ch).promote(r).await })
         })
         .await
     }
 
     /// Removes a member (manual override).
     pub async fn remove(&self, node_id: u64) -> Result<pb::RemoveResponse, Error> {
-        self.run(Kind::Write, pb::RemoveRequest { node_id }, async |addr, r| {
-            match self.cluster_client(&addr) {
-                Ok(mut c) => c.remove(r).await,
-                Err(e) => Err(Status::invalid_argument(e.to_string())),
-            }
+        self.run(Kind::Write, pb::RemoveRequest { node_id }, |ch, r| {
+            Box::pin(async move { cluster(ch).remove(r).await })
         })
         .await
     }

@@ -223,7 +223,22 @@ impl NodeShared {
             return Err(KvError::Unavailable("member is shutting down".into()));
         }
         match self.leader() {
-            (Some(id), _) if id == self.node_id => Ok(Route::Local),
+            (Some(id), _) if id == self.node_id => {
+                // openraft 0.9 leaders do not step down when they lose their quorum; without
+                // this check, writes to a cut-off leader would wait for their deadline.
+                let since_ack = self.raft.metrics().borrow().millis_since_quorum_ack;
+                match since_ack {
+                    Some(ms) if ms > self.config.raft.election_timeout_min_ms => Err(KvError::NoLeader {
+                        leader_id: None,
+                        leader_addr: None,
+                        reason: format!(
+                            "member {} leads but has heard from no quorum for {ms} ms",
+                            self.identity.name
+                        ),
+                    }),
+                    _ => Ok(Route::Local),
+                }
+            }
             (Some(id), Some(addr)) if !forwarded => Ok(Route::Forward { leader_id: id, addr }),
             (id, addr) => Err(KvError::NoLeader {
                 leader_id: id,

@@ -82,6 +82,11 @@ impl<'t> Overlay<'t> {
         range: &KeyRange,
         mut visit: impl FnMut(&[u8], &StoredValue) -> bool,
     ) -> Result<(), ReadError> {
+        if let RangeEnd::Before(end) = &range.end {
+            if end.as_slice() <= range.start.as_slice() {
+                return Ok(()); // an empty range
+            }
+        }
         let overlay_end = match &range.end {
             RangeEnd::Single => Bound::Included(range.start.clone()),
             RangeEnd::Unbounded => Bound::Unbounded,
@@ -307,6 +312,19 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn inverted_and_empty_ranges_hold_nothing() {
+        let (_db, t) = tree();
+        let mut ov = Overlay::new(&t);
+        let mut rev = 1;
+        apply_command(&mut ov, &mut rev, &put("b", "1")).unwrap();
+        for range in [KeyRange::between("c", "a"), KeyRange::between("b", "b")] {
+            let q =
+                RangeQuery { range, limit: 10, max_bytes: usize::MAX, keys_only: false, count_only: false };
+            assert_eq!(ov.range(&q).unwrap().count, 0);
+        }
     }
 
     #[test]

@@ -88,19 +88,21 @@ pub async fn run(
                 pb::ReadConsistency::Linearizable
             };
             let prefix = prefix || range_end.is_none();
-            let mut next = key.into_bytes();
+            let key = key.into_bytes();
+            let mut next = Vec::new();
             let mut printed = 0u64;
             let mut all = Vec::new();
             loop {
                 let resp = client
                     .range(pb::RangeRequest {
-                        key: next.clone(),
+                        key: key.clone(),
                         range_end: range_end.clone().map(String::into_bytes).unwrap_or_default(),
                         prefix,
                         limit: 0,
                         keys_only,
                         count_only: count,
                         consistency: consistency as i32,
+                        page_key: next.clone(),
                     })
                     .await?;
                 if count {

@@ -138,8 +138,20 @@ pub fn range(req: &pb::RangeRequest, limits: &Limits) -> Result<RangeQuery> {
         ));
     }
     let limit = if req.limit == 0 { limits.range_max_keys } else { req.limit as u64 };
+    let mut range = key_range(&req.key, &req.range_end, req.prefix, limits)?;
+    if !req.page_key.is_empty() {
+        check_key_len(&req.page_key, "page_key", limits)?;
+        if req.page_key > range.start {
+            if range.end == RangeEnd::Single {
+                // Past the only key: an empty page.
+                range = KeyRange::between(req.page_key.clone(), req.page_key.clone());
+            } else {
+                range.start = req.page_key.clone();
+            }
+        }
+    }
     Ok(RangeQuery {
-        range: key_range(&req.key, &req.range_end, req.prefix, limits)?,
+        range,
         limit: limit as usize,
         max_bytes: limits.response_max_bytes as usize,
         keys_only: req.keys_only,
@@ -300,6 +312,26 @@ mod tests {
         assert!(msg(r(b"a", b"b", true, 0).unwrap_err()).contains("range_end must be empty"));
         assert!(msg(r(b"a", b"", false, -1).unwrap_err()).contains("negative"));
         assert!(msg(r(b"a", b"", false, 10_001).unwrap_err()).contains("limits.range_max_keys"));
+
+        let page = |page_key: &[u8], prefix: bool| {
+            range(
+                &pb::RangeRequest {
+                    key: b"p/".to_vec(),
+                    prefix,
+                    page_key: page_key.to_vec(),
+                    ..Default::default()
+                },
+                &l,
+            )
+            .unwrap()
+            .range
+        };
+        assert_eq!(
+            page(b"p/5", true),
+            KeyRange { start: b"p/5".to_vec(), end: RangeEnd::Before(b"p0".to_vec()) }
+        );
+        assert_eq!(page(b"a", true), KeyRange::prefix("p/"), "a page key before the range changes nothing");
+        assert!(!page(b"p/5", false).contains(b"p/"), "past a single key: empty");
     }
 
     fn cas(key: &[u8]) -> pb::TxnRequest {

@@ -1,0 +1,315 @@
+//! An in-process kvset cluster on loopback.
+
+use std::collections::BTreeMap;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kvset_client::Client;
+use kvset_client::ClientOptions;
+use kvset_server::network::PeerFault;
+use kvset_server::Config;
+use kvset_server::Listeners;
+use kvset_server::Node;
+use kvset_server::NodeHandle;
+use kvset_server::NodeOptions;
+use openraft::ServerState;
+use tokio::net::TcpListener;
+
+use crate::eventually;
+
+/// Ordinals a test cluster can grow to.
+pub const MAX_ORDINALS: u32 = 6;
+
+/// Cut links, checked by every member's sending side.
+#[derive(Debug, Default)]
+pub struct Partition {
+    cut: Mutex<HashSet<(u64, u64)>>,
+}
+
+impl Partition {
+    /// Cuts every link to and from `node` among `all`.
+    pub fn isolate(&self, node: u64, all: &[u64]) {
+        let mut cut = self.cut.lock().unwrap_or_else(|e| e.into_inner());
+        for other in all {
+            if *other != node {
+                cut.insert((node, *other));
+                cut.insert((*other, node));
+            }
+        }
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        self.cut.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+impl PeerFault for Partition {
+    fn blocked(&self, from: u64, to: u64) -> bool {
+        self.cut.lock().unwrap_or_else(|e| e.into_inner()).contains(&(from, to))
+    }
+}
+
+/// The three ports of one ordinal.
+#[derive(Debug, Clone, Copy)]
+struct Ports {
+    client: u16,
+    peer: u16,
+    ops: u16,
+}
+
+/// A cluster of in-process members.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    ports: Vec<Ports>,
+    /// Listeners reserved for ordinals not started yet.
+    reserved: BTreeMap<u32, Listeners>,
+    nodes: BTreeMap<u32, NodeHandle>,
+    /// Node ids each ordinal ever had (a wiped volume gives a new one).
+    pub partition: Arc<Partition>,
+    initial: u32,
+    tweak: Arc<dyn Fn(&mut Config) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("dir", &self.dir.path()).field("running", &self.nodes.keys()).finish()
+    }
+}
+
+async fn bind() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port")
+}
+
+impl Cluster {
+    /// Starts `n` members (ordinals `0..n`, `initial_replicas = n`) and waits for a leader with
+    /// all of them as voters.
+    pub async fn start(n: u32) -> Self {
+        Self::start_with(n, |_| {}).await
+    }
+
+    /// Like [`Cluster::start`], with a change to every member's configuration.
+    pub async fn start_with(n: u32, tweak: impl Fn(&mut Config) + Send + Sync + 'static) -> Self {
+        let mut c = Self::new(n, tweak).await;
+        for o in 0..n {
+            c.start_node(o).await;
+        }
+        c.wait_voters(n as usize, Duration::from_secs(30)).await;
+        c
+    }
+
+    /// Reserves ports for every ordinal but starts nothing.
+    pub async fn new(initial: u32, tweak: impl Fn(&mut Config) + Send + Sync + 'static) -> Self {
+        crate::init_logging();
+        let mut ports = Vec::new();
+        let mut reserved = BTreeMap::new();
+        for o in 0..MAX_ORDINALS {
+            let (client, peer, ops) = (bind().await, bind().await, bind().await);
+            let p = |l: &TcpListener| l.local_addr().expect("local addr").port();
+            ports.push(Ports { client: p(&client), peer: p(&peer), ops: p(&ops) });
+            reserved.insert(o, Listeners { client, peer, ops });
+        }
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+            ports,
+            reserved,
+            nodes: BTreeMap::new(),
+            partition: Arc::new(Partition::default()),
+            initial,
+            tweak: Arc::new(tweak),
+        }
+    }
+
+    /// The data directory ("volume") of an ordinal.
+    pub fn data_dir(&self, ordinal: u32) -> PathBuf {
+        self.dir.path().join(format!("kvset-{ordinal}"))
+    }
+
+    /// The configuration of an ordinal.
+    pub fn config(&self, ordinal: u32) -> Config {
+        let mut c = Config {
+            name: format!("kvset-{ordinal}"),
+            data_dir: self.data_dir(ordinal),
+            namespace: "test".into(),
+            listen_host: "127.0.0.1".into(),
+            peer_addrs: self.ports.iter().map(|p| format!("127.0.0.1:{}", p.peer)).collect(),
+            client_addrs: self.ports.iter().map(|p| format!("127.0.0.1:{}", p.client)).collect(),
+            initial_replicas: self.initial,
+            log_format: "text".into(),
+            shutdown_timeout_ms: 5000,
+            ..Default::default()
+        };
+        // Quicker than production, still well above loaded-CI scheduling noise.
+        c.raft.heartbeat_interval_ms = 100;
+        c.raft.election_timeout_min_ms = 1000;
+        c.raft.election_timeout_max_ms = 2000;
+        c.raft.rpc_timeout_ms = 1000;
+        (self.tweak)(&mut c);
+        c
+    }
+
+    /// Starts (or restarts, with its volume) an ordinal.
+    pub async fn start_node(&mut self, ordinal: u32) {
+        self.start_node_with(ordinal, NodeOptions::default()).await;
+    }
+
+    /// Starts an ordinal with explicit options (the partition hook is always added).
+    pub async fn start_node_with(&mut self, ordinal: u32, mut options: NodeOptions) {
+        assert!(!self.nodes.contains_key(&ordinal), "kvset-{ordinal} is already running");
+        let listeners = match self.reserved.remove(&ordinal) {
+            Some(l) => l,
+            None => {
+                let p = self.ports[ordinal as usize];
+                let bind = |port: u16| async move {
+                    crate::eventually(
+                        &format!("port {port} free again"),
+                        Duration::from_secs(10),
+                        || async move { TcpListener::bind(("127.0.0.1", port)).await.ok() },
+                    )
+                    .await
+                };
+                Listeners { client: bind(p.client).await, peer: bind(p.peer).await, ops: bind(p.ops).await }
+            }
+        };
+        options.fault = Some(self.partition.clone());
+        let node = Node::start(self.config(ordinal), listeners, std::future::pending(), options)
+            .await
+            .unwrap_or_else(|e| panic!("kvset-{ordinal} failed to start: {e}"));
+        node.ready().await;
+        self.nodes.insert(ordinal, node);
+    }
+
+    /// Starts an ordinal and returns the start error instead of panicking.
+    pub async fn try_start_node(&mut self, ordinal: u32) -> Result<(), kvset_server::StartError> {
+        let p = self.ports[ordinal as usize];
+        let listeners = match self.reserved.remove(&ordinal) {
+            Some(l) => l,
+            None => Listeners {
+                client: TcpListener::bind(("127.0.0.1", p.client)).await.expect("rebind"),
+                peer: TcpListener::bind(("127.0.0.1", p.peer)).await.expect("rebind"),
+                ops: TcpListener::bind(("127.0.0.1", p.ops)).await.expect("rebind"),
+            },
+        };
+        let options = NodeOptions { fault: Some(self.partition.clone()), ..Default::default() };
+        let node = Node::start(self.config(ordinal), listeners, std::future::pending(), options).await?;
+        self.nodes.insert(ordinal, node);
+        Ok(())
+    }
+
+    /// Stops an ordinal gracefully and waits until it is gone.
+    pub async fn stop(&mut self, ordinal: u32) {
+        if let Some(node) = self.nodes.remove(&ordinal) {
+            node.shutdown().await.unwrap_or_else(|e| panic!("kvset-{ordinal} shutdown: {e}"));
+        }
+    }
+
+    /// Deletes an ordinal's volume (it must be stopped): the next start is a replacement.
+    pub fn wipe(&mut self, ordinal: u32) {
+        assert!(!self.nodes.contains_key(&ordinal), "stop kvset-{ordinal} before wiping its volume");
+        let _ = std::fs::remove_dir_all(self.data_dir(ordinal));
+    }
+
+    /// The running member at an ordinal.
+    pub fn node(&self, ordinal: u32) -> &NodeHandle {
+        self.nodes.get(&ordinal).unwrap_or_else(|| panic!("kvset-{ordinal} is not running"))
+    }
+
+    /// Ordinals running now.
+    pub fn running(&self) -> Vec<u32> {
+        self.nodes.keys().copied().collect()
+    }
+
+    /// Client endpoint of an ordinal.
+    pub fn endpoint(&self, ordinal: u32) -> String {
+        format!("127.0.0.1:{}", self.ports[ordinal as usize].client)
+    }
+
+    /// Ops (HTTP) endpoint of an ordinal.
+    pub fn ops_endpoint(&self, ordinal: u32) -> String {
+        format!("127.0.0.1:{}", self.ports[ordinal as usize].ops)
+    }
+
+    /// A client for every running member.
+    pub fn client(&self) -> Client {
+        Client::new(self.running().into_iter().map(|o| self.endpoint(o)), ClientOptions::default())
+            .expect("client")
+    }
+
+    /// A client that only talks to one member (no leader following).
+    pub fn client_for(&self, ordinal: u32) -> Client {
+        Client::new([self.endpoint(ordinal)], ClientOptions { prefer_leader: false, ..Default::default() })
+            .expect("client")
+    }
+
+    /// The running ordinal that is leader, if exactly one running member says it leads.
+    pub fn leader(&self) -> Option<u32> {
+        let leaders: Vec<u32> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.shared().raft.metrics().borrow().state == ServerState::Leader)
+            .map(|(o, _)| *o)
+            .collect();
+        (leaders.len() == 1).then(|| leaders[0])
+    }
+
+    /// Waits for a leader among the running members; returns its ordinal.
+    pub async fn wait_leader(&self, timeout: Duration) -> u32 {
+        eventually("a leader", timeout, || async { self.leader() }).await
+    }
+
+    /// Waits until the leader's membership has `n` voters and every running member agrees on
+    /// the leader.
+    pub async fn wait_voters(&self, n: usize, timeout: Duration) -> u32 {
+        eventually(&format!("{n} voters and one agreed leader"), timeout, || async {
+            let leader = self.leader()?;
+            let lm = self.node(leader).shared().raft_metrics();
+            let voters = lm.membership_config.membership().voter_ids().count();
+            let lid = self.node(leader).node_id();
+            let agreed =
+                self.nodes.values().all(|n| n.shared().raft.metrics().borrow().current_leader == Some(lid));
+            (voters == n && agreed).then_some(leader)
+        })
+        .await
+    }
+
+    /// Waits until every running member has applied at least the leader's last log index.
+    pub async fn wait_converged(&self, timeout: Duration) {
+        eventually("every member applied the leader's log", timeout, || async {
+            let leader = self.leader()?;
+            let last = self.node(leader).shared().raft_metrics().last_log_index?;
+            self.nodes
+                .values()
+                .all(|n| n.shared().raft_metrics().last_applied.is_some_and(|l| l.index >= last))
+                .then_some(())
+        })
+        .await
+    }
+
+    /// Node ids of the running members.
+    pub fn node_ids(&self) -> Vec<u64> {
+        self.nodes.values().map(|n| n.node_id()).collect()
+    }
+
+    /// Cuts an ordinal off from every other member.
+    pub fn isolate(&self, ordinal: u32) {
+        let mut all = self.node_ids();
+        // Include stopped/removed incarnations too: harmless, and keeps the cut total.
+        all.sort();
+        self.partition.isolate(self.node(ordinal).node_id(), &all);
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        self.partition.heal();
+    }
+
+    /// Stops every member.
+    pub async fn shutdown(mut self) {
+        for o in self.running() {
+            self.stop(o).await;
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! Test harnesses for kvset.
+//!
+//! [`cluster::Cluster`] runs members in-process on loopback, each with its own data directory
+//! (its "volume"), through the same `Node::start` entry point the binary uses. Members can be
+//! stopped, restarted with their volume, wiped (volume loss), and cut off from their peers
+//! through a fault-injecting transport. Waits poll with a deadline: see [`eventually`].
+
+pub mod cluster;
+
+use std::future::Future;
+use std::time::Duration;
+use std::time::Instant;
+
+/// Installs a test logger once (`RUST_LOG` selects; default: warnings only).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kvset_tests=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
