@@ -1,6 +1,7 @@
 //! The `kvset` binary: a thin wrapper over `kvset-server` (serve), `kvset-client` (every
 //! client command) and a local cluster supervisor (`cluster up`).
 
+mod bench;
 mod cluster_up;
 mod commands;
 mod config_flags;
@@ -103,6 +104,8 @@ enum Command {
     /// Local clusters.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Closed-loop load generator against kvset (or etcd, built with --features etcd).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,6 +169,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => config_flags::serve(args).await,
             Command::Cluster(ClusterCommand::Up(args)) => cluster_up::run(args).await,
+            Command::Bench(args) => bench::run(args, &cli.endpoints, cli.output, timeout).await,
             other => commands::run(other, &cli.endpoints, cli.output, timeout).await,
         }
     });
