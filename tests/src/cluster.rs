@@ -175,9 +175,33 @@ impl Cluster {
             }
         };
         options.fault = Some(self.partition.clone());
-        let node = Node::start(self.config(ordinal), listeners, std::future::pending(), options)
-            .await
-            .unwrap_or_else(|e| panic!("kvset-{ordinal} failed to start: {e}"));
+        // In one process, the previous incarnation's last storage handles (a connection task
+        // finishing, a blocking read) can outlive its shutdown by a moment; sled then refuses
+        // the second open of the directory. A real restart is a new process and never sees this.
+        let mut listeners = Some(listeners);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let node = loop {
+            let l = listeners.take().expect("listeners");
+            let (client, peer, ops) = (l.client.local_addr(), l.peer.local_addr(), l.ops.local_addr());
+            match Node::start(self.config(ordinal), l, std::future::pending(), options.clone()).await {
+                Ok(node) => break node,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let rebind = |a: std::io::Result<std::net::SocketAddr>| async move {
+                        TcpListener::bind(a.expect("addr")).await.expect("rebind")
+                    };
+                    listeners = Some(Listeners {
+                        client: rebind(client).await,
+                        peer: rebind(peer).await,
+                        ops: rebind(ops).await,
+                    });
+                }
+                Err(e) => panic!("kvset-{ordinal} failed to start: {e}"),
+            }
+        };
         node.ready().await;
         self.nodes.insert(ordinal, node);
     }

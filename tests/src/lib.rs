@@ -6,6 +6,7 @@
 //! through a fault-injecting transport. Waits poll with a deadline: see [`eventually`].
 
 pub mod cluster;
+pub mod k8s_stub;
 
 use std::future::Future;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use std::time::Instant;
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kvset_tests=info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_test_writer().try_init();
 }
 
 /// Polls `probe` every 50 ms until it returns `Some`, or panics after `timeout` with `what`.

@@ -41,10 +41,12 @@ pub struct Config {
     pub client_addrs: Vec<String>,
     pub initial_replicas: u32,
     pub replicas_source: String,
+    pub kubernetes_api_url: String,
     pub cluster_id: String,
     pub log_format: String,
     pub log_level: String,
     pub shutdown_timeout_ms: u64,
+    pub leave_timeout_ms: u64,
     pub cache_bytes: u64,
     pub raft: RaftConfig,
     pub limits: Limits,
@@ -105,10 +107,12 @@ impl Default for Config {
             client_addrs: Vec::new(),
             initial_replicas: 3,
             replicas_source: "static".into(),
+            kubernetes_api_url: String::new(),
             cluster_id: String::new(),
             log_format: "auto".into(),
             log_level: "info".into(),
             shutdown_timeout_ms: 10_000,
+            leave_timeout_ms: 30_000,
             cache_bytes: 256 << 20,
             raft: RaftConfig::default(),
             limits: Limits::default(),
@@ -193,12 +197,22 @@ pub const KEYS: &[KeyDoc] = &[
         key: "replicas_source",
         doc: "Where the desired replica count comes from: `static` (Cluster.SetReplicas) or `kubernetes` (the StatefulSet).",
     },
+    KeyDoc {
+        key: "kubernetes_api_url",
+        doc: "Kubernetes API server for the `kubernetes` replicas source. Empty: the in-cluster API and service account.",
+    },
     KeyDoc { key: "cluster_id", doc: "If set (32 hex chars), refuse to start on a volume of any other cluster." },
     KeyDoc { key: "log_format", doc: "`text`, `json`, or `auto` (text on a terminal, json otherwise)." },
     KeyDoc { key: "log_level", doc: "tracing filter, e.g. `info` or `kvset_server=debug,info`; RUST_LOG wins when set." },
     KeyDoc {
         key: "shutdown_timeout_ms",
         doc: "Milliseconds a graceful shutdown may take to drain requests and stop Raft before it is cut short.",
+    },
+    KeyDoc {
+        key: "leave_timeout_ms",
+        doc: "On SIGTERM, a member whose ordinal is beyond the desired replicas waits up to this many milliseconds \
+              for the cluster to remove it before it stops (a scale-down never takes voters away faster than \
+              the cluster removes them). Other shutdowns do not wait.",
     },
     KeyDoc { key: "cache_bytes", doc: "Bytes of sled page cache." },
     KeyDoc {

@@ -26,6 +26,7 @@
 //! | [`identity`] | ordinal from the pod name; address templates |
 //! | [`node`] | start, shared state, routing, shutdown |
 //! | [`membership`] | bootstrap rule, join, promotion, replacement, scale-down |
+//! | [`replicas`] | desired replicas from the StatefulSet (Kubernetes API) |
 //! | [`batcher`] | many client writes → one Raft entry |
 //! | [`kv_service`], [`cluster_service`] | client-facing gRPC |
 //! | [`raft_service`], [`network`] | peer gRPC, both directions |
@@ -60,6 +61,7 @@ pub mod node;
 pub mod ops;
 pub mod pb;
 pub mod raft_service;
+pub mod replicas;
 pub mod server;
 
 pub use config::Config;

@@ -19,7 +19,8 @@
 //!      beyond the desired count;
 //!   2. replace a voter whose ordinal is now answered by another node id, once that node is a
 //!      caught-up learner (one joint-consensus change swaps the ids);
-//!   3. promote caught-up learners, lowest ordinal first;
+//!   3. promote caught-up learners, lowest ordinal first (a learner waits while any lower
+//!      ordinal has no voter yet);
 //!   4. scale down: remove the voter with the highest ordinal `>= desired`, one at a time, never
 //!      leaving fewer voters than desired.
 //!
@@ -166,6 +167,30 @@ async fn step(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
         shared.set_reconciler_status("no leader known; waiting for an election".into());
     }
     false
+}
+
+/// Asks the other members whether the cluster's current voters still include this member.
+/// `Some(false)` once a member that knows a leader lists voters without us; `None` if no
+/// member of our cluster answered with a leader. (A removed member is never told of its own
+/// removal by Raft, so it has to ask.)
+pub async fn still_a_voter(shared: &NodeShared) -> Option<bool> {
+    let mut state = Loop::default();
+    let me = shared.identity.ordinal;
+    let mut ordinals: BTreeSet<u32> =
+        shared.raft_metrics().membership_config.membership().nodes().map(|(_, n)| n.ordinal).collect();
+    ordinals.remove(&me);
+    let replies = state.probe_all(shared, ordinals).await;
+    let ours = shared.cluster_id().map(|c| c.to_string()).unwrap_or_default();
+    let mut answer = None;
+    for reply in replies.values().flatten() {
+        if reply.cluster_id == ours && reply.leader_id != 0 && reply.leader_id != shared.node_id {
+            if !reply.voters.contains(&shared.node_id) {
+                return Some(false);
+            }
+            answer = Some(true);
+        }
+    }
+    answer
 }
 
 /// A member with Raft state but no leader: find out whether the cluster moved on without us.
@@ -388,11 +413,16 @@ async fn reconcile(shared: &Arc<NodeShared>, state: &mut Loop, m: &RaftMetrics<u
     ordinals.extend(0..desired);
     ordinals.remove(&shared.identity.ordinal);
     let replies = state.probe_all(shared, ordinals).await;
+    let ours = shared.cluster_id().map(|c| c.to_string()).unwrap_or_default();
+    // Only members of this cluster (or fresh members about to join it) count.
     let current = |ordinal: u32| -> Option<&pb::ProbeReply> {
         if ordinal == shared.identity.ordinal {
             None
         } else {
-            replies.get(&ordinal).and_then(|r| r.as_ref().ok())
+            replies
+                .get(&ordinal)
+                .and_then(|r| r.as_ref().ok())
+                .filter(|r| r.cluster_id.is_empty() || r.cluster_id == ours)
         }
     };
     let caught_up = |id: u64, ordinal: u32| -> bool {
@@ -456,6 +486,14 @@ async fn reconcile(shared: &Arc<NodeShared>, state: &mut Loop, m: &RaftMetrics<u
         .collect();
     candidates.sort();
     if let Some((ordinal, id)) = candidates.first().copied() {
+        if let Some(missing) = (0..ordinal).find(|o| !voter_ordinals.contains(o)) {
+            shared.set_reconciler_status(format!(
+                "promoting {} waits: {} must join and be promoted first (lowest ordinal first)",
+                name(id),
+                shared.identity.sibling(missing)
+            ));
+            return true;
+        }
         if !caught_up(id, ordinal) {
             shared.set_reconciler_status(format!(
                 "promoting {}: waiting for it to catch up (applied {} of {leader_last})",

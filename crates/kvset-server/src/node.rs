@@ -488,10 +488,13 @@ impl Node {
         let servers = crate::server::spawn_servers(shared.clone(), listeners, stop_rx.clone())
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(crate::membership::run(shared.clone(), stop_rx.clone())),
             tokio::spawn(watch_raft_metrics(shared.clone(), stop_rx.clone())),
         ];
+        if shared.config.replicas_source == "kubernetes" {
+            tasks.push(tokio::spawn(crate::replicas::run(shared.clone(), stop_rx.clone())));
+        }
         shared.phase.send_replace(Phase::Serving);
         tracing::info!(
             name = %shared.identity.name, node_id, client = %client_addr, peer = %peer_addr, ops = %ops_addr,
@@ -519,14 +522,63 @@ impl Node {
                 _ = stop_rx.wait_for(|s| *s) => Ok(()),
                 e = fatal => Err(e),
             };
-            if let Err(e) = &outcome {
-                tracing::error!(error = %e, "raft stopped with a fatal error; shutting the member down");
+            match &outcome {
+                Err(e) => {
+                    tracing::error!(error = %e, "raft stopped with a fatal error; shutting the member down")
+                }
+                Ok(()) => wait_for_removal_if_leaving(&sup).await,
             }
             let result = shutdown_sequence(&sup, &stop_tx, servers, tasks).await;
+            // Release this task's share of the storage before announcing the stop.
+            drop(sup);
             let _ = done_tx.send(Some(outcome.and(result)));
         });
 
         Ok(NodeHandle { shared, stop, done, client_addr, peer_addr, ops_addr })
+    }
+}
+
+/// A member stopped because the desired replica count no longer includes its ordinal (a
+/// scale-down) stays a working voter until the leader has removed it, so a StatefulSet
+/// scale-down can never take voters away faster than the cluster removes them. Bounded by
+/// `leave_timeout_ms`. Any other stop (rolling update, node drain) does not wait: SIGTERM alone
+/// never removes a member.
+async fn wait_for_removal_if_leaving(shared: &Arc<NodeShared>) {
+    let desired = if shared.config.replicas_source == "kubernetes" {
+        match crate::replicas::fetch_once(shared).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the StatefulSet at shutdown; using the last known replicas");
+                shared.desired_replicas().0
+            }
+        }
+    } else {
+        shared.desired_replicas().0
+    };
+    let ordinal = shared.identity.ordinal;
+    let is_voter = |m: &RaftMetrics<u64, Member>| {
+        m.membership_config.membership().voter_ids().any(|v| v == shared.node_id)
+    };
+    if ordinal < desired || !is_voter(&shared.raft_metrics()) {
+        return;
+    }
+    let limit = Duration::from_millis(shared.config.leave_timeout_ms);
+    tracing::info!(
+        ordinal,
+        desired,
+        timeout_ms = limit.as_millis() as u64,
+        "scale-down: staying a voter until the cluster removes this member"
+    );
+    // Raft never tells a removed member of its removal: ask the others.
+    let removed = tokio::time::timeout(limit, async {
+        while crate::membership::still_a_voter(shared).await != Some(false) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    match removed {
+        Ok(()) => tracing::info!("removed from the voters; stopping"),
+        Err(_) => tracing::warn!("still a voter after {limit:?}; stopping anyway"),
     }
 }
 
@@ -552,8 +604,11 @@ async fn shutdown_sequence(
         tracing::warn!("requests still in flight after {:?}; cutting them off", limit / 2);
     }
     shared.accepting.store(false, Ordering::Release);
-    for t in tasks {
+    for t in &tasks {
         t.abort();
+    }
+    for t in tasks {
+        let _ = t.await; // an aborted task is dropped (with its handles) once awaited
     }
     let left = limit.saturating_sub(started.elapsed()).max(Duration::from_millis(500));
     let result = match tokio::time::timeout(left, shared.raft.shutdown()).await {
