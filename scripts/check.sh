@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one check command: the same locally and in CI (.ci/run calls exactly this).
 #
-#   scripts/check.sh            formatting, lints, every test
+#   scripts/check.sh            formatting, lints, manifest validation, every test
 #
 # Environment:
 #   CARGO_TEST_ARGS   extra arguments for `cargo test` (e.g. "-- --nocapture")
@@ -15,6 +15,18 @@ cargo fmt --all -- --check
 
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+
+step "Kubernetes manifests: kubectl kustomize | kubernetes-validate --strict"
+for tool in kubectl kubernetes-validate; do
+    command -v "$tool" >/dev/null 2>&1 || {
+        echo "missing $tool (kubernetes-validate: pip install kubernetes-validate; .ci/run installs both checks' needs)" >&2
+        exit 1
+    }
+done
+for dir in deploy/k8s deploy/k8s/overlays/*/; do
+    echo "  $dir"
+    kubectl kustomize "$dir" | kubernetes-validate --strict --quiet -
+done
 
 step "cargo test --workspace"
 # shellcheck disable=SC2086

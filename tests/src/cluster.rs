@@ -230,6 +230,17 @@ impl Cluster {
         }
     }
 
+    /// Stops several ordinals at once (as a StatefulSet with `Parallel` pod management does on a
+    /// scale-down) and waits for all of them.
+    pub async fn stop_many(&mut self, ordinals: &[u32]) {
+        let handles: Vec<(u32, NodeHandle)> =
+            ordinals.iter().filter_map(|o| self.nodes.remove(o).map(|n| (*o, n))).collect();
+        let stops = handles.into_iter().map(|(o, n)| async move {
+            n.shutdown().await.unwrap_or_else(|e| panic!("kvset-{o} shutdown: {e}"));
+        });
+        futures::future::join_all(stops).await;
+    }
+
     /// Deletes an ordinal's volume (it must be stopped): the next start is a replacement.
     pub fn wipe(&mut self, ordinal: u32) {
         assert!(!self.nodes.contains_key(&ordinal), "stop kvset-{ordinal} before wiping its volume");

@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod k8s_stub;
+pub mod manifests;
 
 use std::future::Future;
 use std::time::Duration;

@@ -406,6 +406,33 @@ async fn the_kubernetes_replicas_source_drives_scaling() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scaling_five_to_one_at_once_never_loses_the_quorum() {
+    let stub = K8sStub::start("test", "kvset", 5).await;
+    let url = stub.url.clone();
+    let mut c = Cluster::start_with(5, move |cfg| {
+        cfg.replicas_source = "kubernetes".into();
+        cfg.kubernetes_api_url = url.clone();
+    })
+    .await;
+    for i in 0..10 {
+        c.client().put(format!("k{i}"), "v").await.unwrap();
+    }
+    info!("--- kubectl scale --replicas=1: four pods get SIGTERM at the same moment");
+    stub.scale(1);
+    let started = Instant::now();
+    c.stop_many(&[1, 2, 3, 4]).await;
+    println!("four members left one at a time in {:?}", started.elapsed());
+    let v = voters(&c).expect("kvset-0 leads alone");
+    assert_eq!(v, BTreeSet::from([c.node(0).node_id()]), "each departing member waited for its removal");
+    let client = c.client();
+    client.put("after", "1").await.unwrap();
+    for i in 0..10 {
+        assert!(client.get(format!("k{i}")).await.unwrap().is_some());
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sigterm_alone_never_removes_a_member() {
     let mut c = Cluster::start(3).await;
     let before = voters(&c).unwrap();

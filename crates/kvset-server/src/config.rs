@@ -9,7 +9,7 @@
 //! 4. command-line flags `--<key>` with `.`/`_` → `-` (`--raft-heartbeat-interval-ms`);
 //!
 //! then [`Config::validate`]d, with errors naming the key. Every key, its unit and its default
-//! are documented once, in [`KEYS`]; the reference file `deploy/kvset.toml` is rendered from it
+//! are documented once, in [`KEYS`]; the reference file `deploy/k8s/base/kvset.toml` is rendered from it
 //! and a test keeps the two equal.
 //!
 //! Identity keys have Kubernetes fallbacks: an empty `name` is taken from `POD_NAME` or
@@ -628,15 +628,15 @@ mod tests {
 
     #[test]
     fn reference_config_matches_defaults() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kvset.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/k8s/base/kvset.toml");
         let rendered = Config::reference_toml();
         if std::env::var("KVSET_UPDATE_REFERENCE").is_ok() {
             std::fs::write(&path, &rendered).unwrap();
         }
-        let on_disk = std::fs::read_to_string(&path).expect("deploy/kvset.toml exists");
+        let on_disk = std::fs::read_to_string(&path).expect("deploy/k8s/base/kvset.toml exists");
         assert_eq!(
             on_disk, rendered,
-            "deploy/kvset.toml drifted; regenerate with KVSET_UPDATE_REFERENCE=1 cargo test"
+            "deploy/k8s/base/kvset.toml drifted; regenerate with KVSET_UPDATE_REFERENCE=1 cargo test"
         );
         let loaded = Config::load(Some(&path), &BTreeMap::new(), &[]).unwrap();
         assert_eq!(loaded, Config::default());

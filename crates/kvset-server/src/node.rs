@@ -384,7 +384,8 @@ pub fn commit_index(m: &RaftMetrics<u64, Member>) -> Option<u64> {
 #[derive(Debug)]
 pub struct NodeHandle {
     shared: Arc<NodeShared>,
-    stop: watch::Sender<bool>,
+    /// Asks the member to shut down (the member decides when its servers stop).
+    request: watch::Sender<bool>,
     done: watch::Receiver<Option<Result<(), String>>>,
     client_addr: std::net::SocketAddr,
     peer_addr: std::net::SocketAddr,
@@ -483,7 +484,10 @@ impl Node {
         let peer_addr = listeners.peer.local_addr().map_err(|e| StartError::Raft(e.to_string()))?;
         let ops_addr = listeners.ops.local_addr().map_err(|e| StartError::Raft(e.to_string()))?;
 
+        // `stop` is what the servers and tasks obey; only the shutdown sequence sets it, after a
+        // departing member has been removed. `request` is what a caller (or a signal) sets.
         let (stop, stop_rx) = watch::channel(false);
+        let (request, mut request_rx) = watch::channel(false);
         let (done_tx, done) = watch::channel(None);
         let servers = crate::server::spawn_servers(shared.clone(), listeners, stop_rx.clone())
             .await
@@ -503,9 +507,8 @@ impl Node {
         );
 
         let sup = shared.clone();
-        let stop_tx = stop.clone();
+        let stop_tx = stop;
         tokio::spawn(async move {
-            let mut stop_rx = stop_tx.subscribe();
             let mut raft_metrics = sup.raft.metrics();
             let fatal = async {
                 loop {
@@ -519,7 +522,7 @@ impl Node {
             };
             let outcome = tokio::select! {
                 _ = shutdown => Ok(()),
-                _ = stop_rx.wait_for(|s| *s) => Ok(()),
+                _ = request_rx.wait_for(|s| *s) => Ok(()),
                 e = fatal => Err(e),
             };
             match &outcome {
@@ -534,7 +537,7 @@ impl Node {
             let _ = done_tx.send(Some(outcome.and(result)));
         });
 
-        Ok(NodeHandle { shared, stop, done, client_addr, peer_addr, ops_addr })
+        Ok(NodeHandle { shared, request, done, client_addr, peer_addr, ops_addr })
     }
 }
 
@@ -704,7 +707,7 @@ impl NodeHandle {
 
     /// Shuts the member down gracefully and waits for it.
     pub async fn shutdown(self) -> Result<(), String> {
-        let _ = self.stop.send(true);
+        let _ = self.request.send(true);
         self.wait().await
     }
 

@@ -53,7 +53,7 @@ impl clap::Args for ServeArgs {
                     .env("KVSET_CONFIG")
                     .value_name("FILE")
                     .value_parser(clap::value_parser!(PathBuf))
-                    .help("TOML configuration file (reference: deploy/kvset.toml)"),
+                    .help("TOML configuration file (reference: deploy/k8s/base/kvset.toml)"),
             )
             .arg(Arg::new("force_new_cluster").long("force-new-cluster").action(ArgAction::SetTrue).help(
                 "DISASTER RECOVERY ONLY: on an empty volume, bootstrap a new cluster at once, without waiting for \

@@ -1,0 +1,262 @@
+//! The invariants that make kvset work on Kubernetes, checked on the rendered manifests of the
+//! base and of every overlay: names that must match, ports and paths the binary really uses,
+//! environment variables it really reads, RBAC exactly as wide as the replicas source needs.
+//! (`scripts/check.sh` also validates the same renderings against the Kubernetes schemas with
+//! `kubernetes-validate --strict`.)
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kvset_server::config::env_var;
+use kvset_server::config::KEYS;
+use kvset_server::Config;
+use kvset_tests::manifests::render;
+use kvset_tests::manifests::repo_root;
+use kvset_tests::manifests::Rendered;
+
+/// Every kustomization a user may apply.
+fn renderings() -> Vec<Rendered> {
+    let mut dirs = vec!["deploy/k8s".to_string()];
+    let overlays = repo_root().join("deploy/k8s/overlays");
+    for entry in std::fs::read_dir(&overlays).expect("deploy/k8s/overlays") {
+        let name = entry.expect("entry").file_name().to_string_lossy().into_owned();
+        dirs.push(format!("deploy/k8s/overlays/{name}"));
+    }
+    dirs.iter().map(|d| render(d).unwrap_or_else(|e| panic!("{e}"))).collect()
+}
+
+fn port_by_name(r: &Rendered, name: &str) -> i32 {
+    r.container()
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| p.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("{}: container port {name} missing", r.dir))
+        .container_port
+}
+
+fn resolve_port(r: &Rendered, port: &IntOrString) -> i32 {
+    match port {
+        IntOrString::Int(p) => *p,
+        IntOrString::String(name) => port_by_name(r, name),
+    }
+}
+
+fn env(r: &Rendered) -> BTreeMap<String, k8s_openapi::api::core::v1::EnvVar> {
+    r.container().env.unwrap_or_default().into_iter().map(|e| (e.name.clone(), e)).collect()
+}
+
+#[test]
+fn manifests_agree_with_the_binary() {
+    let defaults = Config::default();
+    for r in renderings() {
+        let sts = r.statefulset();
+        let spec = sts.spec.clone().expect("spec");
+        let pod = spec.template.spec.clone().expect("pod spec");
+        let labels = spec.template.metadata.clone().and_then(|m| m.labels).unwrap_or_default();
+        let dir = &r.dir;
+
+        // The headless Service: the StatefulSet's serviceName, no cluster IP, publishing
+        // not-ready pods (members must find each other before any is ready).
+        let service_name = spec.service_name.clone().expect("serviceName");
+        let headless = r.service(&service_name);
+        let hs = headless.spec.clone().expect("service spec");
+        assert_eq!(hs.cluster_ip.as_deref(), Some("None"), "{dir}: {service_name} must be headless");
+        assert_eq!(hs.publish_not_ready_addresses, Some(true), "{dir}: publishNotReadyAddresses");
+        let kvset_service =
+            env(&r).get("KVSET_SERVICE").and_then(|e| e.value.clone()).unwrap_or(defaults.service.clone());
+        assert_eq!(kvset_service, service_name, "{dir}: the members' `service` must be the headless Service");
+        assert_eq!(sts.metadata.name.as_deref(), Some("kvset"));
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"), "{dir}");
+
+        // Every Service selects the pods.
+        for svc in r.services() {
+            let selector = svc.spec.clone().and_then(|s| s.selector).unwrap_or_default();
+            assert!(!selector.is_empty(), "{dir}: Service {:?} selects nothing", svc.metadata.name);
+            for (k, v) in &selector {
+                assert_eq!(
+                    labels.get(k),
+                    Some(v),
+                    "{dir}: Service {:?} does not select the pods",
+                    svc.metadata.name
+                );
+            }
+            for p in svc.spec.clone().and_then(|s| s.ports).unwrap_or_default() {
+                let target = p.target_port.as_ref().map(|t| resolve_port(&r, t)).unwrap_or(p.port);
+                assert_eq!(p.port, target, "{dir}: Service port and container port differ");
+            }
+        }
+
+        // Ports equal the binary's defaults.
+        assert_eq!(port_by_name(&r, "client"), defaults.client_port as i32, "{dir}: client port");
+        assert_eq!(port_by_name(&r, "peer"), defaults.peer_port as i32, "{dir}: peer port");
+        assert_eq!(port_by_name(&r, "ops"), defaults.ops_port as i32, "{dir}: ops port");
+
+        // Probes use paths the ops server serves, on the ops port; readiness is /readyz.
+        let c = r.container();
+        for (what, probe) in [
+            ("startup", &c.startup_probe),
+            ("readiness", &c.readiness_probe),
+            ("liveness", &c.liveness_probe),
+        ] {
+            let probe = probe.clone().unwrap_or_else(|| panic!("{dir}: {what} probe missing"));
+            let get = probe.http_get.unwrap_or_else(|| panic!("{dir}: {what} probe is not an HTTP GET"));
+            let path = get.path.unwrap_or_default();
+            assert!(
+                kvset_server::ops::PATHS.contains(&path.as_str()),
+                "{dir}: {what} probe path {path} is not served"
+            );
+            assert_eq!(resolve_port(&r, &get.port), defaults.ops_port as i32, "{dir}: {what} probe port");
+        }
+        assert_eq!(
+            c.readiness_probe.and_then(|p| p.http_get).and_then(|g| g.path).as_deref(),
+            Some("/readyz")
+        );
+
+        // The data volume is mounted where the binary keeps its volume.
+        let mounts: BTreeMap<String, String> =
+            c.volume_mounts.clone().unwrap_or_default().into_iter().map(|m| (m.name, m.mount_path)).collect();
+        let claim = spec.volume_claim_templates.clone().unwrap_or_default();
+        assert_eq!(claim.len(), 1, "{dir}: one volumeClaimTemplate");
+        let claim_name = claim[0].metadata.name.clone().expect("claim name");
+        let data_dir = env(&r).get("KVSET_DATA_DIR").and_then(|e| e.value.clone());
+        let data_dir = data_dir.unwrap_or_else(|| defaults.data_dir.display().to_string());
+        assert_eq!(
+            mounts.get(&claim_name),
+            Some(&data_dir),
+            "{dir}: the PVC must be mounted at the data dir"
+        );
+        let retention = spec.persistent_volume_claim_retention_policy.clone().expect("PVC retention policy");
+        assert_eq!(
+            retention.when_scaled.as_deref(),
+            Some("Delete"),
+            "{dir}: a scaled-down member must not come back"
+        );
+
+        // Environment: every KVSET_* variable is a real config key (or KVSET_CONFIG), the
+        // downward API provides POD_NAME and POD_NAMESPACE.
+        let env = env(&r);
+        let known: BTreeSet<String> =
+            KEYS.iter().map(|k| env_var(k.key)).chain(["KVSET_CONFIG".to_string()]).collect();
+        for name in env.keys().filter(|n| n.starts_with("KVSET_")) {
+            assert!(known.contains(name), "{dir}: {name} is not read by the binary");
+        }
+        for (name, field) in [("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")] {
+            let from = env
+                .get(name)
+                .and_then(|e| e.value_from.clone())
+                .and_then(|v| v.field_ref)
+                .map(|f| f.field_path);
+            assert_eq!(from.as_deref(), Some(field), "{dir}: {name} must come from the downward API");
+        }
+        let replicas = spec.replicas.expect("replicas");
+        let initial =
+            env.get("KVSET_INITIAL_REPLICAS").and_then(|e| e.value.clone()).expect("KVSET_INITIAL_REPLICAS");
+        assert_eq!(initial, replicas.to_string(), "{dir}: initial replicas must equal spec.replicas");
+        assert_eq!(
+            env.get("KVSET_REPLICAS_SOURCE").and_then(|e| e.value.clone()).as_deref(),
+            Some("kubernetes")
+        );
+
+        // The configuration file is mounted where KVSET_CONFIG points and is a valid config.
+        let config_path = env.get("KVSET_CONFIG").and_then(|e| e.value.clone()).expect("KVSET_CONFIG");
+        let (mount_dir, file) = config_path.rsplit_once('/').expect("an absolute path");
+        let config_mount = mounts.iter().find(|(_, p)| p.as_str() == mount_dir).map(|(n, _)| n.clone());
+        let config_mount = config_mount.unwrap_or_else(|| panic!("{dir}: nothing mounted at {mount_dir}"));
+        let volume = pod
+            .volumes
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|v| v.name == config_mount)
+            .expect("volume");
+        let cm_name = volume.config_map.expect("a ConfigMap volume").name;
+        let cm = r.config_map();
+        assert_eq!(
+            cm.metadata.name.as_deref(),
+            Some(cm_name.as_str()),
+            "{dir}: the mounted ConfigMap exists"
+        );
+        let toml = cm
+            .data
+            .unwrap_or_default()
+            .get(file)
+            .cloned()
+            .unwrap_or_else(|| panic!("{dir}: ConfigMap lacks {file}"));
+        let tmp = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(tmp.path(), toml).expect("write");
+        let loaded =
+            Config::load(Some(tmp.path()), &BTreeMap::new(), &[]).expect("the ConfigMap is a valid config");
+        assert_eq!(loaded, Config::default(), "{dir}: the shipped config is the reference config");
+
+        // Shutdown fits in the grace period: wait-for-removal + drain/stop.
+        let grace = pod.termination_grace_period_seconds.expect("terminationGracePeriodSeconds");
+        let needed = (defaults.leave_timeout_ms + defaults.shutdown_timeout_ms) / 1000;
+        assert!(grace as u64 > needed, "{dir}: grace period {grace}s must exceed {needed}s");
+
+        // Security: non-root, read-only root filesystem, no escalation, no capabilities, seccomp.
+        let psc = pod.security_context.clone().expect("pod securityContext");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.run_as_user, Some(65532), "{dir}: the image's user");
+        assert_eq!(psc.seccomp_profile.map(|s| s.type_), Some("RuntimeDefault".into()));
+        let csc = c.security_context.clone().expect("container securityContext");
+        assert_eq!(csc.read_only_root_filesystem, Some(true));
+        assert_eq!(csc.allow_privilege_escalation, Some(false));
+        assert_eq!(csc.capabilities.and_then(|c| c.drop), Some(vec!["ALL".to_string()]));
+
+        // The PDB selects the pods and allows one at a time.
+        let pdb = r.pdb().spec.expect("pdb spec");
+        assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)), "{dir}");
+        for (k, v) in pdb.selector.and_then(|s| s.match_labels).unwrap_or_default() {
+            assert_eq!(labels.get(&k), Some(&v), "{dir}: the PDB does not select the pods");
+        }
+
+        // RBAC: exactly get + watch on this one StatefulSet, bound to the pods' ServiceAccount.
+        let sa = pod.service_account_name.clone().expect("serviceAccountName");
+        assert_eq!(r.service_account().metadata.name.as_deref(), Some(sa.as_str()));
+        let rules = r.role().rules.unwrap_or_default();
+        assert_eq!(rules.len(), 1, "{dir}: one rule");
+        let rule = &rules[0];
+        assert_eq!(rule.api_groups, Some(vec!["apps".to_string()]));
+        assert_eq!(rule.resources, Some(vec!["statefulsets".to_string()]));
+        assert_eq!(rule.resource_names, Some(vec![sts.metadata.name.clone().expect("name")]));
+        assert_eq!(
+            rule.verbs,
+            vec!["get".to_string(), "watch".to_string()],
+            "{dir}: what the replicas source calls"
+        );
+        let binding = r.role_binding();
+        assert_eq!(binding.role_ref.name, r.role().metadata.name.expect("role name"));
+        let subjects = binding.subjects.unwrap_or_default();
+        assert!(
+            subjects.iter().any(|s| s.kind == "ServiceAccount" && s.name == sa),
+            "{dir}: binding subject"
+        );
+
+        // NetworkPolicy: the peer port only from kvset pods.
+        let np = r.network_policy().spec.expect("np spec");
+        for (k, v) in np.pod_selector.clone().and_then(|s| s.match_labels).unwrap_or_default() {
+            assert_eq!(labels.get(&k), Some(&v), "{dir}: the NetworkPolicy does not select the pods");
+        }
+        for rule in np.ingress.unwrap_or_default() {
+            let ports: Vec<i32> = rule
+                .ports
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|p| p.port.as_ref().map(|p| resolve_port(&r, p)))
+                .collect();
+            if ports.contains(&(defaults.peer_port as i32)) {
+                let from = rule.from.unwrap_or_default();
+                assert!(!from.is_empty(), "{dir}: the peer port must not be open to everyone");
+                for peer in from {
+                    let sel = peer.pod_selector.and_then(|s| s.match_labels).unwrap_or_default();
+                    assert!(
+                        !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v)),
+                        "{dir}: peer port from non-kvset pods"
+                    );
+                }
+            }
+        }
+    }
+}
