@@ -28,6 +28,13 @@ for dir in deploy/k8s deploy/k8s/overlays/*/; do
     kubectl kustomize "$dir" | kubernetes-validate --strict --quiet -
 done
 
+step "container image for the chaos suite: deploy/docker/build.sh"
+if docker info >/dev/null 2>&1; then
+    deploy/docker/build.sh
+else
+    echo "  no Docker engine here: the chaos suite will report itself skipped (with the reason)"
+fi
+
 step "cargo test --workspace"
 # shellcheck disable=SC2086
 cargo test --workspace ${CARGO_TEST_ARGS:-}

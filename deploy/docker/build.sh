@@ -34,6 +34,14 @@ context="$(mktemp -d)"
 trap 'rm -rf "$context"' EXIT
 mkdir -p "$context/context/data"
 cp "$binary" "$context/context/kvset"
+# CA certificates: the Kubernetes client (rustls) loads the system roots when it builds its
+# TLS configuration, and a scratch image has none.
+cacerts=/etc/ssl/certs/ca-certificates.crt
+if [ ! -f "$cacerts" ]; then
+    echo "[image] $cacerts is missing (Debian: apt-get install ca-certificates)" >&2
+    exit 1
+fi
+cp "$cacerts" "$context/context/ca-certificates.crt"
 cp deploy/docker/Dockerfile "$context/Dockerfile"
 
 echo "[image] docker build kvset:$version kvset:dev"

@@ -59,8 +59,13 @@ fn object(inner: &Inner, replicas: i32, version: u64) -> serde_json::Value {
 }
 
 impl K8sStub {
-    /// Serves StatefulSet `namespace/name` with `replicas`.
+    /// Serves StatefulSet `namespace/name` with `replicas` on loopback.
     pub async fn start(namespace: &str, name: &str, replicas: i32) -> Self {
+        Self::start_on("127.0.0.1", namespace, name, replicas).await
+    }
+
+    /// Serves on `ip` (e.g. a Docker network's gateway, for containers).
+    pub async fn start_on(ip: &str, namespace: &str, name: &str, replicas: i32) -> Self {
         let (tx, _) = watch::channel((replicas, 1));
         let inner = Arc::new(Inner {
             namespace: namespace.into(),
@@ -73,7 +78,7 @@ impl K8sStub {
             .route("/apis/apps/v1/namespaces/{ns}/statefulsets/{name}", get(get_one))
             .fallback(fallback)
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind stub");
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind stub");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

@@ -6,8 +6,12 @@
 //! through a fault-injecting transport. Waits poll with a deadline: see [`eventually`].
 
 pub mod cluster;
+pub mod docker;
+pub mod history;
 pub mod k8s_stub;
+pub mod linearizability;
 pub mod manifests;
+pub mod statefulset;
 
 use std::future::Future;
 use std::time::Duration;
@@ -34,4 +38,21 @@ where
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A minimal HTTP/1.1 GET over a plain socket (keeps an HTTP client out of the dependencies).
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    use tokio::io::AsyncReadExt;
+    use tokio::io::AsyncWriteExt;
+    let connect = tokio::net::TcpStream::connect(addr);
+    let mut s = tokio::time::timeout(Duration::from_secs(2), connect)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "read timed out"))??;
+    Ok(out)
 }

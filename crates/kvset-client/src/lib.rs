@@ -26,6 +26,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 use std::time::Instant;
 
+use kvset_proto::is_connect_error;
 use kvset_proto::metadata;
 pub use kvset_proto::v1 as pb;
 use kvset_proto::v1::cluster_client::ClusterClient;
@@ -144,31 +145,6 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client").field("endpoints", &self.inner.endpoints).finish_non_exhaustive()
     }
-}
-
-/// Whether a status is a failure to connect at all (so nothing was sent).
-fn is_connect_error(status: &Status) -> bool {
-    use std::error::Error as _;
-    if status.code() != Code::Unavailable {
-        return false;
-    }
-    let mut source = status.source();
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionRefused
-                    | std::io::ErrorKind::AddrNotAvailable
-                    | std::io::ErrorKind::HostUnreachable
-                    | std::io::ErrorKind::NetworkUnreachable
-            ) {
-                return true;
-            }
-        }
-        source = e.source();
-    }
-    let text = format!("{:?}", status.source());
-    text.contains("ConnectError") || text.contains("tcp connect error") || text.contains("dns error")
 }
 
 fn header(status: &Status, key: &str) -> Option<String> {
@@ -369,8 +345,13 @@ impl Client {
 
     /// The Status of the member at `endpoint` (no retries, no leader following).
     pub async fn status_of(&self, endpoint: &str) -> Result<pb::StatusResponse, Error> {
+        self.status_request(endpoint, false).await
+    }
+
+    /// The Status of the member at `endpoint`, with a digest of its whole state when `digest`.
+    pub async fn status_request(&self, endpoint: &str, digest: bool) -> Result<pb::StatusResponse, Error> {
         let mut c = self.cluster_client(endpoint)?;
-        let mut r = tonic::Request::new(pb::StatusRequest {});
+        let mut r = tonic::Request::new(pb::StatusRequest { digest });
         r.set_timeout(self.inner.options.timeout);
         match tokio::time::timeout(self.inner.options.timeout, c.status(r)).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),

@@ -47,6 +47,34 @@ pub mod metadata {
     pub const FORWARDED: &str = "kvset-forwarded";
 }
 
+/// Whether a status reports a failure to connect at all (connection refused, unreachable
+/// host, DNS failure): nothing was sent, so even a write may be retried elsewhere. Shared by
+/// the client and by members forwarding to the leader.
+pub fn is_connect_error(status: &tonic::Status) -> bool {
+    use std::error::Error;
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut source = status.source();
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::AddrNotAvailable
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+            ) {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    // tonic reports connect failures (including DNS) with this wording.
+    let text = format!("{:?}", status.source());
+    text.contains("ConnectError") || text.contains("tcp connect error") || text.contains("dns error")
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;

@@ -106,7 +106,21 @@ impl ClusterService {
 impl pb::cluster_server::Cluster for ClusterService {
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let ctx = CallContext::of(&req);
-        observe(&self.shared, "Status", &ctx, async { Ok(self.shared.status()) }).await
+        let digest = req.get_ref().digest;
+        observe(&self.shared, "Status", &ctx, async {
+            let mut status = self.shared.status();
+            if digest {
+                let reader = self.shared.reader.clone();
+                let d = tokio::task::spawn_blocking(move || reader.digest())
+                    .await
+                    .map_err(|e| KvError::Internal(e.to_string()))?
+                    .map_err(|e| KvError::Internal(e.to_string()))?;
+                status.state_digest = d.crc;
+                status.state_keys = d.keys;
+            }
+            Ok(status)
+        })
+        .await
     }
 
     async fn member_list(

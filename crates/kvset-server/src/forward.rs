@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 use std::time::Instant;
 
+use kvset_proto::is_connect_error;
 use kvset_proto::metadata;
 use kvset_proto::v1::cluster_client::ClusterClient;
 use kvset_proto::v1::kv_client::KvClient;
@@ -125,32 +126,6 @@ fn answered_by_server(status: &tonic::Status) -> bool {
         source = e.source();
     }
     true
-}
-
-/// Whether a status is a failure to connect at all (so nothing was sent).
-pub fn is_connect_error(status: &tonic::Status) -> bool {
-    use std::error::Error;
-    if status.code() != tonic::Code::Unavailable {
-        return false;
-    }
-    let mut source = status.source();
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionRefused
-                    | std::io::ErrorKind::AddrNotAvailable
-                    | std::io::ErrorKind::HostUnreachable
-                    | std::io::ErrorKind::NetworkUnreachable
-            ) {
-                return true;
-            }
-        }
-        source = e.source();
-    }
-    // tonic reports connect failures (including DNS) with this wording.
-    let text = format!("{:?}", status.source());
-    text.contains("ConnectError") || text.contains("tcp connect error") || text.contains("dns error")
 }
 
 /// Maps the outcome of a forwarded call. `write` tells whether the request changes state, in

@@ -355,6 +355,8 @@ impl NodeShared {
             reconciler: self.reconciler.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             db_size_bytes: kvset_storage::dir_size(&self.config.data_dir),
+            state_digest: 0,
+            state_keys: 0,
         }
     }
 }
