@@ -78,6 +78,8 @@ const META_REVISION: &[u8] = b"\x00revision";
 const META_REPLICAS: &[u8] = b"\x00replicas";
 const SLOT_KEY: &[u8] = b"active";
 const SLOT_NAMES: [&str; 2] = ["sm0", "sm1"];
+/// Applies of at most this many commands run inline on the state machine task.
+const INLINE_APPLY_COMMANDS: usize = 16;
 /// Records per sled batch when loading a snapshot.
 const LOAD_BATCH: usize = 10_000;
 /// Revision of an empty store (as in etcd: the first write gets revision 2).
@@ -714,6 +716,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        let commands: usize = entries
+            .iter()
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(b) => b.commands.len(),
+                _ => 1,
+            })
+            .sum();
+        // Small applies are in-memory sled batches: inline saves a thread hop on every write.
+        // Large ones (and their possible range deletes) go to the blocking pool.
+        if commands <= INLINE_APPLY_COMMANDS {
+            return self.shared.apply_blocking(entries);
+        }
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || shared.apply_blocking(entries))
             .await
