@@ -479,6 +479,76 @@ async fn shutdown_drains_and_finishes_quickly() {
     c.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_linearizable_reads_share_rounds_and_see_every_acknowledged_write() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    const READERS: usize = 48;
+    const READS_EACH: usize = 25;
+    let c = Cluster::start(3).await;
+    c.wait_leader(T).await;
+    c.client().put("ctr", "0").await.unwrap();
+    let before = read_index_totals(&c).await;
+
+    info!("--- one writer counts up; {READERS} readers on every member check each read sees the last ack");
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (client, acked, stop) = (c.client(), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                client.put("ctr", i.to_string()).await.unwrap();
+                acked.store(i, Ordering::SeqCst);
+            }
+        })
+    };
+    let mut readers = Vec::new();
+    for r in 0..READERS {
+        let (client, acked) = (c.client_for(r as u32 % 3), acked.clone());
+        readers.push(tokio::spawn(async move {
+            for _ in 0..READS_EACH {
+                let floor = acked.load(Ordering::SeqCst);
+                let kv = client.get("ctr").await.unwrap().expect("ctr exists");
+                let seen: u64 = String::from_utf8(kv.value).unwrap().parse().unwrap();
+                assert!(seen >= floor, "read {seen} after the write of {floor} was acknowledged");
+            }
+        }));
+    }
+    for r in readers {
+        r.await.unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    writer.await.unwrap();
+
+    let after = read_index_totals(&c).await;
+    let (rounds, reads) = (after.0 - before.0, after.1 - before.1);
+    info!("--- {reads} linearizable reads took {rounds} ReadIndex rounds");
+    assert!(reads >= (READERS * READS_EACH) as f64, "every read went through a round: {reads}");
+    assert!(rounds * 2.0 < reads, "concurrent reads share rounds: {rounds} rounds for {reads} reads");
+    c.shutdown().await;
+}
+
+/// ReadIndex rounds and the reads they served, summed over every member (`/metrics`).
+async fn read_index_totals(c: &Cluster) -> (f64, f64) {
+    let mut totals = (0.0, 0.0);
+    for o in 0..3 {
+        let text = http_get(&c.ops_endpoint(o), "/metrics").await;
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+        };
+        totals.0 += value("kvset_read_index_reads_count");
+        totals.1 += value("kvset_read_index_reads_sum");
+    }
+    totals
+}
+
 /// A minimal HTTP/1.1 GET over a raw socket (keeps an HTTP client out of the dependencies).
 async fn http_get(addr: &str, path: &str) -> String {
     use tokio::io::AsyncReadExt;

@@ -28,6 +28,7 @@
 //! | [`membership`] | bootstrap rule, join, promotion, replacement, scale-down |
 //! | [`replicas`] | desired replicas from the StatefulSet (Kubernetes API) |
 //! | [`batcher`] | many client writes → one Raft entry |
+//! | [`read_index`] | concurrent linearizable reads share one ReadIndex round |
 //! | [`kv_service`], [`cluster_service`] | client-facing gRPC |
 //! | [`raft_service`], [`network`] | peer gRPC, both directions |
 //! | [`forward`] | follower → leader forwarding |
@@ -61,6 +62,7 @@ pub mod node;
 pub mod ops;
 pub mod pb;
 pub mod raft_service;
+pub mod read_index;
 pub mod replicas;
 pub mod server;
 

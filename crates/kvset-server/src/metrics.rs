@@ -12,6 +12,7 @@
 //! * Write path: `batch_commands` (commands per Raft entry), `batch_bytes`,
 //!   `log_flush_seconds`, `log_flush_appends` (appends per fsync: group commit),
 //!   `vote_flush_seconds`, `apply_seconds`.
+//! * Read path: `read_index_reads` (linearizable reads served per ReadIndex round).
 //! * Snapshots: `snapshots_total{kind="built"|"installed"}`, `snapshot_bytes`.
 
 use std::sync::Arc;
@@ -81,6 +82,7 @@ pub struct Metrics {
     pub log_flush_appends: Histogram,
     pub vote_flush_seconds: Histogram,
     pub apply_seconds: Histogram,
+    pub read_index_reads: Histogram,
     pub snapshots: Family<KindLabel, Counter>,
     pub snapshot_bytes: Gauge,
     pub term: Gauge,
@@ -113,6 +115,7 @@ impl Metrics {
             log_flush_appends: count_histogram(),
             vote_flush_seconds: seconds_histogram(),
             apply_seconds: seconds_histogram(),
+            read_index_reads: count_histogram(),
             snapshots: Family::default(),
             snapshot_bytes: Gauge::default(),
             term: Gauge::default(),
@@ -144,6 +147,11 @@ impl Metrics {
         r.register("log_flush_appends", "Appends acknowledged per log flush", m.log_flush_appends.clone());
         r.register("vote_flush_seconds", "Duration of vote flushes", m.vote_flush_seconds.clone());
         r.register("apply_seconds", "Duration of state machine applies", m.apply_seconds.clone());
+        r.register(
+            "read_index_reads",
+            "Linearizable reads served per ReadIndex round (leadership confirmation)",
+            m.read_index_reads.clone(),
+        );
         r.register("snapshots", "Snapshots built or installed", m.snapshots.clone());
         r.register(
             "snapshot_bytes",

@@ -34,8 +34,6 @@ use kvset_storage::Store;
 use kvset_storage::StoreOptions;
 use kvset_storage::TypeConfig;
 use kvset_storage::Volume;
-use openraft::error::CheckIsLeaderError;
-use openraft::error::RaftError;
 use openraft::Raft;
 use openraft::RaftMetrics;
 use openraft::ServerState;
@@ -56,6 +54,8 @@ use crate::metrics::StorageMetrics;
 use crate::network::PeerFault;
 use crate::network::PeerNetwork;
 use crate::pb::response::HeaderInfo;
+use crate::read_index::ReadIndex;
+use crate::read_index::ReadIndexError;
 
 /// The cluster id this member belongs to, shared by everything that stamps or checks it.
 pub type ClusterIdCell = Arc<RwLock<Option<ClusterId>>>;
@@ -145,6 +145,7 @@ pub struct NodeShared {
     pub raft: Raft<TypeConfig>,
     pub reader: SmReader,
     pub batcher: Batcher,
+    pub read_index: Arc<ReadIndex>,
     pub metrics: Arc<Metrics>,
     pub forwarder: Forwarder,
     pub phase: watch::Sender<Phase>,
@@ -279,20 +280,21 @@ impl NodeShared {
 
     /// Waits until a linearizable read may be served from the local state machine (ReadIndex
     /// on the leader), bounded by `deadline`.
+    /// Concurrent reads share ReadIndex rounds (see `read_index`).
     pub async fn read_barrier(&self, deadline: Instant) -> Result<(), KvError> {
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, self.raft.ensure_linearizable()).await {
+        match tokio::time::timeout(left, self.read_index.wait()).await {
             Err(_) => Err(KvError::DeadlineExceeded("could not confirm leadership in time".into())),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(KvError::NoLeader {
-                leader_id: f.leader_id,
-                leader_addr: f.leader_node.map(|n| n.client_addr),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(ReadIndexError::NotLeader { leader_id, leader })) => Err(KvError::NoLeader {
+                leader_id,
+                leader_addr: leader.map(|n| n.client_addr),
                 reason: "this member is no longer the leader".into(),
             }),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
+            Ok(Err(ReadIndexError::NoQuorum(q))) => {
                 Err(KvError::Unavailable(format!("cannot confirm leadership with a quorum: {q}")))
             }
-            Ok(Err(RaftError::Fatal(f))) => Err(KvError::Unavailable(format!("raft stopped: {f}"))),
+            Ok(Err(ReadIndexError::Stopped(f))) => Err(KvError::Unavailable(format!("raft stopped: {f}"))),
         }
     }
 
@@ -460,6 +462,7 @@ impl Node {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
         let batcher = Batcher::start(raft.clone(), &config.batch, metrics.clone());
+        let read_index = ReadIndex::new(raft.clone(), metrics.clone());
         let me = book.member(identity.ordinal);
         let (phase, _) = watch::channel(Phase::Starting);
         let shared = Arc::new(NodeShared {
@@ -473,6 +476,7 @@ impl Node {
             raft,
             reader,
             batcher,
+            read_index,
             metrics,
             forwarder: Forwarder::default(),
             phase,
