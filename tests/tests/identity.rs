@@ -143,6 +143,38 @@ async fn a_member_that_lost_its_volume_is_replaced_under_a_new_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_join_from_a_non_member_holding_raft_state_is_refused_and_changes_nothing() {
+    use kvset_proto::v1::raft_client::RaftClient;
+    use kvset_proto::v1::JoinRequest;
+
+    let c = Cluster::start(3).await;
+    c.wait_voters(3, T).await;
+    let before = members(&c).unwrap();
+    let cluster = cluster_ids(&c).into_iter().next().unwrap();
+    for ordinal in 0..3 {
+        info!("--- a removed incarnation (log up to 12) asks kvset-{ordinal} to join: refused");
+        let peer = format!("http://{}", c.node(ordinal).shared().me.peer_addr);
+        let channel = tonic::transport::Endpoint::from_shared(peer).unwrap().connect().await.unwrap();
+        let err = RaftClient::new(channel)
+            .join(JoinRequest {
+                cluster_id: cluster.clone(),
+                node_id: 42,
+                ordinal: 0,
+                name: "kvset-0".into(),
+                peer_addr: "127.0.0.1:1".into(),
+                client_addr: "127.0.0.1:1".into(),
+                last_log_index: 12,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("cannot rejoin under this id"), "{}", err.message());
+    }
+    assert_eq!(members(&c).unwrap(), before, "the configuration is unchanged");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wiped_ordinal_zero_with_its_peers_down_waits_instead_of_bootstrapping() {
     let mut c = Cluster::start(3).await;
     let cluster = cluster_ids(&c);

@@ -148,11 +148,48 @@ async fn step(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
     let m = shared.raft_metrics();
     let membership = m.membership_config.membership();
     if membership.nodes().next().is_none() {
-        return find_cluster(shared, state).await;
+        // The metrics start empty and catch up once the Raft core has loaded the volume: only
+        // the core itself can say that this member really has no cluster. Acting on the empty
+        // metrics of a restarted member made a removed incarnation ask to join again.
+        match loaded_state(shared).await {
+            Ok(Loaded { has_membership: false, last_log_index: 0 }) => {
+                return find_cluster(shared, state).await
+            }
+            Ok(Loaded { has_membership: true, .. }) => return false,
+            Ok(Loaded { last_log_index, .. }) => {
+                shared.set_reconciler_status(format!(
+                    "this volume holds Raft log up to index {last_log_index} but no membership: not joining"
+                ));
+                return false;
+            }
+            Err(e) => {
+                shared.set_reconciler_status(format!("cannot read the Raft state: {e}"));
+                return false;
+            }
+        }
     }
     if m.state == ServerState::Leader {
-        state.leaderless_steps = 0;
-        return reconcile(shared, state, &m).await;
+        // A leader proposes changes only while a quorum answers it. One that has heard from no
+        // quorum may have been replaced or removed while it was away: openraft 0.9 restores a
+        // leadership it had committed for itself at startup and never steps down on its own
+        // (and ignores the higher vote its replication streams then report), so such a member
+        // would otherwise believe it leads forever. It asks its peers, like a leaderless voter.
+        let timeout = shared.config.raft.election_timeout_min_ms;
+        let heard_from_quorum = membership.voter_ids().count() <= 1
+            || shared.millis_without_quorum(m.millis_since_quorum_ack).is_none_or(|ms| ms <= timeout);
+        if heard_from_quorum {
+            state.leaderless_steps = 0;
+            return reconcile(shared, state, &m).await;
+        }
+        state.leaderless_steps += 1;
+        if state.leaderless_steps < LEADERLESS_STEPS || !check_removed(shared, state).await {
+            shared.set_reconciler_status(format!(
+                "leader of term {} but no quorum has answered for over {timeout} ms: no membership changes \
+                 until one does",
+                m.current_term
+            ));
+        }
+        return false;
     }
     if m.current_leader.is_some() {
         state.leaderless_steps = 0;
@@ -161,9 +198,7 @@ async fn step(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
         return true;
     }
     state.leaderless_steps += 1;
-    if state.leaderless_steps >= LEADERLESS_STEPS {
-        check_removed(shared, state).await;
-    } else {
+    if state.leaderless_steps < LEADERLESS_STEPS || !check_removed(shared, state).await {
         shared.set_reconciler_status("no leader known; waiting for an election".into());
     }
     false
@@ -193,8 +228,9 @@ pub async fn still_a_voter(shared: &NodeShared) -> Option<bool> {
     answer
 }
 
-/// A member with Raft state but no leader: find out whether the cluster moved on without us.
-async fn check_removed(shared: &NodeShared, state: &mut Loop) {
+/// A member with Raft state but no working leadership: find out whether the cluster moved on
+/// without us. Returns whether it did (the reconciler status then says so).
+async fn check_removed(shared: &NodeShared, state: &mut Loop) -> bool {
     let me = shared.identity.ordinal;
     let known: BTreeSet<u32> =
         shared.raft_metrics().membership_config.membership().nodes().map(|(_, n)| n.ordinal).collect();
@@ -214,10 +250,10 @@ async fn check_removed(shared: &NodeShared, state: &mut Loop) {
                 tracing::error!("{status}");
             }
             shared.set_reconciler_status(status);
-            return;
+            return true;
         }
     }
-    shared.set_reconciler_status("no leader known; waiting for an election".into());
+    false
 }
 
 /// Not in any membership yet: join a cluster, or bootstrap one, or wait.
@@ -310,6 +346,30 @@ async fn find_cluster(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
     }
 }
 
+/// What the Raft core holds, as opposed to what its metrics have published so far.
+struct Loaded {
+    has_membership: bool,
+    /// Highest log index known: the membership's, the committed one or the snapshot's.
+    last_log_index: u64,
+}
+
+async fn loaded_state(shared: &NodeShared) -> Result<Loaded, String> {
+    shared
+        .raft
+        .with_raft_state(|st| {
+            let effective = st.membership_state.effective();
+            let last_log_index = [*effective.log_id(), st.committed, st.snapshot_meta.last_log_id]
+                .into_iter()
+                .flatten()
+                .map(|l| l.index)
+                .max()
+                .unwrap_or(0);
+            Loaded { has_membership: effective.membership().nodes().next().is_some(), last_log_index }
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Adopts the cluster `reply` belongs to and asks its member to add us.
 async fn join(shared: &Arc<NodeShared>, state: &mut Loop, ordinal: u32, reply: &pb::ProbeReply) -> bool {
     let theirs: ClusterId = match reply.cluster_id.parse() {
@@ -342,8 +402,16 @@ async fn join(shared: &Arc<NodeShared>, state: &mut Loop, ordinal: u32, reply: &
             return false;
         }
     };
+    let last_log_index = match loaded_state(shared).await {
+        Ok(l) => l.last_log_index,
+        Err(e) => {
+            shared.set_reconciler_status(format!("cannot read the Raft state: {e}"));
+            return false;
+        }
+    };
     let me = &shared.me;
     let mut req = tonic::Request::new(pb::JoinRequest {
+        last_log_index,
         cluster_id: theirs.to_string(),
         node_id: shared.node_id,
         ordinal: me.ordinal,

@@ -154,6 +154,8 @@ pub struct NodeShared {
     pub reconciler: Mutex<String>,
     /// Desired voter count from the Kubernetes API (when that is the source); 0 = unknown.
     pub k8s_replicas: std::sync::atomic::AtomicU32,
+    /// When this member last became leader; `None` while it is not the leader.
+    leader_since: Mutex<Option<Instant>>,
     accepting: AtomicBool,
 }
 
@@ -218,6 +220,16 @@ impl NodeShared {
         (m.current_leader, addr)
     }
 
+    /// How long this leader has gone without hearing from a quorum, given openraft's
+    /// `millis_since_quorum_ack`: that, or, when no quorum has acknowledged anything yet (a
+    /// leadership restored from the volume at startup), the time since it became leader.
+    pub fn millis_without_quorum(&self, millis_since_quorum_ack: Option<u64>) -> Option<u64> {
+        millis_since_quorum_ack.or_else(|| {
+            let since = *self.leader_since.lock().unwrap_or_else(|e| e.into_inner());
+            since.map(|t| t.elapsed().as_millis() as u64)
+        })
+    }
+
     /// Decides where a leader-only request goes. A forwarded request is never forwarded again.
     pub fn route(&self, forwarded: bool) -> Result<Route, KvError> {
         if !self.accepting() {
@@ -227,7 +239,8 @@ impl NodeShared {
             (Some(id), _) if id == self.node_id => {
                 // openraft 0.9 leaders do not step down when they lose their quorum; without
                 // this check, writes to a cut-off leader would wait for their deadline.
-                let since_ack = self.raft.metrics().borrow().millis_since_quorum_ack;
+                let since_ack =
+                    self.millis_without_quorum(self.raft.metrics().borrow().millis_since_quorum_ack);
                 match since_ack {
                     Some(ms) if ms > self.config.raft.election_timeout_min_ms => Err(KvError::NoLeader {
                         leader_id: None,
@@ -479,6 +492,7 @@ impl Node {
             read_index,
             metrics,
             forwarder: Forwarder::default(),
+            leader_since: Mutex::new(None),
             phase,
             options,
             reconciler: Mutex::new(String::new()),
@@ -667,6 +681,10 @@ async fn watch_raft_metrics(shared: Arc<NodeShared>, mut stop: watch::Receiver<b
                 tracing::info!(leader = ?m.current_leader, term = m.current_term, "leader changed");
             }
             last_leader = m.current_leader;
+        }
+        if (m.state == ServerState::Leader) != (last_state == ServerState::Leader) {
+            let now_leader = (m.state == ServerState::Leader).then(Instant::now);
+            *shared.leader_since.lock().unwrap_or_else(|e| e.into_inner()) = now_leader;
         }
         if m.state == ServerState::Candidate && last_state != ServerState::Candidate {
             mx.elections.inc();

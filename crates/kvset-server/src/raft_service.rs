@@ -187,6 +187,15 @@ impl pb::raft_server::Raft for PeerService {
         if m.membership_config.membership().get_node(&req.node_id).is_some() {
             return Ok(Response::new(pb::JoinReply { leader_id: s.node_id, already_member: true }));
         }
+        if req.last_log_index > 0 {
+            let why = format!(
+                "node {} ({}) holds Raft log up to index {} but is not a member of cluster {mine}: it was \
+                 removed or replaced and cannot rejoin under this id; delete its volume to rejoin as a new member",
+                req.node_id, req.name, req.last_log_index
+            );
+            tracing::warn!("refusing a join: {why}");
+            return Err(Status::failed_precondition(why));
+        }
         let member = Member {
             ordinal: req.ordinal,
             name: req.name,
