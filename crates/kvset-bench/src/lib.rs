@@ -12,6 +12,10 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+#[cfg(feature = "etcd")]
+mod chart;
+#[cfg(feature = "etcd")]
+pub mod compare;
 mod target;
 
 use std::collections::BTreeMap;

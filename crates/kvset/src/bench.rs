@@ -97,3 +97,78 @@ pub async fn run(
     }
     Ok(())
 }
+
+/// Arguments of `kvset bench-compare`.
+#[derive(Debug, clap::Args)]
+pub struct CompareArgs {
+    /// Directory for the results (`<date>-<host>.md`, `.png`, `.json`).
+    #[arg(long, default_value = "bench/results")]
+    out: std::path::PathBuf,
+    /// Scratch directory for both clusters' data (wiped first).
+    #[arg(long, default_value = "/tmp/kvset-compare")]
+    work: std::path::PathBuf,
+    /// The etcd server binary.
+    #[arg(long, default_value = "etcd")]
+    etcd: std::path::PathBuf,
+    /// Seconds per measured cell.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Client counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    clients: Vec<usize>,
+    /// Workloads.
+    #[arg(long, value_delimiter = ',', default_value = "put,get,get-serializable,mixed")]
+    workloads: Vec<String>,
+    /// Keys drawn from this many (read workloads write them all first).
+    #[arg(long, default_value_t = 10_000)]
+    key_space: u64,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 256)]
+    value_size: usize,
+}
+
+/// Runs `kvset bench-compare`.
+pub async fn compare(args: CompareArgs) -> anyhow::Result<()> {
+    #[cfg(not(feature = "etcd"))]
+    {
+        let _ = args;
+        bail!("this kvset was built without the etcd target: bench/compare.sh builds it with --features etcd")
+    }
+    #[cfg(feature = "etcd")]
+    {
+        let workloads = args
+            .workloads
+            .iter()
+            .map(|w| Workload::parse(w, 90))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+        let etcd =
+            which(&args.etcd).ok_or_else(|| anyhow::anyhow!("etcd binary {:?} not found", args.etcd))?;
+        let cfg = kvset_bench::compare::CompareConfig {
+            out: args.out,
+            work: args.work,
+            etcd,
+            kvset: std::env::current_exe()?,
+            workloads,
+            clients: args.clients,
+            duration: Duration::from_secs_f64(args.duration),
+            key_space: args.key_space,
+            value_size: args.value_size,
+        };
+        let md = kvset_bench::compare::run(&cfg).await.map_err(anyhow::Error::msg)?;
+        println!("results: {}", md.display());
+        Ok(())
+    }
+}
+
+#[cfg(feature = "etcd")]
+fn which(name: &std::path::Path) -> Option<std::path::PathBuf> {
+    if name.components().count() > 1 {
+        return name.exists().then(|| name.to_path_buf());
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.exists())
+}

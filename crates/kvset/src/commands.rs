@@ -230,7 +230,9 @@ pub async fn run(
                 }
             }
         }
-        Command::Serve(_) | Command::Cluster(_) | Command::Bench(_) => bail!("not a client command"),
+        Command::Serve(_) | Command::Cluster(_) | Command::Bench(_) | Command::BenchCompare(_) => {
+            bail!("not a client command")
+        }
     }
     Ok(())
 }

@@ -112,6 +112,9 @@ enum Command {
     Cluster(ClusterCommand),
     /// Closed-loop load generator against kvset (or etcd, built with --features etcd).
     Bench(bench::BenchArgs),
+    /// kvset and etcd side by side on this machine (built with --features etcd; see
+    /// bench/compare.sh).
+    BenchCompare(bench::CompareArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +179,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => config_flags::serve(args).await,
             Command::Cluster(ClusterCommand::Up(args)) => cluster_up::run(args).await,
             Command::Bench(args) => bench::run(args, &cli.endpoints, cli.output, timeout).await,
+            Command::BenchCompare(args) => bench::compare(args).await,
             other => commands::run(other, &cli.endpoints, cli.output, timeout).await,
         }
     });
