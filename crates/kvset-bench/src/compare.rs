@@ -266,7 +266,7 @@ pub struct Cell {
 /// Runs the whole comparison and writes the results; returns the markdown path.
 pub async fn run(cfg: &CompareConfig) -> Result<PathBuf, String> {
     std::fs::create_dir_all(&cfg.out).map_err(|e| e.to_string())?;
-    let fsync_us = fsync_floor(&cfg.work.parent().unwrap_or(Path::new("/tmp")).to_path_buf())?;
+    let fsync_us = fsync_floor(cfg.work.parent().unwrap_or(Path::new("/tmp")))?;
     let rtt_us = loopback_rtt()?;
     eprintln!("compare: fsync p50 {fsync_us} µs, loopback round trip p50 {rtt_us} µs");
     let clusters = start_clusters(cfg)?;
@@ -275,7 +275,7 @@ pub async fn run(cfg: &CompareConfig) -> Result<PathBuf, String> {
     eprintln!("compare: kvset leader {kvset_ep}, etcd leader {etcd_ep}");
     let kvset =
         Target::Kvset(Client::new([kvset_ep.clone()], ClientOptions::default()).map_err(|e| e.to_string())?);
-    let etcd = Target::etcd(&[etcd_ep.clone()]).await?;
+    let etcd = Target::etcd(std::slice::from_ref(&etcd_ep)).await?;
 
     let mut cells = Vec::new();
     let mut prefilled = false;
