@@ -78,7 +78,7 @@ const META_REVISION: &[u8] = b"\x00revision";
 const META_REPLICAS: &[u8] = b"\x00replicas";
 const SLOT_KEY: &[u8] = b"active";
 const SLOT_NAMES: [&str; 2] = ["sm0", "sm1"];
-/// Applies of at most this many commands run inline on the state machine task.
+/// Applies of at most this many single-key commands run inline on the state machine task.
 const INLINE_APPLY_COMMANDS: usize = 16;
 /// Records per sled batch when loading a snapshot.
 const LOAD_BATCH: usize = 10_000;
@@ -716,16 +716,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let commands: usize = entries
-            .iter()
-            .map(|e| match &e.payload {
-                EntryPayload::Normal(b) => b.commands.len(),
-                _ => 1,
-            })
-            .sum();
-        // Small applies are in-memory sled batches: inline saves a thread hop on every write.
-        // Large ones (and their possible range deletes) go to the blocking pool.
-        if commands <= INLINE_APPLY_COMMANDS {
+        // Small applies of single-key commands are in-memory sled batches: inline saves a
+        // thread hop on every write. Anything that may touch many keys (range deletes, Txn)
+        // or many commands goes to the blocking pool, off the runtime's threads.
+        let mut commands = 0;
+        let bounded = entries.iter().all(|e| match &e.payload {
+            EntryPayload::Normal(b) => {
+                commands += b.commands.len();
+                b.commands.iter().all(Command::is_single_key)
+            }
+            _ => true,
+        });
+        if bounded && commands <= INLINE_APPLY_COMMANDS {
             return self.shared.apply_blocking(entries);
         }
         let shared = self.shared.clone();

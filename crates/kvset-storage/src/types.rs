@@ -41,6 +41,17 @@ pub enum Command {
     SetReplicas(u32),
 }
 
+impl Command {
+    /// Whether applying it touches at most one key (so its cost is bounded).
+    pub fn is_single_key(&self) -> bool {
+        match self {
+            Command::Put(_) | Command::SetReplicas(_) => true,
+            Command::Delete(d) => d.range.end == RangeEnd::Single,
+            Command::Txn(_) => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Put {
     pub key: Vec<u8>,
@@ -307,6 +318,19 @@ mod tests {
         assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
         assert_eq!(prefix_end(b"\xff\xff"), None);
         assert_eq!(prefix_end(b""), None);
+    }
+
+    #[test]
+    fn only_commands_touching_one_key_are_single_key() {
+        let put = Command::Put(Put { key: b"k".to_vec(), value: b"v".to_vec(), lease: 0, prev_kv: false });
+        let delete = |range| Command::Delete(Delete { range, prev_kv: false });
+        assert!(put.is_single_key());
+        assert!(Command::SetReplicas(3).is_single_key());
+        assert!(delete(KeyRange::single("k")).is_single_key());
+        assert!(!delete(KeyRange::prefix("k")).is_single_key());
+        assert!(!delete(KeyRange::between("a", "b")).is_single_key());
+        let txn = Txn { compares: Vec::new(), success: Vec::new(), failure: Vec::new() };
+        assert!(!Command::Txn(txn).is_single_key());
     }
 
     #[test]
