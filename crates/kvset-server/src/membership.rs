@@ -170,22 +170,17 @@ async fn step(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
     }
     if m.state == ServerState::Leader {
         // A leader proposes changes only while a quorum answers it. One that has heard from no
-        // quorum may have been replaced or removed while it was away: openraft 0.9 restores a
-        // leadership it had committed for itself at startup and never steps down on its own
-        // (and ignores the higher vote its replication streams then report), so such a member
-        // would otherwise believe it leads forever. It asks its peers, like a leaderless voter.
-        let timeout = shared.config.raft.election_timeout_min_ms;
-        let heard_from_quorum = membership.voter_ids().count() <= 1
-            || shared.millis_without_quorum(m.millis_since_quorum_ack).is_none_or(|ms| ms <= timeout);
-        if heard_from_quorum {
+        // quorum may have been replaced or removed while it was away (openraft 0.9 restores a
+        // leadership it had committed for itself at startup): it asks its peers, like a
+        // leaderless voter, instead of believing it leads forever.
+        let Some(ms) = shared.quorum_lost_ms(m.millis_since_quorum_ack) else {
             state.leaderless_steps = 0;
             return reconcile(shared, state, &m).await;
-        }
+        };
         state.leaderless_steps += 1;
         if state.leaderless_steps < LEADERLESS_STEPS || !check_removed(shared, state).await {
             shared.set_reconciler_status(format!(
-                "leader of term {} but no quorum has answered for over {timeout} ms: no membership changes \
-                 until one does",
+                "leader of term {} but no quorum has answered for {ms} ms: no membership changes until one does",
                 m.current_term
             ));
         }

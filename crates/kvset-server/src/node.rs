@@ -220,14 +220,19 @@ impl NodeShared {
         (m.current_leader, addr)
     }
 
-    /// How long this leader has gone without hearing from a quorum, given openraft's
-    /// `millis_since_quorum_ack`: that, or, when no quorum has acknowledged anything yet (a
-    /// leadership restored from the volume at startup), the time since it became leader.
-    pub fn millis_without_quorum(&self, millis_since_quorum_ack: Option<u64>) -> Option<u64> {
-        millis_since_quorum_ack.or_else(|| {
+    /// For a leader: how long it has gone without hearing from a quorum, if that is longer than
+    /// the minimum election timeout (the rest of the cluster may have elected another leader
+    /// meanwhile). openraft 0.9 leaders never step down on their own, so this is the one rule
+    /// that stops such a leader serving requests and proposing membership changes. openraft's
+    /// `millis_since_quorum_ack` stays `None` until a quorum acknowledged something (e.g. a
+    /// leadership restored from the volume at startup): then the time since it became leader
+    /// counts.
+    pub fn quorum_lost_ms(&self, millis_since_quorum_ack: Option<u64>) -> Option<u64> {
+        let ms = millis_since_quorum_ack.or_else(|| {
             let since = *self.leader_since.lock().unwrap_or_else(|e| e.into_inner());
             since.map(|t| t.elapsed().as_millis() as u64)
-        })
+        })?;
+        (ms > self.config.raft.election_timeout_min_ms).then_some(ms)
     }
 
     /// Decides where a leader-only request goes. A forwarded request is never forwarded again.
@@ -237,12 +242,9 @@ impl NodeShared {
         }
         match self.leader() {
             (Some(id), _) if id == self.node_id => {
-                // openraft 0.9 leaders do not step down when they lose their quorum; without
-                // this check, writes to a cut-off leader would wait for their deadline.
-                let since_ack =
-                    self.millis_without_quorum(self.raft.metrics().borrow().millis_since_quorum_ack);
-                match since_ack {
-                    Some(ms) if ms > self.config.raft.election_timeout_min_ms => Err(KvError::NoLeader {
+                // Without this check, writes to a cut-off leader would wait for their deadline.
+                match self.quorum_lost_ms(self.raft.metrics().borrow().millis_since_quorum_ack) {
+                    Some(ms) => Err(KvError::NoLeader {
                         leader_id: None,
                         leader_addr: None,
                         reason: format!(
@@ -250,7 +252,7 @@ impl NodeShared {
                             self.identity.name
                         ),
                     }),
-                    _ => Ok(Route::Local),
+                    None => Ok(Route::Local),
                 }
             }
             (Some(id), Some(addr)) if !forwarded => Ok(Route::Forward { leader_id: id, addr }),
