@@ -270,29 +270,17 @@ impl Emulator {
         // No published ports: the harness reaches pods on the control network.
         req = req.with_host_config_modifier(|hc| hc.publish_all_ports = Some(false));
         // The volume, labelled, before the container mounts it.
-        let _ = self
-            .docker
+        self.docker
             .create_volume(testcontainers::bollard::models::VolumeCreateRequest {
                 name: Some(self.volume_name(ordinal)),
                 labels: Some([(LABEL.to_string(), self.run.clone())].into()),
                 ..Default::default()
             })
-            .await;
+            .await
+            .map_err(|e| format!("create volume {}: {e}", self.volume_name(ordinal)))?;
         let container = req.start().await.map_err(|e| format!("start {name}: {e}"))?;
         let id = container.id().to_string();
-        self.docker
-            .connect_network(
-                &self.raft_net,
-                NetworkConnectRequest {
-                    container: id.clone(),
-                    endpoint_config: Some(EndpointSettings {
-                        aliases: Some(self.aliases(ordinal)),
-                        ..Default::default()
-                    }),
-                },
-            )
-            .await
-            .map_err(|e| format!("connect {name} to the raft network: {e}"))?;
+        self.connect_raft(&id, ordinal).await.map_err(|e| format!("{name}: {e}"))?;
         let ip = self.control_ip(&id).await?;
         self.pods.insert(ordinal, Pod { container, ip });
         self.publish_endpoints();
@@ -449,11 +437,16 @@ impl Emulator {
     /// Reconnects an ordinal's pod to the raft network, with its aliases.
     pub async fn heal(&self, ordinal: u32) -> Result<(), String> {
         let pod = self.pods.get(&ordinal).ok_or("pod not running")?;
+        self.connect_raft(pod.container.id(), ordinal).await
+    }
+
+    /// Connects a container to the raft network under the ordinal's DNS aliases.
+    async fn connect_raft(&self, container: &str, ordinal: u32) -> Result<(), String> {
         self.docker
             .connect_network(
                 &self.raft_net,
                 NetworkConnectRequest {
-                    container: pod.container.id().to_string(),
+                    container: container.to_string(),
                     endpoint_config: Some(EndpointSettings {
                         aliases: Some(self.aliases(ordinal)),
                         ..Default::default()
@@ -461,7 +454,7 @@ impl Emulator {
                 },
             )
             .await
-            .map_err(|e| format!("connect: {e}"))
+            .map_err(|e| format!("connect to the raft network: {e}"))
     }
 
     /// `kubectl scale --replicas=n`: the API object changes, then the controller creates the
