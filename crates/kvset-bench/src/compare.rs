@@ -83,20 +83,6 @@ fn usage(pid: u32) -> (f64, u64) {
     (cpu / ticks, hwm)
 }
 
-fn dir_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => total += dir_size(&e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
-}
-
 /// Median latency of `write 4 KiB + fdatasync` on a file in `dir`, in microseconds.
 fn fsync_floor(dir: &Path) -> Result<u64, String> {
     let path = dir.join("fsync-probe");
@@ -322,7 +308,7 @@ pub async fn run(cfg: &CompareConfig) -> Result<PathBuf, String> {
         .chain(clusters.kvset.iter())
         .map(|s| {
             let (cpu, rss) = usage(s.child.id());
-            (s.name.clone(), cpu, rss, dir_size(&s.data))
+            (s.name.clone(), cpu, rss, kvset_storage::dir_size(&s.data))
         })
         .collect();
     drop(clusters);
