@@ -6,7 +6,9 @@
 //! 1. The server batches client writes into one [`Batch`] and proposes it to openraft.
 //! 2. openraft calls [`LogStore`]'s `append`: the entry is written to the `raft` tree and its
 //!    callback handed to the flusher thread, which acknowledges it only after `Db::flush`
-//!    returned (group commit: one fsync covers every append that arrived meanwhile).
+//!    returned. (The flusher would let one fsync cover every append that arrived meanwhile,
+//!    but openraft 0.9 issues the next append only after the previous one's flush, so each
+//!    fsync covers one append; the server's write batcher is what puts many writes in it.)
 //! 3. Once a quorum has the entry, openraft calls [`StateMachine`]'s `apply`: every command of
 //!    the batch is evaluated through an in-memory overlay and written, with the new
 //!    `last_applied`, in one atomic `sled::Batch`. The results ([`BatchResult`]) go back to the

@@ -18,8 +18,11 @@
 //!   a prefix, each in one atomic sled batch.
 //! * **An append is acknowledged only after it is durable**: `append` writes the entries, then
 //!   hands openraft's callback to the flusher thread, which calls it only after `Db::flush` has
-//!   returned. The flusher drains every pending callback before each flush, so one fsync covers
-//!   all appends that arrived meanwhile (group commit).
+//!   returned. The flusher drains every pending callback before each flush, so one fsync would
+//!   cover every append that arrived meanwhile — but openraft 0.9 waits for each append's
+//!   callback before it issues the next append, so in practice there is one append per fsync
+//!   (`kvset_log_flush_appends` shows it). Many client writes share one fsync only because the
+//!   server's write batcher packs them into one entry.
 //! * **A vote is durable before `save_vote` returns** (§5.1: a server must not vote twice in a
 //!   term, even across a crash).
 //! * **Purge never leaves a hole**: the new `purged` marker and the removal of the entries up to
@@ -83,6 +86,13 @@ fn io_err(
     e: impl std::error::Error + 'static,
 ) -> StorageError<u64> {
     StorageError::IO { source: StorageIOError::new(subject, verb, AnyError::new(&e)) }
+}
+
+/// Runs storage work that scans or may block on the blocking pool, off the Raft core task.
+async fn blocking(
+    work: impl FnOnce() -> Result<(), StorageError<u64>> + Send + 'static,
+) -> Result<(), StorageError<u64>> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?
 }
 
 /// Reads log entries; cloned for openraft's replication streams.
@@ -336,28 +346,36 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
-    /// Removes entries with index `>= log_id.index` in one atomic batch.
+    /// Removes entries with index `>= log_id.index` in one atomic batch, on the blocking pool
+    /// (it scans the suffix).
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
-        let mut batch = sled::Batch::default();
-        for item in self.reader.tree.range(entry_key(log_id.index)..=entry_key(u64::MAX)) {
-            let (k, _) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-            batch.remove(k);
-        }
-        self.reader.tree.apply_batch(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        Ok(())
+        let tree = self.reader.tree.clone();
+        blocking(move || {
+            let mut batch = sled::Batch::default();
+            for item in tree.range(entry_key(log_id.index)..=entry_key(u64::MAX)) {
+                let (k, _) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+                batch.remove(k);
+            }
+            tree.apply_batch(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+        })
+        .await
     }
 
-    /// Records the new purge marker and removes entries `<= log_id.index` in one atomic batch.
+    /// Records the new purge marker and removes entries `<= log_id.index` in one atomic batch,
+    /// on the blocking pool (it scans the prefix).
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
-        let mut batch = sled::Batch::default();
-        let marker =
-            codec::encode("purged", &log_id).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        batch.insert(META_PURGED, marker);
-        for item in self.reader.tree.range(entry_key(0)..=entry_key(log_id.index)) {
-            let (k, _) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-            batch.remove(k);
-        }
-        self.reader.tree.apply_batch(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-        Ok(())
+        let tree = self.reader.tree.clone();
+        blocking(move || {
+            let mut batch = sled::Batch::default();
+            let marker = codec::encode("purged", &log_id)
+                .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+            batch.insert(META_PURGED, marker);
+            for item in tree.range(entry_key(0)..=entry_key(log_id.index)) {
+                let (k, _) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+                batch.remove(k);
+            }
+            tree.apply_batch(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+        })
+        .await
     }
 }

@@ -24,7 +24,8 @@
 //!   A crash before the flip leaves the old state; after it, the new one. Installs wait for
 //!   running builds to finish (the `build_gate`), since builds read the slot an install reuses.
 //! * **Reads see whole batches**: readers hold the state read lock while they scan, and apply
-//!   holds the write lock while it writes its batch.
+//!   holds the write lock only while it writes its finished batch (an in-memory sled batch);
+//!   evaluating the commands takes no lock, since apply is the tree's only writer.
 //!
 //! Snapshot files are described in [`crate::snapshot`].
 
@@ -191,10 +192,14 @@ impl Shared {
         let started = Instant::now();
         let n_entries = entries.len();
         let mut n_commands = 0;
-        let mut st = self.write_state();
-        let tree = st.tree.clone();
+        // Evaluate without holding the state lock: apply is the only writer of the tree (and
+        // openraft never runs an install concurrently with an apply), so what the overlay reads
+        // cannot change under it. Readers wait only for the final batch write below.
+        let (tree, mut applied) = {
+            let st = self.read_state();
+            (st.tree.clone(), st.applied.clone())
+        };
         let mut overlay = Overlay::new(&tree);
-        let mut applied = st.applied.clone();
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
@@ -251,6 +256,8 @@ impl Shared {
             }
         }
         write_meta(&mut batch, &applied).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        // Readers see the whole batch with its revision or none of it.
+        let mut st = self.write_state();
         tree.apply_batch(batch).map_err(|e| sm_err(ErrorVerb::Write, e))?;
         st.applied = applied;
         drop(st);
