@@ -161,6 +161,10 @@ fn final_error(status: &Status, kind: Kind) -> Error {
         Code::Unavailable if header(status, metadata::NOT_APPLIED).is_some() || kind == Kind::Read => {
             Error::Unavailable { message, leader: header(status, metadata::LEADER) }
         }
+        // The member was overloaded and applied nothing.
+        Code::ResourceExhausted if header(status, metadata::NOT_APPLIED).is_some() => {
+            Error::Unavailable { message, leader: None }
+        }
         Code::Unavailable | Code::Unknown if kind == Kind::Write => Error::Indeterminate(message),
         code => Error::Server { code, message },
     }
@@ -270,6 +274,7 @@ impl Client {
             let connect = is_connect_error(&status);
             let retry = match status.code() {
                 Code::Unavailable if not_applied || connect => true,
+                Code::ResourceExhausted => not_applied,
                 Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled => kind == Kind::Read,
                 _ => false,
             };

@@ -8,43 +8,30 @@
 //!
 //! * **No added delay when idle**: with a permit free, the first write is proposed at once.
 //! * **Batches grow under load**: while all permits are busy, writes accumulate in the queue.
-//! * **Backpressure**: a full queue answers `UNAVAILABLE` (not applied).
-//! * **Honest errors**: `ForwardToLeader` from openraft means the entry was never appended or
-//!   was truncated, so the commands were not applied (safe to retry elsewhere). A stopped Raft
-//!   leaves the outcome unknown.
+//! * **Backpressure**: a full queue answers `RESOURCE_EXHAUSTED` (not applied).
+//! * **Honest errors**: a failed proposal is classified by [`crate::errors::client_write`]
+//!   (`ForwardToLeader`: not applied, safe to retry elsewhere; a stopped Raft: outcome unknown).
 
 use std::sync::Arc;
 
 use kvset_storage::Batch;
 use kvset_storage::Command;
 use kvset_storage::CommandResult;
-use kvset_storage::Member;
 use kvset_storage::TypeConfig;
-use openraft::error::ClientWriteError;
-use openraft::error::RaftError;
 use openraft::Raft;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio::sync::Semaphore;
 
 use crate::config::BatchConfig;
+use crate::errors;
+use crate::errors::KvError;
 use crate::metrics::Metrics;
-
-/// Why a write did not produce a result.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WriteError {
-    /// This member is not the leader; the write was not applied.
-    NotLeader { leader_id: Option<u64>, leader: Option<Member> },
-    /// The write was not accepted (queue full, shutting down); not applied.
-    Unavailable(String),
-    /// The outcome is unknown.
-    Indeterminate(String),
-}
 
 struct Pending {
     command: Command,
     bytes: usize,
-    reply: oneshot::Sender<Result<CommandResult, WriteError>>,
+    reply: oneshot::Sender<Result<CommandResult, KvError>>,
 }
 
 /// Handle to the batching loop.
@@ -83,18 +70,17 @@ impl Batcher {
     }
 
     /// Submits one command and waits for its result.
-    pub async fn submit(&self, command: Command) -> Result<CommandResult, WriteError> {
+    pub async fn submit(&self, command: Command) -> Result<CommandResult, KvError> {
         let (reply, rx) = oneshot::channel();
         let bytes = command_bytes(&command);
         self.tx.try_send(Pending { command, bytes, reply }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
-                WriteError::Unavailable("write queue is full (batch.queue)".into())
+                KvError::Overloaded("the write queue is full (batch.queue)".into())
             }
-            mpsc::error::TrySendError::Closed(_) => WriteError::Unavailable("member is shutting down".into()),
+            mpsc::error::TrySendError::Closed(_) => KvError::Unavailable("member is shutting down".into()),
         })?;
-        rx.await.unwrap_or_else(|_| {
-            Err(WriteError::Indeterminate("the write was dropped while in flight".into()))
-        })
+        rx.await
+            .unwrap_or_else(|_| Err(KvError::Indeterminate("the write was dropped while in flight".into())))
     }
 }
 
@@ -153,22 +139,12 @@ async fn run(
                         "batch result count mismatch"
                     );
                     for reply in replies {
-                        let _ =
-                            reply.send(Err(WriteError::Indeterminate("batch result count mismatch".into())));
+                        let _ = reply.send(Err(KvError::Indeterminate("batch result count mismatch".into())));
                     }
                 }
                 Err(e) => {
-                    let err = match e {
-                        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                            WriteError::NotLeader { leader_id: f.leader_id, leader: f.leader_node }
-                        }
-                        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-                            WriteError::Indeterminate(e.to_string())
-                        }
-                        RaftError::Fatal(f) => WriteError::Indeterminate(format!("raft stopped: {f}")),
-                    };
                     for reply in replies {
-                        let _ = reply.send(Err(err.clone()));
+                        let _ = reply.send(Err(errors::client_write(&e)));
                     }
                 }
             }

@@ -40,10 +40,10 @@ pub struct Config {
     pub peer_addrs: Vec<String>,
     pub client_addrs: Vec<String>,
     pub initial_replicas: u32,
-    pub replicas_source: String,
+    pub replicas_source: ReplicasSource,
     pub kubernetes_api_url: String,
     pub cluster_id: String,
-    pub log_format: String,
+    pub log_format: LogFormat,
     pub log_level: String,
     pub shutdown_timeout_ms: u64,
     pub leave_timeout_ms: u64,
@@ -51,6 +51,38 @@ pub struct Config {
     pub raft: RaftConfig,
     pub limits: Limits,
     pub batch: BatchConfig,
+}
+
+/// Where the desired replica count comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicasSource {
+    /// `Cluster.SetReplicas`, recorded in the replicated state (tests, bare metal, laptops).
+    Static,
+    /// The StatefulSet's `spec.replicas`, read through the Kubernetes API.
+    Kubernetes,
+}
+
+impl ReplicasSource {
+    /// The config value, as written in files and flags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicasSource::Static => "static",
+            ReplicasSource::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Raft timing and log management.
@@ -78,6 +110,7 @@ pub struct Limits {
     pub txn_max_ops: u64,
     pub range_max_keys: u64,
     pub response_max_bytes: u64,
+    pub pending_reads_max: u64,
 }
 
 /// The write batcher: client writes gathered into one Raft entry.
@@ -106,10 +139,10 @@ impl Default for Config {
             peer_addrs: Vec::new(),
             client_addrs: Vec::new(),
             initial_replicas: 3,
-            replicas_source: "static".into(),
+            replicas_source: ReplicasSource::Static,
             kubernetes_api_url: String::new(),
             cluster_id: String::new(),
-            log_format: "auto".into(),
+            log_format: LogFormat::Auto,
             log_level: "info".into(),
             shutdown_timeout_ms: 10_000,
             leave_timeout_ms: 30_000,
@@ -146,6 +179,7 @@ impl Default for Limits {
             txn_max_ops: 128,
             range_max_keys: 10_000,
             response_max_bytes: 4 << 20,
+            pending_reads_max: 10_000,
         }
     }
 }
@@ -245,6 +279,11 @@ pub const KEYS: &[KeyDoc] = &[
         key: "limits.response_max_bytes",
         doc: "A Range page ends once its keys and values would pass this many bytes (at least one key is returned).",
     },
+    KeyDoc {
+        key: "limits.pending_reads_max",
+        doc: "Linearizable reads that may wait for a ReadIndex round at once on one member; past it, reads get \
+              RESOURCE_EXHAUSTED (nothing is read or changed).",
+    },
     KeyDoc { key: "batch.max_commands", doc: "Most client commands gathered into one Raft entry." },
     KeyDoc { key: "batch.max_bytes", doc: "Most bytes of client commands gathered into one Raft entry." },
     KeyDoc {
@@ -333,8 +372,20 @@ fn same_kind(a: &toml::Value, b: &toml::Value) -> bool {
 const U16_KEYS: &[&str] = &["client_port", "peer_port", "ops_port", "port_stride"];
 const U32_KEYS: &[&str] = &["initial_replicas"];
 
-/// Checks an integer value fits its key's field (all are unsigned).
+/// Keys whose value is one of a few words (the enums of [`Config`]).
+const ENUM_KEYS: &[(&str, &[&str])] =
+    &[("replicas_source", &["static", "kubernetes"]), ("log_format", &["auto", "text", "json"])];
+
+/// Checks a value fits its key's field: integers their width (all are unsigned), words their
+/// enum.
 fn check_range(key: &str, value: &toml::Value) -> Result<(), String> {
+    if let (Some((_, words)), toml::Value::String(s)) = (ENUM_KEYS.iter().find(|(k, _)| *k == key), value) {
+        if !words.contains(&s.as_str()) {
+            let list: Vec<String> = words.iter().map(|w| format!("`{w}`")).collect();
+            return Err(format!("must be one of {}", list.join(", ")));
+        }
+        return Ok(());
+    }
     let toml::Value::Integer(v) = value else { return Ok(()) };
     let max = if U16_KEYS.contains(&key) {
         u16::MAX as i64
@@ -471,6 +522,7 @@ impl Config {
             ("limits.txn_max_ops", l.txn_max_ops),
             ("limits.range_max_keys", l.range_max_keys),
             ("limits.response_max_bytes", l.response_max_bytes),
+            ("limits.pending_reads_max", l.pending_reads_max),
         ] {
             if v == 0 {
                 return bad(key, "must be at least 1".into());
@@ -500,15 +552,6 @@ impl Config {
         }
         if self.initial_replicas == 0 || self.initial_replicas > 9 {
             return bad("initial_replicas", "must be between 1 and 9".into());
-        }
-        if !["static", "kubernetes"].contains(&self.replicas_source.as_str()) {
-            return bad(
-                "replicas_source",
-                format!("must be `static` or `kubernetes`, not {:?}", self.replicas_source),
-            );
-        }
-        if !["auto", "text", "json"].contains(&self.log_format.as_str()) {
-            return bad("log_format", format!("must be `auto`, `text` or `json`, not {:?}", self.log_format));
         }
         if !self.cluster_id.is_empty() && self.cluster_id.parse::<kvset_storage::ClusterId>().is_err() {
             return bad("cluster_id", "must be empty or 32 hex characters".into());
@@ -693,6 +736,14 @@ mod tests {
         let err =
             Config::load(None, &BTreeMap::new(), &[("client_port".into(), "70000".into())]).unwrap_err();
         assert!(err.to_string().contains("client_port") && err.to_string().contains("65535"), "{err}");
+        let err = Config::load(None, &env(&[("KVSET_REPLICAS_SOURCE", "k8s")]), &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("KVSET_REPLICAS_SOURCE") && err.to_string().contains("`kubernetes`"),
+            "{err}"
+        );
+        std::fs::write(&file, "log_format = \"xml\"\n").unwrap();
+        let err = Config::load(Some(&file), &BTreeMap::new(), &[]).unwrap_err();
+        assert!(err.to_string().contains("log_format") && err.to_string().contains("`json`"), "{err}");
         let err = Config::load(None, &env(&[("KVSET_CACHE_BYTES", "-1")]), &[]).unwrap_err();
         assert!(err.to_string().contains("KVSET_CACHE_BYTES"), "{err}");
     }

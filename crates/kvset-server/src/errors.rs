@@ -1,10 +1,12 @@
-//! Errors of the client-facing services, and their one mapping to gRPC status codes.
+//! Errors answered to clients and peers, the one classifier of openraft's errors, and the one
+//! mapping to gRPC status codes.
 //!
 //! | error | code | metadata |
 //! |---|---|---|
 //! | [`KvError::InvalidArgument`] | `INVALID_ARGUMENT` | — |
 //! | [`KvError::NoLeader`] | `UNAVAILABLE` | `kvset-not-applied`, `kvset-leader`, `kvset-leader-id` (when known) |
 //! | [`KvError::Unavailable`] | `UNAVAILABLE` | `kvset-not-applied` |
+//! | [`KvError::Overloaded`] | `RESOURCE_EXHAUSTED` | `kvset-not-applied` |
 //! | [`KvError::Indeterminate`] | `UNKNOWN` | — (a write may or may not have been applied) |
 //! | [`KvError::DeadlineExceeded`] | `DEADLINE_EXCEEDED` | — |
 //! | [`KvError::Unimplemented`] | `UNIMPLEMENTED` | — |
@@ -13,15 +15,35 @@
 //! | [`KvError::Remote`] | whatever the leader answered | passed through |
 //!
 //! Messages are stable: clients and tests may match on their first words.
+//!
+//! # What a failed Raft call means
+//!
+//! openraft reports three kinds of failure, and each says something different about whether a
+//! proposal took effect. [`client_write`], [`membership_change`] and [`read_index`] are the only
+//! places that turn them into client errors, so every caller (the write batcher, the cluster
+//! service, the ReadIndex rounds, the peer service) answers the same way:
+//!
+//! * `ForwardToLeader`: this member is not the leader; nothing was appended (or the entry was
+//!   truncated), so nothing was applied and another member may take the request.
+//! * a membership-change error (`InProgress`, `EmptyMembership`, `LearnerNotFound`, …): the
+//!   change was refused before it was proposed: `FAILED_PRECONDITION`, nothing applied.
+//! * `Fatal` (Raft stopped, storage failed): a write or membership change may already be in the
+//!   log and may yet commit on the other members, so its outcome is **unknown** (`UNKNOWN`,
+//!   never marked not-applied). A read changed nothing, so it is simply `UNAVAILABLE`.
 
 use kvset_proto::metadata;
+use kvset_storage::Member;
+use openraft::error::CheckIsLeaderError;
+use openraft::error::ClientWriteError;
+use openraft::error::Fatal;
+use openraft::error::RaftError;
 use tonic::metadata::MetadataMap;
 use tonic::metadata::MetadataValue;
 use tonic::Code;
 use tonic::Status;
 
-/// An error answered to a client.
-#[derive(Debug, thiserror::Error)]
+/// An error answered to a client (or, on the peer port, to another member).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum KvError {
     /// The request breaks a limit or is malformed; nothing was applied.
     #[error("{0}")]
@@ -29,9 +51,14 @@ pub enum KvError {
     /// No leader could serve the request; nothing was applied.
     #[error("no leader: {reason}")]
     NoLeader { leader_id: Option<u64>, leader_addr: Option<String>, reason: String },
-    /// The member cannot take the request now (shutting down, overloaded); nothing was applied.
+    /// The member cannot take the request now (shutting down, Raft stopped before the request
+    /// was proposed); nothing was applied.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// Too many requests are waiting on this member (a bounded queue is full); nothing was
+    /// applied.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
     /// A write's outcome is unknown: it may or may not have been applied.
     #[error("outcome unknown: {0}")]
     Indeterminate(String),
@@ -41,7 +68,7 @@ pub enum KvError {
     /// The call is part of the contract but not served by this version.
     #[error("not implemented: {0}")]
     Unimplemented(String),
-    /// The cluster is not in a state that allows the request.
+    /// The cluster is not in a state that allows the request; nothing was applied.
     #[error("{0}")]
     FailedPrecondition(String),
     /// A storage or internal error; the member stops itself after a storage error.
@@ -53,13 +80,79 @@ pub enum KvError {
 }
 
 impl KvError {
-    /// An `INVALID_ARGUMENT` error naming a limit: "`what` is `got` bytes, limit `name` = `max`".
+    /// An `INVALID_ARGUMENT` error naming a limit: "`what` is `got`, over the limit `name` = `max`".
     pub fn over_limit(what: &str, got: u64, name: &str, max: u64) -> Self {
         KvError::InvalidArgument(format!("{what} is {got}, over the limit {name} = {max}"))
     }
+
+    /// Whether the error guarantees that nothing was applied (so a write may be retried).
+    pub fn not_applied(&self) -> bool {
+        matches!(
+            self,
+            KvError::InvalidArgument(_)
+                | KvError::NoLeader { .. }
+                | KvError::Unavailable(_)
+                | KvError::Overloaded(_)
+                | KvError::FailedPrecondition(_)
+                | KvError::Unimplemented(_)
+        )
+    }
 }
 
-fn not_applied(map: &mut MetadataMap) {
+/// What a failed `client_write` (a batch of client writes) means for its callers.
+pub fn client_write(e: &RaftError<u64, ClientWriteError<u64, Member>>) -> KvError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => KvError::NoLeader {
+            leader_id: f.leader_id,
+            leader_addr: f.leader_node.as_ref().map(|m| m.client_addr.clone()),
+            reason: "leadership moved before the write was appended".into(),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            KvError::FailedPrecondition(e.to_string())
+        }
+        RaftError::Fatal(f) => stopped_mid_proposal(f),
+    }
+}
+
+/// What a failed membership change (`change_membership`, `add_learner`) means for its caller.
+/// The same rules as [`client_write`]: a change cut short by a fatal error may still commit.
+pub fn membership_change(e: &RaftError<u64, ClientWriteError<u64, Member>>) -> KvError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => KvError::NoLeader {
+            leader_id: f.leader_id,
+            leader_addr: f.leader_node.as_ref().map(|m| m.client_addr.clone()),
+            reason: "this member is no longer the leader".into(),
+        },
+        other => client_write(other),
+    }
+}
+
+/// What a failed ReadIndex round (`ensure_linearizable`) means for the reads waiting on it.
+pub fn read_index(e: &RaftError<u64, CheckIsLeaderError<u64, Member>>) -> KvError {
+    match e {
+        RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => KvError::NoLeader {
+            leader_id: f.leader_id,
+            leader_addr: f.leader_node.as_ref().map(|m| m.client_addr.clone()),
+            reason: "this member is no longer the leader".into(),
+        },
+        RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
+            KvError::Unavailable(format!("cannot confirm leadership with a quorum: {q}"))
+        }
+        RaftError::Fatal(f) => stopped(f),
+    }
+}
+
+/// Raft stopped before a request that changes nothing (a read, a trigger) could run.
+pub fn stopped(f: &Fatal<u64>) -> KvError {
+    KvError::Unavailable(format!("raft stopped: {f}"))
+}
+
+/// Raft stopped while a proposal may have been in its log.
+fn stopped_mid_proposal(f: &Fatal<u64>) -> KvError {
+    KvError::Indeterminate(format!("raft stopped while the change was in flight: {f}"))
+}
+
+fn mark_not_applied(map: &mut MetadataMap) {
     map.insert(metadata::NOT_APPLIED, MetadataValue::from_static("true"));
 }
 
@@ -67,10 +160,14 @@ impl From<KvError> for Status {
     fn from(e: KvError) -> Status {
         let message = e.to_string();
         let mut map = MetadataMap::new();
+        // The marker tells clients a retry elsewhere is safe; it is set on the codes a client
+        // retries (the others say "do not retry" by themselves).
+        if matches!(e, KvError::NoLeader { .. } | KvError::Unavailable(_) | KvError::Overloaded(_)) {
+            mark_not_applied(&mut map);
+        }
         let code = match e {
             KvError::InvalidArgument(_) => Code::InvalidArgument,
             KvError::NoLeader { leader_id, leader_addr, .. } => {
-                not_applied(&mut map);
                 if let Some(addr) = leader_addr.and_then(|a| MetadataValue::try_from(a.as_str()).ok()) {
                     map.insert(metadata::LEADER, addr);
                 }
@@ -79,10 +176,8 @@ impl From<KvError> for Status {
                 }
                 Code::Unavailable
             }
-            KvError::Unavailable(_) => {
-                not_applied(&mut map);
-                Code::Unavailable
-            }
+            KvError::Unavailable(_) => Code::Unavailable,
+            KvError::Overloaded(_) => Code::ResourceExhausted,
             KvError::Indeterminate(_) => Code::Unknown,
             KvError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             KvError::Unimplemented(_) => Code::Unimplemented,
@@ -96,7 +191,19 @@ impl From<KvError> for Status {
 
 #[cfg(test)]
 mod tests {
+    use openraft::error::ForwardToLeader;
+    use openraft::error::QuorumNotEnough;
+
     use super::*;
+
+    fn leader() -> Member {
+        Member {
+            ordinal: 7,
+            name: "kvset-7".into(),
+            peer_addr: "p:1".into(),
+            client_addr: "10.0.0.7:2379".into(),
+        }
+    }
 
     #[test]
     fn no_leader_carries_the_hint_and_the_not_applied_marker() {
@@ -118,5 +225,41 @@ mod tests {
         let status: Status = KvError::Indeterminate("raft stopped".into()).into();
         assert_eq!(status.code(), Code::Unknown);
         assert!(status.metadata().get(metadata::NOT_APPLIED).is_none());
+    }
+
+    #[test]
+    fn overload_is_resource_exhausted_and_not_applied() {
+        let status: Status = KvError::Overloaded("queue full".into()).into();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.metadata().get(metadata::NOT_APPLIED).unwrap(), "true");
+    }
+
+    #[test]
+    fn a_fatal_error_leaves_writes_and_membership_changes_unknown_but_reads_unavailable() {
+        let fatal = || RaftError::Fatal(Fatal::Stopped);
+        for e in [client_write(&fatal()), membership_change(&fatal())] {
+            assert!(matches!(e, KvError::Indeterminate(_)), "{e:?}");
+            assert!(!e.not_applied());
+        }
+        let read = read_index(&RaftError::Fatal(Fatal::Stopped));
+        assert!(matches!(read, KvError::Unavailable(_)), "{read:?}");
+    }
+
+    #[test]
+    fn forward_to_leader_is_not_applied_with_the_leader_hint() {
+        let f = ForwardToLeader { leader_id: Some(7), leader_node: Some(leader()) };
+        let e = client_write(&RaftError::APIError(ClientWriteError::ForwardToLeader(f.clone())));
+        let KvError::NoLeader { leader_id: Some(7), leader_addr: Some(addr), .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(addr, "10.0.0.7:2379");
+        assert!(e.not_applied());
+        let r = read_index(&RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)));
+        assert!(matches!(r, KvError::NoLeader { leader_id: Some(7), .. }), "{r:?}");
+        let q = read_index(&RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(QuorumNotEnough {
+            cluster: "{1,2,3}".into(),
+            got: Default::default(),
+        })));
+        assert!(matches!(q, KvError::Unavailable(_)), "{q:?}");
     }
 }

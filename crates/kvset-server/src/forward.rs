@@ -6,8 +6,7 @@
 //! again: a member that is not the leader when a forwarded request arrives answers
 //! `UNAVAILABLE` with its own leader hint.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -18,8 +17,8 @@ use kvset_proto::v1::kv_client::KvClient;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
+use crate::channels::PeerChannels;
 use crate::errors::KvError;
-use crate::network::lazy_channel;
 
 /// Largest response accepted from the leader.
 pub const CLIENT_MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -80,22 +79,20 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// Cached channels to other members' client endpoints.
-#[derive(Debug, Default)]
+/// Clients for other members' client endpoints, over the member's shared channels.
+#[derive(Debug, Clone)]
 pub struct Forwarder {
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Arc<PeerChannels>,
 }
 
 impl Forwarder {
+    /// A forwarder over `channels`.
+    pub fn new(channels: Arc<PeerChannels>) -> Self {
+        Self { channels }
+    }
+
     fn channel(&self, addr: &str) -> Result<Channel, KvError> {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = channels.get(addr) {
-            return Ok(c.clone());
-        }
-        let c = lazy_channel(addr, Duration::from_secs(2))
-            .map_err(|e| KvError::Unavailable(format!("leader address {addr:?} is invalid: {e}")))?;
-        channels.insert(addr.to_string(), c.clone());
-        Ok(c)
+        self.channels.get(addr).map_err(|e| KvError::Unavailable(format!("leader {e}")))
     }
 
     /// A Kv client for the member at `addr`.

@@ -4,67 +4,72 @@
 //! # How a request flows
 //!
 //! ```text
-//! client ──gRPC──▶ kv_service ──▶ pb::request (limits) ──▶ node::route
+//! client ──gRPC──▶ service::kv ──▶ pb::request (limits) ──▶ LocalMember::route
 //!                                                           │ leader?      │ follower
 //!                                                           ▼              ▼
 //!                         writes: batcher ─▶ openraft ─▶ storage    forward ─▶ leader
-//!                         reads:  ReadIndex barrier ─▶ SmReader
+//!                         reads:  read_index (ReadIndex round) ─▶ SmReader
 //!                                                           │
-//!                                   pb::response ◀──────────┘   errors ─▶ errors.rs (one mapping)
+//!                     pb::response ◀────────────────────────┘   errors ─▶ errors.rs (one mapping)
 //! ```
 //!
-//! Peers talk on a separate port: `network` sends openraft's RPCs, `raft_service` receives
-//! them, checking the cluster id and the intended node id on every message. The `membership`
+//! Peers talk on a separate port: `network` sends openraft's RPCs, `service::raft` receives
+//! them, checking the cluster id and the intended node id on every message. The membership
 //! task bootstraps, joins and reconciles membership with no operator; `identity` turns the pod
-//! name into an ordinal and addresses. `ops` serves `/metrics`, `/healthz` and `/readyz`.
+//! name into an ordinal and addresses. `service::ops` serves `/metrics`, `/healthz` and
+//! `/readyz`.
 //!
-//! # Module map
+//! # Layers
 //!
-//! | module | role |
-//! |---|---|
-//! | [`config`] | the one config struct, its defaults table and layered loading |
-//! | [`identity`] | ordinal from the pod name; address templates |
-//! | [`node`] | start, shared state, routing, shutdown |
-//! | [`membership`] | bootstrap rule, join, promotion, replacement, scale-down |
-//! | [`replicas`] | desired replicas from the StatefulSet (Kubernetes API) |
-//! | [`batcher`] | many client writes → one Raft entry |
-//! | [`read_index`] | concurrent linearizable reads share one ReadIndex round |
-//! | [`kv_service`], [`cluster_service`] | client-facing gRPC |
-//! | [`raft_service`], [`network`] | peer gRPC, both directions |
-//! | [`forward`] | follower → leader forwarding |
-//! | [`errors`] | every client error and its gRPC status, in one place |
-//! | [`pb`] | protobuf ↔ domain conversions, limits |
-//! | [`metrics`], [`ops`], [`logging`] | observability |
+//! Modules import only from layers below their own (a test, `layers_point_one_way`, fails the
+//! build otherwise), and no service or task imports another:
+//!
+//! | layer | modules | role |
+//! |---|---|---|
+//! | 6 assembly | [`node`] | start, handle, shutdown |
+//! | 5 assembly | [`server`] | the three listeners and servers |
+//! | 4 services | [`service::kv`], [`service::cluster`], [`service::raft`], [`service::ops`] | one file per gRPC service (and the ops HTTP endpoints) |
+//! | 4 tasks | [`tasks::membership`], [`tasks::replicas`], [`tasks::raft_metrics`] | background work, each given only what it uses |
+//! | 3 member | [`member`] | this member's shared state: identity, Raft, routing, the write and read entry points, lifecycle |
+//! | 2 transport and pipeline | [`network`], [`forward`], [`batcher`], [`read_index`] | peer RPCs out, forwarding to the leader, write batching, shared ReadIndex rounds |
+//! | 1 leaves | [`config`], [`identity`], [`errors`], [`metrics`], [`logging`], [`pb`], [`cluster_id`], [`channels`] | configuration, identity, errors and their one mapping, observability, wire conversions, the cluster id cell, the peer-channel cache |
 //!
 //! # Caveats
 //!
 //! * openraft 0.9 has no leadership transfer: `TransferLeader` is `UNIMPLEMENTED` and a leader
 //!   that shuts down costs the cluster about one election timeout of write unavailability.
-//! * openraft 0.9 fsyncs once per entry and holds its core loop during the flush, so a disk
-//!   stall also stalls heartbeats; the default election timeout (2.5–5 s) sits above the
-//!   1–2 s stalls measured on shared disks.
+//! * openraft 0.9 waits for each log append's fsync before it issues the next append and holds
+//!   its core loop during the flush, so a disk stall also stalls heartbeats; the default
+//!   election timeout (2.5–5 s) sits above the 1–2 s stalls measured on shared disks.
 //! * Watch, leases and Backup are specified in the protos but answer `UNIMPLEMENTED`.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod batcher;
-pub mod cluster_service;
+// Layer 1: leaves.
+pub mod channels;
+pub mod cluster_id;
 pub mod config;
 pub mod errors;
-pub mod forward;
 pub mod identity;
-pub mod kv_service;
 pub mod logging;
-pub mod membership;
 pub mod metrics;
-pub mod network;
-pub mod node;
-pub mod ops;
 pub mod pb;
-pub mod raft_service;
+// Layer 2: transport and pipeline.
+pub mod batcher;
+pub mod forward;
+pub mod network;
 pub mod read_index;
-pub mod replicas;
+// Layer 3: the member's shared state.
+pub mod member;
+// Layer 4: services and background tasks.
+pub mod service;
+pub mod tasks;
+// Layers 5 and 6: assembly.
+pub mod node;
 pub mod server;
+
+#[cfg(test)]
+mod layers_test;
 
 pub use config::Config;
 pub use node::Listeners;
@@ -72,3 +77,4 @@ pub use node::Node;
 pub use node::NodeHandle;
 pub use node::NodeOptions;
 pub use node::StartError;
+pub use node::StopError;

@@ -4,14 +4,16 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber. `format` is `auto`, `text` or `json`; `level` is a tracing
-/// filter, overridden by `RUST_LOG` when set. Calling it twice keeps the first subscriber.
-pub fn init(format: &str, level: &str) {
+use crate::config::LogFormat;
+
+/// Installs the global subscriber. `level` is a tracing filter, overridden by `RUST_LOG` when
+/// set. Calling it twice keeps the first subscriber.
+pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let json = match format {
-        "json" => true,
-        "text" => false,
-        _ => !std::io::stderr().is_terminal(),
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if json {

@@ -10,10 +10,13 @@
 //! * Client gRPC: `grpc_requests_total{method,code}`, `grpc_request_duration_seconds{method}`.
 //! * Peer RPCs sent: `peer_rpcs_total{rpc,result}`, `peer_rpc_duration_seconds{rpc}`.
 //! * Write path: `batch_commands` (commands per Raft entry), `batch_bytes`,
-//!   `log_flush_seconds`, `log_flush_appends` (appends per fsync: group commit),
+//!   `log_flush_seconds`, `log_flush_appends` (appends per fsync; 1 under openraft 0.9, which waits for
+//!   each append's flush before the next),
 //!   `vote_flush_seconds`, `apply_seconds`.
 //! * Read path: `read_index_reads` (linearizable reads served per ReadIndex round).
 //! * Snapshots: `snapshots_total{kind="built"|"installed"}`, `snapshot_bytes`.
+//! * Volume: `volume_bytes` (every file under the data directory; refreshed every few seconds
+//!   by a background task, and the figure `Cluster.Status` reports).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,6 +101,7 @@ pub struct Metrics {
     pub leader_changes: Counter,
     pub elections: Counter,
     pub membership_changes: Counter,
+    pub volume_bytes: Gauge,
 }
 
 impl Metrics {
@@ -131,6 +135,7 @@ impl Metrics {
             leader_changes: Counter::default(),
             elections: Counter::default(),
             membership_changes: Counter::default(),
+            volume_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -182,6 +187,11 @@ impl Metrics {
             "membership_changes",
             "Membership changes made by this member's reconciler",
             m.membership_changes.clone(),
+        );
+        r.register(
+            "volume_bytes",
+            "Bytes of every file under the data directory, refreshed every few seconds",
+            m.volume_bytes.clone(),
         );
         Arc::new(Self { registry: r, ..m })
     }

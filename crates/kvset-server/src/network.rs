@@ -1,7 +1,8 @@
 //! The sending side of peer traffic: openraft's `RaftNetworkFactory` / `RaftNetwork` over tonic.
 //!
-//! * One lazily connected HTTP/2 channel per peer address; tonic reconnects (and re-resolves
-//!   DNS) by itself, so a rescheduled pod with a new IP is found again.
+//! * One lazily connected HTTP/2 channel per peer address, from the member's shared
+//!   [`PeerChannels`]; tonic reconnects (and re-resolves DNS) by itself, so a rescheduled pod
+//!   with a new IP is found again.
 //! * Each RPC is bounded on the client side by the smaller of openraft's hard TTL and
 //!   `raft.rpc_timeout_ms` (a gRPC deadline header alone would not stop us waiting).
 //! * Every request carries the cluster id, the sender's and the intended receiver's node ids;
@@ -11,9 +12,7 @@
 //!   a timeout is `Timeout`; anything else is `Network`.
 //! * A [`PeerFault`] hook lets tests cut links (partitions) without touching sockets.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -43,10 +42,10 @@ use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use serde::de::DeserializeOwned;
 use tonic::transport::Channel;
-use tonic::transport::Endpoint;
 
+use crate::channels::PeerChannels;
+use crate::cluster_id::ClusterIdCell;
 use crate::metrics::Metrics;
-use crate::node::ClusterIdCell;
 
 /// Largest peer message, in bytes (AppendEntries of `max_payload_entries` large entries).
 pub const PEER_MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -57,22 +56,11 @@ pub trait PeerFault: Send + Sync + 'static {
     fn blocked(&self, from: u64, to: u64) -> bool;
 }
 
-/// Opens a lazily connecting channel to `host:port`.
-pub fn lazy_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
-}
-
 struct Inner {
     my_id: u64,
     cluster: ClusterIdCell,
     rpc_timeout: Duration,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Arc<PeerChannels>,
     fault: Option<Arc<dyn PeerFault>>,
     metrics: Arc<Metrics>,
 }
@@ -95,33 +83,18 @@ impl PeerNetwork {
         my_id: u64,
         cluster: ClusterIdCell,
         rpc_timeout: Duration,
+        channels: Arc<PeerChannels>,
         fault: Option<Arc<dyn PeerFault>>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                my_id,
-                cluster,
-                rpc_timeout,
-                channels: Mutex::default(),
-                fault,
-                metrics,
-            }),
-        }
+        Self { inner: Arc::new(Inner { my_id, cluster, rpc_timeout, channels, fault, metrics }) }
     }
 
     fn channel(&self, addr: &str) -> Option<Channel> {
-        let mut channels = self.inner.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = channels.get(addr) {
-            return Some(c.clone());
-        }
-        match lazy_channel(addr, self.inner.rpc_timeout) {
-            Ok(c) => {
-                channels.insert(addr.to_string(), c.clone());
-                Some(c)
-            }
+        match self.inner.channels.get(addr) {
+            Ok(c) => Some(c),
             Err(e) => {
-                tracing::warn!(addr, error = %e, "invalid peer address");
+                tracing::warn!(error = %e, "invalid peer address");
                 None
             }
         }
@@ -221,8 +194,7 @@ impl PeerClient {
         let Some(client) = self.client.as_mut() else {
             return Err(unreachable(format!("invalid peer address {:?}", self.addr)));
         };
-        let cluster_id =
-            crate::node::read_cluster(&self.inner.cluster).map(|c| c.to_string()).unwrap_or_default();
+        let cluster_id = self.inner.cluster.to_wire();
         let request = RaftRequest { cluster_id, from: my_id, to: target, payload };
         let ttl = ttl.min(self.inner.rpc_timeout);
         let mut request = tonic::Request::new(request);

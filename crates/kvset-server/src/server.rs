@@ -9,23 +9,62 @@ use std::sync::Arc;
 use kvset_proto::v1::cluster_server::ClusterServer;
 use kvset_proto::v1::kv_server::KvServer;
 use kvset_proto::v1::raft_server::RaftServer;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
-use crate::cluster_service::ClusterService;
+use crate::config::Config;
 use crate::forward::CLIENT_MAX_MESSAGE_BYTES;
-use crate::kv_service::KvService;
+use crate::identity::AddressBook;
+use crate::identity::Identity;
+use crate::member::LocalMember;
 use crate::network::PEER_MAX_MESSAGE_BYTES;
-use crate::node::Listeners;
-use crate::node::NodeShared;
-use crate::raft_service::PeerService;
+use crate::service::cluster::ClusterService;
+use crate::service::kv::KvService;
+use crate::service::raft::PeerService;
+
+/// The three listeners a member serves on, bound by the caller (tests bind port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    pub client: TcpListener,
+    pub peer: TcpListener,
+    pub ops: TcpListener,
+}
+
+/// Why the listeners could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+impl Listeners {
+    /// Binds the listeners of `config`'s member on `listen_host`.
+    pub async fn bind(config: &Config) -> Result<Self, ListenError> {
+        let identity = Identity::from_name(&config.name)?;
+        let book = AddressBook::new(config, &identity.set);
+        let bind = |port: u16| {
+            let addr = format!("{}:{}", config.listen_host, port);
+            async move { TcpListener::bind(&addr).await.map_err(|e| ListenError::Bind { addr, source: e }) }
+        };
+        Ok(Self {
+            client: bind(book.client_listen_port(identity.ordinal)).await?,
+            peer: bind(book.peer_listen_port(identity.ordinal)).await?,
+            ops: bind(book.ops_listen_port(identity.ordinal)).await?,
+        })
+    }
+}
 
 /// Why the servers could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("server setup: {0}")]
-pub struct ServerError(String);
+pub enum ServerError {
+    #[error("server reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
 
 /// Accepted connections with Nagle's algorithm off: the builder's `tcp_nodelay` does not reach
 /// connections from a custom incoming stream, and Nagle plus delayed ACKs adds ~40 ms stalls
@@ -48,14 +87,14 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 
 /// Starts the servers; each task ends once it has drained after the stop signal.
 pub async fn spawn_servers(
-    shared: Arc<NodeShared>,
+    member: Arc<LocalMember>,
     listeners: Listeners,
     stop: watch::Receiver<bool>,
 ) -> Result<Vec<JoinHandle<()>>, ServerError> {
     let mut tasks = Vec::new();
 
     // Peer server.
-    let peer = RaftServer::new(PeerService::new(shared.clone()))
+    let peer = RaftServer::new(PeerService::new(member.clone()))
         .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
         .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES);
     let incoming_peer = incoming(listeners.peer);
@@ -79,15 +118,14 @@ pub async fn spawn_servers(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(kvset_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServerError(e.to_string()))?;
+        .build_v1()?;
     // Requests up to twice the request limit decode, so an oversized one is answered with
     // INVALID_ARGUMENT naming the limit rather than a transport error.
-    let decode_limit = (shared.config.limits.request_max_bytes as usize).saturating_mul(2).max(4 << 20);
-    let kv = KvServer::new(KvService::new(shared.clone()))
+    let decode_limit = (member.config().limits.request_max_bytes as usize).saturating_mul(2).max(4 << 20);
+    let kv = KvServer::new(KvService::new(member.clone()))
         .max_decoding_message_size(decode_limit)
         .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);
-    let cluster = ClusterServer::new(ClusterService::new(shared.clone()))
+    let cluster = ClusterServer::new(ClusterService::new(member.clone()))
         .max_decoding_message_size(decode_limit)
         .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);
     let incoming_client = incoming(listeners.client);
@@ -116,7 +154,7 @@ pub async fn spawn_servers(
     }));
 
     // Ops server.
-    let app = crate::ops::router(shared.clone());
+    let app = crate::service::ops::router(member.subscribe_phase(), member.metrics().clone());
     let ops_listener = listeners.ops;
     let stop_ops = stop.clone();
     tasks.push(tokio::spawn(async move {

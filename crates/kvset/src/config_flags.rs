@@ -135,7 +135,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
-    kvset_server::logging::init(&config.log_format, &config.log_level);
+    kvset_server::logging::init(config.log_format, &config.log_level);
     let listeners = Listeners::bind(&config).await?;
     let options = NodeOptions { force_new_cluster: args.force_new_cluster, ..Default::default() };
     if args.force_new_cluster {

@@ -1,7 +1,7 @@
 //! Self-managing membership (DESIGN.md §3): bootstrap, join, promotion, replacement and
 //! ordered scale-down, with no person running `member add`.
 //!
-//! One task per member runs [`step`] about once a second:
+//! One task per member runs `step` about once a second:
 //!
 //! * **Not yet in a cluster** (no Raft membership): probe the ordinals `0..max(initial
 //!   replicas, own ordinal + 1)`.
@@ -14,27 +14,19 @@
 //!     say what is awaited. Never guess.
 //! * **Leader**: reconcile. The membership converges to "the voters are the node ids of the
 //!   pods at ordinals `0..desired`". The pod at each ordinal is asked who it is (`Probe`), and
-//!   at most one change is made per step, in this order:
-//!   1. remove learners that are stale (the pod at their ordinal is another incarnation) or
-//!      beyond the desired count;
-//!   2. replace a voter whose ordinal is now answered by another node id, once that node is a
-//!      caught-up learner (one joint-consensus change swaps the ids);
-//!   3. promote caught-up learners, lowest ordinal first (a learner waits while any lower
-//!      ordinal has no voter yet);
-//!   4. scale down: remove the voter with the highest ordinal `>= desired`, one at a time, never
-//!      leaving fewer voters than desired.
-//!
-//!   "Caught up" means the learner's own applied index (from its Probe answer) is within
-//!   `raft.catchup_lag_entries` of the leader's last log index.
+//!   the pure function [`plan::plan`] decides at most one change per step (stale learners,
+//!   replacement, promotion lowest ordinal first, scale-down highest first without losing a
+//!   safe quorum; its module docs give the rules).
 //! * **Voter that hears no leader**: probe the peers; if they lead a cluster whose voters no
 //!   longer include us, say so loudly (this volume's member was replaced or removed) and never
 //!   try to rejoin under the old id.
 //!
 //! A SIGTERM never removes a member: only the desired replica count does.
 
+pub mod plan;
+
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,14 +34,15 @@ use kvset_proto::v1 as pb;
 use kvset_proto::v1::raft_client::RaftClient;
 use kvset_storage::ClusterId;
 use kvset_storage::Member;
-use openraft::ChangeMembers;
 use openraft::RaftMetrics;
 use openraft::ServerState;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use crate::network::lazy_channel;
-use crate::node::NodeShared;
+use crate::member::LocalMember;
+use plan::Answer;
+use plan::Observation;
+use plan::Plan;
 
 /// How long one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -61,35 +54,30 @@ const LEADERLESS_STEPS: u32 = 5;
 /// State the membership loop keeps between steps.
 #[derive(Default)]
 struct Loop {
-    channels: HashMap<String, Channel>,
     leaderless_steps: u32,
 }
 
-impl Loop {
-    fn client(&mut self, addr: &str) -> Result<RaftClient<Channel>, String> {
-        if let Some(c) = self.channels.get(addr) {
-            return Ok(RaftClient::new(c.clone()));
-        }
-        let c = lazy_channel(addr, PROBE_TIMEOUT).map_err(|e| format!("{addr}: {e}"))?;
-        self.channels.insert(addr.to_string(), c.clone());
-        Ok(RaftClient::new(c))
-    }
+/// A peer-service client for `addr`, over the member's shared channels.
+fn client(shared: &LocalMember, addr: &str) -> Result<RaftClient<Channel>, String> {
+    shared.channels().get(addr).map(RaftClient::new).map_err(|e| e.to_string())
+}
 
+impl Loop {
     /// Probes several ordinals at once.
     async fn probe_all(
         &mut self,
-        shared: &NodeShared,
+        shared: &LocalMember,
         ordinals: impl IntoIterator<Item = u32>,
     ) -> BTreeMap<u32, Result<pb::ProbeReply, String>> {
         let mut calls = Vec::new();
         for ordinal in ordinals {
-            let addr = shared.book.peer_addr(ordinal);
-            let client = self.client(&addr);
+            let addr = shared.book().peer_addr(ordinal);
+            let client = client(shared, &addr);
             let req = pb::ProbeRequest {
-                from_name: shared.identity.name.clone(),
-                cluster_id: shared.cluster_id().map(|c| c.to_string()).unwrap_or_default(),
+                from_name: shared.identity().name.clone(),
+                cluster_id: shared.cluster().to_wire(),
             };
-            let name = shared.identity.sibling(ordinal);
+            let name = shared.identity().sibling(ordinal);
             calls.push(async move {
                 let result = match client {
                     Err(e) => Err(e),
@@ -128,7 +116,7 @@ fn short(status: &tonic::Status) -> String {
 }
 
 /// Runs the membership loop until `stop`.
-pub async fn run(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
+pub async fn run(shared: Arc<LocalMember>, mut stop: watch::Receiver<bool>) {
     let mut state = Loop::default();
     let base = Duration::from_millis(500);
     let mut delay = base;
@@ -144,7 +132,7 @@ pub async fn run(shared: Arc<NodeShared>, mut stop: watch::Receiver<bool>) {
 
 /// One step of the loop. Returns whether it changed something or is in steady state (short
 /// delay), as opposed to waiting on others (back off).
-async fn step(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
+async fn step(shared: &Arc<LocalMember>, state: &mut Loop) -> bool {
     let m = shared.raft_metrics();
     let membership = m.membership_config.membership();
     if membership.nodes().next().is_none() {
@@ -188,7 +176,7 @@ async fn step(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
     }
     if m.current_leader.is_some() {
         state.leaderless_steps = 0;
-        let role = if membership.voter_ids().any(|v| v == shared.node_id) { "voter" } else { "learner" };
+        let role = if membership.voter_ids().any(|v| v == shared.node_id()) { "voter" } else { "learner" };
         shared.set_reconciler_status(format!("{role}; leader is node {}", m.current_leader.unwrap_or(0)));
         return true;
     }
@@ -203,18 +191,18 @@ async fn step(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
 /// `Some(false)` once a member that knows a leader lists voters without us; `None` if no
 /// member of our cluster answered with a leader. (A removed member is never told of its own
 /// removal by Raft, so it has to ask.)
-pub async fn still_a_voter(shared: &NodeShared) -> Option<bool> {
+pub async fn still_a_voter(shared: &LocalMember) -> Option<bool> {
     let mut state = Loop::default();
-    let me = shared.identity.ordinal;
+    let me = shared.identity().ordinal;
     let mut ordinals: BTreeSet<u32> =
         shared.raft_metrics().membership_config.membership().nodes().map(|(_, n)| n.ordinal).collect();
     ordinals.remove(&me);
     let replies = state.probe_all(shared, ordinals).await;
-    let ours = shared.cluster_id().map(|c| c.to_string()).unwrap_or_default();
+    let ours = shared.cluster().to_wire();
     let mut answer = None;
     for reply in replies.values().flatten() {
-        if reply.cluster_id == ours && reply.leader_id != 0 && reply.leader_id != shared.node_id {
-            if !reply.voters.contains(&shared.node_id) {
+        if reply.cluster_id == ours && reply.leader_id != 0 && reply.leader_id != shared.node_id() {
+            if !reply.voters.contains(&shared.node_id()) {
                 return Some(false);
             }
             answer = Some(true);
@@ -225,22 +213,22 @@ pub async fn still_a_voter(shared: &NodeShared) -> Option<bool> {
 
 /// A member with Raft state but no working leadership: find out whether the cluster moved on
 /// without us. Returns whether it did (the reconciler status then says so).
-async fn check_removed(shared: &NodeShared, state: &mut Loop) -> bool {
-    let me = shared.identity.ordinal;
+async fn check_removed(shared: &LocalMember, state: &mut Loop) -> bool {
+    let me = shared.identity().ordinal;
     let known: BTreeSet<u32> =
         shared.raft_metrics().membership_config.membership().nodes().map(|(_, n)| n.ordinal).collect();
     let ordinals: Vec<u32> = known.into_iter().filter(|o| *o != me).collect();
     let replies = state.probe_all(shared, ordinals).await;
-    let mine = shared.cluster_id().map(|c| c.to_string()).unwrap_or_default();
+    let mine = shared.cluster().to_wire();
     for reply in replies.values().flatten() {
-        if reply.cluster_id == mine && reply.leader_id != 0 && !reply.voters.contains(&shared.node_id) {
+        if reply.cluster_id == mine && reply.leader_id != 0 && !reply.voters.contains(&shared.node_id()) {
             let status = format!(
                 "node {} is no longer a member of cluster {mine}: this volume's member was replaced or removed \
                  (the cluster's voters are {:?}, leader {}). It will not rejoin under this id; delete the volume \
                  to rejoin as a new member",
-                shared.node_id, reply.voters, reply.leader_id
+                shared.node_id(), reply.voters, reply.leader_id
             );
-            let changed = *shared.reconciler.lock().unwrap_or_else(|e| e.into_inner()) != status;
+            let changed = shared.reconciler_status() != status;
             if changed {
                 tracing::error!("{status}");
             }
@@ -252,9 +240,9 @@ async fn check_removed(shared: &NodeShared, state: &mut Loop) -> bool {
 }
 
 /// Not in any membership yet: join a cluster, or bootstrap one, or wait.
-async fn find_cluster(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
-    let me = shared.identity.ordinal;
-    let initial = shared.config.initial_replicas;
+async fn find_cluster(shared: &Arc<LocalMember>, state: &mut Loop) -> bool {
+    let me = shared.identity().ordinal;
+    let initial = shared.config().initial_replicas;
     let upper = initial.max(me + 1);
     let replies = state.probe_all(shared, (0..upper).filter(|o| *o != me)).await;
 
@@ -265,7 +253,7 @@ async fn find_cluster(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
         .filter(|(_, r)| !r.cluster_id.is_empty())
         .max_by_key(|(_, r)| (r.member && r.leader_id != 0, r.member));
     if let Some((ordinal, reply)) = clustered {
-        return join(shared, state, ordinal, reply).await;
+        return join(shared, ordinal, reply).await;
     }
 
     if let Some(cluster) = shared.cluster_id() {
@@ -275,7 +263,7 @@ async fn find_cluster(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
         return false;
     }
     let unreachable: Vec<String> = replies.values().filter_map(|r| r.as_ref().err().cloned()).collect();
-    if me != 0 && !shared.options.force_new_cluster {
+    if me != 0 && !shared.force_new_cluster() {
         shared.set_reconciler_status(format!(
             "waiting for ordinal 0 to bootstrap the cluster, or for a cluster to join{}",
             if unreachable.is_empty() {
@@ -295,22 +283,22 @@ async fn find_cluster(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
         );
         return false;
     }
-    let mut members: BTreeMap<u64, Member> = BTreeMap::from([(shared.node_id, shared.me.clone())]);
-    if !shared.options.force_new_cluster {
+    let mut members: BTreeMap<u64, Member> = BTreeMap::from([(shared.node_id(), shared.me().clone())]);
+    if !shared.force_new_cluster() {
         let mut waiting = Vec::new();
         for ordinal in 1..initial {
             match replies.get(&ordinal) {
                 Some(Ok(r)) if r.empty && r.cluster_id.is_empty() => {
-                    members.insert(r.node_id, shared.book.member(ordinal));
+                    members.insert(r.node_id, shared.book().member(ordinal));
                 }
                 Some(Ok(r)) => waiting.push(format!(
                     "{} is not empty (node {}, member: {}) but has no cluster id",
-                    shared.identity.sibling(ordinal),
+                    shared.identity().sibling(ordinal),
                     r.node_id,
                     r.member
                 )),
                 Some(Err(e)) => waiting.push(e.clone()),
-                None => waiting.push(format!("{} was not probed", shared.identity.sibling(ordinal))),
+                None => waiting.push(format!("{} was not probed", shared.identity().sibling(ordinal))),
             }
         }
         if !waiting.is_empty() {
@@ -323,14 +311,14 @@ async fn find_cluster(shared: &Arc<NodeShared>, state: &mut Loop) -> bool {
     }
 
     let cluster = ClusterId::random();
-    if let Err(e) = shared.adopt_cluster(cluster) {
+    if let Err(e) = shared.adopt_cluster(cluster).await {
         shared.set_reconciler_status(format!("cannot record the new cluster id: {e}"));
         return false;
     }
     let names: Vec<String> = members.values().map(|m| m.name.clone()).collect();
-    match shared.raft.initialize(members).await {
+    match shared.raft().initialize(members).await {
         Ok(()) => {
-            tracing::info!(cluster_id = %cluster, voters = ?names, force = shared.options.force_new_cluster, "bootstrapped a new cluster");
+            tracing::info!(cluster_id = %cluster, voters = ?names, force = shared.force_new_cluster(), "bootstrapped a new cluster");
             shared.set_reconciler_status(format!("bootstrapped cluster {cluster} with voters {names:?}"));
             true
         }
@@ -348,9 +336,9 @@ struct Loaded {
     last_log_index: u64,
 }
 
-async fn loaded_state(shared: &NodeShared) -> Result<Loaded, String> {
+async fn loaded_state(shared: &LocalMember) -> Result<Loaded, String> {
     shared
-        .raft
+        .raft()
         .with_raft_state(|st| {
             let effective = st.membership_state.effective();
             let last_log_index = [*effective.log_id(), st.committed, st.snapshot_meta.last_log_id]
@@ -366,7 +354,7 @@ async fn loaded_state(shared: &NodeShared) -> Result<Loaded, String> {
 }
 
 /// Adopts the cluster `reply` belongs to and asks its member to add us.
-async fn join(shared: &Arc<NodeShared>, state: &mut Loop, ordinal: u32, reply: &pb::ProbeReply) -> bool {
+async fn join(shared: &Arc<LocalMember>, ordinal: u32, reply: &pb::ProbeReply) -> bool {
     let theirs: ClusterId = match reply.cluster_id.parse() {
         Ok(c) => c,
         Err(_) => {
@@ -378,19 +366,19 @@ async fn join(shared: &Arc<NodeShared>, state: &mut Loop, ordinal: u32, reply: &
         if mine != theirs {
             let status = format!(
                 "this volume belongs to cluster {mine} but {} reports cluster {theirs}: refusing to join another cluster",
-                shared.identity.sibling(ordinal)
+                shared.identity().sibling(ordinal)
             );
             tracing::error!("{status}");
             shared.set_reconciler_status(status);
             return false;
         }
     }
-    if let Err(e) = shared.adopt_cluster(theirs) {
+    if let Err(e) = shared.adopt_cluster(theirs).await {
         shared.set_reconciler_status(format!("cannot record cluster id {theirs}: {e}"));
         return false;
     }
-    let addr = shared.book.peer_addr(ordinal);
-    let mut client = match state.client(&addr) {
+    let addr = shared.book().peer_addr(ordinal);
+    let mut client = match client(shared, &addr) {
         Ok(c) => c,
         Err(e) => {
             shared.set_reconciler_status(e);
@@ -404,11 +392,11 @@ async fn join(shared: &Arc<NodeShared>, state: &mut Loop, ordinal: u32, reply: &
             return false;
         }
     };
-    let me = &shared.me;
+    let me = shared.me();
     let mut req = tonic::Request::new(pb::JoinRequest {
         last_log_index,
         cluster_id: theirs.to_string(),
-        node_id: shared.node_id,
+        node_id: shared.node_id(),
         ordinal: me.ordinal,
         name: me.name.clone(),
         peer_addr: me.peer_addr.clone(),
@@ -420,14 +408,14 @@ async fn join(shared: &Arc<NodeShared>, state: &mut Loop, ordinal: u32, reply: &
             let r = r.into_inner();
             shared.set_reconciler_status(format!(
                 "joining cluster {theirs} as node {} (leader {}, already a member: {}); waiting for replication",
-                shared.node_id, r.leader_id, r.already_member
+                shared.node_id(), r.leader_id, r.already_member
             ));
             true
         }
         Err(status) => {
             shared.set_reconciler_status(format!(
                 "asked {} to join cluster {theirs}: {}; retrying",
-                shared.identity.sibling(ordinal),
+                shared.identity().sibling(ordinal),
                 short(&status)
             ));
             false
@@ -436,12 +424,13 @@ async fn join(shared: &Arc<NodeShared>, state: &mut Loop, ordinal: u32, reply: &
 }
 
 /// Runs one membership change with a deadline.
-async fn change(shared: &NodeShared, what: String, change: ChangeMembers<u64, Member>) -> bool {
+async fn change(shared: &LocalMember, what: String, change: plan::Change, voters: &BTreeSet<u64>) -> bool {
     tracing::info!(change = %what, "membership change");
     shared.set_reconciler_status(format!("{what}: in progress"));
-    match tokio::time::timeout(CHANGE_TIMEOUT, shared.raft.change_membership(change, false)).await {
+    let change = change.to_openraft(voters);
+    match tokio::time::timeout(CHANGE_TIMEOUT, shared.raft().change_membership(change, false)).await {
         Ok(Ok(_)) => {
-            shared.metrics.membership_changes.inc();
+            shared.metrics().membership_changes.inc();
             shared.set_reconciler_status(format!("{what}: done"));
             true
         }
@@ -456,150 +445,43 @@ async fn change(shared: &NodeShared, what: String, change: ChangeMembers<u64, Me
     }
 }
 
-/// The leader's reconciliation step. See the module docs for the order of decisions.
-async fn reconcile(shared: &Arc<NodeShared>, state: &mut Loop, m: &RaftMetrics<u64, Member>) -> bool {
+/// The leader's reconciliation step: observe, [`plan::plan`], act.
+async fn reconcile(shared: &Arc<LocalMember>, state: &mut Loop, m: &RaftMetrics<u64, Member>) -> bool {
     let (desired, source) = shared.desired_replicas();
     let membership = m.membership_config.membership();
-    if membership.get_joint_config().len() > 1 {
-        shared.set_reconciler_status("a membership change is in progress".into());
-        return true;
-    }
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
     let nodes: BTreeMap<u64, Member> = membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
-    let learners: BTreeMap<u64, &Member> =
-        nodes.iter().filter(|(id, _)| !voters.contains(id)).map(|(id, n)| (*id, n)).collect();
-    let leader_last = m.last_log_index.unwrap_or(0);
-    let lag = shared.config.raft.catchup_lag_entries;
 
-    // Who answers at each relevant ordinal now.
+    // Who answers at each relevant ordinal now; only members of this cluster (or fresh members
+    // about to join it) count.
     let mut ordinals: BTreeSet<u32> = nodes.values().map(|n| n.ordinal).collect();
     ordinals.extend(0..desired);
-    ordinals.remove(&shared.identity.ordinal);
+    ordinals.remove(&shared.identity().ordinal);
     let replies = state.probe_all(shared, ordinals).await;
-    let ours = shared.cluster_id().map(|c| c.to_string()).unwrap_or_default();
-    // Only members of this cluster (or fresh members about to join it) count.
-    let current = |ordinal: u32| -> Option<&pb::ProbeReply> {
-        if ordinal == shared.identity.ordinal {
-            None
-        } else {
-            replies
-                .get(&ordinal)
-                .and_then(|r| r.as_ref().ok())
-                .filter(|r| r.cluster_id.is_empty() || r.cluster_id == ours)
-        }
-    };
-    let caught_up = |id: u64, ordinal: u32| -> bool {
-        current(ordinal).is_some_and(|r| r.node_id == id && r.applied_index + lag >= leader_last)
-    };
-    let name =
-        |id: u64| nodes.get(&id).map_or_else(|| format!("node {id}"), |n| format!("{} (node {id})", n.name));
-
-    // 1. Stale or surplus learners.
-    for (id, node) in &learners {
-        let stale = current(node.ordinal).is_some_and(|r| r.node_id != *id);
-        if stale || node.ordinal >= desired {
-            let why = if stale {
-                "another incarnation now answers at its ordinal"
-            } else {
-                "beyond the desired replicas"
-            };
-            return change(
-                shared,
-                format!("remove learner {} ({why})", name(*id)),
-                ChangeMembers::RemoveNodes(BTreeSet::from([*id])),
-            )
-            .await;
-        }
-    }
-
-    // 2. Replacement of a voter whose ordinal now answers with another, caught-up, node id.
-    for voter in &voters {
-        let Some(node) = nodes.get(voter) else { continue };
-        let Some(reply) = current(node.ordinal) else { continue };
-        if reply.node_id == *voter || !learners.contains_key(&reply.node_id) {
-            continue;
-        }
-        if !caught_up(reply.node_id, node.ordinal) {
-            shared.set_reconciler_status(format!(
-                "replacing {}: waiting for node {} to catch up (applied {} of {leader_last})",
-                name(*voter),
-                reply.node_id,
-                reply.applied_index
-            ));
-            return true;
-        }
-        let mut next = voters.clone();
-        next.remove(voter);
-        next.insert(reply.node_id);
-        return change(
-            shared,
-            format!("replace {} with node {} (its volume was lost)", name(*voter), reply.node_id),
-            ChangeMembers::ReplaceAllVoters(next),
-        )
-        .await;
-    }
-
-    // 3. Promotion, lowest ordinal first.
-    let voter_ordinals: BTreeSet<u32> =
-        voters.iter().filter_map(|v| nodes.get(v)).map(|n| n.ordinal).collect();
-    let mut candidates: Vec<(u32, u64)> = learners
-        .iter()
-        .filter(|(_, n)| n.ordinal < desired && !voter_ordinals.contains(&n.ordinal))
-        .map(|(id, n)| (n.ordinal, *id))
+    let ours = shared.cluster().to_wire();
+    let answers = replies
+        .into_iter()
+        .filter_map(|(o, r)| r.ok().map(|r| (o, r)))
+        .filter(|(_, r)| r.cluster_id.is_empty() || r.cluster_id == ours)
+        .map(|(o, r)| (o, Answer { node_id: r.node_id, applied_index: r.applied_index }))
         .collect();
-    candidates.sort();
-    if let Some((ordinal, id)) = candidates.first().copied() {
-        if let Some(missing) = (0..ordinal).find(|o| !voter_ordinals.contains(o)) {
-            shared.set_reconciler_status(format!(
-                "promoting {} waits: {} must join and be promoted first (lowest ordinal first)",
-                name(id),
-                shared.identity.sibling(missing)
-            ));
-            return true;
+    let observation = Observation {
+        desired,
+        desired_source: source.to_string(),
+        leader_id: shared.node_id(),
+        leader_ordinal: shared.identity().ordinal,
+        joint: membership.get_joint_config().len() > 1,
+        voters,
+        nodes,
+        leader_last_log: m.last_log_index.unwrap_or(0),
+        catchup_lag: shared.config().raft.catchup_lag_entries,
+        answers,
+    };
+    match plan::plan(&observation) {
+        Plan::Change { change: c, what } => change(shared, what, c, &observation.voters).await,
+        Plan::Wait(why) | Plan::InSync(why) => {
+            shared.set_reconciler_status(why);
+            true
         }
-        if !caught_up(id, ordinal) {
-            shared.set_reconciler_status(format!(
-                "promoting {}: waiting for it to catch up (applied {} of {leader_last})",
-                name(id),
-                current(ordinal).map_or(0, |r| r.applied_index)
-            ));
-            return true;
-        }
-        return change(
-            shared,
-            format!("promote {} to voter", name(id)),
-            ChangeMembers::AddVoterIds(BTreeSet::from([id])),
-        )
-        .await;
     }
-
-    // 4. Scale down, highest ordinal first, never below the desired count.
-    let surplus = voters
-        .iter()
-        .filter_map(|v| nodes.get(v).map(|n| (n.ordinal, *v)))
-        .filter(|(o, _)| *o >= desired)
-        .max();
-    if let Some((_, id)) = surplus {
-        if voters.len() as u32 > desired {
-            return change(
-                shared,
-                format!("remove voter {} (scale down to {desired})", name(id)),
-                ChangeMembers::RemoveVoters(BTreeSet::from([id])),
-            )
-            .await;
-        }
-        shared.set_reconciler_status(format!(
-            "scale down to {desired} waits: {} voters, removing {} would leave fewer than desired",
-            voters.len(),
-            name(id)
-        ));
-        return true;
-    }
-
-    let names: Vec<String> = voters.iter().map(|v| name(*v)).collect();
-    shared.set_reconciler_status(format!(
-        "in sync: {} voters {names:?}, desired {desired} ({source})",
-        voters.len()
-    ));
-    true
 }

@@ -14,20 +14,23 @@ use kvset_proto::v1::cluster_client::ClusterClient;
 use kvset_storage::Command;
 use kvset_storage::CommandResult;
 use kvset_storage::Member;
-use openraft::error::ClientWriteError;
-use openraft::error::RaftError;
 use openraft::ChangeMembers;
+use openraft::ServerState;
 use tonic::transport::Channel;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
 
+use crate::config::ReplicasSource;
+use crate::errors;
 use crate::errors::KvError;
 use crate::forward::forwarded_error;
 use crate::forward::CallContext;
-use crate::kv_service::observe;
-use crate::node::NodeShared;
-use crate::node::Route;
+use crate::member::commit_index;
+use crate::member::LocalMember;
+use crate::member::Phase;
+use crate::member::Route;
+use crate::service::observe;
 
 /// Largest replica count accepted (a consensus group beyond 9 voters only gets slower).
 pub const MAX_REPLICAS: u32 = 9;
@@ -35,28 +38,14 @@ pub const MAX_REPLICAS: u32 = 9;
 /// The cluster administration service.
 #[derive(Debug, Clone)]
 pub struct ClusterService {
-    shared: Arc<NodeShared>,
+    member: Arc<LocalMember>,
 }
 
 type BackupStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
 
-fn membership_err(e: RaftError<u64, ClientWriteError<u64, Member>>) -> KvError {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => KvError::NoLeader {
-            leader_id: f.leader_id,
-            leader_addr: f.leader_node.map(|n| n.client_addr),
-            reason: "this member is no longer the leader".into(),
-        },
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-            KvError::FailedPrecondition(e.to_string())
-        }
-        RaftError::Fatal(f) => KvError::Unavailable(format!("raft stopped: {f}")),
-    }
-}
-
 /// The members of the current configuration, as the leader sees them.
-pub fn member_list(shared: &NodeShared) -> Vec<pb::Member> {
-    let m = shared.raft_metrics();
+pub fn member_list(member: &LocalMember) -> Vec<pb::Member> {
+    let m = member.raft_metrics();
     let membership = m.membership_config.membership();
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
     let mut out: Vec<pb::Member> = membership
@@ -68,7 +57,7 @@ pub fn member_list(shared: &NodeShared) -> Vec<pb::Member> {
             peer_addr: node.peer_addr.clone(),
             client_addr: node.client_addr.clone(),
             voter: voters.contains(id),
-            matched_index: if *id == shared.node_id {
+            matched_index: if *id == member.node_id() {
                 m.last_log_index.unwrap_or(0)
             } else {
                 m.replication.as_ref().and_then(|r| r.get(id).copied().flatten()).map_or(0, |l| l.index)
@@ -79,10 +68,52 @@ pub fn member_list(shared: &NodeShared) -> Vec<pb::Member> {
     out
 }
 
+/// The Status of `member`.
+pub fn status(member: &LocalMember) -> pb::StatusResponse {
+    let m = member.raft_metrics();
+    let applied = member.reader().applied();
+    let role = if matches!(member.phase(), Phase::ShuttingDown | Phase::Stopped) {
+        pb::Role::Shutdown
+    } else if m.membership_config.membership().get_node(&member.node_id()).is_none() {
+        pb::Role::Joining
+    } else {
+        match m.state {
+            ServerState::Leader => pb::Role::Leader,
+            ServerState::Follower => pb::Role::Follower,
+            ServerState::Candidate => pb::Role::Candidate,
+            ServerState::Learner => pb::Role::Learner,
+            ServerState::Shutdown => pb::Role::Shutdown,
+        }
+    };
+    let (leader_id, leader_addr) = member.leader();
+    pb::StatusResponse {
+        cluster_id: member.cluster().to_wire(),
+        node_id: member.node_id(),
+        ordinal: member.identity().ordinal,
+        name: member.identity().name.clone(),
+        role: role as i32,
+        term: m.current_term,
+        leader_id: leader_id.unwrap_or(0),
+        leader_addr: leader_addr.unwrap_or_default(),
+        last_log_index: m.last_log_index.unwrap_or(0),
+        applied_index: m.last_applied.map_or(0, |l| l.index),
+        commit_index: commit_index(&m).unwrap_or(0),
+        revision: applied.revision,
+        desired_replicas: member.desired_replicas().0,
+        reconciler: member.reconciler_status(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        // Measured by the metrics task every few seconds: a directory walk per Status call
+        // would be blocking I/O on the request path.
+        db_size_bytes: member.metrics().volume_bytes.get().max(0) as u64,
+        state_digest: 0,
+        state_keys: 0,
+    }
+}
+
 impl ClusterService {
-    /// The service of `shared`'s member.
-    pub fn new(shared: Arc<NodeShared>) -> Self {
-        Self { shared }
+    /// The service of `member`.
+    pub fn new(member: Arc<LocalMember>) -> Self {
+        Self { member }
     }
 
     /// Runs `local` on the leader (here, or by forwarding with `forward`).
@@ -92,10 +123,10 @@ impl ClusterService {
         local: impl AsyncFnOnce() -> Result<T, KvError>,
         forward: impl AsyncFnOnce(ClusterClient<Channel>) -> Result<Response<T>, Status>,
     ) -> Result<T, KvError> {
-        match self.shared.route(ctx.forwarded)? {
+        match self.member.route(ctx.forwarded)? {
             Route::Local => local().await,
             Route::Forward { addr, .. } => {
-                let client = self.shared.forwarder.cluster(&addr)?;
+                let client = self.member.forwarder().cluster(&addr)?;
                 forward(client).await.map(Response::into_inner).map_err(|s| forwarded_error(s, &addr, true))
             }
         }
@@ -107,10 +138,10 @@ impl pb::cluster_server::Cluster for ClusterService {
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let ctx = CallContext::of(&req);
         let digest = req.get_ref().digest;
-        observe(&self.shared, "Status", &ctx, async {
-            let mut status = self.shared.status();
+        observe(self.member.metrics(), "Status", &ctx, async {
+            let mut status = status(&self.member);
             if digest {
-                let reader = self.shared.reader.clone();
+                let reader = self.member.reader().clone();
                 let d = tokio::task::spawn_blocking(move || reader.digest())
                     .await
                     .map_err(|e| KvError::Internal(e.to_string()))?
@@ -129,15 +160,15 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::MemberListResponse>, Status> {
         let ctx = CallContext::of(&req);
         let msg = req.into_inner();
-        observe(&self.shared, "MemberList", &ctx, async {
+        observe(self.member.metrics(), "MemberList", &ctx, async {
             self.on_leader(
                 ctx,
                 async || {
-                    self.shared.read_barrier(ctx.deadline).await?;
+                    self.member.read_barrier(ctx.deadline).await?;
                     Ok(pb::MemberListResponse {
-                        cluster_id: self.shared.cluster_id().map(|c| c.to_string()).unwrap_or_default(),
-                        leader_id: self.shared.node_id,
-                        members: member_list(&self.shared),
+                        cluster_id: self.member.cluster().to_wire(),
+                        leader_id: self.member.node_id(),
+                        members: member_list(&self.member),
                     })
                 },
                 async move |mut c| c.member_list(ctx.forward(msg)).await,
@@ -153,14 +184,14 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::SetReplicasResponse>, Status> {
         let ctx = CallContext::of(&req);
         let msg = req.into_inner();
-        observe(&self.shared, "SetReplicas", &ctx, async {
+        observe(self.member.metrics(), "SetReplicas", &ctx, async {
             if msg.replicas == 0 || msg.replicas > MAX_REPLICAS {
                 return Err(KvError::InvalidArgument(format!(
                     "replicas is {}, must be between 1 and {MAX_REPLICAS}",
                     msg.replicas
                 )));
             }
-            if self.shared.config.replicas_source == "kubernetes" {
+            if self.member.config().replicas_source == ReplicasSource::Kubernetes {
                 return Err(KvError::FailedPrecondition(
                     "replicas come from the StatefulSet (replicas_source = kubernetes): use `kubectl scale`"
                         .into(),
@@ -169,7 +200,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             let n = msg.replicas;
             self.on_leader(
                 ctx,
-                async || match self.shared.submit(Command::SetReplicas(n), ctx.deadline).await? {
+                async || match self.member.submit(Command::SetReplicas(n), ctx.deadline).await? {
                     CommandResult::SetReplicas { replicas, .. } => Ok(pb::SetReplicasResponse { replicas }),
                     other => Err(KvError::Internal(format!("unexpected result {other:?}"))),
                 },
@@ -186,7 +217,7 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::AddLearnerResponse>, Status> {
         let ctx = CallContext::of(&req);
         let msg = req.into_inner();
-        observe(&self.shared, "AddLearner", &ctx, async {
+        observe(self.member.metrics(), "AddLearner", &ctx, async {
             if msg.node_id == 0 || msg.peer_addr.is_empty() || msg.client_addr.is_empty() {
                 return Err(KvError::InvalidArgument(
                     "node_id, peer_addr and client_addr are required".into(),
@@ -194,7 +225,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             }
             let member = Member {
                 ordinal: msg.ordinal,
-                name: self.shared.identity.sibling(msg.ordinal),
+                name: self.member.identity().sibling(msg.ordinal),
                 peer_addr: msg.peer_addr.clone(),
                 client_addr: msg.client_addr.clone(),
             };
@@ -202,8 +233,12 @@ impl pb::cluster_server::Cluster for ClusterService {
             self.on_leader(
                 ctx,
                 async || {
-                    self.shared.raft.add_learner(id, member, false).await.map_err(membership_err)?;
-                    Ok(pb::AddLearnerResponse { members: member_list(&self.shared) })
+                    self.member
+                        .raft()
+                        .add_learner(id, member, false)
+                        .await
+                        .map_err(|e| errors::membership_change(&e))?;
+                    Ok(pb::AddLearnerResponse { members: member_list(&self.member) })
                 },
                 async move |mut c| c.add_learner(ctx.forward(msg)).await,
             )
@@ -218,12 +253,12 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::PromoteResponse>, Status> {
         let ctx = CallContext::of(&req);
         let msg = req.into_inner();
-        observe(&self.shared, "Promote", &ctx, async {
+        observe(self.member.metrics(), "Promote", &ctx, async {
             let id = msg.node_id;
             self.on_leader(
                 ctx,
                 async || {
-                    let m = self.shared.raft_metrics();
+                    let m = self.member.raft_metrics();
                     let membership = m.membership_config.membership();
                     if membership.get_node(&id).is_none() {
                         return Err(KvError::FailedPrecondition(format!(
@@ -231,14 +266,14 @@ impl pb::cluster_server::Cluster for ClusterService {
                         )));
                     }
                     if membership.voter_ids().any(|v| v == id) {
-                        return Ok(pb::PromoteResponse { members: member_list(&self.shared) });
+                        return Ok(pb::PromoteResponse { members: member_list(&self.member) });
                     }
-                    self.shared
-                        .raft
+                    self.member
+                        .raft()
                         .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
                         .await
-                        .map_err(membership_err)?;
-                    Ok(pb::PromoteResponse { members: member_list(&self.shared) })
+                        .map_err(|e| errors::membership_change(&e))?;
+                    Ok(pb::PromoteResponse { members: member_list(&self.member) })
                 },
                 async move |mut c| c.promote(ctx.forward(msg)).await,
             )
@@ -250,12 +285,12 @@ impl pb::cluster_server::Cluster for ClusterService {
     async fn remove(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveResponse>, Status> {
         let ctx = CallContext::of(&req);
         let msg = req.into_inner();
-        observe(&self.shared, "Remove", &ctx, async {
+        observe(self.member.metrics(), "Remove", &ctx, async {
             let id = msg.node_id;
             self.on_leader(
                 ctx,
                 async || {
-                    let m = self.shared.raft_metrics();
+                    let m = self.member.raft_metrics();
                     let membership = m.membership_config.membership();
                     if membership.get_node(&id).is_none() {
                         return Err(KvError::FailedPrecondition(format!(
@@ -273,8 +308,12 @@ impl pb::cluster_server::Cluster for ClusterService {
                     } else {
                         ChangeMembers::RemoveNodes(BTreeSet::from([id]))
                     };
-                    self.shared.raft.change_membership(change, false).await.map_err(membership_err)?;
-                    Ok(pb::RemoveResponse { members: member_list(&self.shared) })
+                    self.member
+                        .raft()
+                        .change_membership(change, false)
+                        .await
+                        .map_err(|e| errors::membership_change(&e))?;
+                    Ok(pb::RemoveResponse { members: member_list(&self.member) })
                 },
                 async move |mut c| c.remove(ctx.forward(msg)).await,
             )
@@ -288,7 +327,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         let ctx = CallContext::of(&req);
-        observe(&self.shared, "TransferLeader", &ctx, async {
+        observe(self.member.metrics(), "TransferLeader", &ctx, async {
             Err::<pb::TransferLeaderResponse, _>(KvError::Unimplemented(
                 "leadership transfer: openraft 0.9 offers none; a leader that stops costs about one election timeout".into(),
             ))
@@ -301,13 +340,10 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
         let ctx = CallContext::of(&req);
-        observe(&self.shared, "Snapshot", &ctx, async {
-            let raft = &self.shared.raft;
+        observe(self.member.metrics(), "Snapshot", &ctx, async {
+            let raft = self.member.raft();
             let target = raft.metrics().borrow().last_applied;
-            raft.trigger()
-                .snapshot()
-                .await
-                .map_err(|e| KvError::Unavailable(format!("raft stopped: {e}")))?;
+            raft.trigger().snapshot().await.map_err(|e| errors::stopped(&e))?;
             let Some(target) = target else {
                 return Ok(pb::SnapshotResponse { last_log_index: 0 });
             };
@@ -331,7 +367,7 @@ impl pb::cluster_server::Cluster for ClusterService {
 
     async fn backup(&self, req: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
         let ctx = CallContext::of(&req);
-        observe(&self.shared, "Backup", &ctx, async {
+        observe(self.member.metrics(), "Backup", &ctx, async {
             Err::<Self::BackupStream, _>(KvError::Unimplemented(
                 "Backup is specified but not served by this version".into(),
             ))

@@ -6,10 +6,8 @@
 //! serializable reads are served from the local state machine → the result is converted back
 //! (`pb::response`). Each call gets a tracing span and is counted in the metrics.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::Stream;
 use kvset_proto::v1 as pb;
@@ -20,52 +18,29 @@ use tonic::transport::Channel;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
-use tracing::Instrument;
 
 use crate::errors::KvError;
 use crate::forward::forwarded_error;
 use crate::forward::CallContext;
-use crate::node::NodeShared;
-use crate::node::Route;
+use crate::member::LocalMember;
+use crate::member::Route;
 use crate::pb::request;
 use crate::pb::response;
 use crate::pb::response::HeaderInfo;
+use crate::service::observe;
 
 /// The client key-value service.
 #[derive(Debug, Clone)]
 pub struct KvService {
-    shared: Arc<NodeShared>,
+    member: Arc<LocalMember>,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Runs a handler inside a span and records its outcome in the metrics.
-pub(crate) async fn observe<T>(
-    shared: &NodeShared,
-    method: &'static str,
-    ctx: &CallContext,
-    fut: impl Future<Output = Result<T, KvError>>,
-) -> Result<Response<T>, Status> {
-    let started = Instant::now();
-    let span =
-        tracing::info_span!("request", method, forwarded = ctx.forwarded, code = tracing::field::Empty);
-    let result = fut.instrument(span.clone()).await.map_err(Status::from);
-    let code = match &result {
-        Ok(_) => tonic::Code::Ok,
-        Err(s) => s.code(),
-    };
-    span.record("code", crate::metrics::code_name(code));
-    shared.metrics.grpc(method, code, started.elapsed());
-    if let Err(status) = &result {
-        tracing::debug!(parent: &span, method, code = ?status.code(), message = status.message(), "request failed");
-    }
-    result.map(Response::new)
-}
-
 impl KvService {
-    /// The service of `shared`'s member.
-    pub fn new(shared: Arc<NodeShared>) -> Self {
-        Self { shared }
+    /// The service of `member`.
+    pub fn new(member: Arc<LocalMember>) -> Self {
+        Self { member }
     }
 
     /// Runs a write: locally when this member leads, else on the leader.
@@ -76,14 +51,14 @@ impl KvService {
         to_response: impl FnOnce(CommandResult, &HeaderInfo) -> T,
         forward: impl AsyncFnOnce(KvClient<Channel>) -> Result<Response<T>, Status>,
     ) -> Result<T, KvError> {
-        let mut route = self.shared.route(ctx.forwarded)?;
+        let mut route = self.member.route(ctx.forwarded)?;
         if route == Route::Local {
-            match self.shared.submit(command, ctx.deadline).await {
-                Ok(result) => return Ok(to_response(result, &self.shared.header_info())),
+            match self.member.submit(command, ctx.deadline).await {
+                Ok(result) => return Ok(to_response(result, &self.member.header_info())),
                 // Leadership moved before the entry was appended: nothing was applied, so the
                 // new leader may take it.
                 Err(KvError::NoLeader { leader_id: Some(id), leader_addr: Some(addr), .. })
-                    if !ctx.forwarded && id != self.shared.node_id =>
+                    if !ctx.forwarded && id != self.member.node_id() =>
                 {
                     route = Route::Forward { leader_id: id, addr };
                 }
@@ -93,7 +68,7 @@ impl KvService {
         let Route::Forward { addr, .. } = route else {
             return Err(KvError::Internal("routing".into()));
         };
-        let client = self.shared.forwarder.kv(&addr)?;
+        let client = self.member.forwarder().kv(&addr)?;
         forward(client).await.map(Response::into_inner).map_err(|s| forwarded_error(s, &addr, true))
     }
 
@@ -111,13 +86,13 @@ impl KvService {
         if pb::ReadConsistency::try_from(consistency).is_err() {
             return Err(KvError::InvalidArgument(format!("consistency {consistency} is not a known value")));
         }
-        match self.shared.route(ctx.forwarded)? {
+        match self.member.route(ctx.forwarded)? {
             Route::Local => {
-                self.shared.read_barrier(ctx.deadline).await?;
+                self.member.read_barrier(ctx.deadline).await?;
                 local().await
             }
             Route::Forward { addr, .. } => {
-                let client = self.shared.forwarder.kv(&addr)?;
+                let client = self.member.forwarder().kv(&addr)?;
                 forward(client).await.map(Response::into_inner).map_err(|s| forwarded_error(s, &addr, false))
             }
         }
@@ -129,9 +104,12 @@ fn read_err(e: kvset_storage::ReadError) -> KvError {
 }
 
 /// Serves one range page from the local state machine.
-fn local_range(shared: &NodeShared, query: &kvset_storage::RangeQuery) -> Result<pb::RangeResponse, KvError> {
-    let (result, revision) = shared.reader.range(query).map_err(read_err)?;
-    Ok(response::range(result, shared.header_info().at(revision)))
+fn local_range(
+    member: &LocalMember,
+    query: &kvset_storage::RangeQuery,
+) -> Result<pb::RangeResponse, KvError> {
+    let (result, revision) = member.reader().range(query).map_err(read_err)?;
+    Ok(response::range(result, member.header_info().at(revision)))
 }
 
 #[tonic::async_trait]
@@ -139,8 +117,8 @@ impl pb::kv_server::Kv for KvService {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let ctx = CallContext::of(&req);
         let msg = req.into_inner();
-        observe(&self.shared, "Put", &ctx, async {
-            let command = request::put_command(&msg, &self.shared.config.limits)?;
+        observe(self.member.metrics(), "Put", &ctx, async {
+            let command = request::put_command(&msg, &self.member.config().limits)?;
             self.write(ctx, command, response::put, async move |mut c| c.put(ctx.forward(msg)).await).await
         })
         .await
@@ -149,16 +127,16 @@ impl pb::kv_server::Kv for KvService {
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let ctx = CallContext::of(&req);
         let msg = req.into_inner();
-        observe(&self.shared, "Get", &ctx, async {
-            let key = request::get(&msg, &self.shared.config.limits)?;
+        observe(self.member.metrics(), "Get", &ctx, async {
+            let key = request::get(&msg, &self.member.config().limits)?;
             let consistency = msg.consistency;
             self.read(
                 ctx,
                 consistency,
                 async || {
                     // One key: a sled lookup, normally from cache; cheap enough inline.
-                    let s = &self.shared;
-                    let (kv, revision) = s.reader.get(&key).map_err(read_err)?;
+                    let s = &self.member;
+                    let (kv, revision) = s.reader().get(&key).map_err(read_err)?;
                     Ok(pb::GetResponse { header: s.header_info().at(revision), kv: kv.map(response::kv) })
                 },
                 async move |mut c| c.get(ctx.forward(msg)).await,
@@ -171,8 +149,8 @@ impl pb::kv_server::Kv for KvService {
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         let ctx = CallContext::of(&req);
         let msg = req.into_inner();
-        observe(&self.shared, "Delete", &ctx, async {
-            let command = request::delete_command(&msg, &self.shared.config.limits)?;
+        observe(self.member.metrics(), "Delete", &ctx, async {
+            let command = request::delete_command(&msg, &self.member.config().limits)?;
             self.write(ctx, command, response::delete, async move |mut c| c.delete(ctx.forward(msg)).await)
                 .await
         })
@@ -182,14 +160,14 @@ impl pb::kv_server::Kv for KvService {
     async fn range(&self, req: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
         let ctx = CallContext::of(&req);
         let msg = req.into_inner();
-        observe(&self.shared, "Range", &ctx, async {
-            request::check_size(&msg, &self.shared.config.limits)?;
-            let query = request::range(&msg, &self.shared.config.limits)?;
+        observe(self.member.metrics(), "Range", &ctx, async {
+            request::check_size(&msg, &self.member.config().limits)?;
+            let query = request::range(&msg, &self.member.config().limits)?;
             let consistency = msg.consistency;
-            let shared = self.shared.clone();
+            let member = self.member.clone();
             let local = async move || {
                 // Up to range_max_keys keys: keep the scan off the async workers.
-                tokio::task::spawn_blocking(move || local_range(&shared, &query))
+                tokio::task::spawn_blocking(move || local_range(&member, &query))
                     .await
                     .map_err(|e| KvError::Internal(e.to_string()))?
             };
@@ -201,8 +179,8 @@ impl pb::kv_server::Kv for KvService {
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         let ctx = CallContext::of(&req);
         let msg = req.into_inner();
-        observe(&self.shared, "Txn", &ctx, async {
-            let command = request::txn_command(&msg, &self.shared.config.limits)?;
+        observe(self.member.metrics(), "Txn", &ctx, async {
+            let command = request::txn_command(&msg, &self.member.config().limits)?;
             self.write(ctx, command, response::txn, async move |mut c| c.txn(ctx.forward(msg)).await).await
         })
         .await

@@ -1,0 +1,461 @@
+//! This member's shared state: who it is, its Raft handle, and the entry points every service
+//! and task goes through to route, write and read.
+//!
+//! [`LocalMember`] sits above the transport and pipeline modules (network, forward, batcher,
+//! read index) and below the services and tasks, which each hold an `Arc<LocalMember>` (or only
+//! the parts they need). Its fields are private; what the layers above may do with them is the
+//! methods below:
+//!
+//! * **routing** — [`LocalMember::route`]: serve here (this member leads and has heard from a
+//!   quorum), forward to the leader, or refuse with `UNAVAILABLE`;
+//! * **writes** — [`LocalMember::submit`]: through the write batcher into Raft;
+//! * **linearizable reads** — [`LocalMember::read_barrier`]: a shared ReadIndex round;
+//! * **identity and cluster** — node id, ordinal, addresses, the cluster id cell;
+//! * **lifecycle** — the [`Phase`] readiness reports and whether requests are still taken;
+//! * **membership bookkeeping** — the desired replica count and the reconciler's last status.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+use std::time::Instant;
+
+use kvset_storage::ClusterId;
+use kvset_storage::Command;
+use kvset_storage::CommandResult;
+use kvset_storage::Member;
+use kvset_storage::SmReader;
+use kvset_storage::TypeConfig;
+use openraft::Raft;
+use openraft::RaftMetrics;
+use tokio::sync::watch;
+
+use crate::batcher::Batcher;
+use crate::channels::PeerChannels;
+use crate::cluster_id::AdoptError;
+use crate::cluster_id::ClusterIdCell;
+use crate::config::Config;
+use crate::config::ReplicasSource;
+use crate::errors::KvError;
+use crate::forward::Forwarder;
+use crate::identity::AddressBook;
+use crate::identity::Identity;
+use crate::metrics::Metrics;
+use crate::pb::response::HeaderInfo;
+use crate::read_index::ReadIndex;
+
+/// Lifecycle of a member, as readiness sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Starting,
+    Serving,
+    ShuttingDown,
+    Stopped,
+}
+
+/// Where a request that needs the leader goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// This member is the leader.
+    Local,
+    /// Forward to the leader's client endpoint.
+    Forward { leader_id: u64, addr: String },
+}
+
+/// When this member last became leader; kept by the Raft metrics task.
+#[derive(Debug, Default)]
+pub struct LeaderClock(Mutex<Option<Instant>>);
+
+impl LeaderClock {
+    /// Records whether this member leads now (starting the clock when it became leader).
+    pub fn set_leader(&self, leader: bool) {
+        let mut since = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match (leader, since.is_some()) {
+            (true, false) => *since = Some(Instant::now()),
+            (false, true) => *since = None,
+            _ => {}
+        }
+    }
+
+    /// How long this member has led, if it leads.
+    pub fn led_for(&self) -> Option<Duration> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).map(|t| t.elapsed())
+    }
+}
+
+/// Where the desired replica count came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicasOrigin {
+    /// The StatefulSet's `spec.replicas`.
+    Kubernetes,
+    /// The last `Cluster.SetReplicas`, from the replicated state.
+    SetReplicas,
+    /// Nothing set yet: `initial_replicas`.
+    Initial,
+}
+
+impl std::fmt::Display for ReplicasOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReplicasOrigin::Kubernetes => "kubernetes",
+            ReplicasOrigin::SetReplicas => "SetReplicas",
+            ReplicasOrigin::Initial => "initial_replicas",
+        })
+    }
+}
+
+/// Everything [`LocalMember::new`] takes, built by `node.rs`.
+#[allow(missing_debug_implementations)]
+pub struct MemberParts {
+    pub config: Config,
+    pub identity: Identity,
+    pub book: AddressBook,
+    pub node_id: u64,
+    pub cluster: ClusterIdCell,
+    pub raft: Raft<TypeConfig>,
+    pub reader: SmReader,
+    pub metrics: Arc<Metrics>,
+    pub channels: Arc<PeerChannels>,
+    pub k8s_replicas: Arc<AtomicU32>,
+    pub leadership: Arc<LeaderClock>,
+    pub force_new_cluster: bool,
+}
+
+/// This member: identity, Raft, the write and read pipelines, lifecycle. See the module docs.
+pub struct LocalMember {
+    /// The validated configuration it started with.
+    config: Config,
+    /// Pod name, StatefulSet name and ordinal.
+    identity: Identity,
+    /// Peer and client addresses of every ordinal.
+    book: AddressBook,
+    /// The Raft node id minted for this member's volume.
+    node_id: u64,
+    /// This member as the Raft membership records it.
+    me: Member,
+    /// The cluster id, recorded in the volume.
+    cluster: ClusterIdCell,
+    raft: Raft<TypeConfig>,
+    /// Reads of the applied state machine.
+    reader: SmReader,
+    /// Client writes → Raft entries.
+    batcher: Batcher,
+    /// Shared ReadIndex rounds for linearizable reads.
+    read_index: Arc<ReadIndex>,
+    metrics: Arc<Metrics>,
+    /// Channels to other members (peer and client ports).
+    channels: Arc<PeerChannels>,
+    /// Clients for forwarding requests to the leader.
+    forwarder: Forwarder,
+    /// What readiness reports.
+    phase: watch::Sender<Phase>,
+    /// What the membership task did last, for Status and logs.
+    reconciler: Mutex<String>,
+    /// Desired voter count from the Kubernetes API (when that is the source); 0 = unknown.
+    k8s_replicas: Arc<AtomicU32>,
+    /// Since when this member leads.
+    leadership: Arc<LeaderClock>,
+    /// Whether new client requests are taken (false once shutdown has drained the servers).
+    accepting: AtomicBool,
+    /// Bootstrap without waiting for the other initial ordinals (`--force-new-cluster`).
+    force_new_cluster: bool,
+}
+
+impl std::fmt::Debug for LocalMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalMember")
+            .field("name", &self.identity.name)
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalMember {
+    /// Assembles the member from its parts and starts its write batcher.
+    pub fn new(parts: MemberParts) -> Self {
+        let MemberParts {
+            config,
+            identity,
+            book,
+            node_id,
+            cluster,
+            raft,
+            reader,
+            metrics,
+            channels,
+            k8s_replicas,
+            leadership,
+            force_new_cluster,
+        } = parts;
+        let batcher = Batcher::start(raft.clone(), &config.batch, metrics.clone());
+        let read_index =
+            ReadIndex::new(raft.clone(), metrics.clone(), config.limits.pending_reads_max as usize);
+        let me = book.member(identity.ordinal);
+        let (phase, _) = watch::channel(Phase::Starting);
+        Self {
+            forwarder: Forwarder::new(channels.clone()),
+            config,
+            identity,
+            book,
+            node_id,
+            me,
+            cluster,
+            raft,
+            reader,
+            batcher,
+            read_index,
+            metrics,
+            channels,
+            phase,
+            reconciler: Mutex::new(String::new()),
+            k8s_replicas,
+            leadership,
+            accepting: AtomicBool::new(true),
+            force_new_cluster,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Pod name, set name and ordinal.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Addresses of every ordinal.
+    pub fn book(&self) -> &AddressBook {
+        &self.book
+    }
+
+    /// The Raft node id.
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// This member as the Raft membership records it.
+    pub fn me(&self) -> &Member {
+        &self.me
+    }
+
+    /// The Raft handle.
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    /// Reads of the applied state machine.
+    pub fn reader(&self) -> &SmReader {
+        &self.reader
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Channels to other members.
+    pub fn channels(&self) -> &Arc<PeerChannels> {
+        &self.channels
+    }
+
+    /// Clients for forwarding to the leader.
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.forwarder
+    }
+
+    /// The cluster id cell (shared with the peer network).
+    pub fn cluster(&self) -> &ClusterIdCell {
+        &self.cluster
+    }
+
+    /// The cluster id, if this member has one.
+    pub fn cluster_id(&self) -> Option<ClusterId> {
+        self.cluster.get()
+    }
+
+    /// Records the cluster this member belongs to, in the volume first.
+    pub async fn adopt_cluster(&self, id: ClusterId) -> Result<(), AdoptError> {
+        self.cluster.adopt(id).await
+    }
+
+    /// Whether `--force-new-cluster` was given.
+    pub fn force_new_cluster(&self) -> bool {
+        self.force_new_cluster
+    }
+
+    /// A snapshot of openraft's metrics.
+    pub fn raft_metrics(&self) -> RaftMetrics<u64, Member> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// Header fields for responses produced here.
+    pub fn header_info(&self) -> HeaderInfo {
+        HeaderInfo {
+            cluster_id: self.cluster.to_wire(),
+            member_id: self.node_id,
+            raft_term: self.raft.metrics().borrow().current_term,
+        }
+    }
+
+    /// The lifecycle phase.
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// Follows the lifecycle phase (readiness).
+    pub fn subscribe_phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    /// Moves to `phase`.
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.send_replace(phase);
+    }
+
+    /// Whether new client requests are taken.
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
+    }
+
+    /// Refuses every new request from now on (shutdown, after the servers drained).
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Release);
+    }
+
+    /// The leader this member knows of, with its client address.
+    pub fn leader(&self) -> (Option<u64>, Option<String>) {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let addr = m
+            .current_leader
+            .and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.client_addr.clone()));
+        (m.current_leader, addr)
+    }
+
+    /// For a leader: how long it has gone without hearing from a quorum, if that is longer than
+    /// the minimum election timeout (the rest of the cluster may have elected another leader
+    /// meanwhile). openraft 0.9 leaders never step down on their own, so this is the one rule
+    /// that stops such a leader serving requests and proposing membership changes. openraft's
+    /// `millis_since_quorum_ack` stays `None` until a quorum acknowledged something (e.g. a
+    /// leadership restored from the volume at startup): then the time since it became leader
+    /// counts.
+    pub fn quorum_lost_ms(&self, millis_since_quorum_ack: Option<u64>) -> Option<u64> {
+        let ms =
+            millis_since_quorum_ack.or_else(|| self.leadership.led_for().map(|d| d.as_millis() as u64))?;
+        (ms > self.config.raft.election_timeout_min_ms).then_some(ms)
+    }
+
+    /// Decides where a leader-only request goes. A forwarded request is never forwarded again.
+    pub fn route(&self, forwarded: bool) -> Result<Route, KvError> {
+        if !self.accepting() {
+            return Err(KvError::Unavailable("member is shutting down".into()));
+        }
+        match self.leader() {
+            (Some(id), _) if id == self.node_id => {
+                // Without this check, writes to a cut-off leader would wait for their deadline.
+                match self.quorum_lost_ms(self.raft.metrics().borrow().millis_since_quorum_ack) {
+                    Some(ms) => Err(KvError::NoLeader {
+                        leader_id: None,
+                        leader_addr: None,
+                        reason: format!(
+                            "member {} leads but has heard from no quorum for {ms} ms",
+                            self.identity.name
+                        ),
+                    }),
+                    None => Ok(Route::Local),
+                }
+            }
+            (Some(id), Some(addr)) if !forwarded => Ok(Route::Forward { leader_id: id, addr }),
+            (id, addr) => Err(KvError::NoLeader {
+                leader_id: id,
+                leader_addr: addr,
+                reason: if forwarded {
+                    format!(
+                        "member {} received a forwarded request but is not the leader",
+                        self.identity.name
+                    )
+                } else {
+                    "no leader is known right now".into()
+                },
+            }),
+        }
+    }
+
+    /// Proposes a write on this member (which believes it is the leader) and waits for its
+    /// result until `deadline`.
+    pub async fn submit(&self, command: Command, deadline: Instant) -> Result<CommandResult, KvError> {
+        if !self.accepting() {
+            return Err(KvError::Unavailable("member is shutting down".into()));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, self.batcher.submit(command)).await {
+            Err(_) => Err(KvError::DeadlineExceeded(
+                "the write did not complete in time; it may still apply".into(),
+            )),
+            Ok(result) => result,
+        }
+    }
+
+    /// Waits until a linearizable read may be served from the local state machine (ReadIndex
+    /// on the leader), bounded by `deadline`. Concurrent reads share ReadIndex rounds.
+    pub async fn read_barrier(&self, deadline: Instant) -> Result<(), KvError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, self.read_index.wait()).await {
+            Err(_) => Err(KvError::DeadlineExceeded("could not confirm leadership in time".into())),
+            Ok(result) => result,
+        }
+    }
+
+    /// The desired number of voters and where it came from.
+    pub fn desired_replicas(&self) -> (u32, ReplicasOrigin) {
+        if self.config.replicas_source == ReplicasSource::Kubernetes {
+            let n = self.k8s_replicas.load(Ordering::Acquire);
+            if n > 0 {
+                return (n, ReplicasOrigin::Kubernetes);
+            }
+        }
+        match self.reader.applied().replicas {
+            Some(n) => (n, ReplicasOrigin::SetReplicas),
+            None => (self.config.initial_replicas, ReplicasOrigin::Initial),
+        }
+    }
+
+    /// Records what the membership task did, logging it when it changed.
+    pub fn set_reconciler_status(&self, status: String) {
+        let mut current = self.reconciler.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != status {
+            tracing::info!(reconciler = %status, "membership");
+            *current = status;
+        }
+    }
+
+    /// What the membership task did last.
+    pub fn reconciler_status(&self) -> String {
+        self.reconciler.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The committed log index, computed on the leader from replication progress.
+pub fn commit_index(m: &RaftMetrics<u64, Member>) -> Option<u64> {
+    let replication = m.replication.as_ref()?;
+    let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+    let mut matched: Vec<u64> = voters
+        .iter()
+        .map(|id| {
+            if *id == m.id {
+                m.last_log_index.unwrap_or(0)
+            } else {
+                replication.get(id).and_then(|l| l.map(|l| l.index)).unwrap_or(0)
+            }
+        })
+        .collect();
+    if matched.is_empty() {
+        return None;
+    }
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    Some(matched[voters.len() / 2])
+}

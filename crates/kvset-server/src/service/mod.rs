@@ -1,0 +1,48 @@
+//! The gRPC services and HTTP endpoints a member serves, one file per service.
+//!
+//! * [`kv`] — `kvset.v1.Kv` on the client port: keys, ranges, transactions;
+//! * [`cluster`] — `kvset.v1.Cluster` on the client port: status and membership administration;
+//! * [`raft`] — `kvset.v1.Raft` on the peer port: Raft messages, probes and joins;
+//! * [`ops`] — HTTP `/metrics`, `/healthz`, `/readyz` on the ops port.
+//!
+//! Services sit on [`crate::member::LocalMember`] and never import one another; what they share
+//! (the per-call span and metrics, `observe`) lives here.
+
+pub mod cluster;
+pub mod kv;
+pub mod ops;
+pub mod raft;
+
+use std::future::Future;
+use std::time::Instant;
+
+use tonic::Response;
+use tonic::Status;
+use tracing::Instrument;
+
+use crate::errors::KvError;
+use crate::forward::CallContext;
+use crate::metrics::Metrics;
+
+/// Runs a handler inside a span and records its outcome in the metrics.
+pub(crate) async fn observe<T>(
+    metrics: &Metrics,
+    method: &'static str,
+    ctx: &CallContext,
+    fut: impl Future<Output = Result<T, KvError>>,
+) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let span =
+        tracing::info_span!("request", method, forwarded = ctx.forwarded, code = tracing::field::Empty);
+    let result = fut.instrument(span.clone()).await.map_err(Status::from);
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    };
+    span.record("code", crate::metrics::code_name(code));
+    metrics.grpc(method, code, started.elapsed());
+    if let Err(status) = &result {
+        tracing::debug!(parent: &span, method, code = ?status.code(), message = status.message(), "request failed");
+    }
+    result.map(Response::new)
+}

@@ -1,0 +1,233 @@
+//! The receiving side of peer traffic: the `Raft` gRPC service on the peer port.
+//!
+//! Every Raft message is checked before openraft sees it:
+//!
+//! * `to` must be this member's node id: after a replacement the new incarnation answers at
+//!   the old address, and must never act on messages meant for the one it replaced.
+//! * the cluster id must be ours. A member with no cluster id yet (fresh volume) adopts the
+//!   cluster of the first message addressed to its own, randomly minted, node id: only a
+//!   cluster that probed this very member can know that id.
+//! * a vote request from a node outside our membership is refused: a removed or replaced
+//!   member must not disrupt the cluster with ever higher terms (the classic removed-server
+//!   problem, Raft §6).
+//!
+//! `Probe` answers who we are and what our volume holds (bootstrap rule, joins, catch-up
+//! checks); `Join` adds the caller as a learner on the leader (forwarded there if need be).
+
+use std::sync::Arc;
+
+use kvset_proto::metadata;
+use kvset_proto::v1 as pb;
+use kvset_proto::v1::raft_client::RaftClient;
+use kvset_storage::codec;
+use kvset_storage::ClusterId;
+use kvset_storage::Member;
+use kvset_storage::TypeConfig;
+use openraft::raft::AppendEntriesRequest;
+use openraft::raft::InstallSnapshotRequest;
+use openraft::raft::VoteRequest;
+use openraft::ServerState;
+use tonic::metadata::MetadataValue;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+
+use crate::errors;
+use crate::errors::KvError;
+use crate::member::LocalMember;
+
+/// The peer gRPC service.
+#[derive(Debug, Clone)]
+pub struct PeerService {
+    member: Arc<LocalMember>,
+}
+
+/// How long a join forwarded to the leader may take.
+const JOIN_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl PeerService {
+    /// A service for `member`.
+    pub fn new(member: Arc<LocalMember>) -> Self {
+        Self { member }
+    }
+
+    /// Refuses a Raft message meant for another node id or another cluster (see the module
+    /// docs); a member with no cluster yet adopts the sender's.
+    async fn check(&self, req: &pb::RaftRequest) -> Result<(), KvError> {
+        let s = &self.member;
+        if req.to != s.node_id() {
+            return Err(KvError::FailedPrecondition(format!(
+                "message for node {} reached node {} ({}): the member at this address was replaced",
+                req.to,
+                s.node_id(),
+                s.identity().name
+            )));
+        }
+        let theirs: ClusterId = req
+            .cluster_id
+            .parse()
+            .map_err(|_| KvError::FailedPrecondition(format!("bad cluster id {:?}", req.cluster_id)))?;
+        match s.cluster_id() {
+            Some(mine) if mine == theirs => Ok(()),
+            Some(mine) => Err(KvError::FailedPrecondition(format!(
+                "cluster id mismatch: member {} belongs to cluster {mine}, the message comes from cluster {theirs}",
+                s.identity().name
+            ))),
+            None => {
+                tracing::info!(cluster_id = %theirs, from = req.from, "adopting the cluster id of the first message addressed to us");
+                s.adopt_cluster(theirs).await.map_err(|e| KvError::FailedPrecondition(e.to_string()))
+            }
+        }
+    }
+
+    fn reply<T: serde::Serialize>(value: &T) -> Result<Response<pb::RaftReply>, KvError> {
+        let payload = codec::encode("raft reply", value).map_err(|e| KvError::Internal(e.to_string()))?;
+        Ok(Response::new(pb::RaftReply { payload }))
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, KvError> {
+        codec::decode(what, bytes).map_err(|e| KvError::InvalidArgument(e.to_string()))
+    }
+
+    async fn join_inner(&self, forwarded: bool, req: pb::JoinRequest) -> Result<pb::JoinReply, KvError> {
+        let s = &self.member;
+        let mine =
+            s.cluster_id().ok_or_else(|| KvError::Unavailable("this member has no cluster yet".into()))?;
+        if req.cluster_id != mine.to_string() {
+            return Err(KvError::FailedPrecondition(format!(
+                "cluster id mismatch: this is cluster {mine}, the join asks for {:?}",
+                req.cluster_id
+            )));
+        }
+        if req.node_id == 0 {
+            return Err(KvError::InvalidArgument("node id 0 is reserved".into()));
+        }
+        let m = s.raft_metrics();
+        if m.state != ServerState::Leader {
+            let Some(leader) = m.current_leader else {
+                return Err(KvError::NoLeader {
+                    leader_id: None,
+                    leader_addr: None,
+                    reason: "no leader is known right now".into(),
+                });
+            };
+            if forwarded {
+                return Err(KvError::NoLeader {
+                    leader_id: Some(leader),
+                    leader_addr: None,
+                    reason: "forwarded join reached a member that is not the leader".into(),
+                });
+            }
+            let addr = m
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|n| n.peer_addr.clone())
+                .ok_or_else(|| KvError::Unavailable("the leader's address is unknown".into()))?;
+            let channel = s.channels().get(&addr).map_err(|e| KvError::Unavailable(format!("leader {e}")))?;
+            let mut forward = Request::new(req);
+            forward.metadata_mut().insert(metadata::FORWARDED, MetadataValue::from_static("true"));
+            forward.set_timeout(JOIN_FORWARD_TIMEOUT);
+            return RaftClient::new(channel)
+                .join(forward)
+                .await
+                .map(Response::into_inner)
+                .map_err(KvError::Remote);
+        }
+        if m.membership_config.membership().get_node(&req.node_id).is_some() {
+            return Ok(pb::JoinReply { leader_id: s.node_id(), already_member: true });
+        }
+        if req.last_log_index > 0 {
+            let why = format!(
+                "node {} ({}) holds Raft log up to index {} but is not a member of cluster {mine}: it was \
+                 removed or replaced and cannot rejoin under this id; delete its volume to rejoin as a new member",
+                req.node_id, req.name, req.last_log_index
+            );
+            tracing::warn!("refusing a join: {why}");
+            return Err(KvError::FailedPrecondition(why));
+        }
+        let member = Member {
+            ordinal: req.ordinal,
+            name: req.name,
+            peer_addr: req.peer_addr,
+            client_addr: req.client_addr,
+        };
+        tracing::info!(node_id = req.node_id, member = %member, "adding a joining member as learner");
+        s.raft().add_learner(req.node_id, member, false).await.map_err(|e| errors::membership_change(&e))?;
+        Ok(pb::JoinReply { leader_id: s.node_id(), already_member: false })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for PeerService {
+    async fn append_entries(
+        &self,
+        request: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let req = request.into_inner();
+        self.check(&req).await?;
+        let rpc: AppendEntriesRequest<TypeConfig> = Self::decode("append entries", &req.payload)?;
+        Ok(Self::reply(&self.member.raft().append_entries(rpc).await)?)
+    }
+
+    async fn vote(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let req = request.into_inner();
+        self.check(&req).await?;
+        let membership = self.member.raft().metrics().borrow().membership_config.clone();
+        let membership = membership.membership();
+        if membership.nodes().next().is_some() && membership.get_node(&req.from).is_none() {
+            tracing::warn!(
+                from = req.from,
+                "refusing a vote request from node {} which is not a member (removed or replaced)",
+                req.from
+            );
+            return Err(KvError::FailedPrecondition(format!(
+                "node {} is not a member of this cluster",
+                req.from
+            ))
+            .into());
+        }
+        let rpc: VoteRequest<u64> = Self::decode("vote", &req.payload)?;
+        Ok(Self::reply(&self.member.raft().vote(rpc).await)?)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let req = request.into_inner();
+        self.check(&req).await?;
+        let rpc: InstallSnapshotRequest<TypeConfig> = Self::decode("install snapshot", &req.payload)?;
+        Ok(Self::reply(&self.member.raft().install_snapshot(rpc).await)?)
+    }
+
+    async fn probe(&self, _request: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeReply>, Status> {
+        let s = &self.member;
+        let m = s.raft_metrics();
+        let membership = m.membership_config.membership();
+        let initialized = membership.nodes().next().is_some();
+        let cluster_id = s.cluster_id();
+        let (leader_id, leader_peer_addr) = match m.current_leader {
+            Some(id) => (id, membership.get_node(&id).map(|n| n.peer_addr.clone()).unwrap_or_default()),
+            None => (0, String::new()),
+        };
+        Ok(Response::new(pb::ProbeReply {
+            cluster_id: cluster_id.map(|c| c.to_string()).unwrap_or_default(),
+            node_id: s.node_id(),
+            ordinal: s.identity().ordinal,
+            empty: cluster_id.is_none() && !initialized && m.last_log_index.is_none(),
+            member: membership.get_node(&s.node_id()).is_some(),
+            leader_id,
+            leader_peer_addr,
+            voters: membership.voter_ids().collect(),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            name: s.identity().name.clone(),
+        }))
+    }
+
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let forwarded = request.metadata().get(metadata::FORWARDED).is_some();
+        Ok(Response::new(self.join_inner(forwarded, request.into_inner()).await?))
+    }
+}
