@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use kvset_client::Client;
@@ -19,6 +20,8 @@ use openraft::ServerState;
 use tokio::net::TcpListener;
 
 use crate::eventually;
+use crate::harness::Endpoints;
+use crate::harness::Harness;
 
 /// Ordinals a test cluster can grow to.
 pub const MAX_ORDINALS: u32 = 6;
@@ -67,10 +70,16 @@ pub struct Cluster {
     ports: Vec<Ports>,
     /// Listeners reserved for ordinals not started yet.
     reserved: BTreeMap<u32, Listeners>,
+    /// The running members.
     nodes: BTreeMap<u32, NodeHandle>,
-    /// Node ids each ordinal ever had (a wiped volume gives a new one).
+    /// The links cut by the test, checked by every member's sending side.
     pub partition: Arc<Partition>,
+    /// `initial_replicas` of every member.
     initial: u32,
+    /// The desired replica count, as `scale` last set it.
+    replicas: u32,
+    /// Client endpoints of the running members (for workloads).
+    endpoints: Arc<RwLock<Endpoints>>,
     tweak: Arc<dyn Fn(&mut Config) + Send + Sync>,
 }
 
@@ -119,6 +128,8 @@ impl Cluster {
             nodes: BTreeMap::new(),
             partition: Arc::new(Partition::default()),
             initial,
+            replicas: initial,
+            endpoints: Arc::default(),
             tweak: Arc::new(tweak),
         }
     }
@@ -138,7 +149,7 @@ impl Cluster {
             peer_addrs: self.ports.iter().map(|p| format!("127.0.0.1:{}", p.peer)).collect(),
             client_addrs: self.ports.iter().map(|p| format!("127.0.0.1:{}", p.client)).collect(),
             initial_replicas: self.initial,
-            log_format: "text".into(),
+            log_format: kvset_server::config::LogFormat::Text,
             shutdown_timeout_ms: 5000,
             ..Default::default()
         };
@@ -204,6 +215,13 @@ impl Cluster {
         };
         node.ready().await;
         self.nodes.insert(ordinal, node);
+        self.publish(ordinal);
+    }
+
+    /// Records whether `ordinal` runs in the endpoints workloads use.
+    fn publish(&self, ordinal: u32) {
+        let addr = self.nodes.contains_key(&ordinal).then(|| self.endpoint(ordinal));
+        self.endpoints.write().unwrap_or_else(|e| e.into_inner()).set(ordinal, addr);
     }
 
     /// Starts an ordinal and returns the start error instead of panicking.
@@ -220,25 +238,48 @@ impl Cluster {
         let options = NodeOptions { fault: Some(self.partition.clone()), ..Default::default() };
         let node = Node::start(self.config(ordinal), listeners, std::future::pending(), options).await?;
         self.nodes.insert(ordinal, node);
+        self.publish(ordinal);
         Ok(())
     }
 
     /// Stops an ordinal gracefully and waits until it is gone.
     pub async fn stop(&mut self, ordinal: u32) {
-        if let Some(node) = self.nodes.remove(&ordinal) {
-            node.shutdown().await.unwrap_or_else(|e| panic!("kvset-{ordinal} shutdown: {e}"));
-        }
+        self.try_stop(ordinal).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Stops an ordinal gracefully; a failed shutdown is an error.
+    pub async fn try_stop(&mut self, ordinal: u32) -> Result<(), String> {
+        let Some(node) = self.nodes.remove(&ordinal) else { return Ok(()) };
+        self.publish(ordinal);
+        node.shutdown().await.map_err(|e| format!("kvset-{ordinal} shutdown: {e}"))
     }
 
     /// Stops several ordinals at once (as a StatefulSet with `Parallel` pod management does on a
     /// scale-down) and waits for all of them.
     pub async fn stop_many(&mut self, ordinals: &[u32]) {
+        self.try_stop_many(ordinals).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Stops several ordinals at once; the first failed shutdown is an error.
+    pub async fn try_stop_many(&mut self, ordinals: &[u32]) -> Result<(), String> {
         let handles: Vec<(u32, NodeHandle)> =
             ordinals.iter().filter_map(|o| self.nodes.remove(o).map(|n| (*o, n))).collect();
-        let stops = handles.into_iter().map(|(o, n)| async move {
-            n.shutdown().await.unwrap_or_else(|e| panic!("kvset-{o} shutdown: {e}"));
-        });
-        futures::future::join_all(stops).await;
+        for (o, _) in &handles {
+            self.publish(*o);
+        }
+        let stops = handles
+            .into_iter()
+            .map(|(o, n)| async move { n.shutdown().await.map_err(|e| format!("kvset-{o} shutdown: {e}")) });
+        futures::future::join_all(stops).await.into_iter().collect()
+    }
+
+    /// Forgets a member whose Raft was stopped by the test itself: it is shut down, and its
+    /// (expected) shutdown error is ignored.
+    pub async fn abandon(&mut self, ordinal: u32) {
+        if let Some(node) = self.nodes.remove(&ordinal) {
+            self.publish(ordinal);
+            let _ = node.shutdown().await;
+        }
     }
 
     /// Deletes an ordinal's volume (it must be stopped): the next start is a replacement.
@@ -284,7 +325,7 @@ impl Cluster {
         let leaders: Vec<u32> = self
             .nodes
             .iter()
-            .filter(|(_, n)| n.shared().raft.metrics().borrow().state == ServerState::Leader)
+            .filter(|(_, n)| n.member().raft().metrics().borrow().state == ServerState::Leader)
             .map(|(o, _)| *o)
             .collect();
         (leaders.len() == 1).then(|| leaders[0])
@@ -300,11 +341,11 @@ impl Cluster {
     pub async fn wait_voters(&self, n: usize, timeout: Duration) -> u32 {
         eventually(&format!("{n} voters and one agreed leader"), timeout, || async {
             let leader = self.leader()?;
-            let lm = self.node(leader).shared().raft_metrics();
+            let lm = self.node(leader).member().raft_metrics();
             let voters = lm.membership_config.membership().voter_ids().count();
             let lid = self.node(leader).node_id();
             let agreed =
-                self.nodes.values().all(|n| n.shared().raft.metrics().borrow().current_leader == Some(lid));
+                self.nodes.values().all(|n| n.member().raft().metrics().borrow().current_leader == Some(lid));
             (voters == n && agreed).then_some(leader)
         })
         .await
@@ -314,10 +355,10 @@ impl Cluster {
     pub async fn wait_converged(&self, timeout: Duration) {
         eventually("every member applied the leader's log", timeout, || async {
             let leader = self.leader()?;
-            let last = self.node(leader).shared().raft_metrics().last_log_index?;
+            let last = self.node(leader).member().raft_metrics().last_log_index?;
             self.nodes
                 .values()
-                .all(|n| n.shared().raft_metrics().last_applied.is_some_and(|l| l.index >= last))
+                .all(|n| n.member().raft_metrics().last_applied.is_some_and(|l| l.index >= last))
                 .then_some(())
         })
         .await
@@ -346,5 +387,88 @@ impl Cluster {
         for o in self.running() {
             self.stop(o).await;
         }
+    }
+}
+
+impl Harness for Cluster {
+    fn kind(&self) -> &'static str {
+        "in-process"
+    }
+
+    fn running(&self) -> Vec<u32> {
+        Cluster::running(self)
+    }
+
+    fn replicas(&self) -> u32 {
+        self.replicas
+    }
+
+    fn endpoints(&self) -> Arc<RwLock<Endpoints>> {
+        self.endpoints.clone()
+    }
+
+    async fn start_all(&mut self, n: u32) -> Result<(), String> {
+        self.replicas = self.replicas.max(n);
+        for o in 0..n {
+            if !self.nodes.contains_key(&o) {
+                self.start_node(o).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn start(&mut self, ordinal: u32) -> Result<(), String> {
+        self.start_node(ordinal).await;
+        Ok(())
+    }
+
+    async fn stop(&mut self, ordinal: u32) -> Result<(), String> {
+        self.try_stop(ordinal).await
+    }
+
+    /// In one process there is no kill -9: the members stop at once, gracefully. (What a
+    /// real kill loses is covered by the storage crash test and the Docker suite.)
+    async fn kill(&mut self, ordinals: &[u32]) -> Result<(), String> {
+        self.try_stop_many(ordinals).await
+    }
+
+    async fn wipe(&mut self, ordinal: u32) -> Result<(), String> {
+        Cluster::wipe(self, ordinal);
+        Ok(())
+    }
+
+    async fn partition(&mut self, ordinal: u32) -> Result<(), String> {
+        self.isolate(ordinal);
+        Ok(())
+    }
+
+    async fn heal(&mut self, _ordinal: u32) -> Result<(), String> {
+        Cluster::heal(self);
+        Ok(())
+    }
+
+    /// `Cluster.SetReplicas` (the static replicas source), then new members start, or the
+    /// surplus ones stop together once they know the new count (so each waits for its removal,
+    /// as a pod does on a StatefulSet scale-down) and lose their volumes.
+    async fn scale(&mut self, n: u32) -> Result<(), String> {
+        self.client().set_replicas(n).await.map_err(|e| format!("set replicas {n}: {e}"))?;
+        let before = self.replicas;
+        self.replicas = n;
+        if n > before {
+            return self.start_all(n).await;
+        }
+        let surplus: Vec<u32> = (n..before).filter(|o| self.nodes.contains_key(o)).collect();
+        let members: Vec<_> = surplus.iter().map(|o| self.node(*o).member().clone()).collect();
+        crate::poll_until(
+            "the departing members know the new replica count",
+            Duration::from_secs(30),
+            || async { members.iter().all(|m| m.desired_replicas().0 == n).then_some(()) },
+        )
+        .await?;
+        self.try_stop_many(&surplus).await?;
+        for o in surplus {
+            Cluster::wipe(self, o);
+        }
+        Ok(())
     }
 }

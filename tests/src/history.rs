@@ -34,7 +34,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
-use crate::statefulset::Endpoints;
+use crate::harness::Endpoints;
 
 /// Return time of an operation whose outcome is unknown.
 pub const NEVER: i64 = i64::MAX;

@@ -1,8 +1,9 @@
 //! A stub Kubernetes API server that serves one StatefulSet, for the `kubernetes` replicas
-//! source. It speaks the real wire format: the `apps/v1` StatefulSet JSON on `GET`, and a
-//! streaming watch (`?watch=true`) of newline-delimited `{"type": ..., "object": ...}` events.
-//! It records every request so tests can check the client asks for exactly what the RBAC Role
-//! allows (get and watch of its own StatefulSet).
+//! source. It speaks the real wire format: the `apps/v1` StatefulSet JSON on `GET`, a
+//! `StatefulSetList` on a list by field selector, and a streaming watch (`?watch=true`) of
+//! newline-delimited `{"type": ..., "object": ...}` events. It records every request so tests
+//! can check the client asks for exactly what the RBAC Role allows (get, list and watch of its
+//! own StatefulSet, selected by name).
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -142,11 +143,24 @@ async fn list_or_watch(
 ) -> Response {
     log(&inner, &format!("/apis/apps/v1/namespaces/{ns}/statefulsets"), &query);
     let q = query.unwrap_or_default();
-    if ns != inner.namespace || !q.contains("watch=true") {
-        return (StatusCode::FORBIDDEN, "only watch of the one StatefulSet is allowed").into_response();
+    if ns != inner.namespace {
+        return (StatusCode::FORBIDDEN, "only the StatefulSet's own namespace is allowed").into_response();
     }
+    // RBAC with resourceNames allows a list or watch only when it selects that one name.
     if !q.contains(&format!("fieldSelector=metadata.name%3D{}", inner.name)) {
-        return (StatusCode::FORBIDDEN, "watch must select the StatefulSet by name").into_response();
+        return (StatusCode::FORBIDDEN, "list and watch must select the StatefulSet by name").into_response();
+    }
+    if !q.contains("watch=true") {
+        let (r, v) = *inner.replicas.borrow();
+        return json_response(
+            StatusCode::OK,
+            json!({
+                "apiVersion": "apps/v1",
+                "kind": "StatefulSetList",
+                "metadata": {"resourceVersion": v.to_string()},
+                "items": [object(&inner, r, v)],
+            }),
+        );
     }
     let mut rx = inner.replicas.subscribe();
     rx.mark_unchanged();

@@ -3,10 +3,15 @@
 //! [`cluster::Cluster`] runs members in-process on loopback, each with its own data directory
 //! (its "volume"), through the same `Node::start` entry point the binary uses. Members can be
 //! stopped, restarted with their volume, wiped (volume loss), and cut off from their peers
-//! through a fault-injecting transport. Waits poll with a deadline: see [`eventually`].
+//! through a fault-injecting transport. The Docker [`statefulset::Emulator`] runs the real
+//! image the way a StatefulSet controller would. Both implement [`harness::Harness`], and the
+//! chaos scenarios of [`chaos`] (a fault under a recorded workload, then the checks) are written
+//! once against it. Waits poll with a deadline: see [`poll_until`] and [`eventually`].
 
+pub mod chaos;
 pub mod cluster;
 pub mod docker;
+pub mod harness;
 pub mod history;
 pub mod k8s_stub;
 pub mod linearizability;
@@ -24,8 +29,8 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_test_writer().try_init();
 }
 
-/// Polls `probe` every 50 ms until it returns `Some`, or panics after `timeout` with `what`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+/// Polls `probe` every 50 ms until it returns `Some`, or fails after `timeout` naming `what`.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> Result<T, String>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -33,11 +38,22 @@ where
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = probe().await {
-            return v;
+            return Ok(v);
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        if Instant::now() >= deadline {
+            return Err(format!("timed out after {timeout:?} waiting for: {what}"));
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Like [`poll_until`], panicking on timeout (for tests that have nothing to clean up).
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll_until(what, timeout, probe).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A minimal HTTP/1.1 GET over a plain socket (keeps an HTTP client out of the dependencies).

@@ -22,7 +22,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::RwLock;
 use std::time::Duration;
-use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Container;
@@ -40,6 +39,8 @@ use testcontainers::ContainerAsync;
 use testcontainers::GenericImage;
 use testcontainers::ImageExt;
 
+use crate::harness::Endpoints;
+use crate::harness::Harness;
 use crate::k8s_stub::K8sStub;
 use crate::manifests::Rendered;
 
@@ -51,14 +52,6 @@ struct Pod {
     container: ContainerAsync<GenericImage>,
     /// The pod's address on the control network.
     ip: String,
-}
-
-/// The pods' client endpoints as the harness sees them, versioned so clients can notice a
-/// rescheduled pod's new address.
-#[derive(Debug, Default)]
-pub struct Endpoints {
-    pub version: u64,
-    pub client: BTreeMap<u32, String>,
 }
 
 /// Runs one StatefulSet on Docker.
@@ -304,18 +297,11 @@ impl Emulator {
     pub async fn wait_ready(&self, ordinal: u32, timeout: Duration) -> Result<(), String> {
         let ip = self.pods.get(&ordinal).map(|p| p.ip.clone()).ok_or("pod not running")?;
         let addr = format!("{ip}:{}", self.ops_port);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(reply) = crate::http_get(&addr, &self.readiness_path).await {
-                if reply.starts_with("HTTP/1.1 200") {
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!("{} not ready after {timeout:?}", self.pod_name(ordinal)));
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        crate::poll_until(&format!("{} ready", self.pod_name(ordinal)), timeout, || async {
+            let reply = crate::http_get(&addr, &self.readiness_path).await.ok()?;
+            reply.starts_with("HTTP/1.1 200").then_some(())
+        })
+        .await
     }
 
     /// Creates the pods of ordinals `0..n` together (Parallel pod management) and waits until
@@ -524,5 +510,56 @@ pub fn cleanup_blocking(run: Option<&str>) {
     let volumes = ids(&["volume", "ls", "-q"]);
     if !volumes.is_empty() {
         let _ = docker().args(["volume", "rm", "-f"]).args(&volumes).output();
+    }
+}
+
+impl Harness for Emulator {
+    fn kind(&self) -> &'static str {
+        "docker"
+    }
+
+    fn running(&self) -> Vec<u32> {
+        Emulator::running(self)
+    }
+
+    fn replicas(&self) -> u32 {
+        self.replicas
+    }
+
+    fn endpoints(&self) -> Arc<RwLock<Endpoints>> {
+        self.endpoints.clone()
+    }
+
+    async fn start_all(&mut self, n: u32) -> Result<(), String> {
+        Emulator::start_all(self, n).await
+    }
+
+    async fn start(&mut self, ordinal: u32) -> Result<(), String> {
+        self.start_pod(ordinal).await?;
+        self.wait_ready(ordinal, Duration::from_secs(60)).await
+    }
+
+    async fn stop(&mut self, ordinal: u32) -> Result<(), String> {
+        self.delete_pod(ordinal).await
+    }
+
+    async fn kill(&mut self, ordinals: &[u32]) -> Result<(), String> {
+        self.kill_many(ordinals).await
+    }
+
+    async fn wipe(&mut self, ordinal: u32) -> Result<(), String> {
+        self.delete_volume(ordinal).await
+    }
+
+    async fn partition(&mut self, ordinal: u32) -> Result<(), String> {
+        Emulator::partition(self, ordinal).await
+    }
+
+    async fn heal(&mut self, ordinal: u32) -> Result<(), String> {
+        Emulator::heal(self, ordinal).await
+    }
+
+    async fn scale(&mut self, n: u32) -> Result<(), String> {
+        Emulator::scale(self, n).await
     }
 }

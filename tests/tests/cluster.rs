@@ -197,7 +197,7 @@ async fn a_lagging_member_catches_up_from_a_snapshot_after_the_log_was_purged() 
     for i in 0..200 {
         client.put(format!("snap/{i:03}"), vec![b'x'; 100]).await.unwrap();
     }
-    let lm = c.node(leader).shared().raft_metrics();
+    let lm = c.node(leader).member().raft_metrics();
     let purged = lm.purged.map(|p| p.index).unwrap_or(0);
     assert!(purged > 100, "the leader purged its log behind a snapshot (purged up to {purged})");
 
@@ -205,7 +205,7 @@ async fn a_lagging_member_catches_up_from_a_snapshot_after_the_log_was_purged() 
     c.start_node(lagging).await;
     c.wait_converged(T).await;
     let installed = eventually("a snapshot installed on the lagging member", T, || async {
-        let text = c.node(lagging).shared().metrics.render();
+        let text = c.node(lagging).member().metrics().render();
         text.lines()
             .find(|l| l.starts_with("kvset_snapshots_total{kind=\"installed\"}"))
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -225,7 +225,8 @@ async fn a_lagging_member_catches_up_from_a_snapshot_after_the_log_was_purged() 
         .await
         .unwrap();
     assert_eq!(r.count, 200);
-    let digests: Vec<_> = c.running().iter().map(|o| c.node(*o).shared().reader.digest().unwrap()).collect();
+    let digests: Vec<_> =
+        c.running().iter().map(|o| c.node(*o).member().reader().digest().unwrap()).collect();
     assert!(digests.iter().all(|d| *d == digests[0]), "identical state everywhere: {digests:?}");
     c.shutdown().await;
 }
@@ -240,7 +241,7 @@ async fn a_full_restart_keeps_every_acknowledged_write_and_identity() {
         acknowledged.push(i);
     }
     let ids: Vec<u64> = (0..3).map(|o| c.node(o).node_id()).collect();
-    let cluster_id = c.node(0).shared().cluster_id();
+    let cluster_id = c.node(0).member().cluster_id();
     info!("--- stop all three, then start all three with their volumes");
     for o in 0..3 {
         c.stop(o).await;
@@ -251,7 +252,7 @@ async fn a_full_restart_keeps_every_acknowledged_write_and_identity() {
     c.wait_voters(3, T).await;
     let after: Vec<u64> = (0..3).map(|o| c.node(o).node_id()).collect();
     assert_eq!(ids, after, "same volumes, same node ids");
-    assert_eq!(c.node(1).shared().cluster_id(), cluster_id);
+    assert_eq!(c.node(1).member().cluster_id(), cluster_id);
     let client = c.client();
     for i in acknowledged {
         assert_eq!(
@@ -273,7 +274,7 @@ async fn requests_over_a_limit_are_invalid_and_change_nothing() {
     let follower = (0..3).find(|o| *o != leader).unwrap();
     let client = c.client_for(follower);
     client.put("exists", "1").await.unwrap();
-    let revision = |c: &Cluster| c.node(leader).shared().reader.applied().revision;
+    let revision = |c: &Cluster| c.node(leader).member().reader().applied().revision;
     let before = revision(&c);
 
     let invalid = |e: Error, needle: &str| match e {
@@ -456,26 +457,31 @@ async fn readiness_does_not_need_a_leader() {
 async fn shutdown_drains_and_finishes_quickly() {
     let mut c = Cluster::start(3).await;
     let client = c.client();
-    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = acked.clone();
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = acked.clone();
     let writer = tokio::spawn(async move {
         for i in 0..200 {
-            if client.put(format!("d{i}"), "v").await.is_ok() {
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if client.put(format!("d{i}"), format!("v{i}")).await.is_ok() {
+                record.lock().unwrap().push(i);
             }
         }
     });
-    eventually("writes are flowing", T, || async {
-        (acked.load(std::sync::atomic::Ordering::Relaxed) >= 5).then_some(())
-    })
-    .await;
+    eventually("writes are flowing", T, || async { (acked.lock().unwrap().len() >= 5).then_some(()) }).await;
+    info!("--- stop the leader while writes flow: the shutdown drains and is quick");
     let started = Instant::now();
     let leader = c.wait_leader(T).await;
     c.stop(leader).await;
     let took = started.elapsed();
     assert!(took < Duration::from_secs(5), "graceful shutdown took {took:?}");
     writer.await.unwrap();
-    assert!(acked.load(std::sync::atomic::Ordering::Relaxed) >= 5);
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 5);
+    info!("--- every write acknowledged before, during and after the stop is readable");
+    let client = c.client();
+    for i in acked {
+        let kv = client.get(format!("d{i}")).await.unwrap();
+        assert_eq!(kv.map(|kv| kv.value), Some(format!("v{i}").into_bytes()), "acknowledged write d{i} lost");
+    }
     c.shutdown().await;
 }
 
@@ -560,4 +566,38 @@ async fn http_get(addr: &str, path: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_membership_change_cut_short_by_a_fatal_raft_error_reports_an_unknown_outcome() {
+    let mut c = Cluster::start(3).await;
+    let leader = c.wait_leader(T).await;
+    info!("--- cut the leader off, then ask it to add a learner: the change is proposed, cannot commit");
+    c.isolate(leader);
+    let endpoint = format!("http://{}", c.endpoint(leader));
+    let call = tokio::spawn(async move {
+        let mut admin = kvset_proto::v1::cluster_client::ClusterClient::connect(endpoint).await.unwrap();
+        admin
+            .add_learner(pb::AddLearnerRequest {
+                node_id: 4242,
+                ordinal: 5,
+                peer_addr: "127.0.0.1:1".into(),
+                client_addr: "127.0.0.1:2".into(),
+            })
+            .await
+    });
+    let raft = c.node(leader).member().raft().clone();
+    eventually("the change is in the leader's log", T, || async {
+        let m = raft.metrics().borrow().clone();
+        m.membership_config.membership().get_node(&4242).is_some().then_some(())
+    })
+    .await;
+    info!("--- Raft stops under the pending change (a fatal error): its outcome is unknown");
+    raft.shutdown().await.unwrap();
+    let status = call.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unknown, "{status:?}");
+    assert!(status.metadata().get(kvset_proto::metadata::NOT_APPLIED).is_none(), "{status:?}");
+    c.heal();
+    c.abandon(leader).await;
+    c.shutdown().await;
 }

@@ -23,7 +23,7 @@ const T: Duration = Duration::from_secs(40);
 /// Voter node ids in the leader's membership.
 fn voters(c: &Cluster) -> Option<BTreeSet<u64>> {
     let leader = c.leader()?;
-    Some(c.node(leader).shared().raft_metrics().membership_config.membership().voter_ids().collect())
+    Some(c.node(leader).member().raft_metrics().membership_config.membership().voter_ids().collect())
 }
 
 /// Every node id (voters and learners) in the leader's membership.
@@ -31,7 +31,7 @@ fn members(c: &Cluster) -> Option<BTreeSet<u64>> {
     let leader = c.leader()?;
     Some(
         c.node(leader)
-            .shared()
+            .member()
             .raft_metrics()
             .membership_config
             .membership()
@@ -44,7 +44,7 @@ fn members(c: &Cluster) -> Option<BTreeSet<u64>> {
 fn cluster_ids(c: &Cluster) -> BTreeSet<String> {
     c.running()
         .iter()
-        .map(|o| c.node(*o).shared().cluster_id().map(|c| c.to_string()).unwrap_or_default())
+        .map(|o| c.node(*o).member().cluster_id().map(|c| c.to_string()).unwrap_or_default())
         .collect()
 }
 
@@ -124,7 +124,7 @@ async fn a_member_that_lost_its_volume_is_replaced_under_a_new_id() {
     c.start_node(0).await;
     assert_eq!(c.node(0).node_id(), old);
     let message = eventually("the old incarnation says it was replaced", T, || async {
-        let status = c.node(0).shared().status().reconciler;
+        let status = kvset_server::service::cluster::status(c.node(0).member()).reconciler;
         status.contains("no longer a member").then_some(status)
     })
     .await;
@@ -153,7 +153,7 @@ async fn a_join_from_a_non_member_holding_raft_state_is_refused_and_changes_noth
     let cluster = cluster_ids(&c).into_iter().next().unwrap();
     for ordinal in 0..3 {
         info!("--- a removed incarnation (log up to 12) asks kvset-{ordinal} to join: refused");
-        let peer = format!("http://{}", c.node(ordinal).shared().me.peer_addr);
+        let peer = format!("http://{}", c.node(ordinal).member().me().peer_addr);
         let channel = tonic::transport::Endpoint::from_shared(peer).unwrap().connect().await.unwrap();
         let err = RaftClient::new(channel)
             .join(JoinRequest {
@@ -187,12 +187,12 @@ async fn a_wiped_ordinal_zero_with_its_peers_down_waits_instead_of_bootstrapping
     c.start_node(0).await;
     let until = Instant::now() + Duration::from_secs(6);
     while Instant::now() < until {
-        let s = c.node(0).shared();
+        let s = c.node(0).member();
         assert!(s.cluster_id().is_none(), "kvset-0 must not mint a cluster while its peers are unreachable");
         assert!(s.raft_metrics().membership_config.membership().nodes().next().is_none());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let status = c.node(0).shared().status().reconciler;
+    let status = kvset_server::service::cluster::status(c.node(0).member()).reconciler;
     assert!(status.contains("waiting to bootstrap"), "it says what it waits for: {status}");
     println!("kvset-0 alone: {status}");
 
@@ -303,12 +303,12 @@ async fn scaling_three_to_five_and_back_keeps_every_write_and_follows_ordinal_or
 
 /// Returns a closure reading the leader's voter set (through the cluster's shared handles).
 fn c_membership_probe(c: &Cluster) -> impl Fn() -> Option<BTreeSet<u64>> + Send + 'static {
-    let handles: Vec<_> = c.running().iter().map(|o| c.node(*o).shared().clone()).collect();
+    let handles: Vec<_> = c.running().iter().map(|o| c.node(*o).member().clone()).collect();
     let extra = Arc::new(Mutex::new(handles));
     move || {
         let handles = extra.lock().unwrap();
         let leader =
-            handles.iter().find(|h| h.raft.metrics().borrow().state == openraft::ServerState::Leader)?;
+            handles.iter().find(|h| h.raft().metrics().borrow().state == openraft::ServerState::Leader)?;
         Some(leader.raft_metrics().membership_config.membership().voter_ids().collect())
     }
 }
@@ -318,8 +318,8 @@ async fn a_volume_of_another_cluster_is_refused() {
     info!("--- two independent single-member clusters");
     let mut a = Cluster::start(1).await;
     let mut b = Cluster::start(1).await;
-    let a_id = a.node(0).shared().cluster_id().unwrap();
-    let b_id = b.node(0).shared().cluster_id().unwrap();
+    let a_id = a.node(0).member().cluster_id().unwrap();
+    let b_id = b.node(0).member().cluster_id().unwrap();
     assert_ne!(a_id, b_id);
     a.stop(0).await;
     b.stop(0).await;
@@ -363,14 +363,14 @@ async fn a_volume_of_another_cluster_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_of_another_cluster_does_not_join_and_is_not_listened_to() {
     let mut c = Cluster::start(3).await;
-    let mine = c.node(0).shared().cluster_id().unwrap();
+    let mine = c.node(0).member().cluster_id().unwrap();
     info!("--- kvset-2's volume is replaced by the volume of a member of another cluster");
     let mut other = Cluster::new(3, |_| {}).await;
     other.start_node(0).await;
     other.start_node(1).await;
     other.start_node(2).await;
     other.wait_voters(3, T).await;
-    let theirs = other.node(2).shared().cluster_id().unwrap();
+    let theirs = other.node(2).member().cluster_id().unwrap();
     other.stop(2).await;
     c.stop(2).await;
     c.wipe(2);
@@ -379,12 +379,20 @@ async fn a_member_of_another_cluster_does_not_join_and_is_not_listened_to() {
     let foreign_id = c.node(2).node_id();
     info!("--- it keeps its cluster id, and our cluster keeps going without it");
     c.client().put("still", "works").await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await; // an observation window, not a sync point
-    assert_eq!(c.node(2).shared().cluster_id(), Some(theirs));
+    assert_eq!(c.node(2).member().cluster_id(), Some(theirs));
     assert_ne!(theirs, mine);
     assert!(!members(&c).unwrap().contains(&foreign_id));
-    let peer_refusals = c.node(0).shared().metrics.render();
-    assert!(peer_refusals.contains("kvset_peer_rpcs_total{rpc=\"append_entries\",result=\"unreachable\"}"));
+    info!("--- the leader keeps being refused by the foreign member: its refusals keep growing");
+    let leader = c.wait_leader(T).await;
+    assert_ne!(leader, 2, "the foreign member cannot lead our cluster");
+    let refusals = |c: &Cluster| unreachable_appends(&c.node(leader).member().metrics().render());
+    let before = refusals(&c);
+    eventually("more refused appends to the foreign member", T, || async {
+        (refusals(&c) > before).then_some(())
+    })
+    .await;
+    assert_eq!(c.node(2).member().cluster_id(), Some(theirs), "it never adopted our cluster");
+    assert!(!members(&c).unwrap().contains(&foreign_id));
     c.shutdown().await;
     other.shutdown().await;
 }
@@ -394,13 +402,16 @@ async fn the_kubernetes_replicas_source_drives_scaling() {
     let stub = K8sStub::start("test", "kvset", 3).await;
     let url = stub.url.clone();
     let mut c = Cluster::start_with(3, move |cfg| {
-        cfg.replicas_source = "kubernetes".into();
+        cfg.replicas_source = kvset_server::config::ReplicasSource::Kubernetes;
         cfg.kubernetes_api_url = url.clone();
         cfg.leave_timeout_ms = 20_000;
     })
     .await;
     eventually("every member read spec.replicas = 3", T, || async {
-        c.running().iter().all(|o| c.node(*o).shared().status().desired_replicas == 3).then_some(())
+        c.running()
+            .iter()
+            .all(|o| kvset_server::service::cluster::status(c.node(*o).member()).desired_replicas == 3)
+            .then_some(())
     })
     .await;
 
@@ -411,7 +422,7 @@ async fn the_kubernetes_replicas_source_drives_scaling() {
     info!("--- kubectl scale --replicas=4: the watch delivers it, kvset-3 starts and is promoted");
     stub.scale(4);
     eventually("the members saw spec.replicas = 4", T, || async {
-        (c.node(0).shared().status().desired_replicas == 4).then_some(())
+        (kvset_server::service::cluster::status(c.node(0).member()).desired_replicas == 4).then_some(())
     })
     .await;
     c.start_node(3).await;
@@ -424,13 +435,14 @@ async fn the_kubernetes_replicas_source_drives_scaling() {
     assert_eq!(v.len(), 3, "kvset-3 was removed before it stopped: {v:?}");
     c.client().put("after-scale-down", "1").await.unwrap();
 
-    info!("--- the API calls are exactly the ones the Role allows: get and watch of one StatefulSet");
+    info!(
+        "--- the API calls are exactly the ones the Role allows: get, and list and watch of one StatefulSet"
+    );
     let requests = stub.requests();
     assert!(!requests.is_empty());
     for r in &requests {
         let ok = r.starts_with("GET /apis/apps/v1/namespaces/test/statefulsets/kvset")
             || (r.starts_with("GET /apis/apps/v1/namespaces/test/statefulsets?")
-                && r.contains("watch=true")
                 && r.contains("fieldSelector=metadata.name%3Dkvset"));
         assert!(ok, "unexpected API request {r}");
     }
@@ -442,7 +454,7 @@ async fn scaling_five_to_one_at_once_never_loses_the_quorum() {
     let stub = K8sStub::start("test", "kvset", 5).await;
     let url = stub.url.clone();
     let mut c = Cluster::start_with(5, move |cfg| {
-        cfg.replicas_source = "kubernetes".into();
+        cfg.replicas_source = kvset_server::config::ReplicasSource::Kubernetes;
         cfg.kubernetes_api_url = url.clone();
     })
     .await;
@@ -501,11 +513,21 @@ async fn unreachable_peers_are_awaited_with_a_message_naming_them() {
     .await;
     c.start_node(0).await;
     let status = eventually("kvset-0 names the peers it waits for", T, || async {
-        let s = c.node(0).shared().status().reconciler;
+        let s = kvset_server::service::cluster::status(c.node(0).member()).reconciler;
         (s.contains("kvset-1 (127.0.0.1:1)") && s.contains("waiting to bootstrap")).then_some(s)
     })
     .await;
     println!("{status}");
-    assert!(c.node(0).shared().cluster_id().is_none());
+    assert!(c.node(0).member().cluster_id().is_none());
     c.shutdown().await;
+}
+
+/// The count of AppendEntries RPCs a member sent that were refused or unreachable.
+fn unreachable_appends(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("kvset_peer_rpcs_total{rpc=\"append_entries\",result=\"unreachable\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }

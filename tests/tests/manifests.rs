@@ -104,7 +104,7 @@ fn manifests_agree_with_the_binary() {
             let get = probe.http_get.unwrap_or_else(|| panic!("{dir}: {what} probe is not an HTTP GET"));
             let path = get.path.unwrap_or_default();
             assert!(
-                kvset_server::ops::PATHS.contains(&path.as_str()),
+                kvset_server::service::ops::PATHS.contains(&path.as_str()),
                 "{dir}: {what} probe path {path} is not served"
             );
             assert_eq!(resolve_port(&r, &get.port), defaults.ops_port as i32, "{dir}: {what} probe port");
@@ -212,7 +212,8 @@ fn manifests_agree_with_the_binary() {
             assert_eq!(labels.get(&k), Some(&v), "{dir}: the PDB does not select the pods");
         }
 
-        // RBAC: exactly get + watch on this one StatefulSet, bound to the pods' ServiceAccount.
+        // RBAC: exactly get, list and watch on this one StatefulSet, bound to the pods'
+        // ServiceAccount.
         let sa = pod.service_account_name.clone().expect("serviceAccountName");
         assert_eq!(r.service_account().metadata.name.as_deref(), Some(sa.as_str()));
         let rules = r.role().rules.unwrap_or_default();
@@ -223,7 +224,7 @@ fn manifests_agree_with_the_binary() {
         assert_eq!(rule.resource_names, Some(vec![sts.metadata.name.clone().expect("name")]));
         assert_eq!(
             rule.verbs,
-            vec!["get".to_string(), "watch".to_string()],
+            vec!["get".to_string(), "list".to_string(), "watch".to_string()],
             "{dir}: what the replicas source calls"
         );
         let binding = r.role_binding();

@@ -1,0 +1,254 @@
+//! Chaos scenarios, written once against [`Harness`]: a 3-member cluster, a recorded workload,
+//! one kind of fault, healing, and then the checks:
+//!
+//! * the history is linearizable per key (porcupine; an `Unknown` verdict fails),
+//! * no acknowledged write was lost (final reads after healing),
+//! * every member converged to the same applied index and the same state digest,
+//! * there is still exactly one cluster.
+//!
+//! [`run`] does the common part; the faults ([`kill_follower`], [`kill_leader`], …) are plain
+//! async functions over any harness. `tests/chaos.rs` runs every scenario on the Docker
+//! StatefulSet emulator; `tests/scenarios.rs` runs leader kill, follower restart and scaling
+//! in-process too.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+use std::time::Instant;
+
+use porcupine_rs::CheckResult;
+use rand::rngs::StdRng;
+use rand::Rng;
+use tracing::info;
+
+use crate::harness;
+use crate::harness::Harness;
+use crate::history;
+use crate::history::History;
+use crate::history::Kind;
+use crate::history::Workload;
+use crate::linearizability;
+use crate::linearizability::Figures;
+use crate::poll_until;
+
+/// Workload clients.
+pub const CLIENTS: u32 = 6;
+/// How long the workload runs before the fault and after healing (the workload's duration,
+/// not a synchronisation point: every wait on the cluster polls a condition).
+pub const STEADY: Duration = Duration::from_secs(4);
+
+/// The seed of a run: `KVSET_CHAOS_SEED` to replay one, else random.
+pub fn seed() -> u64 {
+    std::env::var("KVSET_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random)
+}
+
+/// Waits until the workload has acknowledged `n` more writes.
+pub async fn writes_flow(h: &History, n: usize, timeout: Duration) -> Result<(), String> {
+    let count = || h.ops().iter().filter(|o| o.kind.is_write() && !o.indeterminate()).count();
+    let target = count() + n;
+    poll_until(&format!("{n} more acknowledged writes"), timeout, || async {
+        (count() >= target).then_some(())
+    })
+    .await
+}
+
+/// Runs one scenario on `h`: start 3 members, run the workload, inject `fault`, heal, check.
+pub async fn run<H, F>(
+    name: &str,
+    seed: u64,
+    h: &mut H,
+    rng: &mut StdRng,
+    fault: F,
+) -> Result<Figures, String>
+where
+    H: Harness,
+    F: AsyncFnOnce(&mut H, &History, &mut StdRng) -> Result<(), String>,
+{
+    info!("--- {name} ({}): start 3 members", h.kind());
+    h.start_all(3).await?;
+    harness::wait_voters(h, 3, Duration::from_secs(90)).await?;
+    let workload = Workload::start(h.endpoints(), CLIENTS, seed, History::new());
+    let hist = workload.history.clone();
+    writes_flow(&hist, 20, Duration::from_secs(30)).await?;
+    tokio::time::sleep(STEADY).await;
+    let fault_start = hist.now();
+    info!("--- {name}: fault");
+    fault(h, &hist, rng).await?;
+    info!("--- {name}: healed; writes must flow again");
+    harness::wait_voters(h, h.replicas() as usize, Duration::from_secs(120)).await?;
+    writes_flow(&hist, 20, Duration::from_secs(60)).await?;
+    let fault_end = hist.now();
+    tokio::time::sleep(STEADY).await;
+    let history = workload.stop().await;
+
+    info!("--- {name}: final reads, convergence, checks");
+    history::final_reads(&h.endpoints(), &history, Duration::from_secs(60)).await?;
+    harness::wait_converged(h, Duration::from_secs(60)).await?;
+    let ops = history.ops();
+    let finals: BTreeMap<String, Option<String>> = ops
+        .iter()
+        .filter(|o| o.client == u32::MAX)
+        .filter_map(|o| match &o.kind {
+            Kind::Get { result } => Some((o.key.clone(), result.clone())),
+            _ => None,
+        })
+        .collect();
+    let lost = linearizability::lost_writes(&ops, &finals);
+    let (verdict, info) = linearizability::check(&ops, Duration::from_secs(120));
+    let figures = Figures {
+        scenario: name.to_string(),
+        seed,
+        attempted: history.attempted.load(std::sync::atomic::Ordering::Relaxed),
+        recorded: ops.len(),
+        acknowledged: ops.iter().filter(|o| !o.indeterminate()).count(),
+        indeterminate: ops.iter().filter(|o| o.indeterminate()).count(),
+        writes_lost: lost.len(),
+        linearizable: format!("{verdict:?}"),
+        longest_write_gap_ms: linearizability::longest_write_gap(&ops, fault_start, fault_end),
+    };
+    let dir = linearizability::artifact_dir();
+    let _ = std::fs::write(
+        dir.join(format!("{name}-{}-figures.json", h.kind())),
+        serde_json::to_vec_pretty(&figures).unwrap_or_default(),
+    );
+    if verdict != CheckResult::Ok || !lost.is_empty() {
+        let (json, html) = linearizability::save_artifacts(name, seed, &ops, &info);
+        return Err(format!(
+            "verdict {verdict:?}, {} writes lost {:?}; history {} and visualisation {}",
+            lost.len(),
+            lost.iter().take(5).collect::<Vec<_>>(),
+            json.display(),
+            html.display()
+        ));
+    }
+    Ok(figures)
+}
+
+/// kill -9 a member, then reschedule it with its volume (a new IP in Docker), as the
+/// StatefulSet controller does when a node dies.
+pub async fn kill_and_reschedule<H: Harness>(h: &mut H, ordinal: u32) -> Result<(), String> {
+    info!("--- kill -9 kvset-{ordinal} and reschedule it");
+    h.kill(&[ordinal]).await?;
+    h.start(ordinal).await
+}
+
+/// (a) kill -9 a follower and reschedule it.
+pub async fn kill_follower<H: Harness>(h: &mut H, _: &History, _: &mut StdRng) -> Result<(), String> {
+    let f = harness::follower(h).await?;
+    kill_and_reschedule(h, f).await
+}
+
+/// (b) kill -9 the leader and reschedule it.
+pub async fn kill_leader<H: Harness>(h: &mut H, _: &History, _: &mut StdRng) -> Result<(), String> {
+    let l = harness::leader(h, Duration::from_secs(60)).await?;
+    kill_and_reschedule(h, l).await
+}
+
+/// (c) a rolling restart in reverse ordinal order (SIGTERM with the manifest's grace period).
+pub async fn rolling_restart<H: Harness>(h: &mut H, _: &History, _: &mut StdRng) -> Result<(), String> {
+    for o in (0..h.replicas()).rev() {
+        info!("--- rolling restart: kvset-{o}");
+        h.stop(o).await?;
+        h.start(o).await?;
+    }
+    Ok(())
+}
+
+/// (d) cut the leader off from both followers; the majority goes on; heal.
+pub async fn partition_leader<H: Harness>(h: &mut H, hist: &History, _: &mut StdRng) -> Result<(), String> {
+    let l = harness::leader(h, Duration::from_secs(60)).await?;
+    info!("--- cut kvset-{l} (the leader) off its peers");
+    h.partition(l).await?;
+    // The majority elects a new leader and takes writes while the old one is cut off.
+    writes_flow(hist, 20, Duration::from_secs(60)).await?;
+    info!("--- heal");
+    h.heal(l).await
+}
+
+/// (e) scale 3→5→3.
+pub async fn scale_3_5_3<H: Harness>(h: &mut H, hist: &History, _: &mut StdRng) -> Result<(), String> {
+    info!("--- kubectl scale --replicas=5");
+    h.scale(5).await?;
+    harness::wait_voters(h, 5, Duration::from_secs(120)).await?;
+    writes_flow(hist, 20, Duration::from_secs(60)).await?;
+    info!("--- kubectl scale --replicas=3");
+    h.scale(3).await?;
+    harness::wait_voters(h, 3, Duration::from_secs(120)).await
+}
+
+/// (f) a follower loses its pod and its volume: it must come back as a new member that
+/// replaces the old one, in the same cluster.
+pub async fn volume_loss<H: Harness>(h: &mut H, _: &History, _: &mut StdRng) -> Result<(), String> {
+    let f = harness::follower(h).await?;
+    let before = harness::statuses(h, false).await;
+    let old_id = before.get(&f).map(|s| s.node_id).ok_or("no status")?;
+    let cluster = before.get(&f).map(|s| s.cluster_id.clone()).ok_or("no status")?;
+    info!("--- kvset-{f} loses its pod and its volume");
+    h.kill(&[f]).await?;
+    h.wipe(f).await?;
+    h.start(f).await?;
+    harness::wait_voters(h, 3, Duration::from_secs(120)).await?;
+    let after = harness::statuses(h, false).await;
+    let new = after.get(&f).ok_or("no status")?;
+    if new.node_id == old_id {
+        return Err("an empty volume came back with the old node id".into());
+    }
+    if after.values().any(|s| s.cluster_id != cluster) {
+        return Err(format!("a second cluster appeared: {after:?}"));
+    }
+    let members =
+        harness::client(h, Duration::from_secs(5)).member_list().await.map_err(|e| e.to_string())?;
+    if members.members.iter().any(|m| m.node_id == old_id) {
+        return Err("the old node id is still a member".into());
+    }
+    Ok(())
+}
+
+/// (g) kill -9 every member at the same instant, then start them all.
+pub async fn full_restart<H: Harness>(h: &mut H, _: &History, _: &mut StdRng) -> Result<(), String> {
+    info!("--- kill -9 every member at the same instant, then start them all (Parallel)");
+    let all = h.running();
+    h.kill(&all).await?;
+    let n = h.replicas();
+    h.start_all(n).await
+}
+
+/// (h) a random mix of the faults above for 60 s, chosen by the seeded `rng`.
+pub async fn random_mix<H: Harness>(h: &mut H, hist: &History, rng: &mut StdRng) -> Result<(), String> {
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut step = 0;
+    while Instant::now() < until {
+        step += 1;
+        let action = rng.gen_range(0..5);
+        info!("--- random mix step {step}: action {action}");
+        match action {
+            0 => {
+                let f = harness::follower(h).await?;
+                kill_and_reschedule(h, f).await?;
+            }
+            1 => {
+                let l = harness::leader(h, Duration::from_secs(60)).await?;
+                kill_and_reschedule(h, l).await?;
+            }
+            2 => {
+                let l = harness::leader(h, Duration::from_secs(60)).await?;
+                h.partition(l).await?;
+                writes_flow(hist, 10, Duration::from_secs(60)).await?;
+                h.heal(l).await?;
+            }
+            3 => {
+                let o = rng.gen_range(0..h.replicas());
+                h.stop(o).await?;
+                h.start(o).await?;
+            }
+            _ => {
+                let f = harness::follower(h).await?;
+                h.partition(f).await?;
+                writes_flow(hist, 10, Duration::from_secs(60)).await?;
+                h.heal(f).await?;
+            }
+        }
+        harness::wait_voters(h, h.replicas() as usize, Duration::from_secs(120)).await?;
+        writes_flow(hist, 10, Duration::from_secs(60)).await?;
+    }
+    Ok(())
+}
