@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The one check command: the same locally and in CI (.ci/run calls exactly this).
 #
-#   scripts/check.sh            formatting, lints, manifest validation, every test
+#   scripts/check.sh            formatting, lints, docs, manifest validation, every test
+#
+# On a fresh machine it installs what the checks need, project-locally, and says so:
+#   * Python tools from PyPI (kubernetes-validate) into target/tools/venv;
+# nothing outside the checkout is changed. It needs the Rust toolchain of
+# rust-toolchain.toml, python3 with venv, and kubectl (for `kubectl kustomize`).
 #
 # Environment:
 #   CARGO_TEST_ARGS   extra arguments for `cargo test` (e.g. "-- --nocapture")
@@ -12,6 +17,19 @@ step() { printf '\n=== %s\n' "$*"; }
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+
+step "test tools (project-local, installed once)"
+venv="$PWD/target/tools/venv"
+# Pinned so a run on a fresh machine checks against the same Kubernetes schemas as here.
+python_tools=(kubernetes-validate==1.37.0)
+if ! "$venv/bin/python" -c 'import kubernetes_validate' >/dev/null 2>&1; then
+    echo "  installing into $venv from PyPI: ${python_tools[*]}"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "${python_tools[@]}"
+else
+    echo "  $venv: ${python_tools[*]} present"
+fi
+export PATH="$venv/bin:$PATH"
 
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
@@ -25,13 +43,14 @@ else
     echo "  no protoc here: skipped (bench/compare.sh installs it)"
 fi
 
+step "cargo doc --workspace --no-deps (warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+
 step "Kubernetes manifests: kubectl kustomize | kubernetes-validate --strict"
-for tool in kubectl kubernetes-validate; do
-    command -v "$tool" >/dev/null 2>&1 || {
-        echo "missing $tool (kubernetes-validate: pip install kubernetes-validate; .ci/run installs both checks' needs)" >&2
-        exit 1
-    }
-done
+command -v kubectl >/dev/null 2>&1 || {
+    echo "missing kubectl: it renders deploy/k8s offline (Debian: kubernetes-client, or the kubectl binary)" >&2
+    exit 1
+}
 for dir in deploy/k8s deploy/k8s/overlays/*/; do
     echo "  $dir"
     kubectl kustomize "$dir" | kubernetes-validate --strict --quiet -
