@@ -1,22 +1,27 @@
 //! Evaluation of commands against the state machine tree, through an in-memory overlay.
 //!
 //! Applying a batch of log entries must be atomic together with `last_applied`, so nothing is
-//! written to sled while commands are evaluated: every change goes into an [`Overlay`] (a
-//! sorted map of pending writes over the tree), later commands read through it, and the
-//! state machine turns it into one `sled::Batch` at the end.
+//! written to sled while commands are evaluated: every change goes into an [`Overlay`] (the
+//! pending live records, history versions, change-log entries, events and lease changes over
+//! the tree), later commands read through it, and the state machine turns it into one
+//! `sled::Batch` at the end. See [`crate::keys`] for the layout.
 //!
-//! Data keys in the tree are the user key prefixed with [`DATA_PREFIX`] (`0x01`); state machine
-//! metadata lives under `0x00` in the same tree, so one batch covers both.
+//! Revisions follow etcd: a command that changes keys gets the next revision; every key it
+//! changes gets a sub-revision there, in order; a delete writes a tombstone version. A Txn
+//! chooses its branches (nested ones included) on the state before it, checks that branch's
+//! puts and ranges, and only then runs it; its ranges see its own earlier writes.
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::ops::Bound;
 
 use crate::codec;
 use crate::codec::CodecError;
+use crate::history;
+use crate::history::RangeCollector;
+use crate::keys;
+use crate::keys::Version;
 use crate::types::*;
-
-/// Prefix of user data keys.
-pub(crate) const DATA_PREFIX: u8 = 0x01;
 
 /// Error reading the tree while applying or reading.
 #[derive(Debug, thiserror::Error)]
@@ -25,58 +30,123 @@ pub enum ReadError {
     Sled(#[from] sled::Error),
     #[error("state machine holds an undecodable record: {0}")]
     Codec(#[from] CodecError),
+    #[error("state machine is corrupt: {0}")]
+    Corrupt(String),
+    #[error("required revision {requested} has been compacted (compact revision {compact_revision})")]
+    Compacted { requested: Revision, compact_revision: Revision },
+    #[error("required revision {requested} is a future revision (current revision {current})")]
+    FutureRevision { requested: Revision, current: Revision },
 }
 
-pub(crate) fn data_key(key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(key.len() + 1);
-    k.push(DATA_PREFIX);
-    k.extend_from_slice(key);
-    k
+/// The replicated scalars a command may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Scalars {
+    pub revision: Revision,
+    pub compact_revision: Revision,
+    pub replicas: Option<u32>,
 }
 
-/// The tree-key bounds of a [`KeyRange`].
-pub(crate) fn tree_bounds(range: &KeyRange) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
-    let start = Bound::Included(data_key(&range.start));
-    let end = match &range.end {
-        RangeEnd::Single => Bound::Included(data_key(&range.start)),
-        RangeEnd::Unbounded => Bound::Excluded(vec![DATA_PREFIX + 1]),
-        RangeEnd::Before(end) => Bound::Excluded(data_key(end)),
-    };
-    (start, end)
-}
-
-/// Pending writes over a tree. `None` marks a deletion.
+/// Pending changes over a tree.
 pub(crate) struct Overlay<'t> {
     tree: &'t sled::Tree,
-    pub(crate) changes: BTreeMap<Vec<u8>, Option<StoredValue>>,
+    /// The revision of the state in `tree` (before this overlay's changes).
+    tree_revision: Revision,
+    /// The lease table before this overlay's changes.
+    leases_before: &'t BTreeMap<LeaseId, Lease>,
+    /// Live records to write: `Some` = the key's new record, `None` = the key is deleted.
+    pub(crate) live: BTreeMap<Vec<u8>, Option<StoredValue>>,
+    /// Versions to add to the history (and the change log), in order.
+    pub(crate) history: Vec<(Vec<u8>, Revision, u32, Version)>,
+    /// The events of each new revision, in order.
+    pub(crate) events: Vec<RevisionEvents>,
+    /// Lease changes: `Some` = granted, `None` = revoked.
+    pub(crate) leases: BTreeMap<LeaseId, Option<Lease>>,
+    /// Lease attachments to add (`true`) or remove (`false`).
+    pub(crate) attachments: BTreeMap<(LeaseId, Vec<u8>), bool>,
+}
+
+/// The revision one command writes at.
+struct Writer {
+    revision: Revision,
+    sub: u32,
+    events: Vec<Event>,
+}
+
+impl Writer {
+    fn new(revision: Revision) -> Self {
+        Self { revision, sub: 0, events: Vec::new() }
+    }
+
+    fn next_sub(&mut self) -> u32 {
+        let s = self.sub;
+        self.sub += 1;
+        s
+    }
+
+    fn wrote(&self) -> bool {
+        !self.events.is_empty()
+    }
 }
 
 impl<'t> Overlay<'t> {
-    pub(crate) fn new(tree: &'t sled::Tree) -> Self {
-        Self { tree, changes: BTreeMap::new() }
+    pub(crate) fn new(
+        tree: &'t sled::Tree,
+        tree_revision: Revision,
+        leases: &'t BTreeMap<LeaseId, Lease>,
+    ) -> Self {
+        Self {
+            tree,
+            tree_revision,
+            leases_before: leases,
+            live: BTreeMap::new(),
+            history: Vec::new(),
+            events: Vec::new(),
+            leases: BTreeMap::new(),
+            attachments: BTreeMap::new(),
+        }
     }
 
     /// Reads a user key through the overlay.
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<StoredValue>, ReadError> {
-        if let Some(change) = self.changes.get(key) {
+        if let Some(change) = self.live.get(key) {
             return Ok(change.clone());
         }
-        match self.tree.get(data_key(key))? {
+        match self.tree.get(keys::live(key))? {
             Some(bytes) => Ok(Some(codec::decode("stored value", &bytes)?)),
             None => Ok(None),
         }
     }
 
-    fn put(&mut self, key: Vec<u8>, value: StoredValue) {
-        self.changes.insert(key, Some(value));
+    fn lease(&self, id: LeaseId) -> Option<Lease> {
+        match self.leases.get(&id) {
+            Some(change) => *change,
+            None => self.leases_before.get(&id).copied(),
+        }
     }
 
-    fn delete(&mut self, key: Vec<u8>) {
-        self.changes.insert(key, None);
+    /// The keys attached to lease `id`, in key order.
+    fn lease_keys(&self, id: LeaseId) -> Result<Vec<Vec<u8>>, ReadError> {
+        let prefix = keys::lease_keys_prefix(id);
+        let mut out = BTreeSet::new();
+        for item in self.tree.scan_prefix(prefix) {
+            let (k, _) = item?;
+            out.insert(k[prefix.len()..].to_vec());
+        }
+        for ((lease, key), present) in self.attachments.range((id, Vec::new())..) {
+            if *lease != id {
+                break;
+            }
+            if *present {
+                out.insert(key.clone());
+            } else {
+                out.remove(key);
+            }
+        }
+        Ok(out.into_iter().collect())
     }
 
-    /// Visits the keys of `range` in order, merging the tree with the overlay, until `visit`
-    /// returns `false`.
+    /// Visits the current keys of `range` in order, merging the tree with the overlay, until
+    /// `visit` returns `false`.
     pub(crate) fn scan(
         &self,
         range: &KeyRange,
@@ -92,13 +162,18 @@ impl<'t> Overlay<'t> {
             RangeEnd::Unbounded => Bound::Unbounded,
             RangeEnd::Before(end) => Bound::Excluded(end.clone()),
         };
+        let tree_end = match &range.end {
+            RangeEnd::Single => Bound::Included(keys::live(&range.start)),
+            RangeEnd::Unbounded => Bound::Excluded(vec![keys::LIVE + 1]),
+            RangeEnd::Before(end) => Bound::Excluded(keys::live(end)),
+        };
         let mut over_iter =
-            self.changes.range::<Vec<u8>, _>((Bound::Included(range.start.clone()), overlay_end));
+            self.live.range::<Vec<u8>, _>((Bound::Included(range.start.clone()), overlay_end));
         let mut over_cur = over_iter.next();
-        let mut tree_iter = self.tree.range(tree_bounds(range));
+        let mut tree_iter = self.tree.range((Bound::Included(keys::live(&range.start)), tree_end));
         let mut tree_cur = tree_iter.next().transpose()?;
         loop {
-            // Tree keys carry DATA_PREFIX; overlay keys are bare user keys.
+            // Tree keys carry the LIVE prefix; overlay keys are bare user keys.
             let take_tree = match (&tree_cur, over_cur) {
                 (None, None) => return Ok(()),
                 (Some(_), None) => true,
@@ -128,30 +203,14 @@ impl<'t> Overlay<'t> {
         }
     }
 
-    /// Reads one page of `query`.
-    pub(crate) fn range(&self, query: &RangeQuery) -> Result<RangeResult, ReadError> {
-        let mut out = RangeResult::default();
-        let limit = query.limit.max(1);
-        let mut bytes = 0usize;
-        self.scan(&query.range, |key, value| {
-            out.count += 1;
-            if !query.count_only && out.next_key.is_none() {
-                let size = key.len() + if query.keys_only { 0 } else { value.value.len() };
-                let fits = out.kvs.is_empty() || (out.kvs.len() < limit && bytes + size <= query.max_bytes);
-                if fits {
-                    bytes += size;
-                    out.kvs.push(value.to_key_value(key, query.keys_only));
-                } else {
-                    out.more = true;
-                    out.next_key = Some(key.to_vec());
-                }
-            }
-            true
-        })?;
-        Ok(out)
+    /// Reads one page of `query` at the current state (its `revision` is ignored).
+    pub(crate) fn range_current(&self, query: &RangeQuery) -> Result<RangeResult, ReadError> {
+        let mut collector = RangeCollector::new(query);
+        self.scan(&query.range, |key, value| collector.push(value.to_key_value(key, false)))?;
+        Ok(collector.finish())
     }
 
-    /// The keys (and values) a delete of `range` removes.
+    /// The current keys (and records) of `range`.
     fn collect(&self, range: &KeyRange) -> Result<Vec<(Vec<u8>, StoredValue)>, ReadError> {
         let mut out = Vec::new();
         self.scan(range, |k, v| {
@@ -160,262 +219,320 @@ impl<'t> Overlay<'t> {
         })?;
         Ok(out)
     }
-}
 
-/// Applies one command to the overlay. `revision` is the store revision, advanced when the
-/// command changes something.
-pub(crate) fn apply_command(
-    overlay: &mut Overlay<'_>,
-    revision: &mut Revision,
-    command: &Command,
-) -> Result<CommandResult, ReadError> {
-    match command {
-        Command::SetReplicas(replicas) => {
-            Ok(CommandResult::SetReplicas { revision: *revision, replicas: *replicas })
+    /// Reads one page of `query` at its past `revision`: the history in the tree, plus the
+    /// versions this overlay made at or below that revision (earlier commands of the batch).
+    fn range_at(&self, query: &RangeQuery) -> Result<RangeResult, ReadError> {
+        let revision = query.revision;
+        if revision <= self.tree_revision {
+            return range_at(self.tree, query, revision);
         }
-        Command::Put(put) => {
-            let rev = *revision + 1;
-            let prev = do_put(overlay, rev, put)?;
-            *revision = rev;
-            Ok(CommandResult::Put { revision: rev, prev })
+        let mut keys: BTreeMap<Vec<u8>, Option<KeyValue>> = BTreeMap::new();
+        history::scan_at(self.tree, &query.range, self.tree_revision, |kv| {
+            keys.insert(kv.key.clone(), Some(kv));
+            true
+        })?;
+        for (key, rev, _, version) in &self.history {
+            if *rev <= revision && query.range.contains(key) {
+                keys.insert(key.clone(), version.to_key_value(key, *rev, false));
+            }
         }
-        Command::Delete(delete) => {
-            let rev = *revision + 1;
-            let (deleted, prev) = do_delete(overlay, delete)?;
-            if deleted > 0 {
-                *revision = rev;
-            }
-            Ok(CommandResult::Delete { revision: *revision, deleted, prev })
+        let mut collector = RangeCollector::new(query);
+        for kv in keys.into_values().flatten() {
+            collector.push(kv);
         }
-        Command::Txn(txn) => {
-            let mut holds = true;
-            for compare in &txn.compares {
-                if !compare.holds(overlay.get(&compare.key)?.as_ref()) {
-                    holds = false;
-                    break;
-                }
-            }
-            let ops = if holds { &txn.success } else { &txn.failure };
-            let rev = *revision + 1;
-            let mut wrote = false;
-            let mut responses = Vec::with_capacity(ops.len());
-            for op in ops {
-                responses.push(match op {
-                    TxnOp::Range(query) => OpResult::Range(overlay.range(query)?),
-                    TxnOp::Put(put) => {
-                        wrote = true;
-                        OpResult::Put { prev: do_put(overlay, rev, put)? }
-                    }
-                    TxnOp::Delete(delete) => {
-                        let (deleted, prev) = do_delete(overlay, delete)?;
-                        wrote |= deleted > 0;
-                        OpResult::Delete { deleted, prev }
-                    }
-                });
-            }
-            if wrote {
-                *revision = rev;
-            }
-            Ok(CommandResult::Txn { revision: *revision, succeeded: holds, responses })
+        Ok(collector.finish())
+    }
+
+    fn attach(&mut self, lease: LeaseId, key: &[u8]) {
+        self.attachments.insert((lease, key.to_vec()), true);
+    }
+
+    fn detach(&mut self, lease: LeaseId, key: &[u8]) {
+        self.attachments.insert((lease, key.to_vec()), false);
+    }
+
+    fn commit(&mut self, w: Writer, scalars: &mut Scalars) {
+        if w.wrote() {
+            scalars.revision = w.revision;
+            self.events.push(RevisionEvents { revision: w.revision, events: w.events });
         }
     }
 }
 
-fn do_put(overlay: &mut Overlay<'_>, rev: Revision, put: &Put) -> Result<Option<KeyValue>, ReadError> {
+/// Applies one command to the overlay, advancing `scalars` when it changes them.
+pub(crate) fn apply_command(
+    overlay: &mut Overlay<'_>,
+    scalars: &mut Scalars,
+    command: &Command,
+) -> Result<CommandResult, ReadError> {
+    let rejected = |scalars: &Scalars, error| CommandResult::Rejected { revision: scalars.revision, error };
+    match command {
+        Command::SetReplicas(replicas) => {
+            scalars.replicas = Some(*replicas);
+            Ok(CommandResult::SetReplicas { revision: scalars.revision, replicas: *replicas })
+        }
+        Command::Put(put) => {
+            if let Err(e) = check_put(overlay, put)? {
+                return Ok(rejected(scalars, e));
+            }
+            let mut w = Writer::new(scalars.revision + 1);
+            let prev = do_put(overlay, &mut w, put)?;
+            overlay.commit(w, scalars);
+            Ok(CommandResult::Put { revision: scalars.revision, prev: if put.prev_kv { prev } else { None } })
+        }
+        Command::Delete(delete) => {
+            let mut w = Writer::new(scalars.revision + 1);
+            let (deleted, prev) = do_delete(overlay, &mut w, &delete.range, delete.prev_kv)?;
+            overlay.commit(w, scalars);
+            Ok(CommandResult::Delete { revision: scalars.revision, deleted, prev })
+        }
+        Command::Txn(txn) => {
+            let mut path = Vec::new();
+            choose_path(overlay, txn, &mut path)?;
+            if let Err(e) = check_path(overlay, scalars, txn, &mut path.iter().copied())? {
+                return Ok(rejected(scalars, e));
+            }
+            let mut w = Writer::new(scalars.revision + 1);
+            let (succeeded, responses) = run_txn(overlay, &mut w, txn, &mut path.iter().copied())?;
+            overlay.commit(w, scalars);
+            Ok(CommandResult::Txn { revision: scalars.revision, succeeded, responses })
+        }
+        Command::Compact(revision) => {
+            if *revision <= scalars.compact_revision {
+                return Ok(rejected(
+                    scalars,
+                    ApplyError::Compacted {
+                        requested: *revision,
+                        compact_revision: scalars.compact_revision,
+                    },
+                ));
+            }
+            if *revision > scalars.revision {
+                return Ok(rejected(
+                    scalars,
+                    ApplyError::FutureRevision { requested: *revision, current: scalars.revision },
+                ));
+            }
+            scalars.compact_revision = *revision;
+            Ok(CommandResult::Compact { revision: scalars.revision })
+        }
+        Command::LeaseGrant { id, ttl } => {
+            if overlay.lease(*id).is_some() {
+                return Ok(rejected(scalars, ApplyError::LeaseExists(*id)));
+            }
+            overlay.leases.insert(*id, Some(Lease { id: *id, ttl: *ttl }));
+            Ok(CommandResult::LeaseGrant { revision: scalars.revision, id: *id, ttl: *ttl })
+        }
+        Command::LeaseRevoke(id) => {
+            if overlay.lease(*id).is_none() {
+                return Ok(rejected(scalars, ApplyError::LeaseNotFound(*id)));
+            }
+            let mut w = Writer::new(scalars.revision + 1);
+            let mut deleted = 0;
+            for key in overlay.lease_keys(*id)? {
+                deleted += do_delete(overlay, &mut w, &KeyRange::single(key), false)?.0;
+            }
+            overlay.leases.insert(*id, None);
+            overlay.commit(w, scalars);
+            Ok(CommandResult::LeaseRevoke { revision: scalars.revision, deleted })
+        }
+    }
+}
+
+/// Whether a put may run: its lease exists, and a key it keeps the value or lease of exists.
+fn check_put(overlay: &Overlay<'_>, put: &Put) -> Result<Result<(), ApplyError>, ReadError> {
+    if put.lease != 0 && overlay.lease(put.lease).is_none() {
+        return Ok(Err(ApplyError::LeaseNotFound(put.lease)));
+    }
+    if (put.ignore_value || put.ignore_lease) && overlay.get(&put.key)?.is_none() {
+        return Ok(Err(ApplyError::KeyNotFound));
+    }
+    Ok(Ok(()))
+}
+
+/// Whether a range at a past revision may be read at `scalars`.
+fn check_revision(scalars: &Scalars, revision: Revision) -> Result<(), ApplyError> {
+    if revision > scalars.revision {
+        return Err(ApplyError::FutureRevision { requested: revision, current: scalars.revision });
+    }
+    if revision < scalars.compact_revision {
+        return Err(ApplyError::Compacted {
+            requested: revision,
+            compact_revision: scalars.compact_revision,
+        });
+    }
+    Ok(())
+}
+
+/// Whether every key of `range` satisfies `compare` (an empty range compares as one absent key).
+fn compare_holds(overlay: &Overlay<'_>, compare: &Compare) -> Result<bool, ReadError> {
+    let found = overlay.collect(&compare.range)?;
+    if found.is_empty() {
+        return Ok(compare.holds(None));
+    }
+    Ok(found.iter().all(|(k, v)| compare.holds(Some(&v.to_key_value(k, false)))))
+}
+
+/// Chooses every branch of `txn` and of the txns nested in the chosen branches, depth first,
+/// on the state before the txn (as etcd's `compareToPath`).
+fn choose_path(overlay: &Overlay<'_>, txn: &Txn, path: &mut Vec<bool>) -> Result<(), ReadError> {
+    let mut holds = true;
+    for c in &txn.compares {
+        if !compare_holds(overlay, c)? {
+            holds = false;
+            break;
+        }
+    }
+    path.push(holds);
+    for op in if holds { &txn.success } else { &txn.failure } {
+        if let TxnOp::Txn(nested) = op {
+            choose_path(overlay, nested, path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks the ops of the chosen path before any runs.
+fn check_path(
+    overlay: &Overlay<'_>,
+    scalars: &Scalars,
+    txn: &Txn,
+    path: &mut impl Iterator<Item = bool>,
+) -> Result<Result<(), ApplyError>, ReadError> {
+    let succeeded = path.next().unwrap_or(false);
+    for op in if succeeded { &txn.success } else { &txn.failure } {
+        let checked = match op {
+            TxnOp::Put(put) => check_put(overlay, put)?,
+            TxnOp::Range(q) if q.revision != 0 => check_revision(scalars, q.revision),
+            TxnOp::Txn(nested) => check_path(overlay, scalars, nested, path)?,
+            TxnOp::Range(_) | TxnOp::Delete(_) => Ok(()),
+        };
+        if checked.is_err() {
+            return Ok(checked);
+        }
+    }
+    Ok(Ok(()))
+}
+
+fn run_txn(
+    overlay: &mut Overlay<'_>,
+    w: &mut Writer,
+    txn: &Txn,
+    path: &mut impl Iterator<Item = bool>,
+) -> Result<(bool, Vec<OpResult>), ReadError> {
+    let succeeded = path.next().unwrap_or(false);
+    let ops = if succeeded { &txn.success } else { &txn.failure };
+    let mut responses = Vec::with_capacity(ops.len());
+    for op in ops {
+        responses.push(match op {
+            TxnOp::Range(query) if query.revision == 0 => OpResult::Range(overlay.range_current(query)?),
+            TxnOp::Range(query) => OpResult::Range(overlay.range_at(query)?),
+            TxnOp::Put(put) => OpResult::Put { prev: do_put(overlay, w, put)?.filter(|_| put.prev_kv) },
+            TxnOp::Delete(delete) => {
+                let (deleted, prev) = do_delete(overlay, w, &delete.range, delete.prev_kv)?;
+                OpResult::Delete { deleted, prev }
+            }
+            TxnOp::Txn(nested) => {
+                let (succeeded, responses) = run_txn(overlay, w, nested, path)?;
+                OpResult::Txn { succeeded, responses }
+            }
+        });
+    }
+    Ok((succeeded, responses))
+}
+
+/// A range at a committed past revision, from the history.
+pub(crate) fn range_at(
+    tree: &sled::Tree,
+    query: &RangeQuery,
+    revision: Revision,
+) -> Result<RangeResult, ReadError> {
+    let mut collector = RangeCollector::new(query);
+    history::scan_at(tree, &query.range, revision, |kv| collector.push(kv))?;
+    Ok(collector.finish())
+}
+
+/// Writes a put at the writer's revision; returns the key as it was before.
+fn do_put(overlay: &mut Overlay<'_>, w: &mut Writer, put: &Put) -> Result<Option<KeyValue>, ReadError> {
+    let rev = w.revision;
     let prev = overlay.get(&put.key)?;
+    let value = match (&prev, put.ignore_value) {
+        (Some(p), true) => p.value.clone(),
+        _ => put.value.clone(),
+    };
+    let lease = match (&prev, put.ignore_lease) {
+        (Some(p), true) => p.lease,
+        _ => put.lease,
+    };
     let next = StoredValue {
-        value: put.value.clone(),
+        value,
         create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
         mod_revision: rev,
         version: prev.as_ref().map_or(1, |p| p.version + 1),
-        lease: put.lease,
+        lease,
     };
-    overlay.put(put.key.clone(), next);
-    Ok(if put.prev_kv { prev.map(|p| p.to_key_value(&put.key, false)) } else { None })
+    if let Some(p) = &prev {
+        if p.lease != 0 && p.lease != lease {
+            overlay.detach(p.lease, &put.key);
+        }
+    }
+    if lease != 0 {
+        overlay.attach(lease, &put.key);
+    }
+    let sub = w.next_sub();
+    overlay.history.push((
+        put.key.clone(),
+        rev,
+        sub,
+        Version {
+            value: next.value.clone(),
+            create_revision: next.create_revision,
+            version: next.version,
+            lease,
+            deleted: false,
+        },
+    ));
+    let prev_kv = prev.map(|p| p.to_key_value(&put.key, false));
+    w.events.push(Event {
+        kind: EventKind::Put,
+        kv: next.to_key_value(&put.key, false),
+        prev: prev_kv.clone(),
+    });
+    overlay.live.insert(put.key.clone(), Some(next));
+    Ok(prev_kv)
 }
 
-fn do_delete(overlay: &mut Overlay<'_>, delete: &Delete) -> Result<(i64, Vec<KeyValue>), ReadError> {
-    let doomed = overlay.collect(&delete.range)?;
+/// Deletes every current key of `range` at the writer's revision (a tombstone each).
+fn do_delete(
+    overlay: &mut Overlay<'_>,
+    w: &mut Writer,
+    range: &KeyRange,
+    prev_kv: bool,
+) -> Result<(i64, Vec<KeyValue>), ReadError> {
+    let doomed = overlay.collect(range)?;
     let deleted = doomed.len() as i64;
-    let mut prev = Vec::new();
+    let mut prevs = Vec::new();
     for (key, value) in doomed {
-        if delete.prev_kv {
-            prev.push(value.to_key_value(&key, false));
+        if value.lease != 0 {
+            overlay.detach(value.lease, &key);
         }
-        overlay.delete(key);
+        let sub = w.next_sub();
+        overlay.history.push((key.clone(), w.revision, sub, Version { deleted: true, ..Default::default() }));
+        let prev = value.to_key_value(&key, false);
+        if prev_kv {
+            prevs.push(prev.clone());
+        }
+        w.events.push(Event {
+            kind: EventKind::Delete,
+            kv: KeyValue { key: key.clone(), mod_revision: w.revision, ..Default::default() },
+            prev: Some(prev),
+        });
+        overlay.live.insert(key, None);
     }
-    Ok((deleted, prev))
+    Ok((deleted, prevs))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tree() -> (sled::Db, sled::Tree) {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let t = db.open_tree("t").unwrap();
-        (db, t)
-    }
-
-    fn put(key: &str, value: &str) -> Command {
-        Command::Put(Put { key: key.into(), value: value.into(), lease: 0, prev_kv: true })
-    }
-
-    fn all(ov: &Overlay<'_>) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        ov.scan(&KeyRange { start: Vec::new(), end: RangeEnd::Unbounded }, |k, v| {
-            out.push((String::from_utf8_lossy(k).into(), String::from_utf8_lossy(&v.value).into()));
-            true
-        })
-        .unwrap();
-        out
-    }
-
-    #[test]
-    fn put_tracks_versions_and_revisions() {
-        let (_db, t) = tree();
-        let mut ov = Overlay::new(&t);
-        let mut rev = 1;
-        let r1 = apply_command(&mut ov, &mut rev, &put("a", "1")).unwrap();
-        assert_eq!(r1, CommandResult::Put { revision: 2, prev: None });
-        let r2 = apply_command(&mut ov, &mut rev, &put("a", "2")).unwrap();
-        let CommandResult::Put { revision: 3, prev: Some(prev) } = r2 else { panic!("{r2:?}") };
-        assert_eq!(
-            (prev.value.as_slice(), prev.version, prev.create_revision, prev.mod_revision),
-            (&b"1"[..], 1, 2, 2)
-        );
-        let now = ov.get(b"a").unwrap().unwrap();
-        assert_eq!((now.version, now.create_revision, now.mod_revision), (2, 2, 3));
-    }
-
-    #[test]
-    fn scan_merges_tree_and_overlay_in_order() {
-        let (_db, t) = tree();
-        for (k, v) in [("a", "tree"), ("c", "tree"), ("e", "tree")] {
-            let sv = StoredValue { value: v.into(), ..Default::default() };
-            t.insert(data_key(k.as_bytes()), codec::encode("v", &sv).unwrap()).unwrap();
-        }
-        let mut ov = Overlay::new(&t);
-        let mut rev = 1;
-        apply_command(&mut ov, &mut rev, &put("b", "over")).unwrap();
-        apply_command(&mut ov, &mut rev, &put("c", "over")).unwrap();
-        apply_command(
-            &mut ov,
-            &mut rev,
-            &Command::Delete(Delete { range: KeyRange::single("e"), prev_kv: false }),
-        )
-        .unwrap();
-        apply_command(&mut ov, &mut rev, &put("f", "over")).unwrap();
-        let got = all(&ov);
-        let want: Vec<(String, String)> = [("a", "tree"), ("b", "over"), ("c", "over"), ("f", "over")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        assert_eq!(got, want);
-    }
-
-    #[test]
-    fn inverted_and_empty_ranges_hold_nothing() {
-        let (_db, t) = tree();
-        let mut ov = Overlay::new(&t);
-        let mut rev = 1;
-        apply_command(&mut ov, &mut rev, &put("b", "1")).unwrap();
-        for range in [KeyRange::between("c", "a"), KeyRange::between("b", "b")] {
-            let q =
-                RangeQuery { range, limit: 10, max_bytes: usize::MAX, keys_only: false, count_only: false };
-            assert_eq!(ov.range(&q).unwrap().count, 0);
-        }
-    }
-
-    #[test]
-    fn delete_of_nothing_does_not_advance_the_revision() {
-        let (_db, t) = tree();
-        let mut ov = Overlay::new(&t);
-        let mut rev = 1;
-        let r = apply_command(
-            &mut ov,
-            &mut rev,
-            &Command::Delete(Delete { range: KeyRange::prefix("x"), prev_kv: true }),
-        )
-        .unwrap();
-        assert_eq!(r, CommandResult::Delete { revision: 1, deleted: 0, prev: vec![] });
-        assert_eq!(rev, 1);
-    }
-
-    #[test]
-    fn range_pages_and_counts() {
-        let (_db, t) = tree();
-        let mut ov = Overlay::new(&t);
-        let mut rev = 1;
-        for i in 0..10 {
-            apply_command(&mut ov, &mut rev, &put(&format!("k{i}"), "v")).unwrap();
-        }
-        let q = RangeQuery {
-            range: KeyRange::prefix("k"),
-            limit: 4,
-            max_bytes: usize::MAX,
-            keys_only: true,
-            count_only: false,
-        };
-        let page = ov.range(&q).unwrap();
-        assert_eq!(page.kvs.len(), 4);
-        assert_eq!(page.count, 10);
-        assert!(page.more);
-        assert_eq!(page.next_key.as_deref(), Some(&b"k4"[..]));
-        assert!(page.kvs.iter().all(|kv| kv.value.is_empty()));
-
-        // A byte budget ends the page early, but never below one key.
-        let q = RangeQuery {
-            range: KeyRange::prefix("k"),
-            limit: 10,
-            max_bytes: 5,
-            keys_only: false,
-            count_only: false,
-        };
-        let page = ov.range(&q).unwrap();
-        assert_eq!(page.kvs.len(), 1, "k0 + v is 3 bytes; k1 + v would make 6 > 5");
-        assert_eq!((page.more, page.count), (true, 10));
-        assert_eq!(page.next_key.as_deref(), Some(&b"k1"[..]));
-        let q = RangeQuery { max_bytes: 0, ..q };
-        assert_eq!(ov.range(&q).unwrap().kvs.len(), 1);
-    }
-
-    #[test]
-    fn txn_compare_and_swap() {
-        let (_db, t) = tree();
-        let mut ov = Overlay::new(&t);
-        let mut rev = 1;
-        apply_command(&mut ov, &mut rev, &put("k", "old")).unwrap();
-        let cas = |expect: &str, new: &str| {
-            Command::Txn(Txn {
-                compares: vec![Compare {
-                    key: b"k".to_vec(),
-                    op: CompareOp::Equal,
-                    target: CompareTarget::Value(expect.into()),
-                }],
-                success: vec![TxnOp::Put(Put {
-                    key: b"k".to_vec(),
-                    value: new.into(),
-                    lease: 0,
-                    prev_kv: false,
-                })],
-                failure: vec![TxnOp::Range(RangeQuery {
-                    range: KeyRange::single("k"),
-                    limit: 1,
-                    max_bytes: usize::MAX,
-                    keys_only: false,
-                    count_only: false,
-                })],
-            })
-        };
-        let ok = apply_command(&mut ov, &mut rev, &cas("old", "new")).unwrap();
-        assert!(matches!(ok, CommandResult::Txn { revision: 3, succeeded: true, .. }), "{ok:?}");
-        let failed = apply_command(&mut ov, &mut rev, &cas("old", "newer")).unwrap();
-        let CommandResult::Txn { revision: 3, succeeded: false, responses } = failed else {
-            panic!("{failed:?}")
-        };
-        let OpResult::Range(r) = &responses[0] else { panic!() };
-        assert_eq!(r.kvs[0].value, b"new");
-        assert_eq!(ov.get(b"k").unwrap().unwrap().value, b"new");
-    }
-}
+#[path = "apply_test.rs"]
+mod tests;

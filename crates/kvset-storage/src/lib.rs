@@ -11,25 +11,32 @@
 //!    fsync covers one append; the server's write batcher is what puts many writes in it.)
 //! 3. Once a quorum has the entry, openraft calls [`StateMachine`]'s `apply`: every command of
 //!    the batch is evaluated through an in-memory overlay and written, with the new
-//!    `last_applied`, in one atomic `sled::Batch`. The results ([`BatchResult`]) go back to the
-//!    waiting clients.
-//! 4. Reads go through [`SmReader`], which sees whole applied batches only.
-//! 5. Now and then openraft asks for a snapshot: the builder writes a consistent file of the
-//!    state without blocking applies, and openraft purges the log up to it.
+//!    `last_applied`, in one atomic `sled::Batch`: the keys' new live records, a new version
+//!    of each changed key in the history, the change log, leases. The results
+//!    ([`BatchResult`]) go back to the waiting clients; the events go to the in-memory
+//!    [`EventLog`] and watchers are told of the new revision.
+//! 4. Reads go through [`SmReader`]: current reads see whole applied batches; reads at a past
+//!    revision read the history; watchers read events from memory or, when they lag, from the
+//!    change log.
+//! 5. `Compact(revision)` makes older history unreachable at once; a background thread then
+//!    deletes it in small chunks.
+//! 6. Now and then openraft asks for a snapshot: the builder copies the history up to the
+//!    captured revision without blocking applies, and openraft purges the log up to it.
 //!
 //! # Layout of a volume
 //!
 //! ```text
 //! <data dir>/kvset-volume.json   identity: node id, ordinal, cluster id (volume.rs)
-//! <data dir>/db/                 sled: trees `raft` (log + vote), `sm0`/`sm1` (state), `sm_slot`
+//! <data dir>/db/                 sled: trees `raft` (log + vote), `sm0`/`sm1` (state: live keys,
+//!                                history, change log, leases; see `keys`), `sm_slot`
 //! <data dir>/snapshots/          snap-<term>-<index>-<id>.snap (snapshot.rs)
 //! ```
 //!
 //! # What it leaves out
 //!
-//! * No MVCC history: the state machine keeps the latest version of each key (with its create
-//!   and mod revisions and version), not older versions. Reads at a past revision and watches
-//!   from a past revision are therefore not possible.
+//! * Lease expiry times live in the leader's memory (the server's lessor), not here: the state
+//!   machine records which leases exist, their TTL and their keys.
+//! * Volumes of format 1 (kvset 0.1, no history) are refused with a clear error, not converted.
 //! * sled never shrinks its files; space after deletes is reused, not returned (see README).
 //! * A snapshot received from a leader that fails verification stops the node (openraft treats
 //!   every storage error as fatal); it is reported, never half-applied.
@@ -41,6 +48,9 @@
 
 mod apply;
 pub mod codec;
+pub mod events;
+mod history;
+mod keys;
 mod log_store;
 mod observer;
 pub mod snapshot;
@@ -52,17 +62,22 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use apply::ReadError;
+pub use events::EventLog;
+pub use events::EventLogLimits;
 pub use log_store::LogReader;
 pub use log_store::LogStore;
 pub use observer::NoopObserver;
 pub use observer::StorageObserver;
 pub use snapshot::SnapshotFile;
 pub use state_machine::AppliedState;
+pub use state_machine::LeaseKeys;
+pub use state_machine::LeaseTable;
 pub use state_machine::SmOpenError;
 pub use state_machine::SmReader;
 pub use state_machine::SnapshotBuilder;
 pub use state_machine::StateDigest;
 pub use state_machine::StateMachine;
+pub use state_machine::COMPACTION_CHUNK;
 pub use state_machine::INITIAL_REVISION;
 pub use types::*;
 pub use volume::ClusterId;
@@ -114,6 +129,8 @@ pub struct StoreOptions {
     pub cache_bytes: u64,
     /// Receives flush, apply and snapshot events (metrics).
     pub observer: Arc<dyn StorageObserver>,
+    /// Bounds of the in-memory ring of recent events watchers read from.
+    pub events: EventLogLimits,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -124,7 +141,7 @@ impl std::fmt::Debug for StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { cache_bytes: 256 << 20, observer: Arc::new(NoopObserver) }
+        Self { cache_bytes: 256 << 20, observer: Arc::new(NoopObserver), events: EventLogLimits::default() }
     }
 }
 
@@ -156,7 +173,8 @@ impl Store {
             .map_err(|source| OpenError::Sled { path: db_path.clone(), source })?;
         let log = LogStore::open(db.clone(), options.observer.clone())
             .map_err(|source| OpenError::Sled { path: db_path.clone(), source })?;
-        let state_machine = StateMachine::open(db.clone(), dir.join("snapshots"), options.observer)?;
+        let state_machine =
+            StateMachine::open(db.clone(), dir.join("snapshots"), options.observer, options.events)?;
         let reader = state_machine.reader();
         Ok(Self { log, state_machine, reader, db })
     }
@@ -184,4 +202,23 @@ pub fn dir_size(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use std::time::Duration;
+    use std::time::Instant;
+
+    use crate::Revision;
+    use crate::SmReader;
+
+    /// Waits (polling, with a deadline) until physical compaction has handled every revision up
+    /// to `target`.
+    pub(crate) async fn wait_compacted(reader: &SmReader, target: Revision) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reader.compacted_to().unwrap() < target {
+            assert!(Instant::now() < deadline, "compaction did not reach {target}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }

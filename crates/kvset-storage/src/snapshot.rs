@@ -3,11 +3,13 @@
 //! A snapshot is one file under `<data dir>/snapshots/`:
 //!
 //! ```text
-//! "KVSETSNAP1\n"                      magic (11 bytes)
-//! u32 LE n, n bytes                   postcard(SnapshotHeader): openraft meta + store revision
-//! repeated:
-//!   u32 LE klen, key bytes            a user key (never 0xFFFF_FFFF long)
-//!   u32 LE vlen, value bytes          postcard(StoredValue)
+//! "KVSETSNAP2\n"                      magic (11 bytes)
+//! u32 LE n, n bytes                   postcard(SnapshotHeader): openraft meta, store revision,
+//!                                     compact revision, desired replicas, the lease table
+//! repeated, in (key, revision) order:
+//!   u32 LE klen, key bytes            a history key: escaped user key, revision, sub-revision
+//!                                     (`crate::keys`, without its prefix byte)
+//!   u32 LE vlen, value bytes          postcard(Version): one version of the key
 //! u32 LE 0xFFFF_FFFF                  end of records
 //! u64 LE count                        number of records
 //! u32 LE crc32                        CRC-32 of every byte before it
@@ -38,9 +40,10 @@ use tokio::io::AsyncWrite;
 use tokio::io::ReadBuf;
 
 use crate::codec;
+use crate::types::Lease;
 use crate::SnapshotMeta;
 
-const MAGIC: &[u8] = b"KVSETSNAP1\n";
+const MAGIC: &[u8] = b"KVSETSNAP2\n";
 const END: u32 = u32::MAX;
 /// Largest header or record field accepted when reading (a corrupt length must not allocate
 /// gigabytes): well above the server's key and value limits.
@@ -52,8 +55,12 @@ pub struct SnapshotHeader {
     pub meta: SnapshotMeta,
     /// Store revision at the snapshot.
     pub revision: i64,
+    /// Compact revision at the snapshot.
+    pub compact_revision: i64,
     /// Desired voter count recorded in the state machine, if ever set.
     pub replicas: Option<u32>,
+    /// Every lease.
+    pub leases: Vec<Lease>,
 }
 
 /// A snapshot file being read or written, as openraft's `SnapshotData`.
@@ -165,7 +172,7 @@ impl SnapshotWriter {
         self.put(bytes)
     }
 
-    /// Appends one record: a user key and its encoded `StoredValue`.
+    /// Appends one record: a history key and its encoded version.
     pub(crate) fn record(&mut self, key: &[u8], encoded_value: &[u8]) -> io::Result<()> {
         self.put_field(key)?;
         self.put_field(encoded_value)?;
@@ -206,7 +213,13 @@ impl SnapshotReader {
             input: BufReader::with_capacity(1 << 20, file),
             crc: crc32fast::Hasher::new(),
             count: 0,
-            header: SnapshotHeader { meta: SnapshotMeta::default(), revision: 0, replicas: None },
+            header: SnapshotHeader {
+                meta: SnapshotMeta::default(),
+                revision: 0,
+                compact_revision: 0,
+                replicas: None,
+                leases: Vec::new(),
+            },
             done: false,
         };
         let mut magic = [0u8; MAGIC.len()];
@@ -304,7 +317,13 @@ mod tests {
     use super::*;
 
     fn write_sample(path: &Path, n: usize) -> SnapshotHeader {
-        let header = SnapshotHeader { meta: SnapshotMeta::default(), revision: 42, replicas: Some(3) };
+        let header = SnapshotHeader {
+            meta: SnapshotMeta::default(),
+            revision: 42,
+            compact_revision: 7,
+            replicas: Some(3),
+            leases: vec![Lease { id: 5, ttl: 60 }],
+        };
         let mut w = SnapshotWriter::create(path, &header).unwrap();
         for i in 0..n {
             w.record(format!("key-{i}").as_bytes(), format!("value-{i}").as_bytes()).unwrap();

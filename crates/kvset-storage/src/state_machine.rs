@@ -1,35 +1,46 @@
-//! The replicated state machine: the key-value data, its metadata, and snapshots.
+//! The replicated state machine: keys with their history (MVCC), leases, metadata, snapshots,
+//! and the events watchers read.
 //!
-//! The data lives in one of two sled trees, `sm0` or `sm1` (the *slot*); a one-key tree
-//! `sm_slot` says which is active. Each slot tree holds user keys under `0x01` and the state
-//! machine metadata under `0x00` (last applied log id, last membership, store revision).
+//! The state lives in one of two sled trees, `sm0` or `sm1` (the *slot*); a one-key tree
+//! `sm_slot` says which is active. The layout of a slot tree is in [`crate::keys`]: live
+//! records, every version of every key (the history), the change log in revision order, leases
+//! and their keys, and the metadata (last applied log id, membership, revision, compact
+//! revision, desired replicas).
 //!
 //! Invariants kept by [`StateMachine`]:
 //!
 //! * **Apply is atomic with `last_applied`**: every call to `apply` evaluates its entries into
-//!   an in-memory overlay and writes the changes, the new `last_applied`, the membership and the
-//!   revision as one `sled::Batch`. A crash leaves all of it or none of it. Apply does not flush:
-//!   the log is the durable record, and sled recovers a prefix of its operations, so after a
-//!   crash `last_applied` can only be behind, never ahead; openraft re-applies the rest
-//!   from the log (entries are only purged after a snapshot covering them is durable, and the
-//!   builder flushes the state it captured before publishing the snapshot).
-//! * **Building a snapshot does not block writes**: the builder captures the metadata and
-//!   registers an *undo log* under a short read lock, then iterates the live tree without any
-//!   lock. While it runs, `apply` saves the pre-image of every key it changes that the builder
-//!   has not passed yet. The builder prefers a saved pre-image over what it reads, and adds the
-//!   pre-images of keys deleted before it reached them, so the file is exactly the state at
-//!   capture time. Cost: memory for the keys changed during a build.
+//!   an in-memory overlay and writes the changes (live records, history versions, change log,
+//!   leases), the new `last_applied`, the membership and the revision as one `sled::Batch`. A
+//!   crash leaves all of it or none of it. Apply does not flush: the log is the durable
+//!   record, and sled recovers a prefix of its operations, so after a crash `last_applied` can
+//!   only be behind, never ahead; openraft re-applies the rest from the log (entries are only
+//!   purged after a snapshot covering them is durable, and the builder flushes the state it
+//!   captured before publishing the snapshot).
+//! * **History below the applied revision is immutable** except for compaction, which removes
+//!   only versions superseded at or before the compact revision (and tombstones there), and
+//!   the change-log entries below it. Reads at a past revision therefore take no lock; they
+//!   check afterwards that the compact revision did not pass them.
+//! * **Compaction is logical, then physical**: `Compact(rev)` sets the compact revision when
+//!   applied (the same on every member: reads and watches below it are refused from then on);
+//!   a background thread then deletes what it made unreachable, in chunks of
+//!   [`COMPACTION_CHUNK`] change-log entries, each its own sled batch, so applies never wait
+//!   for more than one chunk of sled work. Its progress is the `compacted_to` metadata key.
+//! * **Building a snapshot does not block writes**: the builder captures the metadata and the
+//!   lease table under a short read lock, then copies the history up to the captured revision
+//!   with no lock (later versions are skipped). Physical compaction pauses while a build runs
+//!   (the compaction gate), so the copied history is exactly the captured state.
 //! * **Installing a snapshot replaces the state atomically**: the file is verified and loaded
-//!   into the inactive slot, flushed, and only then does the `sm_slot` pointer flip (flushed).
-//!   A crash before the flip leaves the old state; after it, the new one. Installs wait for
-//!   running builds to finish (the `build_gate`), since builds read the slot an install reuses.
-//! * **Reads see whole batches**: readers hold the state read lock while they scan, and apply
-//!   holds the write lock only while it writes its finished batch (an in-memory sled batch);
-//!   evaluating the commands takes no lock, since apply is the tree's only writer.
+//!   into the inactive slot (the live records, change log and lease attachments rebuilt from
+//!   the history), flushed, and only then does the `sm_slot` pointer flip (flushed). A crash
+//!   before the flip leaves the old state; after it, the new one.
+//! * **Reads see whole batches**: current-revision readers hold the state read lock while they
+//!   read the live records, and apply holds the write lock only while it writes its finished
+//!   batch. Watchers are told of a revision only after its events are readable.
 //!
 //! Snapshot files are described in [`crate::snapshot`].
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs;
 use std::io;
@@ -37,9 +48,11 @@ use std::path::Path;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::RwLock;
+use std::sync::Weak;
 use std::time::Instant;
 
 use openraft::storage::RaftStateMachine;
@@ -52,13 +65,19 @@ use openraft::OptionalSend;
 use openraft::RaftSnapshotBuilder;
 use openraft::StorageError;
 use openraft::StorageIOError;
+use tokio::sync::watch;
 
 use crate::apply::apply_command;
-use crate::apply::data_key;
+use crate::apply::range_at;
 use crate::apply::Overlay;
 use crate::apply::ReadError;
-use crate::apply::DATA_PREFIX;
+use crate::apply::Scalars;
 use crate::codec;
+use crate::events::EventLog;
+use crate::events::EventLogLimits;
+use crate::history;
+use crate::keys;
+use crate::keys::Version;
 use crate::observer::StorageObserver;
 use crate::snapshot;
 use crate::snapshot::SnapshotFile;
@@ -73,16 +92,20 @@ use crate::SnapshotMeta;
 use crate::StoredMembership;
 use crate::TypeConfig;
 
-const META_APPLIED: &[u8] = b"\x00applied";
-const META_MEMBERSHIP: &[u8] = b"\x00membership";
-const META_REVISION: &[u8] = b"\x00revision";
-const META_REPLICAS: &[u8] = b"\x00replicas";
+const META_APPLIED: &str = "applied";
+const META_MEMBERSHIP: &str = "membership";
+const META_REVISION: &str = "revision";
+const META_COMPACT: &str = "compact";
+const META_COMPACTED_TO: &str = "compacted_to";
+const META_REPLICAS: &str = "replicas";
 const SLOT_KEY: &[u8] = b"active";
 const SLOT_NAMES: [&str; 2] = ["sm0", "sm1"];
 /// Applies of at most this many single-key commands run inline on the state machine task.
 const INLINE_APPLY_COMMANDS: usize = 16;
 /// Records per sled batch when loading a snapshot.
 const LOAD_BATCH: usize = 10_000;
+/// Change-log entries physical compaction handles per sled batch.
+pub const COMPACTION_CHUNK: usize = 1_000;
 /// Revision of an empty store (as in etcd: the first write gets revision 2).
 pub const INITIAL_REVISION: Revision = 1;
 
@@ -103,6 +126,8 @@ pub enum SmOpenError {
     Codec(#[from] codec::CodecError),
     #[error("snapshot directory {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("cannot start the compaction thread: {0}")]
+    Thread(io::Error),
 }
 
 /// The applied state, as readers see it.
@@ -111,23 +136,38 @@ pub struct AppliedState {
     pub last_applied: Option<LogId>,
     pub membership: StoredMembership,
     pub revision: Revision,
+    /// Reads and watches below this revision are refused; 0 before any compaction.
+    pub compact_revision: Revision,
     /// Desired voter count last set with `Command::SetReplicas`, if ever.
     pub replicas: Option<u32>,
 }
 
-/// A summary of the whole key-value state, equal on members that applied the same log prefix.
+impl AppliedState {
+    fn scalars(&self) -> Scalars {
+        Scalars { revision: self.revision, compact_revision: self.compact_revision, replicas: self.replicas }
+    }
+}
+
+/// A summary of the whole state, equal on members that applied the same log prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StateDigest {
     pub revision: Revision,
     pub keys: u64,
-    /// CRC-32 over every key and stored record in key order.
+    /// CRC-32 over every live key and record in key order, the compact revision and the leases.
     pub crc: u32,
 }
+
+/// A lease and the keys attached to it, in key order.
+pub type LeaseKeys = (Lease, Vec<Vec<u8>>);
+
+/// The lease table, shared with readers; replaced (not changed) when leases change.
+pub type LeaseTable = Arc<BTreeMap<LeaseId, Lease>>;
 
 struct SmState {
     tree: sled::Tree,
     slot: usize,
     applied: AppliedState,
+    leases: LeaseTable,
 }
 
 #[derive(Debug, Clone)]
@@ -136,43 +176,58 @@ struct CurrentSnapshot {
     path: PathBuf,
 }
 
-/// Pre-images saved for one running snapshot build. See the module docs.
-#[derive(Default)]
-struct UndoLog {
-    /// The last user key the builder has written; `None` before the first. Changes to keys at
-    /// or before it need no pre-image.
-    position: Option<Vec<u8>>,
-    /// The builder has passed every key: record nothing more.
-    finished: bool,
-    /// Pre-images (encoded `StoredValue`, `None` = absent at capture) and whether the builder
-    /// already wrote the key.
-    entries: HashMap<Vec<u8>, (Option<sled::IVec>, bool)>,
-}
-
-impl UndoLog {
-    fn wants(&self, key: &[u8]) -> bool {
-        !self.finished && self.position.as_deref().is_none_or(|p| key > p)
-    }
-}
-
 struct Shared {
     db: sled::Db,
     slots: sled::Tree,
     snapshot_dir: PathBuf,
     state: RwLock<SmState>,
-    undo_logs: Mutex<Vec<Arc<Mutex<UndoLog>>>>,
+    events: EventLog,
+    /// Held (shared) by snapshot builds and (exclusive) by installs and by each compaction
+    /// chunk: compaction never removes history a build is copying.
+    compaction_gate: RwLock<()>,
+    /// Wakes the compaction thread.
+    compactor: Mutex<Option<mpsc::Sender<()>>>,
     build_gate: Arc<tokio::sync::RwLock<()>>,
     current: Mutex<Option<CurrentSnapshot>>,
     observer: Arc<dyn StorageObserver>,
     seq: AtomicU64,
+    /// Tests: a build parks after its first record until this receives.
     #[cfg(test)]
-    build_pause: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    build_pause: Mutex<Option<mpsc::Receiver<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks is a bug elsewhere; the data they guard stays
     // consistent (every update is a single assignment), so carry on.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Adds the writes of `overlay` to `batch`.
+fn write_overlay(batch: &mut sled::Batch, overlay: &Overlay<'_>) -> Result<(), codec::CodecError> {
+    for (key, change) in &overlay.live {
+        match change {
+            Some(value) => batch.insert(keys::live(key), codec::encode("stored value", value)?),
+            None => batch.remove(keys::live(key)),
+        }
+    }
+    for (key, revision, sub, version) in &overlay.history {
+        batch.insert(keys::history(key, *revision, *sub), codec::encode("key version", version)?);
+        batch.insert(&keys::change(*revision, *sub), key.as_slice());
+    }
+    for (id, lease) in &overlay.leases {
+        match lease {
+            Some(l) => batch.insert(&keys::lease(*id), codec::encode("lease", l)?),
+            None => batch.remove(&keys::lease(*id)),
+        }
+    }
+    for ((id, key), present) in &overlay.attachments {
+        if *present {
+            batch.insert(keys::lease_key(*id, key), &[] as &[u8]);
+        } else {
+            batch.remove(keys::lease_key(*id, key));
+        }
+    }
+    Ok(())
 }
 
 impl Shared {
@@ -188,6 +243,12 @@ impl Shared {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
+    fn wake_compactor(&self) {
+        if let Some(tx) = lock(&self.compactor).as_ref() {
+            let _ = tx.send(());
+        }
+    }
+
     fn apply_blocking(&self, entries: Vec<Entry>) -> Result<Vec<BatchResult>, StorageError<u64>> {
         let started = Instant::now();
         let n_entries = entries.len();
@@ -195,11 +256,13 @@ impl Shared {
         // Evaluate without holding the state lock: apply is the only writer of the tree (and
         // openraft never runs an install concurrently with an apply), so what the overlay reads
         // cannot change under it. Readers wait only for the final batch write below.
-        let (tree, mut applied) = {
+        let (tree, mut applied, leases) = {
             let st = self.read_state();
-            (st.tree.clone(), st.applied.clone())
+            (st.tree.clone(), st.applied.clone(), st.leases.clone())
         };
-        let mut overlay = Overlay::new(&tree);
+        let compact_before = applied.compact_revision;
+        let mut scalars = applied.scalars();
+        let mut overlay = Overlay::new(&tree, applied.revision, &leases);
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
@@ -209,11 +272,8 @@ impl Shared {
                     n_commands += batch.commands.len();
                     let mut out = Vec::with_capacity(batch.commands.len());
                     for command in &batch.commands {
-                        if let Command::SetReplicas(n) = command {
-                            applied.replicas = Some(*n);
-                        }
                         out.push(
-                            apply_command(&mut overlay, &mut applied.revision, command)
+                            apply_command(&mut overlay, &mut scalars, command)
                                 .map_err(|e| sm_err(ErrorVerb::Read, e))?,
                         );
                     }
@@ -225,59 +285,130 @@ impl Shared {
                 }
             }
         }
-
-        // Save pre-images for running snapshot builds before anything changes.
-        {
-            let logs = lock(&self.undo_logs);
-            if !logs.is_empty() {
-                for key in overlay.changes.keys() {
-                    let mut old: Option<Option<sled::IVec>> = None;
-                    for log in logs.iter() {
-                        let mut log = lock(log);
-                        if log.wants(key) && !log.entries.contains_key(key) {
-                            if old.is_none() {
-                                old = Some(tree.get(data_key(key)).map_err(|e| sm_err(ErrorVerb::Read, e))?);
-                            }
-                            log.entries.insert(key.clone(), (old.clone().flatten(), false));
-                        }
-                    }
-                }
-            }
-        }
+        applied.revision = scalars.revision;
+        applied.compact_revision = scalars.compact_revision;
+        applied.replicas = scalars.replicas;
 
         let mut batch = sled::Batch::default();
-        for (key, change) in &overlay.changes {
-            match change {
-                Some(value) => batch.insert(
-                    data_key(key),
-                    codec::encode("stored value", value).map_err(|e| sm_err(ErrorVerb::Write, e))?,
-                ),
-                None => batch.remove(data_key(key)),
+        write_overlay(&mut batch, &overlay).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        write_meta(&mut batch, &applied).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        let new_leases = (!overlay.leases.is_empty()).then(|| {
+            let mut table = (*leases).clone();
+            for (id, lease) in &overlay.leases {
+                match lease {
+                    Some(l) => table.insert(*id, *l),
+                    None => table.remove(id),
+                };
+            }
+            Arc::new(table)
+        });
+        let events = std::mem::take(&mut overlay.events);
+        drop(overlay);
+        {
+            // Readers see the whole batch with its revision or none of it.
+            let mut st = self.write_state();
+            tree.apply_batch(batch).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            st.applied = applied.clone();
+            if let Some(table) = new_leases {
+                st.leases = table;
             }
         }
-        write_meta(&mut batch, &applied).map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        // Readers see the whole batch with its revision or none of it.
-        let mut st = self.write_state();
-        tree.apply_batch(batch).map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        st.applied = applied;
-        drop(st);
+        self.events.publish(events, applied.revision);
+        if applied.compact_revision > compact_before {
+            self.wake_compactor();
+        }
         self.observer.applied(n_entries, n_commands, started.elapsed());
         Ok(results)
     }
 
-    /// Writes the snapshot file for `header` from `tree`, using `undo` for consistency.
-    /// Returns the final path and size.
-    fn write_snapshot(
-        &self,
-        tree: &sled::Tree,
-        header: &SnapshotHeader,
-        undo: &Arc<Mutex<UndoLog>>,
-    ) -> io::Result<(PathBuf, u64)> {
+    /// Handles up to `max` change-log entries below the compact revision. Returns whether more
+    /// remain. See the module docs.
+    fn compact_chunk(&self, max: usize) -> Result<bool, ReadError> {
+        let _gate = self.compaction_gate.write().unwrap_or_else(|e| e.into_inner());
+        let (tree, compact) = {
+            let st = self.read_state();
+            (st.tree.clone(), st.applied.compact_revision)
+        };
+        let done: Revision = match tree.get(keys::meta(META_COMPACTED_TO))? {
+            Some(v) => codec::decode("compacted to", &v)?,
+            None => 0,
+        };
+        // Every revision below `compact` is handled once `done` reaches compact - 1.
+        let last = compact - 1;
+        if done >= last {
+            return Ok(false);
+        }
+        let mut batch = sled::Batch::default();
+        let mut stopped_at = None;
+        for (handled, item) in
+            tree.range(keys::change(done + 1, 0)..=keys::change(last, u32::MAX)).enumerate()
+        {
+            let (k, key) = item?;
+            let (revision, sub) =
+                keys::parse_change(&k).ok_or_else(|| ReadError::Corrupt(format!("bad change key {k:?}")))?;
+            if handled >= max {
+                stopped_at = Some(revision);
+                break;
+            }
+            let superseded = tree
+                .range(
+                    keys::history(&key, revision, sub.saturating_add(1))
+                        ..=keys::history(&key, compact, u32::MAX),
+                )
+                .next()
+                .transpose()?
+                .is_some();
+            let this = keys::history(&key, revision, sub);
+            let tombstone = match tree.get(&this)? {
+                Some(v) => codec::decode::<Version>("key version", &v)?.deleted,
+                None => false,
+            };
+            if superseded || tombstone {
+                batch.remove(this);
+            }
+            batch.remove(k);
+        }
+        // A chunk may stop inside a revision: its handled entries are gone from the change log,
+        // so starting that revision again is safe.
+        let progress = stopped_at.map_or(last, |r| r - 1);
+        batch.insert(keys::meta(META_COMPACTED_TO), codec::encode("compacted to", &progress)?);
+        tree.apply_batch(batch)?;
+        Ok(stopped_at.is_some())
+    }
+
+    /// Writes the snapshot file of the current state. Returns its header, path and size.
+    fn write_snapshot(&self) -> io::Result<(SnapshotHeader, PathBuf, u64)> {
+        // No compaction chunk runs from the capture to the end of the copy.
+        let _gate = self.compaction_gate.read().unwrap_or_else(|e| e.into_inner());
+        let (tree, header) = {
+            let st = self.read_state();
+            let applied = &st.applied;
+            let meta = SnapshotMeta {
+                last_log_id: applied.last_applied,
+                last_membership: applied.membership.clone(),
+                snapshot_id: format!(
+                    "{}-{}-{}",
+                    applied.last_applied.map_or(0, |l| l.index),
+                    self.next_seq(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis())
+                        .unwrap_or(0)
+                ),
+            };
+            let header = SnapshotHeader {
+                meta,
+                revision: applied.revision,
+                compact_revision: applied.compact_revision,
+                replicas: applied.replicas,
+                leases: st.leases.values().copied().collect(),
+            };
+            (st.tree.clone(), header)
+        };
         let tmp = self.snapshot_dir.join(format!("build-{}.tmp", self.next_seq()));
         let result = (|| {
-            let mut w = SnapshotWriter::create(&tmp, header)?;
-            let data = tree.range(vec![DATA_PREFIX]..vec![DATA_PREFIX + 1]);
-            for (i, item) in data.enumerate() {
+            let mut w = SnapshotWriter::create(&tmp, &header)?;
+            for (i, item) in tree.range(vec![keys::HISTORY]..vec![keys::HISTORY + 1]).enumerate() {
                 #[cfg(test)]
                 if i == 1 {
                     if let Some(pause) = lock(&self.build_pause).take() {
@@ -286,33 +417,11 @@ impl Shared {
                 }
                 let _ = i;
                 let (k, v) = item.map_err(io::Error::other)?;
-                let key = &k[1..];
-                let mut log = lock(undo);
-                match log.entries.get_mut(key) {
-                    Some((pre, written)) => {
-                        *written = true;
-                        if let Some(pre) = pre.clone() {
-                            w.record(key, &pre)?;
-                        }
-                    }
-                    None => w.record(key, &v)?,
+                let (_, revision, _) = keys::parse_history(&k)
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad history key"))?;
+                if revision <= header.revision {
+                    w.record(&k[1..], &v)?;
                 }
-                log.position = Some(key.to_vec());
-            }
-            // Keys that existed at capture but were deleted before the builder reached them.
-            let mut log = lock(undo);
-            log.finished = true;
-            let mut rest: Vec<_> = log
-                .entries
-                .iter()
-                .filter_map(
-                    |(k, (pre, written))| if *written { None } else { pre.clone().map(|p| (k.clone(), p)) },
-                )
-                .collect();
-            drop(log);
-            rest.sort();
-            for (k, v) in rest {
-                w.record(&k, &v)?;
             }
             let bytes = w.finish()?;
             // The captured state must be durable before a snapshot of it exists, or openraft
@@ -330,7 +439,7 @@ impl Shared {
         let path = self.snapshot_dir.join(snapshot_file_name(&header.meta));
         fs::rename(&tmp, &path)?;
         sync_dir(&self.snapshot_dir)?;
-        Ok((path, bytes))
+        Ok((header, path, bytes))
     }
 
     /// Makes `path` the current snapshot when it is newer than the current one, and removes
@@ -356,7 +465,7 @@ impl Shared {
     }
 
     /// Verifies the snapshot at `path` against `meta`, loads it into the inactive slot and
-    /// flips the slot pointer. See the module docs.
+    /// flips the slot pointer. Returns the number of versions loaded. See the module docs.
     fn install_blocking(&self, meta: &SnapshotMeta, path: &Path) -> io::Result<u64> {
         let mut reader = SnapshotReader::open(path)?;
         let header = reader.header().clone();
@@ -372,6 +481,7 @@ impl Shared {
                 ),
             ));
         }
+        let _gate = self.compaction_gate.write().unwrap_or_else(|e| e.into_inner());
         let target = 1 - self.read_state().slot;
         let name = SLOT_NAMES[target];
         self.db.drop_tree(name).map_err(io::Error::other)?;
@@ -379,29 +489,77 @@ impl Shared {
         let load = (|| {
             let mut batch = sled::Batch::default();
             let mut in_batch = 0;
-            let mut keys = 0u64;
-            while let Some((key, value)) = reader.next_record()? {
-                codec::decode::<StoredValue>("snapshot record", &value).map_err(io::Error::other)?;
-                batch.insert(data_key(&key), value);
+            let mut versions = 0u64;
+            // The last version of the key being loaded: it becomes the live record unless it is
+            // a tombstone.
+            let mut last: Option<(Vec<u8>, Revision, Version)> = None;
+            let finish_key = |batch: &mut sled::Batch, last: Option<(Vec<u8>, Revision, Version)>| {
+                if let Some((key, revision, v)) = last {
+                    if !v.deleted {
+                        let live = StoredValue {
+                            value: v.value,
+                            create_revision: v.create_revision,
+                            mod_revision: revision,
+                            version: v.version,
+                            lease: v.lease,
+                        };
+                        batch.insert(
+                            keys::live(&key),
+                            codec::encode("stored value", &live).map_err(io::Error::other)?,
+                        );
+                        if v.lease != 0 {
+                            batch.insert(keys::lease_key(v.lease, &key), &[] as &[u8]);
+                        }
+                    }
+                }
+                Ok::<_, io::Error>(())
+            };
+            while let Some((k, value)) = reader.next_record()? {
+                let mut full = Vec::with_capacity(k.len() + 1);
+                full.push(keys::HISTORY);
+                full.extend_from_slice(&k);
+                let (key, revision, sub, version) = history::decode_entry(&full, &value)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                if revision > header.revision {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "snapshot holds revision {revision}, beyond its revision {}",
+                            header.revision
+                        ),
+                    ));
+                }
+                if last.as_ref().is_some_and(|(lk, _, _)| *lk != key) {
+                    finish_key(&mut batch, last.take())?;
+                }
+                batch.insert(full, value);
+                batch.insert(&keys::change(revision, sub), key.as_slice());
+                last = Some((key, revision, version));
                 in_batch += 1;
-                keys += 1;
-                if in_batch == LOAD_BATCH {
+                versions += 1;
+                if in_batch >= LOAD_BATCH {
                     tree.apply_batch(std::mem::take(&mut batch)).map_err(io::Error::other)?;
                     in_batch = 0;
                 }
+            }
+            finish_key(&mut batch, last.take())?;
+            for lease in &header.leases {
+                batch
+                    .insert(&keys::lease(lease.id), codec::encode("lease", lease).map_err(io::Error::other)?);
             }
             let applied = AppliedState {
                 last_applied: meta.last_log_id,
                 membership: meta.last_membership.clone(),
                 revision: header.revision,
+                compact_revision: header.compact_revision,
                 replicas: header.replicas,
             };
             write_meta(&mut batch, &applied).map_err(io::Error::other)?;
             tree.apply_batch(batch).map_err(io::Error::other)?;
             self.db.flush().map_err(io::Error::other)?;
-            Ok::<_, io::Error>((applied, keys))
+            Ok::<_, io::Error>((applied, versions))
         })();
-        let (applied, keys) = match load {
+        let (applied, versions) = match load {
             Ok(v) => v,
             Err(e) => {
                 drop(tree);
@@ -409,48 +567,82 @@ impl Shared {
                 return Err(e);
             }
         };
+        let leases: LeaseTable = Arc::new(header.leases.iter().map(|l| (l.id, *l)).collect());
 
         // The flip: from here on the new state is the state.
         let mut st = self.write_state();
         self.slots.insert(SLOT_KEY, &[target as u8]).map_err(io::Error::other)?;
         self.db.flush().map_err(io::Error::other)?;
         let old_slot = st.slot;
-        *st = SmState { tree, slot: target, applied };
+        let revision = applied.revision;
+        *st = SmState { tree, slot: target, applied, leases };
         drop(st);
+        self.events.reset(revision);
         if let Err(e) = self.db.drop_tree(SLOT_NAMES[old_slot]) {
             tracing::warn!(error = %e, "could not drop the previous state machine tree; it is dropped at next start");
         }
-        Ok(keys)
+        self.wake_compactor();
+        Ok(versions)
+    }
+}
+
+/// The physical compaction thread: waits to be woken, then compacts chunk by chunk until done.
+/// Holds only a weak reference, so it ends when the state machine is gone.
+fn compactor(shared: Weak<Shared>, wake: mpsc::Receiver<()>) {
+    while wake.recv().is_ok() {
+        while wake.try_recv().is_ok() {}
+        loop {
+            let Some(shared) = shared.upgrade() else { return };
+            match shared.compact_chunk(COMPACTION_CHUNK) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "compaction failed; it resumes at the next compaction");
+                    break;
+                }
+            }
+        }
     }
 }
 
 fn write_meta(batch: &mut sled::Batch, applied: &AppliedState) -> Result<(), codec::CodecError> {
-    batch.insert(META_APPLIED, codec::encode("last applied", &applied.last_applied)?);
-    batch.insert(META_MEMBERSHIP, codec::encode("membership", &applied.membership)?);
-    batch.insert(META_REVISION, codec::encode("revision", &applied.revision)?);
-    batch.insert(META_REPLICAS, codec::encode("replicas", &applied.replicas)?);
+    batch.insert(keys::meta(META_APPLIED), codec::encode("last applied", &applied.last_applied)?);
+    batch.insert(keys::meta(META_MEMBERSHIP), codec::encode("membership", &applied.membership)?);
+    batch.insert(keys::meta(META_REVISION), codec::encode("revision", &applied.revision)?);
+    batch.insert(keys::meta(META_COMPACT), codec::encode("compact revision", &applied.compact_revision)?);
+    batch.insert(keys::meta(META_REPLICAS), codec::encode("replicas", &applied.replicas)?);
     Ok(())
 }
 
+fn read_meta<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    name: &'static str,
+    default: T,
+) -> Result<T, SmOpenError> {
+    match tree.get(keys::meta(name))? {
+        Some(v) => Ok(codec::decode(name, &v)?),
+        None => Ok(default),
+    }
+}
+
 fn read_applied(tree: &sled::Tree) -> Result<AppliedState, SmOpenError> {
-    let get = |k: &[u8]| tree.get(k);
-    let last_applied = match get(META_APPLIED)? {
-        Some(v) => codec::decode("last applied", &v)?,
-        None => None,
-    };
-    let membership = match get(META_MEMBERSHIP)? {
-        Some(v) => codec::decode("membership", &v)?,
-        None => StoredMembership::default(),
-    };
-    let revision = match get(META_REVISION)? {
-        Some(v) => codec::decode("revision", &v)?,
-        None => INITIAL_REVISION,
-    };
-    let replicas = match get(META_REPLICAS)? {
-        Some(v) => codec::decode("replicas", &v)?,
-        None => None,
-    };
-    Ok(AppliedState { last_applied, membership, revision, replicas })
+    Ok(AppliedState {
+        last_applied: read_meta(tree, META_APPLIED, None)?,
+        membership: read_meta(tree, META_MEMBERSHIP, StoredMembership::default())?,
+        revision: read_meta(tree, META_REVISION, INITIAL_REVISION)?,
+        compact_revision: read_meta(tree, META_COMPACT, 0)?,
+        replicas: read_meta(tree, META_REPLICAS, None)?,
+    })
+}
+
+fn read_leases(tree: &sled::Tree) -> Result<LeaseTable, SmOpenError> {
+    let mut table = BTreeMap::new();
+    for item in tree.scan_prefix([keys::LEASE]) {
+        let (_, v) = item?;
+        let lease: Lease = codec::decode("lease", &v)?;
+        table.insert(lease.id, lease);
+    }
+    Ok(Arc::new(table))
 }
 
 /// A file name for a snapshot: `snap-<term>-<index>-<sanitised id>.snap`.
@@ -476,7 +668,7 @@ impl Debug for StateMachine {
     }
 }
 
-/// Read access to the applied state for serving client reads; cheap to clone.
+/// Read access to the applied state for serving client reads and watches; cheap to clone.
 #[derive(Clone)]
 pub struct SmReader {
     shared: Arc<Shared>,
@@ -505,6 +697,7 @@ impl StateMachine {
         db: sled::Db,
         snapshot_dir: PathBuf,
         observer: Arc<dyn StorageObserver>,
+        event_limits: EventLogLimits,
     ) -> Result<Self, SmOpenError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -522,6 +715,7 @@ impl StateMachine {
         }
         let tree = db.open_tree(SLOT_NAMES[slot])?;
         let applied = read_applied(&tree)?;
+        let leases = read_leases(&tree)?;
 
         fs::create_dir_all(&snapshot_dir).map_err(io(&snapshot_dir))?;
         let mut best: Option<CurrentSnapshot> = None;
@@ -557,12 +751,16 @@ impl StateMachine {
             let _ = fs::remove_file(&path);
         }
 
+        let revision = applied.revision;
+        let (wake, woken) = mpsc::channel();
         let shared = Arc::new(Shared {
             db,
             slots,
             snapshot_dir,
-            state: RwLock::new(SmState { tree, slot, applied }),
-            undo_logs: Mutex::new(Vec::new()),
+            state: RwLock::new(SmState { tree, slot, applied, leases }),
+            events: EventLog::new(revision, event_limits),
+            compaction_gate: RwLock::new(()),
+            compactor: Mutex::new(Some(wake)),
             build_gate: Arc::new(tokio::sync::RwLock::new(())),
             current: Mutex::new(best.clone()),
             observer,
@@ -570,6 +768,11 @@ impl StateMachine {
             #[cfg(test)]
             build_pause: Mutex::new(None),
         });
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("kvset-compact".into())
+            .spawn(move || compactor(weak, woken))
+            .map_err(SmOpenError::Thread)?;
 
         // A snapshot is only published after the state it captured was flushed, so it can be
         // ahead of the state machine only if the disk lied; restore from it rather than let
@@ -584,6 +787,8 @@ impl StateMachine {
                 shared.install_blocking(&best.meta, &best.path).map_err(io(&best.path))?;
             }
         }
+        // Finish a physical compaction a restart interrupted.
+        shared.wake_compactor();
         Ok(Self { shared })
     }
 
@@ -592,51 +797,157 @@ impl StateMachine {
         SmReader { shared: self.shared.clone() }
     }
 
+    /// Tests: the next snapshot build parks after its first record until the returned sender
+    /// sends (or is dropped).
     #[cfg(test)]
-    pub(crate) fn pause_next_build_after_first_key(&self) -> std::sync::mpsc::SyncSender<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(0);
+    pub(crate) fn pause_next_build(&self) -> mpsc::SyncSender<()> {
+        let (tx, rx) = mpsc::sync_channel(0);
         *lock(&self.shared.build_pause) = Some(rx);
         tx
     }
 }
 
 impl SmReader {
-    /// Reads one key. Returns it (if present) and the store revision.
-    pub fn get(&self, key: &[u8]) -> Result<(Option<KeyValue>, Revision), ReadError> {
-        let st = self.shared.read_state();
-        let value = match st.tree.get(data_key(key))? {
-            Some(bytes) => {
-                Some(codec::decode::<StoredValue>("stored value", &bytes)?.to_key_value(key, false))
-            }
-            None => None,
-        };
-        Ok((value, st.applied.revision))
+    /// Checks that `revision` may be read at `applied`.
+    fn check_revision(applied: &AppliedState, revision: Revision) -> Result<(), ReadError> {
+        if revision > applied.revision {
+            return Err(ReadError::FutureRevision { requested: revision, current: applied.revision });
+        }
+        if revision < applied.compact_revision {
+            return Err(ReadError::Compacted {
+                requested: revision,
+                compact_revision: applied.compact_revision,
+            });
+        }
+        Ok(())
     }
 
-    /// Reads one page of a range. Returns it and the store revision.
+    /// Fails when compaction passed `revision` while it was being read.
+    fn still_readable(&self, revision: Revision) -> Result<(), ReadError> {
+        let compact = self.shared.read_state().applied.compact_revision;
+        if revision < compact {
+            return Err(ReadError::Compacted { requested: revision, compact_revision: compact });
+        }
+        Ok(())
+    }
+
+    /// Reads one key at `revision` (0: the current one). Returns it (if present then) and the
+    /// current store revision.
+    pub fn get(&self, key: &[u8], revision: Revision) -> Result<(Option<KeyValue>, Revision), ReadError> {
+        let st = self.shared.read_state();
+        let current = st.applied.revision;
+        if revision == 0 || revision == current {
+            let value = match st.tree.get(keys::live(key))? {
+                Some(bytes) => {
+                    Some(codec::decode::<StoredValue>("stored value", &bytes)?.to_key_value(key, false))
+                }
+                None => None,
+            };
+            return Ok((value, current));
+        }
+        Self::check_revision(&st.applied, revision)?;
+        let tree = st.tree.clone();
+        drop(st);
+        let kv = history::get_at(&tree, key, revision)?;
+        self.still_readable(revision)?;
+        Ok((kv, current))
+    }
+
+    /// Reads one page of a range at its revision. Returns it and the current store revision.
     pub fn range(&self, query: &RangeQuery) -> Result<(RangeResult, Revision), ReadError> {
         let st = self.shared.read_state();
-        let result = Overlay::new(&st.tree).range(query)?;
-        Ok((result, st.applied.revision))
+        let current = st.applied.revision;
+        if query.revision == 0 || query.revision == current {
+            let leases = st.leases.clone();
+            let result = Overlay::new(&st.tree, current, &leases).range_current(query)?;
+            return Ok((result, current));
+        }
+        Self::check_revision(&st.applied, query.revision)?;
+        let tree = st.tree.clone();
+        drop(st);
+        let result = range_at(&tree, query, query.revision)?;
+        self.still_readable(query.revision)?;
+        Ok((result, current))
     }
 
-    /// The applied state: last applied log id, membership and revision.
+    /// The events of revisions `from..=to` (whole revisions, at most about `max_events` events
+    /// but at least one revision), from memory when recent, else from the history. Fails with
+    /// [`ReadError::Compacted`] when `from` is below the compact revision.
+    pub fn events(
+        &self,
+        from: Revision,
+        to: Revision,
+        max_events: usize,
+    ) -> Result<Vec<Arc<RevisionEvents>>, ReadError> {
+        let (tree, applied) = {
+            let st = self.shared.read_state();
+            (st.tree.clone(), st.applied.clone())
+        };
+        if from < applied.compact_revision {
+            return Err(ReadError::Compacted { requested: from, compact_revision: applied.compact_revision });
+        }
+        if let Some(recent) = self.shared.events.get(from, to, max_events) {
+            return Ok(recent);
+        }
+        let events = history::events_between(&tree, from, to.min(applied.revision), max_events)?;
+        self.still_readable(from)?;
+        Ok(events)
+    }
+
+    /// Announcements of the applied revision, sent once its events are readable.
+    pub fn subscribe(&self) -> watch::Receiver<Revision> {
+        self.shared.events.subscribe()
+    }
+
+    /// The lease table.
+    pub fn leases(&self) -> LeaseTable {
+        self.shared.read_state().leases.clone()
+    }
+
+    /// Lease `id` and the keys attached to it (in key order), if it exists.
+    pub fn lease(&self, id: LeaseId) -> Result<Option<LeaseKeys>, ReadError> {
+        let st = self.shared.read_state();
+        let Some(lease) = st.leases.get(&id).copied() else { return Ok(None) };
+        let prefix = keys::lease_keys_prefix(id);
+        let mut attached = Vec::new();
+        for item in st.tree.scan_prefix(prefix) {
+            let (k, _) = item?;
+            attached.push(k[prefix.len()..].to_vec());
+        }
+        Ok(Some((lease, attached)))
+    }
+
+    /// The applied state: last applied log id, membership, revisions.
     pub fn applied(&self) -> AppliedState {
         self.shared.read_state().applied.clone()
     }
 
-    /// A digest of the whole key-value state (scans every key).
+    /// Where physical compaction has got to: every revision at or below it is compacted.
+    pub fn compacted_to(&self) -> Result<Revision, ReadError> {
+        let tree = self.shared.read_state().tree.clone();
+        Ok(match tree.get(keys::meta(META_COMPACTED_TO))? {
+            Some(v) => codec::decode("compacted to", &v)?,
+            None => 0,
+        })
+    }
+
+    /// A digest of the whole logical state (scans every live key).
     pub fn digest(&self) -> Result<StateDigest, ReadError> {
         let st = self.shared.read_state();
         let mut crc = crc32fast::Hasher::new();
         let mut keys = 0;
-        for item in st.tree.range(vec![DATA_PREFIX]..vec![DATA_PREFIX + 1]) {
+        for item in st.tree.range(vec![keys::LIVE]..vec![keys::LIVE + 1]) {
             let (k, v) = item?;
             crc.update(&(k.len() as u32).to_le_bytes());
             crc.update(&k);
             crc.update(&(v.len() as u32).to_le_bytes());
             crc.update(&v);
             keys += 1;
+        }
+        crc.update(&st.applied.compact_revision.to_le_bytes());
+        for lease in st.leases.values() {
+            crc.update(&lease.id.to_le_bytes());
+            crc.update(&lease.ttl.to_le_bytes());
         }
         Ok(StateDigest { revision: st.applied.revision, keys, crc: crc.finalize() })
     }
@@ -662,38 +973,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
         let started = Instant::now();
         let gate = self.shared.build_gate.clone().read_owned().await;
-
-        // Capture under the read lock: no apply can run between reading the metadata and
-        // registering the undo log.
-        let undo = Arc::new(Mutex::new(UndoLog::default()));
-        let (tree, header) = {
-            let st = self.shared.read_state();
-            lock(&self.shared.undo_logs).push(undo.clone());
-            let applied = &st.applied;
-            let meta = SnapshotMeta {
-                last_log_id: applied.last_applied,
-                last_membership: applied.membership.clone(),
-                snapshot_id: format!(
-                    "{}-{}-{}",
-                    applied.last_applied.map_or(0, |l| l.index),
-                    self.shared.next_seq(),
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis())
-                        .unwrap_or(0)
-                ),
-            };
-            (st.tree.clone(), SnapshotHeader { meta, revision: applied.revision, replicas: applied.replicas })
-        };
-
         let shared = self.shared.clone();
-        let undo2 = undo.clone();
-        let header2 = header.clone();
-        let written =
-            tokio::task::spawn_blocking(move || shared.write_snapshot(&tree, &header2, &undo2)).await;
-        lock(&self.shared.undo_logs).retain(|u| !Arc::ptr_eq(u, &undo));
+        let written = tokio::task::spawn_blocking(move || shared.write_snapshot()).await;
         drop(gate);
-        let (path, bytes) =
+        let (header, path, bytes) =
             written.map_err(|e| snap_err(ErrorVerb::Write, e))?.map_err(|e| snap_err(ErrorVerb::Write, e))?;
 
         // Open before publishing: publishing may remove the file if a newer snapshot was
@@ -702,8 +985,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         self.shared.publish(&header.meta, &path);
         self.shared.observer.snapshot(false, bytes, started.elapsed());
         tracing::info!(
-            last_log_id = ?header.meta.last_log_id, bytes, elapsed_ms = started.elapsed().as_millis() as u64,
-            "built snapshot"
+            last_log_id = ?header.meta.last_log_id, revision = header.revision, bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64, "built snapshot"
         );
         Ok(Snapshot { meta: header.meta, snapshot: Box::new(file) })
     }
@@ -724,8 +1007,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         // Small applies of single-key commands are in-memory sled batches: inline saves a
-        // thread hop on every write. Anything that may touch many keys (range deletes, Txn)
-        // or many commands goes to the blocking pool, off the runtime's threads.
+        // thread hop on every write. Anything that may touch many keys (range deletes, Txn,
+        // lease revokes) or many commands goes to the blocking pool, off the runtime's threads.
         let mut commands = 0;
         let bounded = entries.iter().all(|e| match &e.payload {
             EntryPayload::Normal(b) => {
@@ -768,22 +1051,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let shared = self.shared.clone();
         let meta2 = meta.clone();
         let result = tokio::task::spawn_blocking(move || -> io::Result<(PathBuf, u64)> {
-            let keys = shared.install_blocking(&meta2, &partial)?;
+            let versions = shared.install_blocking(&meta2, &partial)?;
             let path = shared.snapshot_dir.join(snapshot_file_name(&meta2));
             fs::rename(&partial, &path)?;
             sync_dir(&shared.snapshot_dir)?;
-            Ok((path, keys))
+            Ok((path, versions))
         })
         .await
         .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        let (path, keys) = result.map_err(|e| {
+        let (path, versions) = result.map_err(|e| {
             tracing::error!(error = %e, "installing a snapshot failed");
             snap_err(ErrorVerb::Write, e)
         })?;
         self.shared.publish(meta, &path);
         let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         self.shared.observer.snapshot(true, bytes, started.elapsed());
-        tracing::info!(last_log_id = ?meta.last_log_id, keys, bytes, "installed snapshot");
+        tracing::info!(last_log_id = ?meta.last_log_id, versions, bytes, "installed snapshot");
         Ok(())
     }
 

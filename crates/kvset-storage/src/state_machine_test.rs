@@ -12,7 +12,7 @@ fn log_id(index: u64) -> LogId {
 }
 
 fn put(key: &str, value: &str) -> Command {
-    Command::Put(Put { key: key.into(), value: value.into(), lease: 0, prev_kv: false })
+    Command::Put(Put::new(key, value))
 }
 
 fn del(key: &str) -> Command {
@@ -23,14 +23,9 @@ fn entry(index: u64, commands: Vec<Command>) -> Entry {
     Entry { log_id: log_id(index), payload: EntryPayload::Normal(Batch { commands }) }
 }
 
-fn everything(reader: &SmReader) -> BTreeMap<String, String> {
-    let q = RangeQuery {
-        range: KeyRange { start: Vec::new(), end: RangeEnd::Unbounded },
-        limit: usize::MAX,
-        max_bytes: usize::MAX,
-        keys_only: false,
-        count_only: false,
-    };
+/// Every key and value at `revision` (0: now).
+fn everything_at(reader: &SmReader, revision: Revision) -> BTreeMap<String, String> {
+    let q = RangeQuery { revision, ..RangeQuery::new(KeyRange::all()) };
     let (r, _) = reader.range(&q).unwrap();
     r.kvs
         .into_iter()
@@ -38,69 +33,214 @@ fn everything(reader: &SmReader) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn snapshot_contents(path: &Path) -> BTreeMap<String, String> {
-    let mut r = SnapshotReader::open(path).unwrap();
-    let mut out = BTreeMap::new();
-    while let Some((k, v)) = r.next_record().unwrap() {
-        let v: StoredValue = codec::decode("v", &v).unwrap();
-        let prev = out.insert(String::from_utf8(k).unwrap(), String::from_utf8(v.value).unwrap());
-        assert!(prev.is_none(), "a key appears twice in the snapshot");
+fn everything(reader: &SmReader) -> BTreeMap<String, String> {
+    everything_at(reader, 0)
+}
+
+fn new_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path(), StoreOptions::default()).unwrap();
+    (dir, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_past_revision_stays_readable_until_compacted() {
+    let (_dir, store) = new_store();
+    let mut sm = store.state_machine;
+    let reader = store.reader;
+    // Revisions: 2 a=1, 3 b=1, 4 a=2, 5 del a, 6 a=3 (a new life).
+    sm.apply([
+        entry(1, vec![put("a", "1"), put("b", "1"), put("a", "2")]),
+        entry(2, vec![del("a"), put("a", "3")]),
+    ])
+    .await
+    .unwrap();
+    let at = |rev| everything_at(&reader, rev);
+    let map = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    assert_eq!(at(1), BTreeMap::new());
+    assert_eq!(at(2), map(&[("a", "1")]));
+    assert_eq!(at(4), map(&[("a", "2"), ("b", "1")]));
+    assert_eq!(at(5), map(&[("b", "1")]));
+    assert_eq!(at(6), map(&[("a", "3"), ("b", "1")]));
+    let (a4, current) = reader.get(b"a", 4).unwrap();
+    let a4 = a4.unwrap();
+    assert_eq!(
+        (a4.value.as_slice(), a4.version, a4.create_revision, a4.mod_revision, current),
+        (&b"2"[..], 2, 2, 4, 6)
+    );
+    let (a6, _) = reader.get(b"a", 0).unwrap();
+    assert_eq!(a6.map(|kv| (kv.version, kv.create_revision)), Some((1, 6)), "re-created after the tombstone");
+    assert!(reader.get(b"a", 5).unwrap().0.is_none());
+    assert!(matches!(reader.get(b"a", 7), Err(ReadError::FutureRevision { requested: 7, current: 6 })));
+
+    // Compact at 4: revision 4 and later stay readable, 3 and earlier are refused.
+    sm.apply([entry(3, vec![Command::Compact(4)])]).await.unwrap();
+    assert!(matches!(reader.get(b"a", 3), Err(ReadError::Compacted { requested: 3, compact_revision: 4 })));
+    let q = RangeQuery { revision: 2, ..RangeQuery::new(KeyRange::all()) };
+    assert!(matches!(reader.range(&q), Err(ReadError::Compacted { .. })));
+    crate::tests_support::wait_compacted(&reader, 3).await;
+    assert_eq!(at(4), map(&[("a", "2"), ("b", "1")]));
+    assert_eq!(at(5), map(&[("b", "1")]));
+    assert_eq!(at(6), map(&[("a", "3"), ("b", "1")]));
+    // The events from the compact revision on are all there; before it, refused.
+    let events = reader.events(4, 6, 100).unwrap();
+    assert_eq!(events.iter().map(|r| r.revision).collect::<Vec<_>>(), vec![4, 5, 6]);
+    assert!(matches!(reader.events(3, 6, 100), Err(ReadError::Compacted { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn physical_compaction_keeps_exactly_what_reads_at_the_compact_revision_need() {
+    let (_dir, store) = new_store();
+    let mut sm = store.state_machine;
+    let reader = store.reader;
+    // k: 5 versions; gone: put then deleted; kept: written once.
+    let mut commands = vec![put("kept", "x"), put("gone", "1"), del("gone")];
+    for i in 0..5 {
+        commands.push(put("k", &i.to_string()));
     }
-    out
+    sm.apply([entry(1, commands)]).await.unwrap();
+    let revision = reader.applied().revision;
+    assert_eq!(revision, 9);
+    let versions = |reader: &SmReader| {
+        let tree = reader.shared.read_state().tree.clone();
+        tree.range(vec![keys::HISTORY]..vec![keys::HISTORY + 1]).count()
+    };
+    assert_eq!(versions(&reader), 8);
+    sm.apply([entry(2, vec![Command::Compact(revision)])]).await.unwrap();
+    crate::tests_support::wait_compacted(&reader, revision - 1).await;
+    // Left: kept@2 and k@9 (the version at the compact revision). The tombstone of "gone" and
+    // every superseded version are gone.
+    assert_eq!(versions(&reader), 2);
+    assert_eq!(everything_at(&reader, revision), everything(&reader));
+    let tree = reader.shared.read_state().tree.clone();
+    assert_eq!(tree.range(vec![keys::CHANGES]..vec![keys::CHANGES + 1]).count(), 1, "only the change at 9");
+    // History goes on after compaction.
+    sm.apply([entry(3, vec![put("k", "after")])]).await.unwrap();
+    let events = reader.events(9, 10, 100).unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1].events[0].prev.as_ref().map(|p| p.value.clone()), Some(b"4".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_from_memory_and_from_the_change_log_are_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = StoreOptions {
+        events: EventLogLimits { max_revisions: 2, max_bytes: usize::MAX },
+        ..Default::default()
+    };
+    let store = Store::open_dir(dir.path(), tiny).unwrap();
+    let mut sm = store.state_machine;
+    let reader = store.reader;
+    let txn = Command::Txn(Txn {
+        compares: vec![],
+        success: vec![TxnOp::Put(Put::new("t2", "b")), TxnOp::Put(Put::new("t1", "a"))],
+        failure: vec![],
+    });
+    sm.apply([entry(1, vec![put("a", "1"), put("a", "2"), txn, del("a")])]).await.unwrap();
+    // The ring holds revisions 4 and 5 only; 2 and 3 come from the change log.
+    let from_log = reader.events(2, 5, 100).unwrap();
+    assert_eq!(from_log.iter().map(|r| r.revision).collect::<Vec<_>>(), vec![2, 3, 4, 5]);
+    let recent = reader.shared.events.get(4, 5, 100).expect("in memory");
+    assert_eq!(*recent[0], *from_log[2], "a txn's events, in op order, from either source");
+    assert_eq!(*recent[1], *from_log[3]);
+    let txn_keys: Vec<&[u8]> = from_log[2].events.iter().map(|e| e.kv.key.as_slice()).collect();
+    assert_eq!(txn_keys, vec![&b"t2"[..], b"t1"], "op order, not key order");
+    let delete = &from_log[3].events[0];
+    assert_eq!(delete.kind, EventKind::Delete);
+    assert_eq!(delete.prev.as_ref().map(|p| p.value.clone()), Some(b"2".to_vec()));
+    // Whole revisions, at least one, within the event budget.
+    assert_eq!(reader.events(2, 5, 1).unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_are_told_of_a_revision_only_once_its_events_are_readable() {
+    let (_dir, store) = new_store();
+    let mut sm = store.state_machine;
+    let reader = store.reader;
+    let mut announced = reader.subscribe();
+    let r2 = reader.clone();
+    let watcher = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            announced.changed().await.unwrap();
+            let rev = *announced.borrow_and_update();
+            let from = seen.last().map_or(2, |r: &Revision| r + 1);
+            for r in r2.events(from, rev, 1000).unwrap() {
+                seen.push(r.revision);
+            }
+        }
+        seen
+    });
+    for i in 0..3 {
+        sm.apply([entry(i + 1, vec![put("k", &i.to_string())])]).await.unwrap();
+    }
+    let seen = tokio::time::timeout(Duration::from_secs(10), watcher).await.unwrap().unwrap();
+    assert_eq!(seen, vec![2, 3, 4]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_build_does_not_block_applies_and_captures_one_instant() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_dir(dir.path(), StoreOptions::default()).unwrap();
+    let (_dir, store) = new_store();
     let mut sm = store.state_machine;
     let reader = store.reader;
-
-    let initial: Vec<Command> = (0..10).map(|i| put(&format!("k{i}"), "v0")).collect();
-    sm.apply([entry(1, initial)]).await.unwrap();
+    sm.apply([entry(1, (0..10).map(|i| put(&format!("k{i}"), "v0")).collect())]).await.unwrap();
+    sm.apply([entry(2, vec![Command::LeaseGrant { id: 9, ttl: 30 }])]).await.unwrap();
     let at_capture = everything(&reader);
+    let digest_at_capture = reader.digest().unwrap();
 
-    // Pause the builder after it has written its first key (k0), then change keys it has
-    // passed, keys ahead of it, and keys it will never see.
-    let resume = sm.pause_next_build_after_first_key();
+    let resume = sm.pause_next_build();
     let mut builder = sm.get_snapshot_builder().await;
     let build = tokio::spawn(async move { builder.build_snapshot().await });
-    // The builder is parked inside the iteration once the capture is registered.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while lock(&sm.shared.undo_logs).is_empty() {
-        assert!(Instant::now() < deadline, "builder never started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-
-    let changes =
-        vec![put("k0", "v1"), put("k5", "v1"), del("k7"), put("k3a", "new"), del("k1"), put("k1", "again")];
-    let applied = tokio::time::timeout(Duration::from_secs(10), sm.apply([entry(2, changes)])).await;
+    // Applies, a compaction and a new lease land while the build is parked mid-copy.
+    let changes = vec![
+        put("k0", "v1"),
+        put("k5", "v1"),
+        del("k7"),
+        put("k3a", "new"),
+        Command::LeaseGrant { id: 10, ttl: 5 },
+    ];
+    let applied = tokio::time::timeout(
+        Duration::from_secs(10),
+        sm.apply([entry(3, changes), entry(4, vec![Command::Compact(12)])]),
+    )
+    .await;
     assert!(applied.is_ok(), "apply was blocked by a running snapshot build");
-
     resume.send(()).unwrap();
     let snapshot = build.await.unwrap().unwrap();
-    assert_eq!(snapshot.meta.last_log_id, Some(log_id(1)));
+    assert_eq!(snapshot.meta.last_log_id, Some(log_id(2)));
+
+    // Installed elsewhere, the snapshot is exactly the state at capture.
+    let (_d2, other) = new_store();
+    let mut osm = other.state_machine;
     let path = reader.current_snapshot().unwrap().1;
-    assert_eq!(snapshot_contents(&path), at_capture, "the snapshot is the state at capture time");
+    let mut recv = osm.begin_receiving_snapshot().await.unwrap();
+    tokio::io::copy(&mut tokio::fs::File::open(&path).await.unwrap(), &mut *recv).await.unwrap();
+    osm.install_snapshot(&snapshot.meta, recv).await.unwrap();
+    assert_eq!(everything(&other.reader), at_capture);
+    assert_eq!(other.reader.digest().unwrap(), digest_at_capture);
+    assert_eq!(other.reader.leases().keys().copied().collect::<Vec<_>>(), vec![9]);
     assert_eq!(everything(&reader).get("k5").map(String::as_str), Some("v1"), "the live state moved on");
-    assert!(lock(&sm.shared.undo_logs).is_empty(), "the undo log is unregistered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn install_replaces_the_state_and_survives_restart() {
-    // Build a snapshot on a "leader" store.
-    let leader_dir = tempfile::tempdir().unwrap();
-    let leader = Store::open_dir(leader_dir.path(), StoreOptions::default()).unwrap();
+async fn install_replaces_the_state_keeps_the_history_and_survives_restart() {
+    let (_leader_dir, leader) = new_store();
     let mut leader_sm = leader.state_machine;
     leader_sm
-        .apply([entry(1, vec![put("a", "1"), put("b", "2")]), entry(2, vec![del("a"), put("c", "3")])])
+        .apply([
+            entry(1, vec![put("a", "1"), put("b", "2"), Command::LeaseGrant { id: 5, ttl: 60 }]),
+            entry(
+                2,
+                vec![del("a"), put("c", "3"), Command::Put(Put { lease: 5, ..Put::new("leased", "x") })],
+            ),
+        ])
         .await
         .unwrap();
     let snap = leader_sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
     let want = everything(&leader.reader);
+    let want_at_3 = everything_at(&leader.reader, 3);
     let want_digest = leader.reader.digest().unwrap();
 
-    // A "follower" with other, older state receives it through openraft's chunk interface.
     let follower_dir = tempfile::tempdir().unwrap();
     {
         let follower = Store::open_dir(follower_dir.path(), StoreOptions::default()).unwrap();
@@ -111,13 +251,19 @@ async fn install_replaces_the_state_and_survives_restart() {
         tokio::io::copy(&mut src, &mut *recv).await.unwrap();
         sm.install_snapshot(&snap.meta, recv).await.unwrap();
         assert_eq!(everything(&follower.reader), want, "the old state is gone, the new one complete");
+        assert_eq!(everything_at(&follower.reader, 3), want_at_3, "the history came along");
         assert_eq!(follower.reader.applied().last_applied, Some(log_id(2)));
         assert_eq!(follower.reader.digest().unwrap(), want_digest);
+        let (lease, keys) = follower.reader.lease(5).unwrap().unwrap();
+        assert_eq!((lease.ttl, keys), (60, vec![b"leased".to_vec()]));
+        // Revoking the lease on the follower deletes its key: attachments were rebuilt.
+        sm.apply([entry(3, vec![Command::LeaseRevoke(5)])]).await.unwrap();
+        assert!(!everything(&follower.reader).contains_key("leased"));
     }
-    // Restart: same state, same snapshot.
+    // Restart: the state and the snapshot are there.
     let follower = Store::open_dir(follower_dir.path(), StoreOptions::default()).unwrap();
-    assert_eq!(everything(&follower.reader), want);
-    assert_eq!(follower.reader.digest().unwrap(), want_digest);
+    assert!(!everything(&follower.reader).contains_key("leased"));
+    assert_eq!(everything_at(&follower.reader, 3), want_at_3);
     let mut sm = follower.state_machine;
     let current = sm.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta.last_log_id, Some(log_id(2)));
@@ -127,8 +273,7 @@ async fn install_replaces_the_state_and_survives_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_snapshot_is_refused_and_changes_nothing() {
-    let leader_dir = tempfile::tempdir().unwrap();
-    let leader = Store::open_dir(leader_dir.path(), StoreOptions::default()).unwrap();
+    let (_leader_dir, leader) = new_store();
     let mut leader_sm = leader.state_machine;
     leader_sm.apply([entry(1, (0..100).map(|i| put(&format!("k{i}"), "v")).collect())]).await.unwrap();
     let snap = leader_sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
@@ -136,8 +281,7 @@ async fn a_corrupt_snapshot_is_refused_and_changes_nothing() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
 
-    let dir = tempfile::tempdir().unwrap();
-    let follower = Store::open_dir(dir.path(), StoreOptions::default()).unwrap();
+    let (_dir, follower) = new_store();
     let mut sm = follower.state_machine;
     sm.apply([entry(1, vec![put("mine", "1")])]).await.unwrap();
     let before = follower.reader.digest().unwrap();
@@ -149,13 +293,18 @@ async fn a_corrupt_snapshot_is_refused_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn applied_state_survives_restart() {
+async fn applied_state_leases_and_compaction_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = Store::open_dir(dir.path(), StoreOptions::default()).unwrap();
         let mut sm = store.state_machine;
-        let results =
-            sm.apply([entry(1, vec![put("a", "1"), put("a", "2")]), entry(2, vec![del("a")])]).await.unwrap();
+        let results = sm
+            .apply([
+                entry(1, vec![put("a", "1"), put("a", "2"), Command::LeaseGrant { id: 3, ttl: 9 }]),
+                entry(2, vec![del("a"), Command::Compact(3)]),
+            ])
+            .await
+            .unwrap();
         assert_eq!(results[0].results[1].revision(), 3);
         assert_eq!(results[1].results[0], CommandResult::Delete { revision: 4, deleted: 1, prev: vec![] });
         store.reader.shared.db.flush().unwrap();
@@ -163,6 +312,8 @@ async fn applied_state_survives_restart() {
     let store = Store::open_dir(dir.path(), StoreOptions::default()).unwrap();
     let applied = store.reader.applied();
     assert_eq!(applied.last_applied, Some(log_id(2)));
-    assert_eq!(applied.revision, 4);
-    assert_eq!(store.reader.get(b"a").unwrap(), (None, 4));
+    assert_eq!((applied.revision, applied.compact_revision), (4, 3));
+    assert_eq!(store.reader.get(b"a", 0).unwrap(), (None, 4));
+    assert_eq!(store.reader.get(b"a", 3).unwrap().0.map(|kv| kv.value), Some(b"2".to_vec()));
+    assert_eq!(store.reader.leases().get(&3).map(|l| l.ttl), Some(9));
 }

@@ -1,16 +1,25 @@
-//! The domain types replicated through Raft: commands, their results and stored keys.
+//! The domain types replicated through Raft: commands, their results, stored keys and events.
 //!
 //! These are what a Raft log entry carries ([`Batch`]) and what applying it returns
 //! ([`BatchResult`]). They are independent of the wire format: `kvset-server` converts protobuf
-//! requests into [`Command`]s after validating every limit, so nothing here ever needs to reject
-//! a command. Applying a command is deterministic and infallible except for storage I/O.
+//! requests (kvset.v1 and etcd's v3 API alike) into [`Command`]s after validating every limit.
+//! Applying a command is deterministic: it either changes the state or is [`ApplyError`]-refused
+//! with nothing changed (an unknown lease, a compacted revision), identically on every member.
+//!
+//! The semantics follow etcd's v3 API: a store revision that starts at 1 and grows by one for
+//! every command that changes a key; create/mod revision and version per key; a delete writes a
+//! tombstone; leases own keys; compaction forgets history older than a revision.
 
 use serde::Deserialize;
 use serde::Serialize;
 
-/// Revision of the store: starts at 1 on an empty store, +1 for every write command that
-/// changed something (a put, a delete that removed a key, a txn whose branch wrote).
+/// Revision of the store: starts at 1 on an empty store, +1 for every command that changed a
+/// key (a put, a delete that removed a key, a txn whose branch wrote, a lease revoke that
+/// deleted keys).
 pub type Revision = i64;
+
+/// A lease id; 0 means "no lease".
+pub type LeaseId = i64;
 
 /// One Raft log entry's payload: client commands gathered by the server's write batcher.
 ///
@@ -27,7 +36,7 @@ pub struct BatchResult {
     pub results: Vec<CommandResult>,
 }
 
-/// A write command.
+/// A replicated command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Sets `key` to `value`, creating it if absent.
@@ -39,27 +48,53 @@ pub enum Command {
     /// Records the desired number of voters (the `static` replicas source). Does not change the
     /// store revision.
     SetReplicas(u32),
+    /// Forgets history before `revision`: reads and watches below it are refused from then on.
+    /// Does not change the store revision.
+    Compact(Revision),
+    /// Creates lease `id` with a time to live of `ttl` seconds. Does not change the revision.
+    LeaseGrant { id: LeaseId, ttl: i64 },
+    /// Ends lease `id` and deletes every key attached to it, at one revision.
+    LeaseRevoke(LeaseId),
 }
 
 impl Command {
     /// Whether applying it touches at most one key (so its cost is bounded).
     pub fn is_single_key(&self) -> bool {
         match self {
-            Command::Put(_) | Command::SetReplicas(_) => true,
+            Command::Put(_) | Command::SetReplicas(_) | Command::LeaseGrant { .. } => true,
             Command::Delete(d) => d.range.end == RangeEnd::Single,
-            Command::Txn(_) => false,
+            Command::Txn(_) | Command::Compact(_) | Command::LeaseRevoke(_) => false,
         }
     }
 }
 
+/// A put, with etcd's options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Put {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
-    /// Lease id the key is attached to; 0 for none.
-    pub lease: i64,
+    /// Lease the key is attached to; 0 for none.
+    pub lease: LeaseId,
     /// Whether the result carries the previous key.
     pub prev_kv: bool,
+    /// Keep the key's current value (`value` must be empty); refused if the key is absent.
+    pub ignore_value: bool,
+    /// Keep the key's current lease (`lease` must be 0); refused if the key is absent.
+    pub ignore_lease: bool,
+}
+
+impl Put {
+    /// A plain put of `key` = `value`.
+    pub fn new(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        Self {
+            key: key.into(),
+            value: value.into(),
+            lease: 0,
+            prev_kv: false,
+            ignore_value: false,
+            ignore_lease: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +142,11 @@ impl KeyRange {
         Self { start: start.into(), end: RangeEnd::Before(end.into()) }
     }
 
+    /// Every key.
+    pub fn all() -> Self {
+        Self { start: Vec::new(), end: RangeEnd::Unbounded }
+    }
+
     /// Whether `key` lies in this range.
     pub fn contains(&self, key: &[u8]) -> bool {
         match &self.end {
@@ -114,6 +154,17 @@ impl KeyRange {
             RangeEnd::Unbounded => key >= self.start.as_slice(),
             RangeEnd::Before(end) => key >= self.start.as_slice() && key < end.as_slice(),
         }
+    }
+
+    /// Whether the two ranges share a key.
+    pub fn overlaps(&self, other: &KeyRange) -> bool {
+        let end_after = |r: &KeyRange, key: &[u8]| match &r.end {
+            RangeEnd::Single => r.start.as_slice() >= key,
+            RangeEnd::Unbounded => true,
+            RangeEnd::Before(end) => end.as_slice() > key,
+        };
+        let nonempty = |r: &KeyRange| !matches!(&r.end, RangeEnd::Before(end) if end <= &r.start);
+        nonempty(self) && nonempty(other) && end_after(self, &other.start) && end_after(other, &self.start)
     }
 }
 
@@ -130,19 +181,84 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-/// A read of a key range, inside a Txn or on its own.
+/// Which field a range sorts by (etcd's `SortTarget`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SortTarget {
+    Key,
+    Version,
+    Create,
+    Mod,
+    Value,
+}
+
+/// Sort direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SortOrder {
+    Ascend,
+    Descend,
+}
+
+/// A read of a key range, inside a Txn or on its own, with etcd's options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeQuery {
     pub range: KeyRange,
-    /// Largest number of keys to return; at least 1.
+    /// The revision to read at; 0 for the current one.
+    pub revision: Revision,
+    /// Largest number of keys to return; 0 for no limit.
     pub limit: usize,
     /// Largest sum of key and value bytes to return; a page ends early (with `more`) once it
-    /// would exceed this, but always holds at least one key.
+    /// would exceed this, but always holds at least one key (kvset.v1's page budget; etcd
+    /// has none: `usize::MAX`).
     pub max_bytes: usize,
     /// Leave values out.
     pub keys_only: bool,
     /// Return only the count.
     pub count_only: bool,
+    /// Sort the keys (etcd); `None` keeps key order.
+    pub sort: Option<(SortTarget, SortOrder)>,
+    /// Keep only keys with a mod revision `>=` this (0: no bound).
+    pub min_mod_revision: Revision,
+    /// Keep only keys with a mod revision `<=` this (0: no bound).
+    pub max_mod_revision: Revision,
+    /// Keep only keys with a create revision `>=` this (0: no bound).
+    pub min_create_revision: Revision,
+    /// Keep only keys with a create revision `<=` this (0: no bound).
+    pub max_create_revision: Revision,
+}
+
+impl RangeQuery {
+    /// A query of `range` at the current revision, with no limit and no options.
+    pub fn new(range: KeyRange) -> Self {
+        Self {
+            range,
+            revision: 0,
+            limit: 0,
+            max_bytes: usize::MAX,
+            keys_only: false,
+            count_only: false,
+            sort: None,
+            min_mod_revision: 0,
+            max_mod_revision: 0,
+            min_create_revision: 0,
+            max_create_revision: 0,
+        }
+    }
+
+    /// Whether a filter on revisions is set.
+    pub fn has_revision_filters(&self) -> bool {
+        self.min_mod_revision != 0
+            || self.max_mod_revision != 0
+            || self.min_create_revision != 0
+            || self.max_create_revision != 0
+    }
+
+    /// Whether `kv` passes the revision filters.
+    pub fn keeps(&self, kv: &KeyValue) -> bool {
+        (self.min_mod_revision == 0 || kv.mod_revision >= self.min_mod_revision)
+            && (self.max_mod_revision == 0 || kv.mod_revision <= self.max_mod_revision)
+            && (self.min_create_revision == 0 || kv.create_revision >= self.min_create_revision)
+            && (self.max_create_revision == 0 || kv.create_revision <= self.max_create_revision)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,9 +268,11 @@ pub struct Txn {
     pub failure: Vec<TxnOp>,
 }
 
+/// A condition on every key of a range (usually one key). A range with no keys compares as one
+/// absent key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Compare {
-    pub key: Vec<u8>,
+    pub range: KeyRange,
     pub op: CompareOp,
     pub target: CompareTarget,
 }
@@ -178,11 +296,13 @@ pub enum CompareTarget {
     ModRevision(Revision),
     /// The key's value; any compare on the value of an absent key is false.
     Value(Vec<u8>),
+    /// The key's lease; 0 when absent or unleased.
+    Lease(LeaseId),
 }
 
 impl Compare {
-    /// Evaluates this compare against the key's current state.
-    pub fn holds(&self, current: Option<&StoredValue>) -> bool {
+    /// Evaluates this compare against one key's current state (`None`: absent).
+    pub fn holds(&self, current: Option<&KeyValue>) -> bool {
         use std::cmp::Ordering;
         let ordering: Ordering = match (&self.target, current) {
             (CompareTarget::Value(_), None) => return false,
@@ -190,6 +310,7 @@ impl Compare {
             (CompareTarget::Version(v), cur) => cur.map_or(0, |c| c.version).cmp(v),
             (CompareTarget::CreateRevision(v), cur) => cur.map_or(0, |c| c.create_revision).cmp(v),
             (CompareTarget::ModRevision(v), cur) => cur.map_or(0, |c| c.mod_revision).cmp(v),
+            (CompareTarget::Lease(v), cur) => cur.map_or(0, |c| c.lease).cmp(v),
         };
         match self.op {
             CompareOp::Equal => ordering == Ordering::Equal,
@@ -205,15 +326,63 @@ pub enum TxnOp {
     Range(RangeQuery),
     Put(Put),
     Delete(Delete),
+    /// A nested transaction (etcd 3.3+): its compares see the writes of earlier ops.
+    Txn(Txn),
+}
+
+/// Why a command was refused when applied. Nothing changed; every member refuses it alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApplyError {
+    #[error("lease {0} not found")]
+    LeaseNotFound(LeaseId),
+    #[error("lease {0} already exists")]
+    LeaseExists(LeaseId),
+    #[error("key not found (ignore_value and ignore_lease need an existing key)")]
+    KeyNotFound,
+    #[error("revision {requested} has been compacted (the compact revision is {compact_revision})")]
+    Compacted { requested: Revision, compact_revision: Revision },
+    #[error("revision {requested} is a future revision (the current revision is {current})")]
+    FutureRevision { requested: Revision, current: Revision },
 }
 
 /// The result of one [`Command`]. `revision` is the store revision after the command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResult {
-    Put { revision: Revision, prev: Option<KeyValue> },
-    Delete { revision: Revision, deleted: i64, prev: Vec<KeyValue> },
-    Txn { revision: Revision, succeeded: bool, responses: Vec<OpResult> },
-    SetReplicas { revision: Revision, replicas: u32 },
+    Put {
+        revision: Revision,
+        prev: Option<KeyValue>,
+    },
+    Delete {
+        revision: Revision,
+        deleted: i64,
+        prev: Vec<KeyValue>,
+    },
+    Txn {
+        revision: Revision,
+        succeeded: bool,
+        responses: Vec<OpResult>,
+    },
+    SetReplicas {
+        revision: Revision,
+        replicas: u32,
+    },
+    Compact {
+        revision: Revision,
+    },
+    LeaseGrant {
+        revision: Revision,
+        id: LeaseId,
+        ttl: i64,
+    },
+    LeaseRevoke {
+        revision: Revision,
+        deleted: i64,
+    },
+    /// The command was refused; nothing changed.
+    Rejected {
+        revision: Revision,
+        error: ApplyError,
+    },
 }
 
 impl CommandResult {
@@ -223,7 +392,11 @@ impl CommandResult {
             CommandResult::Put { revision, .. }
             | CommandResult::Delete { revision, .. }
             | CommandResult::Txn { revision, .. }
-            | CommandResult::SetReplicas { revision, .. } => *revision,
+            | CommandResult::SetReplicas { revision, .. }
+            | CommandResult::Compact { revision }
+            | CommandResult::LeaseGrant { revision, .. }
+            | CommandResult::LeaseRevoke { revision, .. }
+            | CommandResult::Rejected { revision, .. } => *revision,
         }
     }
 }
@@ -233,6 +406,7 @@ pub enum OpResult {
     Range(RangeResult),
     Put { prev: Option<KeyValue> },
     Delete { deleted: i64, prev: Vec<KeyValue> },
+    Txn { succeeded: bool, responses: Vec<OpResult> },
 }
 
 /// One page of a range read.
@@ -241,9 +415,10 @@ pub struct RangeResult {
     pub kvs: Vec<KeyValue>,
     /// More keys follow the last one returned.
     pub more: bool,
-    /// Keys in the whole range.
+    /// Keys in the whole range at the revision read (before the limit and the filters, as in
+    /// etcd).
     pub count: i64,
-    /// Where the next page starts, when `more`.
+    /// Where the next page starts, when `more` and the keys are in key order.
     pub next_key: Option<Vec<u8>>,
 }
 
@@ -255,17 +430,17 @@ pub struct KeyValue {
     pub create_revision: Revision,
     pub mod_revision: Revision,
     pub version: i64,
-    pub lease: i64,
+    pub lease: LeaseId,
 }
 
-/// A key's record as stored in the state machine tree (the key itself is the tree key).
+/// A key's current record in the live tree (the key itself is the tree key).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredValue {
     pub value: Vec<u8>,
     pub create_revision: Revision,
     pub mod_revision: Revision,
     pub version: i64,
-    pub lease: i64,
+    pub lease: LeaseId,
 }
 
 impl StoredValue {
@@ -280,6 +455,46 @@ impl StoredValue {
             lease: self.lease,
         }
     }
+}
+
+/// What happened to a key at one revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    Put,
+    Delete,
+}
+
+/// One change of one key, as watchers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub kind: EventKind,
+    /// The key after the change. For a delete: the key and the delete's mod revision only.
+    pub kv: KeyValue,
+    /// The key before the change (absent when it did not exist, or was compacted away).
+    pub prev: Option<KeyValue>,
+}
+
+/// The events of one revision, in the order the command made them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevisionEvents {
+    pub revision: Revision,
+    pub events: Vec<Event>,
+}
+
+impl RevisionEvents {
+    /// Approximate memory held by these events, in bytes.
+    pub fn bytes(&self) -> usize {
+        let kv = |kv: &KeyValue| kv.key.len() + kv.value.len() + 48;
+        self.events.iter().map(|e| kv(&e.kv) + e.prev.as_ref().map_or(0, kv) + 16).sum::<usize>() + 32
+    }
+}
+
+/// A lease as the state machine records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: LeaseId,
+    /// Granted time to live, in seconds.
+    pub ttl: i64,
 }
 
 /// A cluster member as recorded in the Raft membership config (openraft's `Node` type).
@@ -322,7 +537,7 @@ mod tests {
 
     #[test]
     fn only_commands_touching_one_key_are_single_key() {
-        let put = Command::Put(Put { key: b"k".to_vec(), value: b"v".to_vec(), lease: 0, prev_kv: false });
+        let put = Command::Put(Put::new("k", "v"));
         let delete = |range| Command::Delete(Delete { range, prev_kv: false });
         assert!(put.is_single_key());
         assert!(Command::SetReplicas(3).is_single_key());
@@ -331,23 +546,31 @@ mod tests {
         assert!(!delete(KeyRange::between("a", "b")).is_single_key());
         let txn = Txn { compares: Vec::new(), success: Vec::new(), failure: Vec::new() };
         assert!(!Command::Txn(txn).is_single_key());
+        assert!(!Command::LeaseRevoke(1).is_single_key(), "a revoke deletes every attached key");
     }
 
     #[test]
-    fn key_range_contains() {
+    fn key_range_contains_and_overlaps() {
         assert!(KeyRange::single("a").contains(b"a"));
         assert!(!KeyRange::single("a").contains(b"ab"));
         let p = KeyRange::prefix("ab");
         assert!(p.contains(b"ab") && p.contains(b"ab\xff\xff") && !p.contains(b"ac") && !p.contains(b"aa"));
         let all = KeyRange::prefix(vec![0xff]);
         assert!(all.contains(&[0xff, 0x00]) && !all.contains(&[0xfe]));
+        assert!(KeyRange::prefix("a").overlaps(&KeyRange::single("ab")));
+        assert!(!KeyRange::prefix("a").overlaps(&KeyRange::single("b")));
+        assert!(KeyRange::between("a", "c").overlaps(&KeyRange::between("b", "d")));
+        assert!(!KeyRange::between("a", "b").overlaps(&KeyRange::between("b", "c")));
+        assert!(!KeyRange::between("b", "b").overlaps(&KeyRange::all()), "an empty range overlaps nothing");
+        assert!(KeyRange::single("x").overlaps(&KeyRange { start: b"a".to_vec(), end: RangeEnd::Unbounded }));
     }
 
     #[test]
     fn compares_on_absent_keys() {
-        let c = |target| Compare { key: b"k".to_vec(), op: CompareOp::Equal, target };
+        let c = |target| Compare { range: KeyRange::single("k"), op: CompareOp::Equal, target };
         assert!(c(CompareTarget::Version(0)).holds(None));
         assert!(c(CompareTarget::CreateRevision(0)).holds(None));
+        assert!(c(CompareTarget::Lease(0)).holds(None));
         assert!(!c(CompareTarget::Value(Vec::new())).holds(None));
         let not_equal = Compare { op: CompareOp::NotEqual, ..c(CompareTarget::Value(b"x".to_vec())) };
         assert!(!not_equal.holds(None), "a value compare on an absent key is false whatever the op");
@@ -355,11 +578,12 @@ mod tests {
 
     #[test]
     fn compares_order_values_bytewise() {
-        let cur = StoredValue { value: b"b".to_vec(), version: 3, ..Default::default() };
-        let c = |op, target| Compare { key: b"k".to_vec(), op, target };
+        let cur = KeyValue { value: b"b".to_vec(), version: 3, lease: 7, ..Default::default() };
+        let c = |op, target| Compare { range: KeyRange::single("k"), op, target };
         assert!(c(CompareOp::Greater, CompareTarget::Value(b"a".to_vec())).holds(Some(&cur)));
         assert!(c(CompareOp::Less, CompareTarget::Value(b"c".to_vec())).holds(Some(&cur)));
         assert!(c(CompareOp::Equal, CompareTarget::Version(3)).holds(Some(&cur)));
         assert!(c(CompareOp::NotEqual, CompareTarget::Version(2)).holds(Some(&cur)));
+        assert!(c(CompareOp::Equal, CompareTarget::Lease(7)).holds(Some(&cur)));
     }
 }

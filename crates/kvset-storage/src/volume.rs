@@ -4,7 +4,7 @@
 //! first initialised:
 //!
 //! ```json
-//! {"format_version":1,"node_id":1234,"ordinal":0,"cluster_id":"9f0c…","created_unix_ms":…}
+//! {"format_version":2,"node_id":1234,"ordinal":0,"cluster_id":"9f0c…","created_unix_ms":…}
 //! ```
 //!
 //! * The **node id** is minted at random the first time a volume is initialised and never
@@ -31,7 +31,10 @@ use serde::Serialize;
 pub const META_FILE: &str = "kvset-volume.json";
 
 /// The volume format this build writes and understands.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// * 1 — kvset 0.1: the latest version of each key only.
+/// * 2 — history (MVCC), leases, compaction; a new log entry and snapshot format.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Entries a fresh Kubernetes volume may already hold and that do not make it "used".
 const IGNORED_ENTRIES: &[&str] = &["lost+found"];
@@ -124,6 +127,12 @@ pub enum VolumeError {
          run a newer kvset"
     )]
     NewerFormat { path: PathBuf, found: u32, supported: u32 },
+    #[error(
+        "{path}: volume format {found} was written by an older kvset (this one writes {supported}, with \
+         history and leases) and is not converted in place; copy the keys into a new cluster (e.g. \
+         `kvset range --output json` against the old cluster, then put them into the new one)"
+    )]
+    OlderFormat { path: PathBuf, found: u32, supported: u32 },
     #[error(
         "{path}: data directory is not empty but has no {META_FILE}; refusing to use or wipe it \
          (found {found:?})"
@@ -221,6 +230,13 @@ impl Volume {
         let version: Version = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
         if version.format_version > FORMAT_VERSION {
             return Err(VolumeError::NewerFormat {
+                path: path.to_path_buf(),
+                found: version.format_version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        if version.format_version < FORMAT_VERSION {
+            return Err(VolumeError::OlderFormat {
                 path: path.to_path_buf(),
                 found: version.format_version,
                 supported: FORMAT_VERSION,
@@ -393,15 +409,25 @@ mod tests {
     }
 
     #[test]
-    fn newer_format_is_refused() {
+    fn newer_and_older_formats_are_refused_with_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
         Volume::open(dir.path(), 0, None).unwrap();
         let path = dir.path().join(META_FILE);
-        let text =
-            fs::read_to_string(&path).unwrap().replace("\"format_version\": 1", "\"format_version\": 7");
-        fs::write(&path, text).unwrap();
+        let written = fs::read_to_string(&path).unwrap();
+        assert!(written.contains(&format!("\"format_version\": {FORMAT_VERSION}")), "{written}");
+        let with_format = |v: u32| {
+            written.replace(
+                &format!("\"format_version\": {FORMAT_VERSION}"),
+                &format!("\"format_version\": {v}"),
+            )
+        };
+        fs::write(&path, with_format(7)).unwrap();
         let err = Volume::open(dir.path(), 0, None).unwrap_err();
         assert!(matches!(err, VolumeError::NewerFormat { found: 7, .. }), "{err}");
+        fs::write(&path, with_format(1)).unwrap();
+        let err = Volume::open(dir.path(), 0, None).unwrap_err();
+        assert!(matches!(err, VolumeError::OlderFormat { found: 1, .. }), "{err}");
+        assert!(err.to_string().contains("new cluster"), "{err}");
     }
 
     #[test]

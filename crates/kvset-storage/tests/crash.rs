@@ -207,7 +207,7 @@ async fn child_main(data: PathBuf, acks_path: PathBuf, round: Option<usize>) {
             .unwrap_or_else(|e| fail(format!("not applied up to {max_index}: {e}")));
     }
     for key in &expected {
-        match reader.get(key.as_bytes()) {
+        match reader.get(key.as_bytes(), 0) {
             Ok((Some(kv), _)) if kv.value == value_of(key) => {}
             other => fail(format!("acknowledged key {key} lost or wrong after crash: {other:?}")),
         }

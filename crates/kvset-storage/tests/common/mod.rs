@@ -105,12 +105,5 @@ pub async fn start_single(dir: &Path, snapshot_every: u64) -> (Raft<TypeConfig>,
 
 /// A put command.
 pub fn put(key: &str, value: &[u8]) -> Batch {
-    Batch {
-        commands: vec![Command::Put(Put {
-            key: key.into(),
-            value: value.to_vec(),
-            lease: 0,
-            prev_kv: false,
-        })],
-    }
+    Batch { commands: vec![Command::Put(Put::new(key, value.to_vec()))] }
 }
