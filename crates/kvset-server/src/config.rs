@@ -51,6 +51,9 @@ pub struct Config {
     pub raft: RaftConfig,
     pub limits: Limits,
     pub batch: BatchConfig,
+    pub watch: WatchConfig,
+    pub lease: LeaseConfig,
+    pub compaction: CompactionConfig,
 }
 
 /// Where the desired replica count comes from.
@@ -113,6 +116,39 @@ pub struct Limits {
     pub pending_reads_max: u64,
 }
 
+/// Watches: limits and timing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WatchConfig {
+    pub max_per_stream: u64,
+    pub max_per_member: u64,
+    pub progress_interval_ms: u64,
+    pub event_cache_revisions: u64,
+    pub event_cache_bytes: u64,
+    pub response_max_bytes: u64,
+    pub send_queue: u64,
+}
+
+/// Leases: limits and timing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaseConfig {
+    pub min_ttl_seconds: u64,
+    pub max_ttl_seconds: u64,
+    pub max_leases: u64,
+    pub check_interval_ms: u64,
+    pub revoke_per_check: u64,
+}
+
+/// Automatic compaction of the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompactionConfig {
+    pub retain_revisions: u64,
+    pub retain_ms: u64,
+    pub check_interval_ms: u64,
+}
+
 /// The write batcher: client writes gathered into one Raft entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -150,7 +186,42 @@ impl Default for Config {
             raft: RaftConfig::default(),
             limits: Limits::default(),
             batch: BatchConfig::default(),
+            watch: WatchConfig::default(),
+            lease: LeaseConfig::default(),
+            compaction: CompactionConfig::default(),
         }
+    }
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self {
+            max_per_stream: 1_000,
+            max_per_member: 10_000,
+            progress_interval_ms: 600_000,
+            event_cache_revisions: 100_000,
+            event_cache_bytes: 64 << 20,
+            response_max_bytes: 1 << 20,
+            send_queue: 64,
+        }
+    }
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            min_ttl_seconds: 5,
+            max_ttl_seconds: 9_000_000_000,
+            max_leases: 100_000,
+            check_interval_ms: 500,
+            revoke_per_check: 1_000,
+        }
+    }
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        Self { retain_revisions: 100_000, retain_ms: 0, check_interval_ms: 60_000 }
     }
 }
 
@@ -290,7 +361,48 @@ pub const KEYS: &[KeyDoc] = &[
         key: "batch.in_flight",
         doc: "Raft entries proposed and not yet applied at once; writes arriving meanwhile wait and form the next batch.",
     },
-    KeyDoc { key: "batch.queue", doc: "Writes that may wait for a batch before new ones get UNAVAILABLE (backpressure)." },
+    KeyDoc {
+        key: "batch.queue",
+        doc: "Writes that may wait for a batch before new ones get RESOURCE_EXHAUSTED (backpressure).",
+    },
+    KeyDoc { key: "watch.max_per_stream", doc: "Most watches one Watch stream may hold; more are refused (canceled at creation)." },
+    KeyDoc { key: "watch.max_per_member", doc: "Most watches one member serves over all its streams." },
+    KeyDoc {
+        key: "watch.progress_interval_ms",
+        doc: "A watch created with progress_notify gets a progress response after this many milliseconds without events.",
+    },
+    KeyDoc {
+        key: "watch.event_cache_revisions",
+        doc: "Revisions of recent events kept in memory for watchers; older ones are read back from the history.",
+    },
+    KeyDoc { key: "watch.event_cache_bytes", doc: "Bytes of recent events kept in memory for watchers." },
+    KeyDoc {
+        key: "watch.response_max_bytes",
+        doc: "A watch response holds whole revisions up to about this many bytes (one revision is never split).",
+    },
+    KeyDoc {
+        key: "watch.send_queue",
+        doc: "Responses queued per Watch stream for a slow client; past it the stream waits (and lags, then \
+              catches up from the history) without holding up anything else.",
+    },
+    KeyDoc {
+        key: "lease.min_ttl_seconds",
+        doc: "Shortest lease TTL, in seconds (kvset.v1 refuses shorter; the etcd API raises shorter ones to it, as etcd does).",
+    },
+    KeyDoc { key: "lease.max_ttl_seconds", doc: "Longest lease TTL, in seconds." },
+    KeyDoc { key: "lease.max_leases", doc: "Most leases the cluster holds; grants past it get RESOURCE_EXHAUSTED." },
+    KeyDoc { key: "lease.check_interval_ms", doc: "Milliseconds between the leader's checks for expired leases." },
+    KeyDoc { key: "lease.revoke_per_check", doc: "Most expired leases the leader revokes per check." },
+    KeyDoc {
+        key: "compaction.retain_revisions",
+        doc: "Automatic compaction keeps at least this many revisions of history (0: no limit by count).",
+    },
+    KeyDoc {
+        key: "compaction.retain_ms",
+        doc: "Automatic compaction keeps at least this many milliseconds of history (0: no limit by age). With both \
+              set, history is kept while either asks for it; with both 0, nothing is compacted automatically.",
+    },
+    KeyDoc { key: "compaction.check_interval_ms", doc: "Milliseconds between the leader's automatic compaction checks." },
 ];
 
 /// A configuration problem, naming the key.
@@ -549,6 +661,32 @@ impl Config {
         }
         if b.max_bytes < l.request_max_bytes {
             return bad("batch.max_bytes", "must be at least limits.request_max_bytes".into());
+        }
+        let w = &self.watch;
+        for (key, v) in [
+            ("watch.max_per_stream", w.max_per_stream),
+            ("watch.max_per_member", w.max_per_member),
+            ("watch.progress_interval_ms", w.progress_interval_ms),
+            ("watch.event_cache_revisions", w.event_cache_revisions),
+            ("watch.response_max_bytes", w.response_max_bytes),
+            ("watch.send_queue", w.send_queue),
+            ("lease.min_ttl_seconds", self.lease.min_ttl_seconds),
+            ("lease.max_leases", self.lease.max_leases),
+            ("lease.check_interval_ms", self.lease.check_interval_ms),
+            ("lease.revoke_per_check", self.lease.revoke_per_check),
+            ("compaction.check_interval_ms", self.compaction.check_interval_ms),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1".into());
+            }
+        }
+        if self.lease.max_ttl_seconds < self.lease.min_ttl_seconds
+            || self.lease.max_ttl_seconds > 9_000_000_000
+        {
+            return bad(
+                "lease.max_ttl_seconds",
+                "must be between lease.min_ttl_seconds and 9000000000 (etcd's maximum)".into(),
+            );
         }
         if self.initial_replicas == 0 || self.initial_replicas > 9 {
             return bad("initial_replicas", "must be between 1 and 9".into());

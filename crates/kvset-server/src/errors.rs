@@ -6,11 +6,14 @@
 //! | [`KvError::InvalidArgument`] | `INVALID_ARGUMENT` | — |
 //! | [`KvError::NoLeader`] | `UNAVAILABLE` | `kvset-not-applied`, `kvset-leader`, `kvset-leader-id` (when known) |
 //! | [`KvError::Unavailable`] | `UNAVAILABLE` | `kvset-not-applied` |
-//! | [`KvError::Overloaded`] | `RESOURCE_EXHAUSTED` | `kvset-not-applied` |
+//! | [`KvError::Overloaded`] | `RESOURCE_EXHAUSTED` | `kvset-not-applied` (a transient queue: retry) |
+//! | [`KvError::LimitReached`] | `RESOURCE_EXHAUSTED` | — (a table is full: retrying will not help) |
 //! | [`KvError::Indeterminate`] | `UNKNOWN` | — (a write may or may not have been applied) |
 //! | [`KvError::DeadlineExceeded`] | `DEADLINE_EXCEEDED` | — |
 //! | [`KvError::Unimplemented`] | `UNIMPLEMENTED` | — |
 //! | [`KvError::FailedPrecondition`] | `FAILED_PRECONDITION` | — |
+//! | [`KvError::NotFound`] | `NOT_FOUND` | — |
+//! | [`KvError::OutOfRange`] | `OUT_OF_RANGE` | — |
 //! | [`KvError::Internal`] | `INTERNAL` | — |
 //! | [`KvError::Remote`] | whatever the leader answered | passed through |
 //!
@@ -59,6 +62,9 @@ pub enum KvError {
     /// applied.
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// A bounded table is full (leases); nothing was applied.
+    #[error("{0}")]
+    LimitReached(String),
     /// A write's outcome is unknown: it may or may not have been applied.
     #[error("outcome unknown: {0}")]
     Indeterminate(String),
@@ -71,6 +77,12 @@ pub enum KvError {
     /// The cluster is not in a state that allows the request; nothing was applied.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// What the request names does not exist (a lease); nothing was applied.
+    #[error("{0}")]
+    NotFound(String),
+    /// The revision asked for is compacted or in the future; nothing was read or applied.
+    #[error("{0}")]
+    OutOfRange(String),
     /// A storage or internal error; the member stops itself after a storage error.
     #[error("internal error: {0}")]
     Internal(String),
@@ -93,7 +105,10 @@ impl KvError {
                 | KvError::NoLeader { .. }
                 | KvError::Unavailable(_)
                 | KvError::Overloaded(_)
+                | KvError::LimitReached(_)
                 | KvError::FailedPrecondition(_)
+                | KvError::NotFound(_)
+                | KvError::OutOfRange(_)
                 | KvError::Unimplemented(_)
         )
     }
@@ -142,6 +157,25 @@ pub fn read_index(e: &RaftError<u64, CheckIsLeaderError<u64, Member>>) -> KvErro
     }
 }
 
+/// A command the state machine refused (deterministically, on every member).
+pub fn rejected(e: &kvset_storage::ApplyError) -> KvError {
+    use kvset_storage::ApplyError as A;
+    match e {
+        A::LeaseNotFound(_) => KvError::NotFound(e.to_string()),
+        A::LeaseExists(_) | A::KeyNotFound => KvError::FailedPrecondition(e.to_string()),
+        A::Compacted { .. } | A::FutureRevision { .. } => KvError::OutOfRange(e.to_string()),
+    }
+}
+
+/// A failed read of the state machine.
+pub fn read(e: kvset_storage::ReadError) -> KvError {
+    use kvset_storage::ReadError as R;
+    match e {
+        R::Compacted { .. } | R::FutureRevision { .. } => KvError::OutOfRange(e.to_string()),
+        other => KvError::Internal(other.to_string()),
+    }
+}
+
 /// Raft stopped before a request that changes nothing (a read, a trigger) could run.
 pub fn stopped(f: &Fatal<u64>) -> KvError {
     KvError::Unavailable(format!("raft stopped: {f}"))
@@ -177,11 +211,13 @@ impl From<KvError> for Status {
                 Code::Unavailable
             }
             KvError::Unavailable(_) => Code::Unavailable,
-            KvError::Overloaded(_) => Code::ResourceExhausted,
+            KvError::Overloaded(_) | KvError::LimitReached(_) => Code::ResourceExhausted,
             KvError::Indeterminate(_) => Code::Unknown,
             KvError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             KvError::Unimplemented(_) => Code::Unimplemented,
             KvError::FailedPrecondition(_) => Code::FailedPrecondition,
+            KvError::NotFound(_) => Code::NotFound,
+            KvError::OutOfRange(_) => Code::OutOfRange,
             KvError::Internal(_) => Code::Internal,
             KvError::Remote(status) => return status,
         };

@@ -13,6 +13,12 @@
 //!                     pb::response ◀────────────────────────┘   errors ─▶ errors.rs (one mapping)
 //! ```
 //!
+//! Watches are not routed: `watch_hub` serves each stream from this member's applied state,
+//! pulling events from the state machine (memory for recent revisions, the history for older
+//! ones). Leases: grants and revokes are writes; keep-alives renew the deadline on the leader
+//! (`lessor`), forwarded through its peer port by followers; the leader's `tasks::leases`
+//! revokes expired leases through Raft.
+//!
 //! Peers talk on a separate port: `network` sends openraft's RPCs, `service::raft` receives
 //! them, checking the cluster id and the intended node id on every message. The membership
 //! task bootstraps, joins and reconciles membership with no operator; `identity` turns the pod
@@ -29,10 +35,10 @@
 //! | 6 assembly | [`node`] | start, handle, shutdown |
 //! | 5 assembly | [`server`] | the three listeners and servers |
 //! | 4 services | [`service::kv`], [`service::cluster`], [`service::raft`], [`service::ops`] | one file per gRPC service (and the ops HTTP endpoints) |
-//! | 4 tasks | [`tasks::membership`], [`tasks::replicas`], [`tasks::raft_metrics`] | background work, each given only what it uses |
+//! | 4 tasks | [`tasks::membership`], [`tasks::replicas`], [`tasks::raft_metrics`], [`tasks::leases`], [`tasks::compactor`] | background work, each given only what it uses |
 //! | 3 member | [`member`] | this member's shared state: identity, Raft, routing, the write and read entry points, lifecycle |
-//! | 2 transport and pipeline | [`network`], [`forward`], [`batcher`], [`read_index`] | peer RPCs out, forwarding to the leader, write batching, shared ReadIndex rounds |
-//! | 1 leaves | [`config`], [`identity`], [`errors`], [`metrics`], [`logging`], [`pb`], [`cluster_id`], [`channels`] | configuration, identity, errors and their one mapping, observability, wire conversions, the cluster id cell, the peer-channel cache |
+//! | 2 transport and pipeline | [`network`], [`forward`], [`batcher`], [`read_index`], [`watch_hub`], [`lessor`] | peer RPCs out, forwarding to the leader, write batching, shared ReadIndex rounds, watch streams, lease deadlines |
+//! | 1 leaves | [`config`], [`identity`], [`errors`], [`metrics`], [`logging`], [`pb`], [`watch_types`], [`cluster_id`], [`channels`] | configuration, identity, errors and their one mapping, observability, wire conversions, the domain form of watch messages, the cluster id cell, the peer-channel cache |
 //!
 //! # Caveats
 //!
@@ -41,7 +47,9 @@
 //! * openraft 0.9 waits for each log append's fsync before it issues the next append and holds
 //!   its core loop during the flush, so a disk stall also stalls heartbeats; the default
 //!   election timeout (2.5–5 s) sits above the 1–2 s stalls measured on shared disks.
-//! * Watch, leases and Backup are specified in the protos but answer `UNIMPLEMENTED`.
+//! * Lease deadlines live in the leader's memory (as in etcd); a new leader gives every lease a
+//!   full TTL plus an election timeout, so expiry can be late after a failover, never early.
+//! * Backup is specified in the protos but answers `UNIMPLEMENTED`.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
@@ -54,11 +62,14 @@ pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod pb;
+pub mod watch_types;
 // Layer 2: transport and pipeline.
 pub mod batcher;
 pub mod forward;
+pub mod lessor;
 pub mod network;
 pub mod read_index;
+pub mod watch_hub;
 // Layer 3: the member's shared state.
 pub mod member;
 // Layer 4: services and background tasks.

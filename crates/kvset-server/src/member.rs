@@ -10,6 +10,8 @@
 //!   quorum), forward to the leader, or refuse with `UNAVAILABLE`;
 //! * **writes** — [`LocalMember::submit`]: through the write batcher into Raft;
 //! * **linearizable reads** — [`LocalMember::read_barrier`]: a shared ReadIndex round;
+//! * **watches** — the [`WatchHub`] serving this member's watch streams;
+//! * **leases** — renewals and remaining time, on the leader (the [`Lessor`]) or through it;
 //! * **identity and cluster** — node id, ordinal, addresses, the cluster id cell;
 //! * **lifecycle** — the [`Phase`] readiness reports and whether requests are still taken;
 //! * **membership bookkeeping** — the desired replica count and the reconciler's last status.
@@ -22,9 +24,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 use std::time::Instant;
 
+use kvset_proto::v1 as pb;
+use kvset_proto::v1::raft_client::RaftClient;
 use kvset_storage::ClusterId;
 use kvset_storage::Command;
 use kvset_storage::CommandResult;
+use kvset_storage::Lease;
+use kvset_storage::LeaseId;
 use kvset_storage::Member;
 use kvset_storage::SmReader;
 use kvset_storage::TypeConfig;
@@ -42,9 +48,11 @@ use crate::errors::KvError;
 use crate::forward::Forwarder;
 use crate::identity::AddressBook;
 use crate::identity::Identity;
+use crate::lessor::Lessor;
 use crate::metrics::Metrics;
 use crate::pb::response::HeaderInfo;
 use crate::read_index::ReadIndex;
+use crate::watch_hub::WatchHub;
 
 /// Lifecycle of a member, as readiness sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +152,10 @@ pub struct LocalMember {
     batcher: Batcher,
     /// Shared ReadIndex rounds for linearizable reads.
     read_index: Arc<ReadIndex>,
+    /// This member's watch streams.
+    watch_hub: Arc<WatchHub>,
+    /// Lease deadlines (meaningful while this member leads).
+    lessor: Lessor,
     metrics: Arc<Metrics>,
     /// Channels to other members (peer and client ports).
     channels: Arc<PeerChannels>,
@@ -194,7 +206,14 @@ impl LocalMember {
             ReadIndex::new(raft.clone(), metrics.clone(), config.limits.pending_reads_max as usize);
         let me = book.member(identity.ordinal);
         let (phase, _) = watch::channel(Phase::Starting);
+        let raft_metrics = raft.metrics();
+        let watch_hub = WatchHub::new(reader.clone(), config.watch.clone(), metrics.clone(), move || {
+            raft_metrics.borrow().current_leader.is_some()
+        });
+        let lessor = Lessor::new(Duration::from_millis(config.raft.election_timeout_max_ms));
         Self {
+            watch_hub,
+            lessor,
             forwarder: Forwarder::new(channels.clone()),
             config,
             identity,
@@ -385,6 +404,11 @@ impl LocalMember {
         }
     }
 
+    /// Whether this member leads and may serve leader-only requests now (see [`Self::route`]).
+    pub fn leads(&self) -> bool {
+        matches!(self.route(false), Ok(Route::Local))
+    }
+
     /// Proposes a write on this member (which believes it is the leader) and waits for its
     /// result until `deadline`.
     pub async fn submit(&self, command: Command, deadline: Instant) -> Result<CommandResult, KvError> {
@@ -436,6 +460,85 @@ impl LocalMember {
     /// What the membership task did last.
     pub fn reconciler_status(&self) -> String {
         self.reconciler.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// This member's watch streams.
+    pub fn watch_hub(&self) -> &Arc<WatchHub> {
+        &self.watch_hub
+    }
+
+    /// The lease deadlines (meaningful while this member leads).
+    pub fn lessor(&self) -> &Lessor {
+        &self.lessor
+    }
+
+    /// Renews lease `id`: here when this member leads (after confirming it with a quorum),
+    /// else on the leader through its peer port. Returns the lease's TTL, 0 when it does not
+    /// exist.
+    pub async fn renew_lease(&self, id: LeaseId, deadline: Instant) -> Result<i64, KvError> {
+        match self.route(false)? {
+            Route::Local => self.renew_lease_here(id, deadline).await,
+            Route::Forward { leader_id, addr } => {
+                let peer = self
+                    .raft_metrics()
+                    .membership_config
+                    .membership()
+                    .get_node(&leader_id)
+                    .map(|n| n.peer_addr.clone())
+                    .ok_or_else(|| {
+                        KvError::Unavailable(format!("the leader's peer address ({addr}) is unknown"))
+                    })?;
+                let channel =
+                    self.channels.get(&peer).map_err(|e| KvError::Unavailable(format!("leader {e}")))?;
+                let mut req =
+                    tonic::Request::new(pb::LeaseRenewRequest { cluster_id: self.cluster.to_wire(), id });
+                let left = deadline.saturating_duration_since(Instant::now());
+                req.set_timeout(left);
+                match tokio::time::timeout(left, RaftClient::new(channel).lease_renew(req)).await {
+                    Err(_) => {
+                        Err(KvError::DeadlineExceeded("the leader did not renew the lease in time".into()))
+                    }
+                    Ok(Ok(reply)) => Ok(reply.into_inner().ttl_seconds),
+                    Ok(Err(status)) => Err(crate::forward::forwarded_error(status, &peer, false)),
+                }
+            }
+        }
+    }
+
+    /// Renews lease `id` on this member, which must lead (confirmed with a quorum first).
+    pub async fn renew_lease_here(&self, id: LeaseId, deadline: Instant) -> Result<i64, KvError> {
+        self.read_barrier(deadline).await?;
+        Ok(self.lessor.renew(id, &self.reader.leases(), Instant::now()).unwrap_or(0))
+    }
+
+    /// Lease `id` with its remaining time and keys, on this member, which must lead (confirmed
+    /// with a quorum first); `None` when it does not exist.
+    pub async fn lease_here(
+        &self,
+        id: LeaseId,
+        deadline: Instant,
+    ) -> Result<Option<(Lease, Duration, Vec<Vec<u8>>)>, KvError> {
+        self.read_barrier(deadline).await?;
+        let found = self.reader.lease(id).map_err(|e| KvError::Internal(e.to_string()))?;
+        Ok(found.map(|(lease, keys)| {
+            // A lease granted since the lease task last looked has its whole TTL left.
+            let left = self
+                .lessor
+                .remaining(id, Instant::now())
+                .unwrap_or_else(|| Duration::from_secs(lease.ttl.max(0) as u64));
+            (lease, left, keys)
+        }))
+    }
+
+    /// A lease id for a new lease: random, positive, not in use.
+    pub fn new_lease_id(&self) -> LeaseId {
+        let table = self.reader.leases();
+        loop {
+            let id = (rand::random::<u64>() >> 1) as LeaseId;
+            if id != 0 && !table.contains_key(&id) {
+                return id;
+            }
+        }
     }
 }
 

@@ -15,6 +15,8 @@
 //!   `vote_flush_seconds`, `apply_seconds`.
 //! * Read path: `read_index_reads` (linearizable reads served per ReadIndex round).
 //! * Snapshots: `snapshots_total{kind="built"|"installed"}`, `snapshot_bytes`.
+//! * Watch and leases: `watches` (open on this member), `watch_events_total`,
+//!   `leases_expired_total`, `compactions_total` (automatic, proposed by this member).
 //! * Volume: `volume_bytes` (every file under the data directory; refreshed every few seconds
 //!   by a background task, and the figure `Cluster.Status` reports).
 
@@ -102,6 +104,10 @@ pub struct Metrics {
     pub elections: Counter,
     pub membership_changes: Counter,
     pub volume_bytes: Gauge,
+    pub watches: Gauge,
+    pub watch_events: Counter,
+    pub leases_expired: Counter,
+    pub compactions: Counter,
 }
 
 impl Metrics {
@@ -136,6 +142,10 @@ impl Metrics {
             elections: Counter::default(),
             membership_changes: Counter::default(),
             volume_bytes: Gauge::default(),
+            watches: Gauge::default(),
+            watch_events: Counter::default(),
+            leases_expired: Counter::default(),
+            compactions: Counter::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -192,6 +202,18 @@ impl Metrics {
             "volume_bytes",
             "Bytes of every file under the data directory, refreshed every few seconds",
             m.volume_bytes.clone(),
+        );
+        r.register("watches", "Watches open on this member", m.watches.clone());
+        r.register("watch_events", "Events read for watchers (before filtering)", m.watch_events.clone());
+        r.register(
+            "leases_expired",
+            "Leases this member revoked because they expired (as leader)",
+            m.leases_expired.clone(),
+        );
+        r.register(
+            "compactions",
+            "Automatic compactions this member proposed (as leader)",
+            m.compactions.clone(),
         );
         Arc::new(Self { registry: r, ..m })
     }

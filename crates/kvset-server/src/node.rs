@@ -7,8 +7,9 @@
 //! 2. the sled store opens and openraft starts on it;
 //! 3. the peer, client and ops servers start on the given listeners — the member is *ready*
 //!    (`/readyz`, gRPC health) as soon as they serve, leader or not;
-//! 4. the background tasks start: membership (bootstrap, join, reconcile), Raft metrics, and
-//!    the Kubernetes replicas watch when that is the source.
+//! 4. the background tasks start: membership (bootstrap, join, reconcile), lease expiry and
+//!    automatic compaction (acting on the leader only), Raft metrics, and the Kubernetes
+//!    replicas watch when that is the source.
 //!
 //! Shutdown (SIGTERM, Ctrl-C, or [`NodeHandle::shutdown`]), bounded by `shutdown_timeout_ms`:
 //! a member leaving in a scale-down first waits to be removed; then health turns NOT_SERVING
@@ -147,6 +148,10 @@ impl Node {
             StoreOptions {
                 cache_bytes: config.cache_bytes,
                 observer: Arc::new(StorageMetrics(metrics.clone())),
+                events: kvset_storage::EventLogLimits {
+                    max_revisions: config.watch.event_cache_revisions as usize,
+                    max_bytes: config.watch.event_cache_bytes as usize,
+                },
             },
         )?;
         tracing::info!(
@@ -209,6 +214,8 @@ impl Node {
         let config = member.config();
         let mut tasks = vec![
             tokio::spawn(crate::tasks::membership::run(member.clone(), stop_rx.clone())),
+            tokio::spawn(crate::tasks::leases::run(member.clone(), stop_rx.clone())),
+            tokio::spawn(crate::tasks::compactor::run(member.clone(), stop_rx.clone())),
             tokio::spawn(crate::tasks::raft_metrics::run(
                 member.raft().metrics(),
                 member.metrics().clone(),
@@ -327,8 +334,11 @@ async fn shutdown_sequence(
     let limit = Duration::from_millis(member.config().shutdown_timeout_ms);
     tracing::info!(name = %member.identity().name, "shutting down: draining requests");
     member.set_phase(Phase::ShuttingDown);
+    // Long-lived streams (watches, keep-alives) end now; their clients resume elsewhere.
+    member.watch_hub().close();
     let _ = stop.send(true);
     // Servers stop accepting and drain the calls in flight (tonic/axum graceful shutdown).
+    let aborts: Vec<_> = servers.iter().map(|s| s.abort_handle()).collect();
     let drain = async {
         for s in servers {
             let _ = s.await;
@@ -336,6 +346,9 @@ async fn shutdown_sequence(
     };
     if tokio::time::timeout(limit / 2, drain).await.is_err() {
         tracing::warn!("requests still in flight after {:?}; cutting them off", limit / 2);
+        for a in aborts {
+            a.abort();
+        }
     }
     member.stop_accepting();
     for t in &tasks {

@@ -1,4 +1,5 @@
-//! Client requests → validated commands. The limits are checked here and only here.
+//! kvset.v1 client requests → validated commands, queries and watch requests. The limits are
+//! checked here and only here.
 
 use std::collections::BTreeSet;
 
@@ -9,15 +10,20 @@ use kvset_storage::CompareOp;
 use kvset_storage::CompareTarget;
 use kvset_storage::Delete;
 use kvset_storage::KeyRange;
+use kvset_storage::LeaseId;
 use kvset_storage::Put;
 use kvset_storage::RangeEnd;
 use kvset_storage::RangeQuery;
+use kvset_storage::Revision;
 use kvset_storage::Txn;
 use kvset_storage::TxnOp;
 use prost::Message;
 
+use crate::config::LeaseConfig;
 use crate::config::Limits;
 use crate::errors::KvError;
+use crate::watch_types::StreamRequest;
+use crate::watch_types::WatchSpec;
 
 type Result<T> = std::result::Result<T, KvError>;
 
@@ -68,12 +74,19 @@ fn check_value(value: &[u8], limits: &Limits) -> Result<()> {
 }
 
 fn check_lease(lease: i64) -> Result<()> {
-    if lease != 0 {
-        return Err(KvError::InvalidArgument(
-            "leases are not served by this version: lease must be 0".into(),
-        ));
+    if lease < 0 {
+        return Err(KvError::InvalidArgument(format!(
+            "lease is {lease}; lease ids are positive (0: no lease)"
+        )));
     }
     Ok(())
+}
+
+fn check_revision(what: &str, revision: i64) -> Result<Revision> {
+    if revision < 0 {
+        return Err(KvError::InvalidArgument(format!("{what} is {revision}, must not be negative")));
+    }
+    Ok(revision)
 }
 
 /// A Put request → its domain form.
@@ -81,7 +94,7 @@ pub fn put(req: &pb::PutRequest, limits: &Limits) -> Result<Put> {
     check_key(&req.key, limits)?;
     check_value(&req.value, limits)?;
     check_lease(req.lease)?;
-    Ok(Put { key: req.key.clone(), value: req.value.clone(), lease: req.lease, prev_kv: req.prev_kv })
+    Ok(Put { lease: req.lease, prev_kv: req.prev_kv, ..Put::new(req.key.clone(), req.value.clone()) })
 }
 
 /// A Put request → a command.
@@ -151,18 +164,89 @@ pub fn range(req: &pb::RangeRequest, limits: &Limits) -> Result<RangeQuery> {
         }
     }
     Ok(RangeQuery {
-        range,
+        revision: check_revision("revision", req.revision)?,
         limit: limit as usize,
         max_bytes: limits.response_max_bytes as usize,
         keys_only: req.keys_only,
         count_only: req.count_only,
+        ..RangeQuery::new(range)
     })
 }
 
-/// A Get request → a one-key query.
-pub fn get(req: &pb::GetRequest, limits: &Limits) -> Result<Vec<u8>> {
+/// A Get request → the key and the revision to read it at (0: now).
+pub fn get(req: &pb::GetRequest, limits: &Limits) -> Result<(Vec<u8>, Revision)> {
     check_key(&req.key, limits)?;
-    Ok(req.key.clone())
+    Ok((req.key.clone(), check_revision("revision", req.revision)?))
+}
+
+/// A Compact request → a command.
+pub fn compact(req: &pb::CompactRequest) -> Result<Command> {
+    if req.revision < 1 {
+        return Err(KvError::InvalidArgument(format!("revision is {}, must be at least 1", req.revision)));
+    }
+    Ok(Command::Compact(req.revision))
+}
+
+/// A lease TTL, within the configured bounds.
+pub fn lease_ttl(ttl: i64, config: &LeaseConfig) -> Result<i64> {
+    let (min, max) = (config.min_ttl_seconds as i64, config.max_ttl_seconds as i64);
+    if ttl < min || ttl > max {
+        return Err(KvError::InvalidArgument(format!(
+            "ttl_seconds is {ttl}, must be between lease.min_ttl_seconds = {min} and lease.max_ttl_seconds = {max}"
+        )));
+    }
+    Ok(ttl)
+}
+
+/// A lease id named by a request: positive.
+pub fn lease_id(id: i64) -> Result<LeaseId> {
+    if id <= 0 {
+        return Err(KvError::InvalidArgument(format!("lease id is {id}; lease ids are positive")));
+    }
+    Ok(id)
+}
+
+/// A message on a Watch stream → its domain form. A create request that cannot be served is
+/// answered (in order) with a cancel naming the problem, not by ending the stream.
+pub fn watch(req: pb::WatchRequest, limits: &Limits) -> Result<StreamRequest> {
+    use pb::watch_request::Request;
+    match req.request {
+        Some(Request::Create(c)) => {
+            let range = if c.prefix || !c.range_end.is_empty() || !c.key.is_empty() {
+                key_range(&c.key, &c.range_end, c.prefix, limits)
+            } else {
+                Err(KvError::InvalidArgument(
+                    "key is empty; watch one key, a prefix (prefix: true) or a range".into(),
+                ))
+            };
+            let watch_id = (c.watch_id != 0).then_some(c.watch_id);
+            let checked = range.and_then(|range| {
+                if c.watch_id < 0 {
+                    return Err(KvError::InvalidArgument(format!(
+                        "watch_id is {}, must not be negative",
+                        c.watch_id
+                    )));
+                }
+                Ok(WatchSpec {
+                    range,
+                    start_revision: check_revision("start_revision", c.start_revision)?,
+                    prev_kv: c.prev_kv,
+                    progress_notify: c.progress_notify,
+                    no_put: c.no_put,
+                    no_delete: c.no_delete,
+                    watch_id,
+                    fragment: false,
+                })
+            });
+            Ok(match checked {
+                Ok(spec) => StreamRequest::Create(spec),
+                Err(e) => StreamRequest::Refuse { watch_id: c.watch_id.max(-1), reason: e.to_string() },
+            })
+        }
+        Some(Request::Cancel(c)) => Ok(StreamRequest::Cancel(c.watch_id)),
+        Some(Request::Progress(_)) => Ok(StreamRequest::Progress),
+        None => Err(KvError::InvalidArgument("empty WatchRequest: set create, cancel or progress".into())),
+    }
 }
 
 fn compare(c: &pb::Compare, limits: &Limits) -> Result<Compare> {
@@ -187,6 +271,7 @@ fn compare(c: &pb::Compare, limits: &Limits) -> Result<Compare> {
             check_value(v, limits)?;
             CompareTarget::Value(v.clone())
         }
+        (Ok(T::Lease), Some(U::Lease(v))) => CompareTarget::Lease(*v),
         (Ok(t), _) => {
             return Err(KvError::InvalidArgument(format!(
                 "compare target {} needs its operand: set the matching field of target_union",
@@ -197,7 +282,7 @@ fn compare(c: &pb::Compare, limits: &Limits) -> Result<Compare> {
             return Err(KvError::InvalidArgument(format!("compare target {} is not a known value", c.target)))
         }
     };
-    Ok(Compare { key: c.key.clone(), op, target })
+    Ok(Compare { range: KeyRange::single(c.key.clone()), op, target })
 }
 
 fn ops(list: &[pb::RequestOp], branch: &str, limits: &Limits) -> Result<Vec<TxnOp>> {
@@ -282,9 +367,55 @@ mod tests {
     }
 
     #[test]
-    fn leases_are_refused_until_served() {
+    fn leases_must_be_positive_and_ttls_within_bounds() {
         let req = pb::PutRequest { key: b"k".to_vec(), lease: 5, ..Default::default() };
-        assert!(msg(put_command(&req, &limits()).unwrap_err()).contains("lease"));
+        assert!(put_command(&req, &limits()).is_ok());
+        let req = pb::PutRequest { key: b"k".to_vec(), lease: -5, ..Default::default() };
+        assert!(msg(put_command(&req, &limits()).unwrap_err()).contains("positive"));
+        let config = LeaseConfig::default();
+        assert!(msg(lease_ttl(1, &config).unwrap_err()).contains("lease.min_ttl_seconds = 5"));
+        assert!(msg(lease_ttl(9_000_000_001, &config).unwrap_err()).contains("lease.max_ttl_seconds"));
+        assert_eq!(lease_ttl(60, &config).unwrap(), 60);
+        assert!(lease_id(0).is_err() && lease_id(-1).is_err() && lease_id(3).is_ok());
+    }
+
+    #[test]
+    fn revisions_and_compactions_must_not_be_negative() {
+        let l = limits();
+        let g = pb::GetRequest { key: b"k".to_vec(), revision: -1, ..Default::default() };
+        assert!(msg(get(&g, &l).unwrap_err()).contains("negative"));
+        let r = pb::RangeRequest { key: b"k".to_vec(), revision: -2, ..Default::default() };
+        assert!(msg(range(&r, &l).unwrap_err()).contains("negative"));
+        assert!(compact(&pb::CompactRequest { revision: 0 }).is_err());
+        assert_eq!(compact(&pb::CompactRequest { revision: 9 }).unwrap(), Command::Compact(9));
+    }
+
+    #[test]
+    fn bad_watch_creates_are_refused_in_the_stream_not_fatal() {
+        let l = limits();
+        let create = |c: pb::WatchCreateRequest| {
+            watch(pb::WatchRequest { request: Some(pb::watch_request::Request::Create(c)) }, &l).unwrap()
+        };
+        let refused = create(pb::WatchCreateRequest::default());
+        assert!(
+            matches!(&refused, StreamRequest::Refuse { reason, .. } if reason.contains("key is empty")),
+            "{refused:?}"
+        );
+        let refused = create(pb::WatchCreateRequest {
+            key: b"b".to_vec(),
+            range_end: b"a".to_vec(),
+            ..Default::default()
+        });
+        assert!(
+            matches!(&refused, StreamRequest::Refuse { reason, .. } if reason.contains("range_end")),
+            "{refused:?}"
+        );
+        let refused =
+            create(pb::WatchCreateRequest { key: b"k".to_vec(), start_revision: -1, ..Default::default() });
+        assert!(matches!(refused, StreamRequest::Refuse { .. }));
+        let all = create(pb::WatchCreateRequest { prefix: true, ..Default::default() });
+        assert!(matches!(all, StreamRequest::Create(WatchSpec { watch_id: None, .. })));
+        assert!(watch(pb::WatchRequest { request: None }, &l).is_err());
     }
 
     #[test]

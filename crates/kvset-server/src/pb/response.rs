@@ -1,11 +1,15 @@
-//! Domain results → protobuf responses.
+//! Domain results → kvset.v1 protobuf responses.
 
 use kvset_proto::v1 as pb;
 use kvset_storage::CommandResult;
+use kvset_storage::Event;
+use kvset_storage::EventKind;
 use kvset_storage::KeyValue;
 use kvset_storage::OpResult;
 use kvset_storage::RangeResult;
 use kvset_storage::Revision;
+
+use crate::watch_types::StreamResponse;
 
 /// Fields of every response header that depend on the member, not on the result.
 #[derive(Debug, Clone, Default)]
@@ -81,25 +85,67 @@ pub fn txn(result: CommandResult, info: &HeaderInfo) -> pb::TxnResponse {
             responses: responses
                 .into_iter()
                 .map(|r| pb::ResponseOp {
-                    response: Some(match r {
+                    response: match r {
                         OpResult::Range(rr) => {
-                            pb::response_op::Response::ResponseRange(range(rr, info.at(revision)))
+                            Some(pb::response_op::Response::ResponseRange(range(rr, info.at(revision))))
                         }
-                        OpResult::Put { prev } => pb::response_op::Response::ResponsePut(pb::PutResponse {
-                            header: info.at(revision),
-                            prev_kv: prev.map(kv),
-                        }),
+                        OpResult::Put { prev } => {
+                            Some(pb::response_op::Response::ResponsePut(pb::PutResponse {
+                                header: info.at(revision),
+                                prev_kv: prev.map(kv),
+                            }))
+                        }
                         OpResult::Delete { deleted, prev } => {
-                            pb::response_op::Response::ResponseDelete(pb::DeleteResponse {
+                            Some(pb::response_op::Response::ResponseDelete(pb::DeleteResponse {
                                 header: info.at(revision),
                                 deleted,
                                 prev_kvs: prev.into_iter().map(kv).collect(),
-                            })
+                            }))
                         }
-                    }),
+                        // kvset.v1 has no nested transactions, so none comes back.
+                        OpResult::Txn { .. } => None,
+                    },
                 })
                 .collect(),
         },
         other => pb::TxnResponse { header: info.at(other.revision()), ..Default::default() },
+    }
+}
+
+/// One event.
+pub fn event(e: Event) -> pb::Event {
+    pb::Event {
+        r#type: match e.kind {
+            EventKind::Put => pb::event::EventType::Put as i32,
+            EventKind::Delete => pb::event::EventType::Delete as i32,
+        },
+        kv: Some(kv(e.kv)),
+        prev_kv: e.prev.map(kv),
+    }
+}
+
+/// A message of a Watch stream.
+pub fn watch(r: StreamResponse, info: &HeaderInfo) -> pb::WatchResponse {
+    match r {
+        StreamResponse::Created { watch_id, revision } => {
+            pb::WatchResponse { header: info.at(revision), watch_id, created: true, ..Default::default() }
+        }
+        StreamResponse::Events { watch_id, revision, events, .. } => pb::WatchResponse {
+            header: info.at(revision),
+            watch_id,
+            events: events.into_iter().map(event).collect(),
+            ..Default::default()
+        },
+        StreamResponse::Progress { watch_id, revision } => {
+            pb::WatchResponse { header: info.at(revision), watch_id, progress: true, ..Default::default() }
+        }
+        StreamResponse::Canceled { watch_id, revision, reason, compact_revision } => pb::WatchResponse {
+            header: info.at(revision),
+            watch_id,
+            canceled: true,
+            cancel_reason: reason,
+            compact_revision,
+            ..Default::default()
+        },
     }
 }

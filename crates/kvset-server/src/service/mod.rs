@@ -24,6 +24,15 @@ use crate::errors::KvError;
 use crate::forward::CallContext;
 use crate::metrics::Metrics;
 
+/// The gRPC metadata key with which a client asks that a watch stream end when the member it
+/// talks to knows no leader (etcd's `WithRequireLeader`: `hasleader: true`).
+pub const REQUIRE_LEADER: &str = "hasleader";
+
+/// Whether the call asks for a member that knows a leader.
+pub(crate) fn requires_leader(metadata: &tonic::metadata::MetadataMap) -> bool {
+    metadata.get(REQUIRE_LEADER).and_then(|v| v.to_str().ok()) == Some("true")
+}
+
 /// Runs a handler inside a span and records its outcome in the metrics.
 pub(crate) async fn observe<T>(
     metrics: &Metrics,

@@ -226,6 +226,28 @@ impl pb::raft_server::Raft for PeerService {
         }))
     }
 
+    async fn lease_renew(
+        &self,
+        request: Request<pb::LeaseRenewRequest>,
+    ) -> Result<Response<pb::LeaseRenewReply>, Status> {
+        let req = request.into_inner();
+        let s = &self.member;
+        if req.cluster_id != s.cluster().to_wire() {
+            return Err(KvError::FailedPrecondition(format!(
+                "cluster id mismatch: this is cluster {}, the renewal comes from cluster {:?}",
+                s.cluster().to_wire(),
+                req.cluster_id
+            ))
+            .into());
+        }
+        if s.route(true)? != crate::member::Route::Local {
+            return Err(KvError::Unavailable("not the leader".into()).into());
+        }
+        let deadline = std::time::Instant::now() + JOIN_FORWARD_TIMEOUT;
+        let ttl = s.renew_lease_here(req.id, deadline).await?;
+        Ok(Response::new(pb::LeaseRenewReply { ttl_seconds: ttl }))
+    }
+
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
         let forwarded = request.metadata().get(metadata::FORWARDED).is_some();
         Ok(Response::new(self.join_inner(forwarded, request.into_inner()).await?))

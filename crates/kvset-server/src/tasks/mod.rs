@@ -4,12 +4,16 @@
 //!   with the desired replica count; its decisions are a pure function ([`membership::plan`]);
 //! * [`replicas`] — the StatefulSet's `spec.replicas`, watched through the Kubernetes API;
 //! * [`raft_metrics`] — openraft's metrics mirrored into Prometheus, elections counted, the
-//!   volume's size measured.
+//!   volume's size measured;
+//! * [`leases`] — the leader revokes expired leases;
+//! * [`compactor`] — the leader compacts history by the retention config.
 //!
 //! A task receives what it uses: the replicas task a config and a counter, the metrics task the
 //! Raft metrics channel, the metrics and the leadership clock. Tasks never import one another
 //! or a service.
 
+pub mod compactor;
+pub mod leases;
 pub mod membership;
 pub mod raft_metrics;
 pub mod replicas;
