@@ -17,6 +17,7 @@ mod chart;
 #[cfg(feature = "etcd")]
 pub mod compare;
 mod target;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
@@ -31,6 +32,7 @@ use rand::Rng;
 use rand::SeedableRng;
 use rand_distr::Distribution;
 use serde::Serialize;
+pub use target::Renewer;
 pub use target::Target;
 
 /// What each request does.
@@ -46,6 +48,12 @@ pub enum Workload {
     Mixed { read_percent: u8 },
     /// Compare-and-swap transaction: if version(key) > -1 (always true) then put.
     Txn,
+    /// `watchers` watches on one prefix while a writer puts `rate` keys per second under it;
+    /// measures events delivered per second and the delay from a put's acknowledgement to
+    /// each delivery.
+    Watch { watchers: usize, rate: u64 },
+    /// Each client renews its own lease over its own keep-alive stream, closed loop.
+    LeaseKeepAlive,
 }
 
 impl Workload {
@@ -62,8 +70,11 @@ impl Workload {
                 Workload::Mixed { read_percent }
             }
             "txn" | "cas" => Workload::Txn,
+            "lease-keepalive" | "keepalive" => Workload::LeaseKeepAlive,
             other => {
-                return Err(format!("unknown workload {other:?}: put, get, get-serializable, mixed, txn"))
+                return Err(format!(
+                "unknown workload {other:?}: put, get, get-serializable, mixed, txn, watch, lease-keepalive"
+            ))
             }
         })
     }
@@ -76,11 +87,13 @@ impl Workload {
             Workload::GetSerializable => "get-serializable".into(),
             Workload::Mixed { read_percent } => format!("mixed-{read_percent}r"),
             Workload::Txn => "txn".into(),
+            Workload::Watch { watchers, rate } => format!("watch-{watchers}w-{rate}/s"),
+            Workload::LeaseKeepAlive => "lease-keepalive".into(),
         }
     }
 
     fn reads(&self) -> bool {
-        !matches!(self, Workload::Put | Workload::Txn)
+        matches!(self, Workload::Get | Workload::GetSerializable | Workload::Mixed { .. })
     }
 }
 
@@ -185,7 +198,7 @@ pub fn key(i: u64) -> Vec<u8> {
     format!("key{:013}", i % 10_000_000_000_000).into_bytes()
 }
 
-fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3)
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
@@ -251,6 +264,9 @@ pub async fn run(target: Target, config: &BenchConfig, progress: bool) -> Result
     if config.clients == 0 {
         return Err(BenchError::Invalid("clients must be at least 1".into()));
     }
+    if let Workload::Watch { watchers, rate } = config.workload {
+        return watch::run(target, config, watchers, rate).await;
+    }
     let chooser = Arc::new(KeyChooser::new(config)?);
     if config.prefill && config.workload.reads() {
         prefill(&target, config).await?;
@@ -284,6 +300,16 @@ pub async fn run(target: Target, config: &BenchConfig, progress: bool) -> Result
             let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(c as u64));
             let mut hist = new_histogram();
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            let mut renewer = match workload {
+                Workload::LeaseKeepAlive => match target.lease_renewer(60).await {
+                    Ok(r) => Some(r),
+                    Err(kind) => {
+                        errors.insert(format!("lease-setup-{kind}"), 1);
+                        return (hist, errors);
+                    }
+                },
+                _ => None,
+            };
             loop {
                 match ops {
                     Some(n) if issued.fetch_add(1, Ordering::Relaxed) >= n => break,
@@ -304,6 +330,11 @@ pub async fn run(target: Target, config: &BenchConfig, progress: bool) -> Result
                         }
                     }
                     Workload::Txn => target.txn(k, value.to_vec()).await,
+                    Workload::LeaseKeepAlive => match renewer.as_mut() {
+                        Some(r) => r.renew().await,
+                        None => Err("no-lease".into()),
+                    },
+                    Workload::Watch { .. } => Err("watch-runs-elsewhere".into()),
                 };
                 match result {
                     Ok(()) => {

@@ -27,13 +27,124 @@ fn kind(e: &kvset_client::Error) -> String {
         kvset_client::Error::DeadlineExceeded(_) => "deadline",
         kvset_client::Error::Unimplemented(_) => "unimplemented",
         kvset_client::Error::FailedPrecondition(_) => "failed-precondition",
+        kvset_client::Error::NotFound(_) => "not-found",
+        kvset_client::Error::OutOfRange(_) => "out-of-range",
         kvset_client::Error::BadEndpoint(_) => "bad-endpoint",
         kvset_client::Error::Server { .. } => "server",
     }
     .to_string()
 }
 
+/// A lease being renewed over one keep-alive stream (the lease-keepalive workload).
+#[allow(missing_debug_implementations)]
+pub enum Renewer {
+    Kvset(kvset_client::KeepAliveStream),
+    #[cfg(feature = "etcd")]
+    Etcd(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream),
+}
+
+impl Renewer {
+    /// Renews once and waits for the answer.
+    pub async fn renew(&mut self) -> Result<(), String> {
+        match self {
+            Renewer::Kvset(s) => match s.renew().await {
+                Ok(ttl) if ttl > 0 => Ok(()),
+                Ok(_) => Err("lease-gone".into()),
+                Err(e) => Err(kind(&e)),
+            },
+            #[cfg(feature = "etcd")]
+            Renewer::Etcd(keeper, stream) => {
+                keeper.keep_alive().await.map_err(|e| etcd_kind(&e))?;
+                match stream.message().await {
+                    Ok(Some(r)) if r.ttl() > 0 => Ok(()),
+                    Ok(_) => Err("lease-gone".into()),
+                    Err(e) => Err(etcd_kind(&e)),
+                }
+            }
+        }
+    }
+}
+
 impl Target {
+    /// Puts `key` = `value`; returns the revision it was written at.
+    pub async fn put_revision(&self, key: Vec<u8>, value: Vec<u8>) -> Result<i64, String> {
+        match self {
+            Target::Kvset(c) => {
+                c.put(key, value).await.map(|r| r.header.map_or(0, |h| h.revision)).map_err(|e| kind(&e))
+            }
+            #[cfg(feature = "etcd")]
+            Target::Etcd(c) => c
+                .kv_client()
+                .put(key, value, None)
+                .await
+                .map(|r| r.header().map_or(0, |h| h.revision()))
+                .map_err(|e| etcd_kind(&e)),
+        }
+    }
+
+    /// Watches every key with `prefix` from now on; the receiver gets the revision of every
+    /// event delivered.
+    pub async fn watch_prefix(&self, prefix: Vec<u8>) -> Result<tokio::sync::mpsc::Receiver<i64>, String> {
+        let (tx, rx) = tokio::sync::mpsc::channel(100_000);
+        match self {
+            Target::Kvset(c) => {
+                let options =
+                    kvset_client::WatchOptions { prefix: true, allow_leaderless: true, ..Default::default() };
+                let mut watch = c.watch(prefix, options).await.map_err(|e| kind(&e))?;
+                // The watch is created once its first answer arrives; wait for the stream.
+                tokio::spawn(async move {
+                    while let Some(Ok(delivery)) = watch.next().await {
+                        if let kvset_client::WatchEvent::Events { events, .. } = delivery {
+                            for e in events {
+                                if tx.send(e.kv.map_or(0, |kv| kv.mod_revision)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+                // Give the stream its round trip to be created before writes start.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            #[cfg(feature = "etcd")]
+            Target::Etcd(c) => {
+                let (_watcher, mut stream) = c
+                    .watch_client()
+                    .watch(prefix, Some(etcd_client::WatchOptions::new().with_prefix()))
+                    .await
+                    .map_err(|e| etcd_kind(&e))?;
+                tokio::spawn(async move {
+                    let _keep = _watcher;
+                    while let Ok(Some(r)) = stream.message().await {
+                        for e in r.events() {
+                            if tx.send(e.kv().map_or(0, |kv| kv.mod_revision())).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        Ok(rx)
+    }
+
+    /// Grants a lease of `ttl` seconds and opens a keep-alive stream for it.
+    pub async fn lease_renewer(&self, ttl: i64) -> Result<Renewer, String> {
+        match self {
+            Target::Kvset(c) => {
+                let id = c.lease_grant(ttl, 0).await.map_err(|e| kind(&e))?.id;
+                Ok(Renewer::Kvset(c.keep_alive_stream(id).await.map_err(|e| kind(&e))?))
+            }
+            #[cfg(feature = "etcd")]
+            Target::Etcd(c) => {
+                let mut leases = c.lease_client();
+                let id = leases.grant(ttl, None).await.map_err(|e| etcd_kind(&e))?.id();
+                let (keeper, stream) = leases.keep_alive(id).await.map_err(|e| etcd_kind(&e))?;
+                Ok(Renewer::Etcd(keeper, stream))
+            }
+        }
+    }
+
     /// The target's name in reports.
     pub fn name(&self) -> &'static str {
         match self {
@@ -70,7 +181,7 @@ impl Target {
                 } else {
                     pb::ReadConsistency::Linearizable
                 };
-                c.get_request(pb::GetRequest { key, consistency: consistency as i32 })
+                c.get_request(pb::GetRequest { key, consistency: consistency as i32, revision: 0 })
                     .await
                     .map(|_| ())
                     .map_err(|e| kind(&e))

@@ -14,9 +14,26 @@
 //!   returned as [`Error::Indeterminate`] / [`Error::DeadlineExceeded`] and never silently
 //!   re-sent: a retry could apply it twice.
 //!
+//! # Watches and leases
+//!
+//! [`Client::watch`] returns a [`Watch`] that survives member failures: when its stream breaks
+//! (a member stops, loses its leader, or is cut off) it reopens on another member from the
+//! revision after the last one it delivered, so no event is dropped or repeated; only a
+//! compaction past that revision ends it ([`Error::OutOfRange`]). [`Client::keep_alive`]
+//! renews a lease in the background, over any member, until dropped.
+//!
 //! The client depends on neither sled nor openraft: only on the wire contract (`kvset-proto`).
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+mod lease;
+mod watch;
+
+pub use lease::KeepAlive;
+pub use lease::KeepAliveStream;
+pub use watch::Watch;
+pub use watch::WatchEvent;
+pub use watch::WatchOptions;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
@@ -81,6 +98,12 @@ pub enum Error {
     /// The cluster refused the request in its current state.
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// What the request names (a lease) does not exist; nothing was applied.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The revision asked for was compacted or is in the future; nothing was read or applied.
+    #[error("out of range: {0}")]
+    OutOfRange(String),
     /// An endpoint is not a valid host:port.
     #[error("bad endpoint {0:?}")]
     BadEndpoint(String),
@@ -98,6 +121,8 @@ impl Error {
                 | Error::Unavailable { .. }
                 | Error::Unimplemented(_)
                 | Error::FailedPrecondition(_)
+                | Error::NotFound(_)
+                | Error::OutOfRange(_)
                 | Error::BadEndpoint(_)
         )
     }
@@ -112,7 +137,7 @@ type Call<Req, Resp> = fn(
     Box<dyn std::future::Future<Output = Result<tonic::Response<Resp>, Status>> + Send>,
 >;
 
-fn kv(channel: Channel) -> KvClient<Channel> {
+pub(crate) fn kv(channel: Channel) -> KvClient<Channel> {
     KvClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES)
 }
 
@@ -122,7 +147,7 @@ fn cluster(channel: Channel) -> ClusterClient<Channel> {
 
 /// Whether a call may change state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Read,
     Write,
 }
@@ -151,10 +176,12 @@ fn header(status: &Status, key: &str) -> Option<String> {
     status.metadata().get(key).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
-fn final_error(status: &Status, kind: Kind) -> Error {
+pub(crate) fn final_error(status: &Status, kind: Kind) -> Error {
     let message = status.message().to_string();
     match status.code() {
         Code::InvalidArgument => Error::InvalidArgument(message),
+        Code::NotFound => Error::NotFound(message),
+        Code::OutOfRange => Error::OutOfRange(message),
         Code::Unimplemented => Error::Unimplemented(message),
         Code::FailedPrecondition => Error::FailedPrecondition(message),
         Code::DeadlineExceeded | Code::Cancelled => Error::DeadlineExceeded(message),
@@ -200,7 +227,7 @@ impl Client {
         &self.inner.endpoints
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, Error> {
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, Error> {
         let mut channels = self.inner.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
@@ -227,7 +254,7 @@ impl Client {
     }
 
     /// The endpoint for the next attempt: the known leader, else the next endpoint in turn.
-    fn pick(&self) -> String {
+    pub(crate) fn pick(&self) -> String {
         if self.inner.options.prefer_leader {
             if let Some(leader) = self.leader_hint() {
                 return leader;
@@ -314,7 +341,7 @@ impl Client {
 
     /// Reads `key` linearizably; `None` when absent.
     pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<Option<pb::KeyValue>, Error> {
-        Ok(self.get_request(pb::GetRequest { key: key.into(), consistency: 0 }).await?.kv)
+        Ok(self.get_request(pb::GetRequest { key: key.into(), ..Default::default() }).await?.kv)
     }
 
     /// Sends a full Get request (choose the consistency there).
@@ -400,6 +427,60 @@ impl Client {
             Box::pin(async move { cluster(ch).remove(r).await })
         })
         .await
+    }
+
+    /// Reads `key` as it was at `revision` (linearizably: the leader answers).
+    pub async fn get_at(&self, key: impl Into<Vec<u8>>, revision: i64) -> Result<pb::GetResponse, Error> {
+        self.get_request(pb::GetRequest { key: key.into(), revision, ..Default::default() }).await
+    }
+
+    /// Forgets history before `revision`.
+    pub async fn compact(&self, revision: i64) -> Result<pb::CompactResponse, Error> {
+        self.run(Kind::Write, pb::CompactRequest { revision }, |ch, r| {
+            Box::pin(async move { kv(ch).compact(r).await })
+        })
+        .await
+    }
+
+    /// Grants a lease of `ttl_seconds`; `id` 0 lets the leader choose it.
+    pub async fn lease_grant(&self, ttl_seconds: i64, id: i64) -> Result<pb::LeaseGrantResponse, Error> {
+        self.run(Kind::Write, pb::LeaseGrantRequest { ttl_seconds, id }, |ch, r| {
+            Box::pin(async move { kv(ch).lease_grant(r).await })
+        })
+        .await
+    }
+
+    /// Revokes a lease, deleting its keys.
+    pub async fn lease_revoke(&self, id: i64) -> Result<pb::LeaseRevokeResponse, Error> {
+        self.run(Kind::Write, pb::LeaseRevokeRequest { id }, |ch, r| {
+            Box::pin(async move { kv(ch).lease_revoke(r).await })
+        })
+        .await
+    }
+
+    /// A lease's remaining and granted TTL (ttl_seconds -1: no such lease), with its keys.
+    pub async fn lease_time_to_live(
+        &self,
+        id: i64,
+        keys: bool,
+    ) -> Result<pb::LeaseTimeToLiveResponse, Error> {
+        self.run(Kind::Read, pb::LeaseTimeToLiveRequest { id, keys }, |ch, r| {
+            Box::pin(async move { kv(ch).lease_time_to_live(r).await })
+        })
+        .await
+    }
+
+    /// Every lease.
+    pub async fn lease_leases(&self) -> Result<pb::LeaseLeasesResponse, Error> {
+        self.run(Kind::Read, pb::LeaseLeasesRequest {}, |ch, r| {
+            Box::pin(async move { kv(ch).lease_leases(r).await })
+        })
+        .await
+    }
+
+    /// Options of this client.
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.options
     }
 
     /// Makes the member at `endpoint` build a snapshot now.

@@ -17,9 +17,15 @@ pub struct BenchArgs {
     /// The system under load: `kvset`, or `etcd` (binary built with --features etcd).
     #[arg(long, default_value = "kvset")]
     target: String,
-    /// put, get, get-serializable, mixed, txn.
+    /// put, get, get-serializable, mixed, txn, watch, lease-keepalive.
     #[arg(long, default_value = "put")]
     workload: String,
+    /// Watches on the watched prefix (the `watch` workload).
+    #[arg(long, default_value_t = 10)]
+    watchers: usize,
+    /// Puts per second under the watched prefix (the `watch` workload).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
     /// Percent of gets in the `mixed` workload.
     #[arg(long, default_value_t = 90)]
     read_percent: u8,
@@ -56,7 +62,11 @@ pub async fn run(
     format: Format,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let workload = Workload::parse(&args.workload, args.read_percent).map_err(anyhow::Error::msg)?;
+    let workload = if args.workload == "watch" {
+        Workload::Watch { watchers: args.watchers, rate: args.rate }
+    } else {
+        Workload::parse(&args.workload, args.read_percent).map_err(anyhow::Error::msg)?
+    };
     if args.duration <= 0.0 {
         bail!("--duration must be positive");
     }

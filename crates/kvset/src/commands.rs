@@ -6,10 +6,13 @@ use anyhow::bail;
 use kvset_client::pb;
 use kvset_client::Client;
 use kvset_client::ClientOptions;
+use kvset_client::WatchEvent;
+use kvset_client::WatchOptions;
 use serde_json::json;
 
 use crate::output::*;
 use crate::Command;
+use crate::LeaseCommand;
 use crate::MemberCommand;
 use crate::TxnCommand;
 
@@ -22,7 +25,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let client = Client::new(endpoints.iter().cloned(), ClientOptions { timeout, ..Default::default() })?;
     match command {
-        Command::Get { key, serializable } => {
+        Command::Get { key, serializable, rev } => {
             let consistency = if serializable {
                 pb::ReadConsistency::Serializable
             } else {
@@ -32,6 +35,7 @@ pub async fn run(
                 .get_request(pb::GetRequest {
                     key: key.clone().into_bytes(),
                     consistency: consistency as i32,
+                    revision: rev,
                 })
                 .await?;
             match format {
@@ -44,12 +48,12 @@ pub async fn run(
                 },
             }
         }
-        Command::Put { key, value, prev } => {
+        Command::Put { key, value, prev, lease } => {
             let resp = client
                 .put_request(pb::PutRequest {
                     key: key.into_bytes(),
                     value: value.into_bytes(),
-                    lease: 0,
+                    lease,
                     prev_kv: prev,
                 })
                 .await?;
@@ -81,7 +85,7 @@ pub async fn run(
                 Format::Human => println!("{} deleted", resp.deleted),
             }
         }
-        Command::Range { key, prefix, range_end, limit, keys_only, count, serializable } => {
+        Command::Range { key, prefix, range_end, limit, keys_only, count, serializable, rev } => {
             let consistency = if serializable {
                 pb::ReadConsistency::Serializable
             } else {
@@ -92,6 +96,8 @@ pub async fn run(
             let mut next = Vec::new();
             let mut printed = 0u64;
             let mut all = Vec::new();
+            // Every page at the first page's revision: one consistent listing.
+            let mut revision = rev;
             loop {
                 let resp = client
                     .range(pb::RangeRequest {
@@ -103,8 +109,12 @@ pub async fn run(
                         count_only: count,
                         consistency: consistency as i32,
                         page_key: next.clone(),
+                        revision,
                     })
                     .await?;
+                if revision == 0 {
+                    revision = resp.header.as_ref().map_or(0, |h| h.revision);
+                }
                 if count {
                     match format {
                         Format::Json => print_json(&json!({"count": resp.count})),
@@ -130,6 +140,32 @@ pub async fn run(
             }
             if format == Format::Json {
                 print_json(&json!({"kvs": all}));
+            }
+        }
+        Command::Watch { key, prefix, range_end, rev, prev_kv } => {
+            let options = WatchOptions {
+                prefix,
+                range_end: range_end.map(String::into_bytes),
+                start_revision: rev,
+                prev_kv,
+                ..Default::default()
+            };
+            let mut watch = client.watch(key.into_bytes(), options).await?;
+            while let Some(delivery) = watch.next().await {
+                let WatchEvent::Events { events, .. } = delivery? else { continue };
+                for e in events {
+                    print_event(format, &e);
+                }
+            }
+        }
+        Command::Lease(l) => lease(&client, l, format).await?,
+        Command::Compact { revision } => {
+            let resp = client.compact(revision).await?;
+            match format {
+                Format::Json => {
+                    print_json(&json!({"header": header_json(&resp.header), "compact_revision": revision}))
+                }
+                Format::Human => println!("compacted: history before revision {revision} is gone"),
             }
         }
         Command::Txn(TxnCommand::Cas { key, expect, expect_absent, new }) => {
@@ -232,6 +268,77 @@ pub async fn run(
         }
         Command::Serve(_) | Command::Cluster(_) | Command::Bench(_) | Command::BenchCompare(_) => {
             bail!("not a client command")
+        }
+    }
+    Ok(())
+}
+
+async fn lease(client: &Client, command: LeaseCommand, format: Format) -> anyhow::Result<()> {
+    match command {
+        LeaseCommand::Grant { ttl, id } => {
+            let resp = client.lease_grant(ttl, id).await?;
+            match format {
+                Format::Json => print_json(&json!({"id": resp.id, "ttl": resp.ttl_seconds})),
+                Format::Human => println!("lease {} granted with TTL {}s", resp.id, resp.ttl_seconds),
+            }
+        }
+        LeaseCommand::Revoke { id } => {
+            let resp = client.lease_revoke(id).await?;
+            match format {
+                Format::Json => print_json(&json!({"header": header_json(&resp.header), "id": id})),
+                Format::Human => println!("lease {id} revoked"),
+            }
+        }
+        LeaseCommand::KeepAlive { id, once } => {
+            let ttl = client.lease_time_to_live(id, false).await?.granted_ttl_seconds;
+            if ttl <= 0 {
+                bail!("lease {id} not found");
+            }
+            let mut keep = client.keep_alive(id, ttl);
+            while let Some(answer) = keep.next().await {
+                match answer {
+                    Ok(0) => bail!("lease {id} expired or was revoked"),
+                    Ok(ttl) => match format {
+                        Format::Json => print_json(&json!({"id": id, "ttl": ttl})),
+                        Format::Human => println!("lease {id} kept alive with TTL {ttl}s"),
+                    },
+                    Err(e) => eprintln!("renewal failed, retrying: {e}"),
+                }
+                if once {
+                    break;
+                }
+            }
+        }
+        LeaseCommand::Ttl { id, keys } => {
+            let resp = client.lease_time_to_live(id, keys).await?;
+            let names: Vec<String> = resp.keys.iter().map(|k| text(k)).collect();
+            match format {
+                Format::Json => print_json(&json!({
+                    "id": id, "ttl": resp.ttl_seconds, "granted_ttl": resp.granted_ttl_seconds, "keys": names
+                })),
+                Format::Human if resp.ttl_seconds < 0 => bail!("lease {id} not found"),
+                Format::Human => {
+                    println!("lease {id}: {}s left of {}s", resp.ttl_seconds, resp.granted_ttl_seconds);
+                    if keys {
+                        println!("keys: {}", names.join(", "));
+                    }
+                }
+            }
+        }
+        LeaseCommand::List => {
+            let resp = client.lease_leases().await?;
+            match format {
+                Format::Json => print_json(&json!({"leases": resp
+                    .leases
+                    .iter()
+                    .map(|l| json!({"id": l.id, "granted_ttl": l.granted_ttl_seconds}))
+                    .collect::<Vec<_>>()})),
+                Format::Human => {
+                    for l in &resp.leases {
+                        println!("{} (TTL {}s)", l.id, l.granted_ttl_seconds);
+                    }
+                }
+            }
         }
     }
     Ok(())

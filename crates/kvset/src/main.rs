@@ -53,6 +53,9 @@ enum Command {
         /// Serve from the contacted member's own state (may be stale) instead of the leader.
         #[arg(long)]
         serializable: bool,
+        /// Read the key as it was at this revision.
+        #[arg(long, default_value_t = 0)]
+        rev: i64,
     },
     /// Set a key.
     Put {
@@ -61,6 +64,9 @@ enum Command {
         /// Print the previous value.
         #[arg(long)]
         prev: bool,
+        /// Attach the key to this lease (it is deleted when the lease ends).
+        #[arg(long, default_value_t = 0)]
+        lease: i64,
     },
     /// Delete a key, a prefix or a range.
     Del {
@@ -96,7 +102,31 @@ enum Command {
         /// Serve from the contacted member's own state.
         #[arg(long)]
         serializable: bool,
+        /// Read the range as it was at this revision.
+        #[arg(long, default_value_t = 0)]
+        rev: i64,
     },
+    /// Print the changes of a key, a prefix or a range as they happen (Ctrl-C stops).
+    Watch {
+        key: String,
+        /// Watch every key with this prefix.
+        #[arg(long, conflicts_with = "range_end")]
+        prefix: bool,
+        /// Watch the keys in [key, range_end).
+        #[arg(long)]
+        range_end: Option<String>,
+        /// Start at this revision (replaying history); 0 for changes after now.
+        #[arg(long, default_value_t = 0)]
+        rev: i64,
+        /// Print each key's previous value too.
+        #[arg(long)]
+        prev_kv: bool,
+    },
+    /// Leases: keys that vanish when their lease is not kept alive.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Forget the history before a revision (reads and watches below it are refused).
+    Compact { revision: i64 },
     /// Transactions.
     #[command(subcommand)]
     Txn(TxnCommand),
@@ -133,6 +163,35 @@ enum TxnCommand {
         #[arg(long = "set")]
         new: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum LeaseCommand {
+    /// Grant a lease of TTL seconds.
+    Grant {
+        ttl: i64,
+        /// The id to give it (default: the leader chooses).
+        #[arg(long, default_value_t = 0)]
+        id: i64,
+    },
+    /// Revoke a lease, deleting its keys.
+    Revoke { id: i64 },
+    /// Keep a lease alive until Ctrl-C, printing each renewal.
+    KeepAlive {
+        id: i64,
+        /// Renew once and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// A lease's remaining and granted TTL.
+    Ttl {
+        id: i64,
+        /// List the keys attached to it.
+        #[arg(long)]
+        keys: bool,
+    },
+    /// Every lease.
+    List,
 }
 
 #[derive(Debug, Subcommand)]

@@ -27,7 +27,29 @@ pub fn kv_json(kv: &pb::KeyValue) -> Value {
         "create_revision": kv.create_revision,
         "mod_revision": kv.mod_revision,
         "version": kv.version,
+        "lease": kv.lease,
     })
+}
+
+/// Prints one watch event: `PUT key = value (revision R)` or a JSON line.
+pub fn print_event(format: Format, e: &pb::Event) {
+    let kind = if e.r#type == pb::event::EventType::Delete as i32 { "DELETE" } else { "PUT" };
+    let kv = e.kv.clone().unwrap_or_default();
+    match format {
+        Format::Json => print_json(&json!({
+            "type": kind,
+            "kv": kv_json(&kv),
+            "prev_kv": e.prev_kv.as_ref().map(kv_json),
+        })),
+        Format::Human => {
+            let prev = e.prev_kv.as_ref().map(|p| format!(" (was {})", text(&p.value))).unwrap_or_default();
+            if kind == "PUT" {
+                println!("PUT {} = {}{prev} (revision {})", text(&kv.key), text(&kv.value), kv.mod_revision);
+            } else {
+                println!("DELETE {}{prev} (revision {})", text(&kv.key), kv.mod_revision);
+            }
+        }
+    }
 }
 
 /// A response header as JSON.
