@@ -4,7 +4,10 @@
 //! * the history is linearizable per key (porcupine; an `Unknown` verdict fails),
 //! * no acknowledged write was lost (final reads after healing),
 //! * every member converged to the same applied index and the same state digest,
-//! * there is still exactly one cluster.
+//! * there is still exactly one cluster,
+//! * the watchers that ran through the faults saw what etcd's watch guarantees promise
+//!   ([`crate::watch_check`]), and every member serves the same event history,
+//! * a key on a lease kept alive through the faults never disappeared.
 //!
 //! [`run`] does the common part; the faults ([`kill_follower`], [`kill_leader`], …) are plain
 //! async functions over any harness. `tests/chaos.rs` runs every scenario on the Docker
@@ -29,6 +32,13 @@ use crate::history::Workload;
 use crate::linearizability;
 use crate::linearizability::Figures;
 use crate::poll_until;
+use crate::watch_check;
+use crate::watch_check::WatchRecorder;
+
+/// Watchers recording through every scenario.
+pub const WATCHERS: u32 = 2;
+/// The key attached to the lease kept alive through every scenario (inside the watched prefix).
+pub const KEPT_KEY: &str = "k-lease-kept";
 
 /// Workload clients.
 pub const CLIENTS: u32 = 6;
@@ -66,6 +76,8 @@ where
     info!("--- {name} ({}): start 3 members", h.kind());
     h.start_all(3).await?;
     harness::wait_voters(h, 3, Duration::from_secs(90)).await?;
+    let kept = KeptLease::start(h).await?;
+    let watchers = WatchRecorder::start(h.endpoints(), WATCHERS);
     let workload = Workload::start(h.endpoints(), CLIENTS, seed, History::new());
     let hist = workload.history.clone();
     writes_flow(&hist, 20, Duration::from_secs(30)).await?;
@@ -79,10 +91,33 @@ where
     let fault_end = hist.now();
     tokio::time::sleep(STEADY).await;
     let history = workload.stop().await;
+    let watched = watchers.stop().await;
+    let renewals = kept.stop().await?;
 
     info!("--- {name}: final reads, convergence, checks");
     history::final_reads(&h.endpoints(), &history, Duration::from_secs(60)).await?;
     harness::wait_converged(h, Duration::from_secs(60)).await?;
+    let final_revision = harness::statuses(h, false).await.values().map(|s| s.revision).max().unwrap_or(0);
+    let mut reference: Option<Vec<watch_check::Ev>> = None;
+    let endpoints: Vec<String> =
+        h.endpoints().read().unwrap_or_else(|e| e.into_inner()).client.values().cloned().collect();
+    for endpoint in &endpoints {
+        let events = watch_check::reference(endpoint, final_revision, Duration::from_secs(60)).await?;
+        match &reference {
+            Some(r) if *r != events => {
+                return Err(format!("{endpoint} serves another event history than the first member"));
+            }
+            Some(_) => {}
+            None => reference = Some(events),
+        }
+    }
+    let reference = reference.unwrap_or_default();
+    if let Some(gone) = reference.iter().find(|e| e.key == KEPT_KEY && e.value.is_none()) {
+        return Err(format!(
+            "the key of the lease kept alive was deleted at revision {} ({renewals} renewals)",
+            gone.revision
+        ));
+    }
     let ops = history.ops();
     let finals: BTreeMap<String, Option<String>> = ops
         .iter()
@@ -94,6 +129,17 @@ where
         .collect();
     let lost = linearizability::lost_writes(&ops, &finals);
     let (verdict, info) = linearizability::check(&ops, Duration::from_secs(120));
+    let watch_figures = watch_check::check(&watched, &reference, &ops).map_err(|problems| {
+        let path = linearizability::artifact_dir().join(format!("{name}-{}-watch.json", h.kind()));
+        let _ = std::fs::write(&path, serde_json::to_vec_pretty(&(&watched, &reference)).unwrap_or_default());
+        format!(
+            "watch guarantees broken ({} problems; records in {}):\n{}",
+            problems.len(),
+            path.display(),
+            problems.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+        )
+    })?;
+    info!("--- {name}: watch checks passed: {watch_figures:?}, {renewals} lease renewals");
     let figures = Figures {
         scenario: name.to_string(),
         seed,
@@ -104,6 +150,9 @@ where
         writes_lost: lost.len(),
         linearizable: format!("{verdict:?}"),
         longest_write_gap_ms: linearizability::longest_write_gap(&ops, fault_start, fault_end),
+        watch_events_delivered: watch_figures.delivered_events,
+        watch_reconnects: watch_figures.reconnects,
+        lease_renewals: renewals,
     };
     let dir = linearizability::artifact_dir();
     let _ = std::fs::write(
@@ -249,6 +298,142 @@ pub async fn random_mix<H: Harness>(h: &mut H, hist: &History, rng: &mut StdRng)
         }
         harness::wait_voters(h, h.replicas() as usize, Duration::from_secs(120)).await?;
         writes_flow(hist, 10, Duration::from_secs(60)).await?;
+    }
+    Ok(())
+}
+
+/// A lease kept alive through a scenario, renewed every second over the current endpoints
+/// (like the workload, it follows rescheduled members to their new addresses), with one key on
+/// it.
+struct KeptLease {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Result<u64, String>>,
+}
+
+impl KeptLease {
+    async fn start<H: Harness>(h: &H) -> Result<Self, String> {
+        let client = harness::client(h, Duration::from_secs(10));
+        let ttl = h.member_config().lease.min_ttl_seconds as i64;
+        let lease = client.lease_grant(ttl, 0).await.map_err(|e| format!("lease grant: {e}"))?;
+        client
+            .put_request(kvset_client::pb::PutRequest {
+                key: KEPT_KEY.into(),
+                value: b"kept".to_vec(),
+                lease: lease.id,
+                prev_kv: false,
+            })
+            .await
+            .map_err(|e| format!("put on the kept lease: {e}"))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (endpoints, flag) = (h.endpoints(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut renewals = 0u64;
+            let mut version = u64::MAX;
+            let mut client = None;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let (now, list) = {
+                    let e = endpoints.read().unwrap_or_else(|e| e.into_inner());
+                    (e.version, e.client.values().cloned().collect::<Vec<_>>())
+                };
+                if now != version {
+                    version = now;
+                    let options =
+                        kvset_client::ClientOptions { timeout: Duration::from_secs(2), ..Default::default() };
+                    client = kvset_client::Client::new(list, options).ok();
+                }
+                if let Some(c) = &client {
+                    match c.lease_renew(lease.id).await {
+                        Ok(0) => {
+                            return Err(format!(
+                                "the kept lease {} expired after {renewals} renewals",
+                                lease.id
+                            ))
+                        }
+                        Ok(_) => renewals += 1,
+                        Err(e) => tracing::debug!(error = %e, "kept lease: renewal failed; retrying"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Ok(renewals)
+        });
+        Ok(Self { stop, task })
+    }
+
+    async fn stop(self) -> Result<u64, String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.map_err(|e| e.to_string())?
+    }
+}
+
+/// The lease scenario: the kept lease (of every scenario) lives through a leader kill, a leader
+/// partition and a rolling restart; then, with no fault, a lease whose client stops renewing
+/// must expire within TTL + one election timeout + 1 s, its key gone on every member.
+pub async fn leases<H: Harness>(h: &mut H, hist: &History, rng: &mut StdRng) -> Result<(), String> {
+    kill_leader(h, hist, rng).await?;
+    harness::wait_voters(h, h.replicas() as usize, Duration::from_secs(120)).await?;
+    partition_leader(h, hist, rng).await?;
+    harness::wait_voters(h, h.replicas() as usize, Duration::from_secs(120)).await?;
+    rolling_restart(h, hist, rng).await?;
+    harness::wait_voters(h, h.replicas() as usize, Duration::from_secs(120)).await?;
+
+    info!("--- a lease whose client stops renewing expires on time");
+    let config = h.member_config();
+    let ttl = config.lease.min_ttl_seconds as i64;
+    let client = harness::client(h, Duration::from_secs(10));
+    let lease = client.lease_grant(ttl, 0).await.map_err(|e| format!("lease grant: {e}"))?;
+    let key = "k-lease-abandoned";
+    client
+        .put_request(kvset_client::pb::PutRequest {
+            key: key.into(),
+            value: b"v".to_vec(),
+            lease: lease.id,
+            prev_kv: false,
+        })
+        .await
+        .map_err(|e| format!("put on the abandoned lease: {e}"))?;
+    for _ in 0..3 {
+        client.lease_renew(lease.id).await.map_err(|e| format!("renewal: {e}"))?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let last_renewal = Instant::now();
+    let bound = Duration::from_secs(ttl as u64)
+        + Duration::from_millis(config.raft.election_timeout_max_ms)
+        + Duration::from_secs(1);
+    let endpoints: Vec<String> =
+        h.endpoints().read().unwrap_or_else(|e| e.into_inner()).client.values().cloned().collect();
+    poll_until(
+        &format!("{key} gone on every member within {bound:?}"),
+        bound + Duration::from_secs(30),
+        || async {
+            for e in &endpoints {
+                let member = kvset_client::Client::new(
+                    [e.clone()],
+                    kvset_client::ClientOptions { prefer_leader: false, ..Default::default() },
+                )
+                .ok()?;
+                let r = member
+                    .get_request(kvset_client::pb::GetRequest {
+                        key: key.into(),
+                        consistency: kvset_client::pb::ReadConsistency::Serializable as i32,
+                        revision: 0,
+                    })
+                    .await
+                    .ok()?;
+                r.kv.is_none().then_some(())?;
+            }
+            Some(())
+        },
+    )
+    .await?;
+    let took = last_renewal.elapsed();
+    info!("--- the abandoned lease expired {took:?} after its last renewal (bound {bound:?})");
+    if took > bound {
+        return Err(format!("the abandoned lease expired {took:?} after its last renewal, beyond {bound:?}"));
+    }
+    let ttl_now = client.lease_time_to_live(lease.id, false).await.map_err(|e| e.to_string())?;
+    if ttl_now.ttl_seconds != -1 {
+        return Err(format!("the expired lease still exists: {ttl_now:?}"));
     }
     Ok(())
 }

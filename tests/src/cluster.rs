@@ -395,6 +395,10 @@ impl Harness for Cluster {
         "in-process"
     }
 
+    fn member_config(&self) -> Config {
+        self.config(0)
+    }
+
     fn running(&self) -> Vec<u32> {
         Cluster::running(self)
     }

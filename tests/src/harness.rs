@@ -45,6 +45,9 @@ pub trait Harness {
     /// A short name for logs ("in-process", "docker").
     fn kind(&self) -> &'static str;
 
+    /// The configuration the members run with (timings, limits).
+    fn member_config(&self) -> kvset_server::Config;
+
     /// Ordinals whose member runs now.
     fn running(&self) -> Vec<u32>;
 

@@ -81,6 +81,8 @@ pub struct Op {
     pub call_ns: i64,
     /// [`NEVER`] when indeterminate.
     pub return_ns: i64,
+    /// For an acknowledged write: the store revision it was applied at (0 otherwise).
+    pub revision: i64,
 }
 
 impl Op {
@@ -216,13 +218,14 @@ async fn run_client(
             let outcome = classify(client.put(key.clone(), value.clone()).await);
             let return_ns = history.now();
             match outcome {
-                Outcome::Ok(_) => {
+                Outcome::Ok(resp) => {
                     history.push(Op {
                         client: id,
                         key: key.clone(),
                         kind: Kind::Put { value: value.clone() },
                         call_ns,
                         return_ns,
+                        revision: resp.header.map_or(0, |h| h.revision),
                     });
                     last_seen.insert(key, Some(value));
                 }
@@ -233,6 +236,7 @@ async fn run_client(
                         kind: Kind::Put { value },
                         call_ns,
                         return_ns: NEVER,
+                        revision: 0,
                     });
                 }
                 Outcome::Failed => {}
@@ -248,6 +252,7 @@ async fn run_client(
                     kind: Kind::Get { result: result.clone() },
                     call_ns,
                     return_ns,
+                    revision: 0,
                 });
                 last_seen.insert(key, result);
             }
@@ -269,6 +274,7 @@ async fn run_client(
                         kind: Kind::Cas { expected, new: new.clone(), succeeded: Some(resp.succeeded) },
                         call_ns,
                         return_ns,
+                        revision: if resp.succeeded { resp.header.map_or(0, |h| h.revision) } else { 0 },
                     });
                     if resp.succeeded {
                         last_seen.insert(key, Some(new));
@@ -281,6 +287,7 @@ async fn run_client(
                         kind: Kind::Cas { expected, new, succeeded: None },
                         call_ns,
                         return_ns: NEVER,
+                        revision: 0,
                     });
                 }
                 Outcome::Failed => {}
@@ -307,6 +314,7 @@ pub async fn final_reads(
                 .get_request(pb::GetRequest {
                     key: key.clone().into_bytes(),
                     consistency: pb::ReadConsistency::Linearizable as i32,
+                    revision: 0,
                 })
                 .await
             {
@@ -318,6 +326,7 @@ pub async fn final_reads(
                         kind: Kind::Get { result },
                         call_ns,
                         return_ns: history.now(),
+                        revision: 0,
                     });
                     break;
                 }

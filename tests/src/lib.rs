@@ -17,6 +17,7 @@ pub mod k8s_stub;
 pub mod linearizability;
 pub mod manifests;
 pub mod statefulset;
+pub mod watch_check;
 
 use std::future::Future;
 use std::time::Duration;

@@ -69,6 +69,12 @@ pub struct Figures {
     pub writes_lost: usize,
     /// "Ok", "Illegal" or "Unknown".
     pub linearizable: String,
+    /// Events the watchers received (all checked against the history).
+    pub watch_events_delivered: usize,
+    /// Times a watcher resumed on another stream.
+    pub watch_reconnects: usize,
+    /// Renewals of the lease kept alive through the scenario.
+    pub lease_renewals: u64,
     /// The longest time with no acknowledged write, in milliseconds.
     pub longest_write_gap_ms: u64,
 }
@@ -168,7 +174,7 @@ mod tests {
     use super::*;
 
     fn op(client: u32, key: &str, kind: Kind, call: i64, ret: i64) -> Op {
-        Op { client, key: key.into(), kind, call_ns: call, return_ns: ret }
+        Op { client, key: key.into(), kind, call_ns: call, return_ns: ret, revision: 0 }
     }
 
     fn put(v: &str) -> Kind {

@@ -74,6 +74,8 @@ pub struct Emulator {
     image: (String, String),
     pub endpoints: Arc<RwLock<Endpoints>>,
     grace: Duration,
+    /// The configuration the members run with (from the ConfigMap and the manifest's env).
+    member_config: kvset_server::Config,
 }
 
 impl std::fmt::Debug for Emulator {
@@ -154,6 +156,20 @@ impl Emulator {
         }
         // The container runs as a non-root user: the files must be readable by it.
         let _ = std::process::Command::new("chmod").args(["-R", "a+rX"]).arg(config_dir.path()).status();
+        // The members' effective configuration: the ConfigMap's file, then the literal env.
+        let file = std::fs::read_dir(config_dir.path())
+            .map_err(err)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "toml"));
+        let env: BTreeMap<String, String> = container
+            .env
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| e.value.map(|v| (e.name, v)))
+            .collect();
+        let member_config = kvset_server::Config::load(file.as_deref(), &env, &[]).map_err(err)?;
 
         Ok(Self {
             docker,
@@ -174,6 +190,7 @@ impl Emulator {
             image: (name.to_string(), tag.to_string()),
             endpoints: Arc::default(),
             grace,
+            member_config,
         })
     }
 
@@ -516,6 +533,10 @@ pub fn cleanup_blocking(run: Option<&str>) {
 impl Harness for Emulator {
     fn kind(&self) -> &'static str {
         "docker"
+    }
+
+    fn member_config(&self) -> kvset_server::Config {
+        self.member_config.clone()
     }
 
     fn running(&self) -> Vec<u32> {

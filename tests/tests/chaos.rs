@@ -6,7 +6,9 @@
 //! * the history is linearizable per key (porcupine; an `Unknown` verdict fails),
 //! * no acknowledged write was lost (final reads after healing),
 //! * every member converged to the same applied index and the same state digest,
-//! * there is still exactly one cluster.
+//! * there is still exactly one cluster,
+//! * the watchers that ran through the fault saw exactly what etcd's watch guarantees promise,
+//! * the key of a lease kept alive through the fault never disappeared.
 //!
 //! Scenarios run one at a time. The seed is printed (`KVSET_CHAOS_SEED` replays it); a failing
 //! scenario leaves its history (JSON) and porcupine's HTML visualisation under `target/chaos/`.
@@ -103,6 +105,11 @@ async fn f_volume_loss_means_replacement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn g_full_restart_of_every_pod_at_once() {
     scenario("g-full-restart", chaos::full_restart).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn i_leases_through_faults_and_on_time_expiry() {
+    scenario("i-leases", chaos::leases).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

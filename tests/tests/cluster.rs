@@ -99,6 +99,7 @@ async fn writes_through_any_member_are_read_linearizably_from_every_member() {
             .get_request(pb::GetRequest {
                 key: b"late".to_vec(),
                 consistency: pb::ReadConsistency::Serializable as i32,
+                revision: 0,
             })
             .await
             .ok()?;
@@ -138,6 +139,7 @@ async fn losing_the_leader_elects_another_and_writes_resume() {
         .get_request(pb::GetRequest {
             key: b"after".to_vec(),
             consistency: pb::ReadConsistency::Serializable as i32,
+            revision: 0,
         })
         .await
         .unwrap();
@@ -164,6 +166,7 @@ async fn a_partitioned_follower_does_not_stop_the_majority_and_catches_up() {
     let serializable = |key: &str| pb::GetRequest {
         key: key.as_bytes().to_vec(),
         consistency: pb::ReadConsistency::Serializable as i32,
+        revision: 0,
     };
     let isolated = c.client_for(follower);
     assert!(isolated.get_request(serializable("k49")).await.unwrap().kv.is_none());
@@ -287,10 +290,10 @@ async fn requests_over_a_limit_are_invalid_and_change_nothing() {
     invalid(client.get(vec![b'k'; 5000]).await.unwrap_err(), "limits.key_max_bytes");
     invalid(
         client
-            .put_request(pb::PutRequest { key: b"leased".to_vec(), value: vec![], lease: 7, prev_kv: false })
+            .put_request(pb::PutRequest { key: b"leased".to_vec(), value: vec![], lease: -7, prev_kv: false })
             .await
             .unwrap_err(),
-        "lease",
+        "lease ids are positive",
     );
     invalid(
         client

@@ -38,3 +38,8 @@ async fn follower_kill_and_restart() {
 async fn scale_three_to_five_to_three() {
     scenario("scale-3-5-3", chaos::scale_3_5_3).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_through_faults_and_on_time_expiry() {
+    scenario("leases", chaos::leases).await;
+}
