@@ -268,8 +268,13 @@ pub async fn run(cfg: &CompareConfig) -> Result<PathBuf, String> {
     let mut flip = false;
     for workload in &cfg.workloads {
         for &clients in &cfg.clients {
+            // The watch workload's client count is its number of watchers.
+            let workload = match *workload {
+                Workload::Watch { rate, .. } => Workload::Watch { watchers: clients, rate },
+                w => w,
+            };
             let bc = BenchConfig {
-                workload: *workload,
+                workload,
                 clients,
                 duration: cfg.duration,
                 ops: None,
@@ -279,7 +284,7 @@ pub async fn run(cfg: &CompareConfig) -> Result<PathBuf, String> {
                 prefill: false,
                 seed: clients as u64,
             };
-            if bc.workload != Workload::Put && !prefilled {
+            if bc.workload.reads() && !prefilled {
                 eprintln!("compare: writing {} keys into both systems", cfg.key_space);
                 crate::prefill(&kvset, &bc).await.map_err(|e| e.to_string())?;
                 crate::prefill(&etcd, &bc).await.map_err(|e| e.to_string())?;

@@ -92,7 +92,8 @@ impl Workload {
         }
     }
 
-    fn reads(&self) -> bool {
+    /// Whether the workload reads keys (which are written first).
+    pub fn reads(&self) -> bool {
         matches!(self, Workload::Get | Workload::GetSerializable | Workload::Mixed { .. })
     }
 }

@@ -126,9 +126,12 @@ pub struct CompareArgs {
     /// Client counts.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
     clients: Vec<usize>,
-    /// Workloads.
-    #[arg(long, value_delimiter = ',', default_value = "put,get,get-serializable,mixed")]
+    /// Workloads (`watch`: the client count is the number of watchers, writes at --watch-rate).
+    #[arg(long, value_delimiter = ',', default_value = "put,get,get-serializable,mixed,watch,lease-keepalive")]
     workloads: Vec<String>,
+    /// Puts per second in the watch workload.
+    #[arg(long, default_value_t = 500)]
+    watch_rate: u64,
     /// Keys drawn from this many (read workloads write them all first).
     #[arg(long, default_value_t = 10_000)]
     key_space: u64,
@@ -149,7 +152,11 @@ pub async fn compare(args: CompareArgs) -> anyhow::Result<()> {
         let workloads = args
             .workloads
             .iter()
-            .map(|w| Workload::parse(w, 90))
+            .map(|w| match w.as_str() {
+                // Watchers = the cell's client count; a fixed write rate.
+                "watch" => Ok(Workload::Watch { watchers: 1, rate: args.watch_rate }),
+                other => Workload::parse(other, 90),
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(anyhow::Error::msg)?;
         let etcd =
