@@ -13,7 +13,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n=== %s\n' "$*"; }
+started=$(date +%s)
+last=$started
+# Each step says how long the one before took, so CI logs show where the time goes.
+step() {
+    local now
+    now=$(date +%s)
+    printf '\n=== [%ds, step %ds] %s\n' "$((now - started))" "$((now - last))" "$*"
+    last=$now
+}
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -56,9 +64,12 @@ for dir in deploy/k8s deploy/k8s/overlays/*/; do
     kubectl kustomize "$dir" | kubernetes-validate --strict --quiet -
 done
 
-step "container image for the chaos suite: deploy/docker/build.sh"
+step "cargo build --workspace --all-targets (the test build; the chaos image reuses its binary)"
+cargo build --workspace --all-targets
+
+step "container image for the chaos suite: deploy/docker/build.sh with the debug binary"
 if docker info >/dev/null 2>&1; then
-    deploy/docker/build.sh
+    KVSET_IMAGE_BINARY=target/debug/kvset deploy/docker/build.sh
 else
     echo "  no Docker engine here: the chaos suite will report itself skipped (with the reason)"
 fi

@@ -108,13 +108,12 @@ impl Target {
             }
             #[cfg(feature = "etcd")]
             Target::Etcd(c) => {
-                let (_watcher, mut stream) = c
+                let mut stream = c
                     .watch_client()
                     .watch(prefix, Some(etcd_client::WatchOptions::new().with_prefix()))
                     .await
                     .map_err(|e| etcd_kind(&e))?;
                 tokio::spawn(async move {
-                    let _keep = _watcher;
                     while let Ok(Some(r)) = stream.message().await {
                         for e in r.events() {
                             if tx.send(e.kv().map_or(0, |kv| kv.mod_revision())).await.is_err() {

@@ -1,5 +1,5 @@
-//! The watch workload: `watchers` watches on one prefix while one writer puts keys under it
-//! at a fixed rate. Reported: events delivered per second (over every watcher) and the delay
+//! The watch workload: `watchers` watches on one prefix while keys are put under it at a fixed
+//! rate (up to 64 puts in flight, so the rate holds whatever one put's latency). Reported: events delivered per second (over every watcher) and the delay
 //! from a put's acknowledgement to each watcher receiving its event (0 when the event came
 //! first). Both systems are driven through the same code; only the [`Target`] differs.
 
@@ -21,6 +21,8 @@ use crate::Target;
 
 /// The prefix written and watched.
 pub const PREFIX: &str = "bench/watch/";
+/// Puts in flight at most, so the write rate does not depend on one put's latency.
+const WRITERS: usize = 64;
 
 /// Runs the watch workload.
 pub async fn run(
@@ -56,23 +58,36 @@ pub async fn run(
 
     let value = vec![b'w'; config.value_size];
     let period = Duration::from_secs_f64(1.0 / rate as f64);
-    let mut acked: HashMap<i64, Instant> = HashMap::new();
-    let mut errors = std::collections::BTreeMap::new();
+    // Puts are issued at the rate whatever their latency: up to WRITERS in flight.
+    let acked: Arc<std::sync::Mutex<HashMap<i64, Instant>>> = Arc::default();
+    let errors: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>> = Arc::default();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(WRITERS));
     let started = Instant::now();
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut i = 0u64;
+    let mut puts = Vec::new();
     while started.elapsed() < config.duration {
         tick.tick().await;
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
         let key = format!("{PREFIX}{:08}", i % config.key_space.max(1)).into_bytes();
         i += 1;
-        match target.put_revision(key, value.clone()).await {
-            Ok(revision) => {
-                acked.insert(revision, Instant::now());
+        let (target, value, acked, errors) = (target.clone(), value.clone(), acked.clone(), errors.clone());
+        puts.push(tokio::spawn(async move {
+            match target.put_revision(key, value).await {
+                Ok(revision) => {
+                    acked.lock().unwrap_or_else(|e| e.into_inner()).insert(revision, Instant::now());
+                }
+                Err(kind) => *errors.lock().unwrap_or_else(|e| e.into_inner()).entry(kind).or_insert(0u64) += 1,
             }
-            Err(kind) => *errors.entry(kind).or_insert(0u64) += 1,
-        }
+            drop(permit);
+        }));
     }
+    for p in puts {
+        let _ = p.await;
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut errors = std::mem::take(&mut *errors.lock().unwrap_or_else(|e| e.into_inner()));
     let write_elapsed = started.elapsed();
     // Let the watchers drain what was written (bounded).
     let expected = acked.len() * watchers;

@@ -472,12 +472,12 @@ impl LocalMember {
         &self.lessor
     }
 
-    /// Renews lease `id`: here when this member leads (after confirming it with a quorum),
+    /// Renews lease `id`: here when this member leads (see [`Self::renew_lease_here`]),
     /// else on the leader through its peer port. Returns the lease's TTL, 0 when it does not
     /// exist.
     pub async fn renew_lease(&self, id: LeaseId, deadline: Instant) -> Result<i64, KvError> {
         match self.route(false)? {
-            Route::Local => self.renew_lease_here(id, deadline).await,
+            Route::Local => self.renew_lease_here(id),
             Route::Forward { leader_id, addr } => {
                 let peer = self
                     .raft_metrics()
@@ -505,10 +505,15 @@ impl LocalMember {
         }
     }
 
-    /// Renews lease `id` on this member, which must lead (confirmed with a quorum first).
-    pub async fn renew_lease_here(&self, id: LeaseId, deadline: Instant) -> Result<i64, KvError> {
-        self.read_barrier(deadline).await?;
-        Ok(self.lessor.renew(id, &self.reader.leases(), Instant::now()).unwrap_or(0))
+    /// Renews lease `id` on this member, which must lead and have heard from a quorum within
+    /// the minimum election timeout (the rule of [`Self::route`]). No ReadIndex round: as in
+    /// etcd, a renewal changes no replicated state, and a leader deposed without knowing it is
+    /// covered by the extension every new leader gives every lease.
+    pub fn renew_lease_here(&self, id: LeaseId) -> Result<i64, KvError> {
+        match self.route(true)? {
+            Route::Local => Ok(self.lessor.renew(id, &self.reader.leases(), Instant::now()).unwrap_or(0)),
+            Route::Forward { .. } => Err(KvError::Unavailable("not the leader".into())),
+        }
     }
 
     /// Lease `id` with its remaining time and keys, on this member, which must lead (confirmed

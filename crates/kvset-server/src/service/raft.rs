@@ -240,11 +240,7 @@ impl pb::raft_server::Raft for PeerService {
             ))
             .into());
         }
-        if s.route(true)? != crate::member::Route::Local {
-            return Err(KvError::Unavailable("not the leader".into()).into());
-        }
-        let deadline = std::time::Instant::now() + JOIN_FORWARD_TIMEOUT;
-        let ttl = s.renew_lease_here(req.id, deadline).await?;
+        let ttl = s.renew_lease_here(req.id)?;
         Ok(Response::new(pb::LeaseRenewReply { ttl_seconds: ttl }))
     }
 
