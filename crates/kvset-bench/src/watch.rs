@@ -78,7 +78,9 @@ pub async fn run(
                 Ok(revision) => {
                     acked.lock().unwrap_or_else(|e| e.into_inner()).insert(revision, Instant::now());
                 }
-                Err(kind) => *errors.lock().unwrap_or_else(|e| e.into_inner()).entry(kind).or_insert(0u64) += 1,
+                Err(kind) => {
+                    *errors.lock().unwrap_or_else(|e| e.into_inner()).entry(kind).or_insert(0u64) += 1
+                }
             }
             drop(permit);
         }));

@@ -176,6 +176,46 @@ pub fn read(e: kvset_storage::ReadError) -> KvError {
     }
 }
 
+/// A read the state refused.
+impl From<crate::query::QueryError> for KvError {
+    fn from(e: crate::query::QueryError) -> Self {
+        use crate::query::QueryError as Q;
+        match e {
+            Q::Compacted { .. } | Q::FutureRevision { .. } => KvError::OutOfRange(e.to_string()),
+            Q::Storage(_) => KvError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// The error another member's status stands for (the peer port answers with this module's
+/// mapping; this is its inverse), so a request sent to the leader fails as if it had failed
+/// here.
+pub fn from_status(status: Status) -> KvError {
+    let header = |key: &str| status.metadata().get(key).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let not_applied = header(metadata::NOT_APPLIED).is_some();
+    let message = status.message();
+    let strip = |prefix: &str| message.strip_prefix(prefix).unwrap_or(message).to_string();
+    match status.code() {
+        Code::InvalidArgument => KvError::InvalidArgument(message.to_string()),
+        Code::Unavailable if message.starts_with("no leader: ") => KvError::NoLeader {
+            leader_id: header(metadata::LEADER_ID).and_then(|v| v.parse().ok()),
+            leader_addr: header(metadata::LEADER),
+            reason: strip("no leader: "),
+        },
+        Code::Unavailable => KvError::Unavailable(strip("unavailable: ")),
+        Code::ResourceExhausted if not_applied => KvError::Overloaded(strip("overloaded: ")),
+        Code::ResourceExhausted => KvError::LimitReached(message.to_string()),
+        Code::Unknown => KvError::Indeterminate(strip("outcome unknown: ")),
+        Code::DeadlineExceeded => KvError::DeadlineExceeded(strip("deadline exceeded: ")),
+        Code::Unimplemented => KvError::Unimplemented(strip("not implemented: ")),
+        Code::FailedPrecondition => KvError::FailedPrecondition(message.to_string()),
+        Code::NotFound => KvError::NotFound(message.to_string()),
+        Code::OutOfRange => KvError::OutOfRange(message.to_string()),
+        Code::Internal => KvError::Internal(strip("internal error: ")),
+        _ => KvError::Remote(status),
+    }
+}
+
 /// Raft stopped before a request that changes nothing (a read, a trigger) could run.
 pub fn stopped(f: &Fatal<u64>) -> KvError {
     KvError::Unavailable(format!("raft stopped: {f}"))
@@ -261,6 +301,32 @@ mod tests {
         let status: Status = KvError::Indeterminate("raft stopped".into()).into();
         assert_eq!(status.code(), Code::Unknown);
         assert!(status.metadata().get(metadata::NOT_APPLIED).is_none());
+    }
+
+    #[test]
+    fn a_status_from_another_member_means_the_same_error() {
+        let errors = [
+            KvError::InvalidArgument("key is empty".into()),
+            KvError::NoLeader {
+                leader_id: Some(7),
+                leader_addr: Some("10.0.0.7:2379".into()),
+                reason: "moved".into(),
+            },
+            KvError::NoLeader { leader_id: None, leader_addr: None, reason: "none known".into() },
+            KvError::Unavailable("shutting down".into()),
+            KvError::Overloaded("queue full".into()),
+            KvError::LimitReached("lease.max_leases".into()),
+            KvError::Indeterminate("lost".into()),
+            KvError::DeadlineExceeded("slow".into()),
+            KvError::FailedPrecondition("exists".into()),
+            KvError::NotFound("lease 5 not found".into()),
+            KvError::OutOfRange("compacted".into()),
+        ];
+        for e in errors {
+            let back = from_status(Status::from(e.clone()));
+            assert_eq!(back.to_string(), e.to_string());
+            assert_eq!(back.not_applied(), e.not_applied(), "{e:?}");
+        }
     }
 
     #[test]

@@ -47,6 +47,11 @@ impl CallContext {
         Self { forwarded: md.get(metadata::FORWARDED).is_some(), deadline: Instant::now() + timeout }
     }
 
+    /// The same call, marked as forwarded by another member (it is never forwarded again).
+    pub fn forwarded(self) -> Self {
+        Self { forwarded: true, ..self }
+    }
+
     /// Time left before the deadline.
     pub fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())

@@ -38,7 +38,7 @@
 //! | 4 tasks | [`tasks::membership`], [`tasks::replicas`], [`tasks::raft_metrics`], [`tasks::leases`], [`tasks::compactor`] | background work, each given only what it uses |
 //! | 3 member | [`member`] | this member's shared state: identity, Raft, routing, the write and read entry points, lifecycle |
 //! | 2 transport and pipeline | [`network`], [`forward`], [`batcher`], [`read_index`], [`watch_hub`], [`lessor`] | peer RPCs out, forwarding to the leader, write batching, shared ReadIndex rounds, watch streams, lease deadlines |
-//! | 1 leaves | [`config`], [`identity`], [`errors`], [`metrics`], [`logging`], [`pb`], [`watch_types`], [`cluster_id`], [`channels`] | configuration, identity, errors and their one mapping, observability, wire conversions, the domain form of watch messages, the cluster id cell, the peer-channel cache |
+//! | 1 leaves | [`config`], [`identity`], [`errors`], [`metrics`], [`logging`], [`pb`], [`query`], [`watch_types`], [`cluster_id`], [`channels`] | configuration, identity, errors and their one mapping, observability, wire conversions, the domain form of reads and watch messages, the cluster id cell, the peer-channel cache |
 //!
 //! # Caveats
 //!
@@ -62,6 +62,7 @@ pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod pb;
+pub mod query;
 pub mod watch_types;
 // Layer 2: transport and pipeline.
 pub mod batcher;

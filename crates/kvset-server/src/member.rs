@@ -8,8 +8,11 @@
 //!
 //! * **routing** — [`LocalMember::route`]: serve here (this member leads and has heard from a
 //!   quorum), forward to the leader, or refuse with `UNAVAILABLE`;
-//! * **writes** — [`LocalMember::submit`]: through the write batcher into Raft;
-//! * **linearizable reads** — [`LocalMember::read_barrier`]: a shared ReadIndex round;
+//! * **commands and reads, routed** — [`LocalMember::execute`] and [`LocalMember::read`]: the
+//!   one entry point both client APIs use. On the leader a command goes through the write
+//!   batcher into Raft and a linearizable read waits for a shared ReadIndex round; on a
+//!   follower the command or query itself goes to the leader's peer port (`Propose`, `Read`),
+//!   so no API has forwarding code of its own;
 //! * **watches** — the [`WatchHub`] serving this member's watch streams;
 //! * **leases** — renewals and remaining time, on the leader (the [`Lessor`]) or through it;
 //! * **identity and cluster** — node id, ordinal, addresses, the cluster id cell;
@@ -29,7 +32,6 @@ use kvset_proto::v1::raft_client::RaftClient;
 use kvset_storage::ClusterId;
 use kvset_storage::Command;
 use kvset_storage::CommandResult;
-use kvset_storage::Lease;
 use kvset_storage::LeaseId;
 use kvset_storage::Member;
 use kvset_storage::SmReader;
@@ -45,12 +47,18 @@ use crate::cluster_id::ClusterIdCell;
 use crate::config::Config;
 use crate::config::ReplicasSource;
 use crate::errors::KvError;
+use crate::forward::forwarded_error;
+use crate::forward::CallContext;
 use crate::forward::Forwarder;
 use crate::identity::AddressBook;
 use crate::identity::Identity;
 use crate::lessor::Lessor;
 use crate::metrics::Metrics;
 use crate::pb::response::HeaderInfo;
+use crate::query::Answer;
+use crate::query::Consistency;
+use crate::query::Query;
+use crate::query::QueryError;
 use crate::read_index::ReadIndex;
 use crate::watch_hub::WatchHub;
 
@@ -472,35 +480,168 @@ impl LocalMember {
         &self.lessor
     }
 
+    /// A peer-service client for the leader `leader_id`, with its peer address.
+    fn leader_peer(
+        &self,
+        leader_id: u64,
+    ) -> Result<(String, RaftClient<tonic::transport::Channel>), KvError> {
+        let peer = self
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .get_node(&leader_id)
+            .map(|n| n.peer_addr.clone())
+            .ok_or_else(|| {
+                KvError::Unavailable(format!("the peer address of leader {leader_id} is unknown"))
+            })?;
+        let channel = self.channels.get(&peer).map_err(|e| KvError::Unavailable(format!("leader {e}")))?;
+        Ok((
+            peer,
+            RaftClient::new(channel).max_decoding_message_size(crate::forward::CLIENT_MAX_MESSAGE_BYTES),
+        ))
+    }
+
+    /// Calls the leader's peer port with the caller's deadline; maps what comes back (the
+    /// leader's own errors, or a lost connection: outcome unknown when `write`).
+    async fn on_leader_peer<T>(
+        &self,
+        leader_id: u64,
+        deadline: Instant,
+        write: bool,
+        call: impl AsyncFnOnce(
+            RaftClient<tonic::transport::Channel>,
+            Duration,
+        ) -> Result<tonic::Response<T>, tonic::Status>,
+    ) -> Result<T, KvError> {
+        let (peer, client) = self.leader_peer(leader_id)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, call(client, left)).await {
+            Err(_) if write => Err(KvError::DeadlineExceeded(
+                "the leader did not answer in time; the write may still apply".into(),
+            )),
+            Err(_) => Err(KvError::DeadlineExceeded("the leader did not answer in time".into())),
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+            Ok(Err(status)) => Err(match forwarded_error(status, &peer, write) {
+                KvError::Remote(status) => crate::errors::from_status(status),
+                other => other,
+            }),
+        }
+    }
+
+    /// Runs a command on the leader (here, or sent to its peer port) and waits for its result
+    /// until `ctx.deadline`. A command refused by the state machine is an `Ok` result
+    /// ([`CommandResult::Rejected`]), for each API to word.
+    pub async fn execute(&self, command: Command, ctx: &CallContext) -> Result<CommandResult, KvError> {
+        let leader_id = match self.route(ctx.forwarded)? {
+            Route::Local => {
+                let prepared = self.on_leader(command.clone())?;
+                match self.submit(prepared, ctx.deadline).await {
+                    // Leadership moved before the entry was appended: nothing was applied, so
+                    // the new leader may take it (once).
+                    Err(KvError::NoLeader { leader_id: Some(id), .. })
+                        if !ctx.forwarded && id != self.node_id =>
+                    {
+                        id
+                    }
+                    done => return done,
+                }
+            }
+            Route::Forward { leader_id, .. } => leader_id,
+        };
+        let bytes = kvset_storage::codec::encode("command", &command)
+            .map_err(|e| KvError::Internal(e.to_string()))?;
+        let cluster_id = self.cluster.to_wire();
+        let reply = self
+            .on_leader_peer(leader_id, ctx.deadline, true, async move |mut c, left| {
+                let mut req = tonic::Request::new(pb::ProposeRequest { cluster_id, command: bytes });
+                req.set_timeout(left);
+                c.propose(req).await
+            })
+            .await?;
+        kvset_storage::codec::decode("command result", &reply.result)
+            .map_err(|e| KvError::Indeterminate(format!("undecodable result from the leader: {e}")))
+    }
+
+    /// What only the leader decides about a command before proposing it: the id of a new lease
+    /// (0: the leader picks one) and the lease-count limit.
+    fn on_leader(&self, command: Command) -> Result<Command, KvError> {
+        match command {
+            Command::LeaseGrant { id, ttl } => {
+                let max = self.config.lease.max_leases;
+                let held = self.reader.leases().len() as u64;
+                if held >= max {
+                    return Err(KvError::LimitReached(format!(
+                        "the cluster holds {held} leases, the limit lease.max_leases = {max}"
+                    )));
+                }
+                let id = if id == 0 { self.new_lease_id() } else { id };
+                Ok(Command::LeaseGrant { id, ttl })
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Answers a query at the requested consistency: serializable from this member's own
+    /// state; linearizable on the leader after a ReadIndex round (here, or sent to its peer
+    /// port). Queries that need the leader's memory (lease TTLs) always go to the leader.
+    pub async fn read(
+        &self,
+        query: Query,
+        consistency: Consistency,
+        ctx: &CallContext,
+    ) -> Result<Result<Answer, QueryError>, KvError> {
+        if consistency == Consistency::Serializable && !query.needs_leader() {
+            return self.answer_here(query).await;
+        }
+        match self.route(ctx.forwarded)? {
+            Route::Local => {
+                self.read_barrier(ctx.deadline).await?;
+                self.answer_here(query).await
+            }
+            Route::Forward { leader_id, .. } => {
+                let bytes = kvset_storage::codec::encode("query", &query)
+                    .map_err(|e| KvError::Internal(e.to_string()))?;
+                let cluster_id = self.cluster.to_wire();
+                let reply = self
+                    .on_leader_peer(leader_id, ctx.deadline, false, async move |mut c, left| {
+                        let mut req = tonic::Request::new(pb::ReadRequest { cluster_id, query: bytes });
+                        req.set_timeout(left);
+                        c.read(req).await
+                    })
+                    .await?;
+                kvset_storage::codec::decode("answer", &reply.answer)
+                    .map_err(|e| KvError::Internal(format!("undecodable answer from the leader: {e}")))
+            }
+        }
+    }
+
+    /// Answers a query from this member's state (scans on the blocking pool).
+    async fn answer_here(&self, query: Query) -> Result<Result<Answer, QueryError>, KvError> {
+        if !query.is_scan() {
+            return Ok(query.answer(&self.reader, |id| self.lessor.remaining(id, Instant::now())));
+        }
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || query.answer(&reader, |_| None))
+            .await
+            .map_err(|e| KvError::Internal(e.to_string()))
+    }
+
     /// Renews lease `id`: here when this member leads (see [`Self::renew_lease_here`]),
     /// else on the leader through its peer port. Returns the lease's TTL, 0 when it does not
     /// exist.
     pub async fn renew_lease(&self, id: LeaseId, deadline: Instant) -> Result<i64, KvError> {
         match self.route(false)? {
             Route::Local => self.renew_lease_here(id),
-            Route::Forward { leader_id, addr } => {
-                let peer = self
-                    .raft_metrics()
-                    .membership_config
-                    .membership()
-                    .get_node(&leader_id)
-                    .map(|n| n.peer_addr.clone())
-                    .ok_or_else(|| {
-                        KvError::Unavailable(format!("the leader's peer address ({addr}) is unknown"))
-                    })?;
-                let channel =
-                    self.channels.get(&peer).map_err(|e| KvError::Unavailable(format!("leader {e}")))?;
-                let mut req =
-                    tonic::Request::new(pb::LeaseRenewRequest { cluster_id: self.cluster.to_wire(), id });
-                let left = deadline.saturating_duration_since(Instant::now());
-                req.set_timeout(left);
-                match tokio::time::timeout(left, RaftClient::new(channel).lease_renew(req)).await {
-                    Err(_) => {
-                        Err(KvError::DeadlineExceeded("the leader did not renew the lease in time".into()))
-                    }
-                    Ok(Ok(reply)) => Ok(reply.into_inner().ttl_seconds),
-                    Ok(Err(status)) => Err(crate::forward::forwarded_error(status, &peer, false)),
-                }
+            Route::Forward { leader_id, .. } => {
+                let cluster_id = self.cluster.to_wire();
+                let reply = self
+                    .on_leader_peer(leader_id, deadline, false, async move |mut c, left| {
+                        let mut req = tonic::Request::new(pb::LeaseRenewRequest { cluster_id, id });
+                        req.set_timeout(left);
+                        c.lease_renew(req).await
+                    })
+                    .await?;
+                Ok(reply.ttl_seconds)
             }
         }
     }
@@ -514,25 +655,6 @@ impl LocalMember {
             Route::Local => Ok(self.lessor.renew(id, &self.reader.leases(), Instant::now()).unwrap_or(0)),
             Route::Forward { .. } => Err(KvError::Unavailable("not the leader".into())),
         }
-    }
-
-    /// Lease `id` with its remaining time and keys, on this member, which must lead (confirmed
-    /// with a quorum first); `None` when it does not exist.
-    pub async fn lease_here(
-        &self,
-        id: LeaseId,
-        deadline: Instant,
-    ) -> Result<Option<(Lease, Duration, Vec<Vec<u8>>)>, KvError> {
-        self.read_barrier(deadline).await?;
-        let found = self.reader.lease(id).map_err(|e| KvError::Internal(e.to_string()))?;
-        Ok(found.map(|(lease, keys)| {
-            // A lease granted since the lease task last looked has its whole TTL left.
-            let left = self
-                .lessor
-                .remaining(id, Instant::now())
-                .unwrap_or_else(|| Duration::from_secs(lease.ttl.max(0) as u64));
-            (lease, left, keys)
-        }))
     }
 
     /// A lease id for a new lease: random, positive, not in use.

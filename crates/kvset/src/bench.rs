@@ -127,7 +127,11 @@ pub struct CompareArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
     clients: Vec<usize>,
     /// Workloads (`watch`: the client count is the number of watchers, writes at --watch-rate).
-    #[arg(long, value_delimiter = ',', default_value = "put,get,get-serializable,mixed,watch,lease-keepalive")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "put,get,get-serializable,mixed,watch,lease-keepalive"
+    )]
     workloads: Vec<String>,
     /// Puts per second in the watch workload.
     #[arg(long, default_value_t = 500)]

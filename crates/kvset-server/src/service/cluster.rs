@@ -149,7 +149,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                 status.state_digest = d.crc;
                 status.state_keys = d.keys;
             }
-            Ok(status)
+            Ok::<_, KvError>(status)
         })
         .await
     }

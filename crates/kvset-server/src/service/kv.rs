@@ -1,14 +1,12 @@
 //! The `Kv` gRPC service: the kvset.v1 client API.
 //!
-//! A request flows: limits checked and converted to a domain command (`pb::request`) → routed
-//! (this member leads: serve; a follower: forward to the leader; no leader: `UNAVAILABLE`) →
-//! writes go through the batcher into Raft, linearizable reads wait for a ReadIndex barrier,
-//! serializable reads are served from the local state machine → the result is converted back
+//! A request flows: limits checked and converted to a domain command or [`Query`]
+//! (`pb::request`) → run by the member ([`LocalMember::execute`], [`LocalMember::read`]),
+//! which serves it on the leader or sends it there → the result converted back
 //! (`pb::response`). Each call gets a tracing span and is counted in the metrics.
 //!
 //! Watch streams are served by this member from its own state (the [`WatchHub`]); lease
-//! keep-alives are renewed on the leader (forwarded through its peer port when this member
-//! follows).
+//! keep-alives are renewed on the leader (through its peer port when this member follows).
 //!
 //! [`WatchHub`]: crate::watch_hub::WatchHub
 
@@ -18,24 +16,23 @@ use std::sync::Arc;
 use futures::Stream;
 use futures::StreamExt;
 use kvset_proto::v1 as pb;
-use kvset_proto::v1::kv_client::KvClient;
 use kvset_storage::Command;
 use kvset_storage::CommandResult;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
 
 use crate::errors;
 use crate::errors::KvError;
-use crate::forward::forwarded_error;
 use crate::forward::CallContext;
 use crate::member::LocalMember;
-use crate::member::Route;
 use crate::pb::request;
 use crate::pb::response;
 use crate::pb::response::HeaderInfo;
+use crate::query::Answer;
+use crate::query::Consistency;
+use crate::query::Query;
 use crate::service::observe;
 use crate::service::requires_leader;
 
@@ -58,85 +55,48 @@ fn accepted(result: CommandResult) -> Result<CommandResult, KvError> {
     }
 }
 
+/// The consistency a kvset.v1 read asks for.
+fn consistency(value: i32) -> Result<Consistency, KvError> {
+    match pb::ReadConsistency::try_from(value) {
+        Ok(pb::ReadConsistency::Serializable) => Ok(Consistency::Serializable),
+        Ok(_) => Ok(Consistency::Linearizable),
+        Err(_) => Err(KvError::InvalidArgument(format!("consistency {value} is not a known value"))),
+    }
+}
+
 impl KvService {
     /// The service of `member`.
     pub fn new(member: Arc<LocalMember>) -> Self {
         Self { member }
     }
 
-    /// Runs a write: locally when this member leads, else on the leader.
+    /// Runs a write and converts its result.
     async fn write<T>(
         &self,
         ctx: CallContext,
         command: Command,
         to_response: impl FnOnce(CommandResult, &HeaderInfo) -> T,
-        forward: impl AsyncFnOnce(KvClient<Channel>) -> Result<Response<T>, Status>,
     ) -> Result<T, KvError> {
-        let mut route = self.member.route(ctx.forwarded)?;
-        if route == Route::Local {
-            match self.member.submit(command, ctx.deadline).await {
-                Ok(result) => return Ok(to_response(accepted(result)?, &self.member.header_info())),
-                // Leadership moved before the entry was appended: nothing was applied, so the
-                // new leader may take it.
-                Err(KvError::NoLeader { leader_id: Some(id), leader_addr: Some(addr), .. })
-                    if !ctx.forwarded && id != self.member.node_id() =>
-                {
-                    route = Route::Forward { leader_id: id, addr };
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let Route::Forward { addr, .. } = route else {
-            return Err(KvError::Internal("routing".into()));
-        };
-        let client = self.member.forwarder().kv(&addr)?;
-        forward(client).await.map(Response::into_inner).map_err(|s| forwarded_error(s, &addr, true))
+        let result = accepted(self.member.execute(command, &ctx).await?)?;
+        Ok(to_response(result, &self.member.header_info()))
     }
 
-    /// Runs a read at the requested consistency.
+    /// Runs a read and converts its answer.
     async fn read<T>(
         &self,
         ctx: CallContext,
-        consistency: i32,
-        local: impl AsyncFnOnce() -> Result<T, KvError>,
-        forward: impl AsyncFnOnce(KvClient<Channel>) -> Result<Response<T>, Status>,
+        consistency: Consistency,
+        query: Query,
+        to_response: impl FnOnce(Answer, &HeaderInfo) -> Result<T, KvError>,
     ) -> Result<T, KvError> {
-        if consistency == pb::ReadConsistency::Serializable as i32 {
-            return local().await;
-        }
-        if pb::ReadConsistency::try_from(consistency).is_err() {
-            return Err(KvError::InvalidArgument(format!("consistency {consistency} is not a known value")));
-        }
-        self.on_leader(ctx, local, forward).await
-    }
-
-    /// Runs `local` on the leader after a ReadIndex barrier, or forwards the call there.
-    async fn on_leader<T>(
-        &self,
-        ctx: CallContext,
-        local: impl AsyncFnOnce() -> Result<T, KvError>,
-        forward: impl AsyncFnOnce(KvClient<Channel>) -> Result<Response<T>, Status>,
-    ) -> Result<T, KvError> {
-        match self.member.route(ctx.forwarded)? {
-            Route::Local => {
-                self.member.read_barrier(ctx.deadline).await?;
-                local().await
-            }
-            Route::Forward { addr, .. } => {
-                let client = self.member.forwarder().kv(&addr)?;
-                forward(client).await.map(Response::into_inner).map_err(|s| forwarded_error(s, &addr, false))
-            }
-        }
+        let answer = self.member.read(query, consistency, &ctx).await??;
+        to_response(answer, &self.member.header_info())
     }
 }
 
-/// Serves one range page from the local state machine.
-fn local_range(
-    member: &LocalMember,
-    query: &kvset_storage::RangeQuery,
-) -> Result<pb::RangeResponse, KvError> {
-    let (result, revision) = member.reader().range(query).map_err(errors::read)?;
-    Ok(response::range(result, member.header_info().at(revision)))
+/// An answer of another kind than the query asked for.
+fn mismatched(answer: &Answer) -> KvError {
+    KvError::Internal(format!("unexpected answer {answer:?}"))
 }
 
 #[tonic::async_trait]
@@ -146,7 +106,7 @@ impl pb::kv_server::Kv for KvService {
         let msg = req.into_inner();
         observe(self.member.metrics(), "Put", &ctx, async {
             let command = request::put_command(&msg, &self.member.config().limits)?;
-            self.write(ctx, command, response::put, async move |mut c| c.put(ctx.forward(msg)).await).await
+            self.write(ctx, command, response::put).await
         })
         .await
     }
@@ -156,19 +116,14 @@ impl pb::kv_server::Kv for KvService {
         let msg = req.into_inner();
         observe(self.member.metrics(), "Get", &ctx, async {
             let (key, revision) = request::get(&msg, &self.member.config().limits)?;
-            let consistency = msg.consistency;
-            self.read(
-                ctx,
-                consistency,
-                async || {
-                    // One key: a sled lookup (a seek in the history for a past revision),
-                    // normally from cache; cheap enough inline.
-                    let s = &self.member;
-                    let (kv, current) = s.reader().get(&key, revision).map_err(errors::read)?;
-                    Ok(pb::GetResponse { header: s.header_info().at(current), kv: kv.map(response::kv) })
-                },
-                async move |mut c| c.get(ctx.forward(msg)).await,
-            )
+            self.read(ctx, consistency(msg.consistency)?, Query::Get { key, revision }, |answer, info| {
+                match answer {
+                    Answer::Get { kv, revision } => {
+                        Ok(pb::GetResponse { header: info.at(revision), kv: kv.map(response::kv) })
+                    }
+                    other => Err(mismatched(&other)),
+                }
+            })
             .await
         })
         .await
@@ -179,8 +134,7 @@ impl pb::kv_server::Kv for KvService {
         let msg = req.into_inner();
         observe(self.member.metrics(), "Delete", &ctx, async {
             let command = request::delete_command(&msg, &self.member.config().limits)?;
-            self.write(ctx, command, response::delete, async move |mut c| c.delete(ctx.forward(msg)).await)
-                .await
+            self.write(ctx, command, response::delete).await
         })
         .await
     }
@@ -191,15 +145,11 @@ impl pb::kv_server::Kv for KvService {
         observe(self.member.metrics(), "Range", &ctx, async {
             request::check_size(&msg, &self.member.config().limits)?;
             let query = request::range(&msg, &self.member.config().limits)?;
-            let consistency = msg.consistency;
-            let member = self.member.clone();
-            let local = async move || {
-                // Up to range_max_keys keys: keep the scan off the async workers.
-                tokio::task::spawn_blocking(move || local_range(&member, &query))
-                    .await
-                    .map_err(|e| KvError::Internal(e.to_string()))?
-            };
-            self.read(ctx, consistency, local, async move |mut c| c.range(ctx.forward(msg)).await).await
+            self.read(ctx, consistency(msg.consistency)?, Query::Range(query), |answer, info| match answer {
+                Answer::Range { result, revision } => Ok(response::range(result, info.at(revision))),
+                other => Err(mismatched(&other)),
+            })
+            .await
         })
         .await
     }
@@ -209,7 +159,7 @@ impl pb::kv_server::Kv for KvService {
         let msg = req.into_inner();
         observe(self.member.metrics(), "Txn", &ctx, async {
             let command = request::txn_command(&msg, &self.member.config().limits)?;
-            self.write(ctx, command, response::txn, async move |mut c| c.txn(ctx.forward(msg)).await).await
+            self.write(ctx, command, response::txn).await
         })
         .await
     }
@@ -222,9 +172,7 @@ impl pb::kv_server::Kv for KvService {
         let msg = req.into_inner();
         observe(self.member.metrics(), "Compact", &ctx, async {
             let command = request::compact(&msg)?;
-            let to_response =
-                |r: CommandResult, info: &HeaderInfo| pb::CompactResponse { header: info.at(r.revision()) };
-            self.write(ctx, command, to_response, async move |mut c| c.compact(ctx.forward(msg)).await).await
+            self.write(ctx, command, |r, info| pb::CompactResponse { header: info.at(r.revision()) }).await
         })
         .await
     }
@@ -256,31 +204,19 @@ impl pb::kv_server::Kv for KvService {
         let ctx = CallContext::of(&req);
         let msg = req.into_inner();
         observe(self.member.metrics(), "LeaseGrant", &ctx, async {
-            let config = &self.member.config().lease;
-            let ttl = request::lease_ttl(msg.ttl_seconds, config)?;
+            let ttl = request::lease_ttl(msg.ttl_seconds, &self.member.config().lease)?;
             if msg.id < 0 {
                 return Err(KvError::InvalidArgument(format!(
                     "id is {}; lease ids are positive (0: any)",
                     msg.id
                 )));
             }
-            let leading = self.member.route(ctx.forwarded)? == Route::Local;
-            if leading && self.member.reader().leases().len() as u64 >= config.max_leases {
-                return Err(KvError::LimitReached(format!(
-                    "the cluster holds {} leases, the limit lease.max_leases = {}",
-                    config.max_leases, config.max_leases
-                )));
-            }
-            // The leader chooses the id (a forwarded request still carries 0).
-            let id = if msg.id == 0 { self.member.new_lease_id() } else { msg.id };
-            let to_response = |r: CommandResult, info: &HeaderInfo| match r {
+            // Id 0: the leader picks one.
+            self.write(ctx, Command::LeaseGrant { id: msg.id, ttl }, |r, info| match r {
                 CommandResult::LeaseGrant { revision, id, ttl } => {
                     pb::LeaseGrantResponse { header: info.at(revision), id, ttl_seconds: ttl }
                 }
                 other => pb::LeaseGrantResponse { header: info.at(other.revision()), ..Default::default() },
-            };
-            self.write(ctx, Command::LeaseGrant { id, ttl }, to_response, async move |mut c| {
-                c.lease_grant(ctx.forward(msg)).await
             })
             .await
         })
@@ -295,11 +231,8 @@ impl pb::kv_server::Kv for KvService {
         let msg = req.into_inner();
         observe(self.member.metrics(), "LeaseRevoke", &ctx, async {
             let id = request::lease_id(msg.id)?;
-            let to_response = |r: CommandResult, info: &HeaderInfo| pb::LeaseRevokeResponse {
+            self.write(ctx, Command::LeaseRevoke(id), |r, info| pb::LeaseRevokeResponse {
                 header: info.at(r.revision()),
-            };
-            self.write(ctx, Command::LeaseRevoke(id), to_response, async move |mut c| {
-                c.lease_revoke(ctx.forward(msg)).await
             })
             .await
         })
@@ -343,27 +276,24 @@ impl pb::kv_server::Kv for KvService {
         let ctx = CallContext::of(&req);
         let msg = req.into_inner();
         observe(self.member.metrics(), "LeaseTimeToLive", &ctx, async {
-            let (id, with_keys) = (msg.id, msg.keys);
-            self.on_leader(
-                ctx,
-                async || {
-                    let s = &self.member;
-                    let header = s.header_info().at(s.reader().applied().revision);
-                    Ok(match s.lease_here(id, ctx.deadline).await? {
-                        Some((lease, left, keys)) => pb::LeaseTimeToLiveResponse {
-                            header,
-                            id,
-                            ttl_seconds: left.as_secs() as i64,
-                            granted_ttl_seconds: lease.ttl,
-                            keys: if with_keys { keys } else { Vec::new() },
-                        },
-                        None => {
-                            pb::LeaseTimeToLiveResponse { header, id, ttl_seconds: -1, ..Default::default() }
-                        }
-                    })
-                },
-                async move |mut c| c.lease_time_to_live(ctx.forward(msg)).await,
-            )
+            let (id, keys) = (msg.id, msg.keys);
+            let query = Query::Lease { id, keys };
+            self.read(ctx, Consistency::Linearizable, query, |answer, info| match answer {
+                Answer::Lease { status: Some(s), revision } => Ok(pb::LeaseTimeToLiveResponse {
+                    header: info.at(revision),
+                    id,
+                    ttl_seconds: (s.remaining_ms / 1000) as i64,
+                    granted_ttl_seconds: s.lease.ttl,
+                    keys: s.keys,
+                }),
+                Answer::Lease { status: None, revision } => Ok(pb::LeaseTimeToLiveResponse {
+                    header: info.at(revision),
+                    id,
+                    ttl_seconds: -1,
+                    ..Default::default()
+                }),
+                other => Err(mismatched(&other)),
+            })
             .await
         })
         .await
@@ -374,25 +304,17 @@ impl pb::kv_server::Kv for KvService {
         req: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
         let ctx = CallContext::of(&req);
-        let msg = req.into_inner();
         observe(self.member.metrics(), "LeaseLeases", &ctx, async {
-            self.on_leader(
-                ctx,
-                async || {
-                    let s = &self.member;
-                    let leases = s
-                        .reader()
-                        .leases()
-                        .values()
+            self.read(ctx, Consistency::Linearizable, Query::Leases, |answer, info| match answer {
+                Answer::Leases { leases, revision } => Ok(pb::LeaseLeasesResponse {
+                    header: info.at(revision),
+                    leases: leases
+                        .into_iter()
                         .map(|l| pb::LeaseStatus { id: l.id, granted_ttl_seconds: l.ttl })
-                        .collect();
-                    Ok(pb::LeaseLeasesResponse {
-                        header: s.header_info().at(s.reader().applied().revision),
-                        leases,
-                    })
-                },
-                async move |mut c| c.lease_leases(ctx.forward(msg)).await,
-            )
+                        .collect(),
+                }),
+                other => Err(mismatched(&other)),
+            })
             .await
         })
         .await

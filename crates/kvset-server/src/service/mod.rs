@@ -1,6 +1,6 @@
 //! The gRPC services and HTTP endpoints a member serves, one file per service.
 //!
-//! * [`kv`] — `kvset.v1.Kv` on the client port: keys, ranges, transactions;
+//! * [`kv`] — `kvset.v1.Kv` on the client port: keys, ranges, transactions, watches, leases;
 //! * [`cluster`] — `kvset.v1.Cluster` on the client port: status and membership administration;
 //! * [`raft`] — `kvset.v1.Raft` on the peer port: Raft messages, probes and joins;
 //! * [`ops`] — HTTP `/metrics`, `/healthz`, `/readyz` on the ops port.
@@ -20,7 +20,6 @@ use tonic::Response;
 use tonic::Status;
 use tracing::Instrument;
 
-use crate::errors::KvError;
 use crate::forward::CallContext;
 use crate::metrics::Metrics;
 
@@ -34,16 +33,16 @@ pub(crate) fn requires_leader(metadata: &tonic::metadata::MetadataMap) -> bool {
 }
 
 /// Runs a handler inside a span and records its outcome in the metrics.
-pub(crate) async fn observe<T>(
+pub(crate) async fn observe<T, E: Into<Status>>(
     metrics: &Metrics,
     method: &'static str,
     ctx: &CallContext,
-    fut: impl Future<Output = Result<T, KvError>>,
+    fut: impl Future<Output = Result<T, E>>,
 ) -> Result<Response<T>, Status> {
     let started = Instant::now();
     let span =
         tracing::info_span!("request", method, forwarded = ctx.forwarded, code = tracing::field::Empty);
-    let result = fut.instrument(span.clone()).await.map_err(Status::from);
+    let result = fut.instrument(span.clone()).await.map_err(Into::into);
     let code = match &result {
         Ok(_) => tonic::Code::Ok,
         Err(s) => s.code(),

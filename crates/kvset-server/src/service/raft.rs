@@ -34,6 +34,7 @@ use tonic::Status;
 
 use crate::errors;
 use crate::errors::KvError;
+use crate::forward::CallContext;
 use crate::member::LocalMember;
 
 /// The peer gRPC service.
@@ -78,6 +79,17 @@ impl PeerService {
                 s.adopt_cluster(theirs).await.map_err(|e| KvError::FailedPrecondition(e.to_string()))
             }
         }
+    }
+
+    /// Refuses a request that another cluster's member sent.
+    fn check_cluster(&self, theirs: &str) -> Result<(), KvError> {
+        let mine = self.member.cluster().to_wire();
+        if mine.is_empty() || theirs != mine {
+            return Err(KvError::FailedPrecondition(format!(
+                "cluster id mismatch: this is cluster {mine:?}, the request comes from cluster {theirs:?}"
+            )));
+        }
+        Ok(())
     }
 
     fn reply<T: serde::Serialize>(value: &T) -> Result<Response<pb::RaftReply>, KvError> {
@@ -226,21 +238,37 @@ impl pb::raft_server::Raft for PeerService {
         }))
     }
 
+    async fn propose(
+        &self,
+        request: Request<pb::ProposeRequest>,
+    ) -> Result<Response<pb::ProposeReply>, Status> {
+        let ctx = CallContext::of(&request).forwarded();
+        let req = request.into_inner();
+        self.check_cluster(&req.cluster_id)?;
+        let command: kvset_storage::Command = Self::decode("command", &req.command)?;
+        let result = self.member.execute(command, &ctx).await?;
+        let result =
+            codec::encode("command result", &result).map_err(|e| KvError::Internal(e.to_string()))?;
+        Ok(Response::new(pb::ProposeReply { result }))
+    }
+
+    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
+        let ctx = CallContext::of(&request).forwarded();
+        let req = request.into_inner();
+        self.check_cluster(&req.cluster_id)?;
+        let query: crate::query::Query = Self::decode("query", &req.query)?;
+        let answer = self.member.read(query, crate::query::Consistency::Linearizable, &ctx).await?;
+        let answer = codec::encode("answer", &answer).map_err(|e| KvError::Internal(e.to_string()))?;
+        Ok(Response::new(pb::ReadReply { answer }))
+    }
+
     async fn lease_renew(
         &self,
         request: Request<pb::LeaseRenewRequest>,
     ) -> Result<Response<pb::LeaseRenewReply>, Status> {
         let req = request.into_inner();
-        let s = &self.member;
-        if req.cluster_id != s.cluster().to_wire() {
-            return Err(KvError::FailedPrecondition(format!(
-                "cluster id mismatch: this is cluster {}, the renewal comes from cluster {:?}",
-                s.cluster().to_wire(),
-                req.cluster_id
-            ))
-            .into());
-        }
-        let ttl = s.renew_lease_here(req.id)?;
+        self.check_cluster(&req.cluster_id)?;
+        let ttl = self.member.renew_lease_here(req.id)?;
         Ok(Response::new(pb::LeaseRenewReply { ttl_seconds: ttl }))
     }
 
