@@ -233,3 +233,46 @@ pub(crate) fn events_between(
     }
     Ok(out)
 }
+
+/// A hash of the history up to `revision` as it reads once compaction at `compact` has run:
+/// every version above `compact`, and of older ones only each key's version visible at
+/// `compact` (when it is not a deletion). Physical compaction removes exactly the versions
+/// this leaves out, so members agree on the hash wherever their compaction has got to.
+pub(crate) fn hash_kv(tree: &sled::Tree, revision: Revision, compact: Revision) -> Result<u32, ReadError> {
+    let mut crc = crc32fast::Hasher::new();
+    let mut hash = |k: &[u8], v: &[u8]| {
+        crc.update(&(k.len() as u32).to_le_bytes());
+        crc.update(k);
+        crc.update(&(v.len() as u32).to_le_bytes());
+        crc.update(v);
+    };
+    // The newest version at or below `compact` of the key being walked, not yet hashed.
+    let mut kept: Option<(Vec<u8>, sled::IVec, sled::IVec)> = None;
+    let hash_kept = |kept: &mut Option<(Vec<u8>, sled::IVec, sled::IVec)>,
+                     hash: &mut dyn FnMut(&[u8], &[u8])| {
+        if let Some((key, k, v)) = kept.take() {
+            let live = decode_entry(&k, &v).map(|(_, rev, _, version)| version.to_key_value(&key, rev, true));
+            if matches!(live, Ok(Some(_))) {
+                hash(&k, &v);
+            }
+        }
+    };
+    for item in tree.range(vec![keys::HISTORY]..vec![keys::HISTORY + 1]) {
+        let (k, v) = item?;
+        let (key, rev, _, _) = decode_entry(&k, &v)?;
+        if kept.as_ref().is_some_and(|(kept_key, ..)| *kept_key != key) {
+            hash_kept(&mut kept, &mut hash);
+        }
+        if rev > revision {
+            continue;
+        }
+        if rev <= compact {
+            kept = Some((key, k, v));
+        } else {
+            hash_kept(&mut kept, &mut hash);
+            hash(&k, &v);
+        }
+    }
+    hash_kept(&mut kept, &mut hash);
+    Ok(crc.finalize())
+}

@@ -380,50 +380,10 @@ impl Shared {
     fn write_snapshot(&self) -> io::Result<(SnapshotHeader, PathBuf, u64)> {
         // No compaction chunk runs from the capture to the end of the copy.
         let _gate = self.compaction_gate.read().unwrap_or_else(|e| e.into_inner());
-        let (tree, header) = {
-            let st = self.read_state();
-            let applied = &st.applied;
-            let meta = SnapshotMeta {
-                last_log_id: applied.last_applied,
-                last_membership: applied.membership.clone(),
-                snapshot_id: format!(
-                    "{}-{}-{}",
-                    applied.last_applied.map_or(0, |l| l.index),
-                    self.next_seq(),
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis())
-                        .unwrap_or(0)
-                ),
-            };
-            let header = SnapshotHeader {
-                meta,
-                revision: applied.revision,
-                compact_revision: applied.compact_revision,
-                replicas: applied.replicas,
-                leases: st.leases.values().copied().collect(),
-            };
-            (st.tree.clone(), header)
-        };
+        let (tree, header) = self.capture();
         let tmp = self.snapshot_dir.join(format!("build-{}.tmp", self.next_seq()));
         let result = (|| {
-            let mut w = SnapshotWriter::create(&tmp, &header)?;
-            for (i, item) in tree.range(vec![keys::HISTORY]..vec![keys::HISTORY + 1]).enumerate() {
-                #[cfg(test)]
-                if i == 1 {
-                    if let Some(pause) = lock(&self.build_pause).take() {
-                        let _ = pause.recv();
-                    }
-                }
-                let _ = i;
-                let (k, v) = item.map_err(io::Error::other)?;
-                let (_, revision, _) = keys::parse_history(&k)
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad history key"))?;
-                if revision <= header.revision {
-                    w.record(&k[1..], &v)?;
-                }
-            }
-            let bytes = w.finish()?;
+            let bytes = self.write_history(&tree, &header, &tmp)?;
             // The captured state must be durable before a snapshot of it exists, or openraft
             // could purge log entries the state machine would need after a crash.
             self.db.flush().map_err(io::Error::other)?;
@@ -440,6 +400,55 @@ impl Shared {
         fs::rename(&tmp, &path)?;
         sync_dir(&self.snapshot_dir)?;
         Ok((header, path, bytes))
+    }
+
+    /// The tree and the snapshot header of the applied state, captured together.
+    fn capture(&self) -> (sled::Tree, SnapshotHeader) {
+        let st = self.read_state();
+        let applied = &st.applied;
+        let meta = SnapshotMeta {
+            last_log_id: applied.last_applied,
+            last_membership: applied.membership.clone(),
+            snapshot_id: format!(
+                "{}-{}-{}",
+                applied.last_applied.map_or(0, |l| l.index),
+                self.next_seq(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or(0)
+            ),
+        };
+        let header = SnapshotHeader {
+            meta,
+            revision: applied.revision,
+            compact_revision: applied.compact_revision,
+            replicas: applied.replicas,
+            leases: st.leases.values().copied().collect(),
+        };
+        (st.tree.clone(), header)
+    }
+
+    /// Writes `header` and the history up to its revision to a new snapshot file at `path`.
+    /// The caller holds the compaction gate. Returns the file's size.
+    fn write_history(&self, tree: &sled::Tree, header: &SnapshotHeader, path: &Path) -> io::Result<u64> {
+        let mut w = SnapshotWriter::create(path, header)?;
+        for (i, item) in tree.range(vec![keys::HISTORY]..vec![keys::HISTORY + 1]).enumerate() {
+            #[cfg(test)]
+            if i == 1 {
+                if let Some(pause) = lock(&self.build_pause).take() {
+                    let _ = pause.recv();
+                }
+            }
+            let _ = i;
+            let (k, v) = item.map_err(io::Error::other)?;
+            let (_, revision, _) = keys::parse_history(&k)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad history key"))?;
+            if revision <= header.revision {
+                w.record(&k[1..], &v)?;
+            }
+        }
+        w.finish()
     }
 
     /// Makes `path` the current snapshot when it is newer than the current one, and removes
@@ -950,6 +959,40 @@ impl SmReader {
             crc.update(&lease.ttl.to_le_bytes());
         }
         Ok(StateDigest { revision: st.applied.revision, keys, crc: crc.finalize() })
+    }
+
+    /// Writes a snapshot file of the applied state (the format Raft ships between members,
+    /// which a volume can be restored from) and returns its header, path and size. The file
+    /// lies in the snapshot directory but is not the Raft snapshot: the caller owns it and
+    /// removes it when done (a restart removes a forgotten one).
+    pub fn write_backup(&self) -> io::Result<(SnapshotHeader, PathBuf, u64)> {
+        let shared = &self.shared;
+        let path = shared.snapshot_dir.join(format!("backup-{}.tmp", shared.next_seq()));
+        let _gate = shared.compaction_gate.read().unwrap_or_else(|e| e.into_inner());
+        let (tree, header) = shared.capture();
+        match shared.write_history(&tree, &header, &path) {
+            Ok(bytes) => Ok((header, path, bytes)),
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// etcd's HashKV: a hash of the key-value history up to `revision` (0: the current one),
+    /// the same on every member that applied the same commands, whatever its physical
+    /// compaction progress. Returns the hash, the compact revision and the revision hashed.
+    pub fn hash_kv(&self, revision: Revision) -> Result<(u32, Revision, Revision), ReadError> {
+        // No compaction chunk runs during the walk.
+        let _gate = self.shared.compaction_gate.read().unwrap_or_else(|e| e.into_inner());
+        let (tree, applied) = {
+            let st = self.shared.read_state();
+            (st.tree.clone(), st.applied.clone())
+        };
+        let revision = if revision == 0 { applied.revision } else { revision };
+        Self::check_revision(&applied, revision)?;
+        let hash = history::hash_kv(&tree, revision, applied.compact_revision)?;
+        Ok((hash, applied.compact_revision, revision))
     }
 
     /// Flushes the whole database to disk.

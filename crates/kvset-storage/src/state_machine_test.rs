@@ -317,3 +317,74 @@ async fn applied_state_leases_and_compaction_survive_restart() {
     assert_eq!(store.reader.get(b"a", 3).unwrap().0.map(|kv| kv.value), Some(b"2".to_vec()));
     assert_eq!(store.reader.leases().get(&3).map(|l| l.ttl), Some(9));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_kv_agrees_across_physical_compaction_and_sees_every_change() {
+    let commands = vec![put("a", "1"), put("b", "1"), put("a", "2"), del("b"), put("c", "1")];
+    // Two members apply the same commands; the first also compacts at 4 and finishes the
+    // physical compaction, the second has not compacted at all.
+    let (_d1, one) = new_store();
+    let (_d2, two) = new_store();
+    let mut sm1 = one.state_machine;
+    let mut sm2 = two.state_machine;
+    sm1.apply([entry(1, commands.clone())]).await.unwrap();
+    sm2.apply([entry(1, commands)]).await.unwrap();
+    let (before, compact, revision) = one.reader.hash_kv(0).unwrap();
+    assert_eq!((compact, revision), (0, 6));
+    assert_eq!(two.reader.hash_kv(0).unwrap().0, before);
+
+    sm1.apply([entry(2, vec![Command::Compact(4)])]).await.unwrap();
+    crate::tests_support::wait_compacted(&one.reader, 3).await;
+    let history = |reader: &SmReader| {
+        let tree = reader.shared.read_state().tree.clone();
+        tree.range(vec![keys::HISTORY]..vec![keys::HISTORY + 1]).count()
+    };
+    assert!(history(&one.reader) < 5, "physical compaction removed versions");
+    assert_eq!(history(&two.reader), 5);
+    let (h1, c1, r1) = one.reader.hash_kv(6).unwrap();
+    assert_eq!((c1, r1), (4, 6));
+    // The second member's history read as if compacted at 4: the same hash, though it still
+    // holds every version (a member whose compaction is under way sits between the two).
+    let tree2 = two.reader.shared.read_state().tree.clone();
+    assert_eq!(history::hash_kv(&tree2, 6, 4).unwrap(), h1, "same state, same hash");
+    assert!(matches!(one.reader.hash_kv(3), Err(ReadError::Compacted { .. })));
+    assert!(matches!(one.reader.hash_kv(7), Err(ReadError::FutureRevision { .. })));
+
+    // Any change changes it; a hash at an earlier revision ignores later changes.
+    sm1.apply([entry(3, vec![put("c", "2")])]).await.unwrap();
+    assert_ne!(one.reader.hash_kv(0).unwrap().0, h1);
+    assert_eq!(one.reader.hash_kv(6).unwrap().0, h1);
+    // The same commands and compaction on the second member give the same hash.
+    sm2.apply([entry(2, vec![Command::Compact(4)]), entry(3, vec![put("c", "2")])]).await.unwrap();
+    assert_eq!(two.reader.hash_kv(0).unwrap(), one.reader.hash_kv(0).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_is_a_snapshot_another_volume_installs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = {
+        let store = Store::open_dir(dir.path(), StoreOptions::default()).unwrap();
+        let mut sm = store.state_machine;
+        sm.apply([entry(1, vec![put("a", "1"), Command::LeaseGrant { id: 9, ttl: 30 }, put("b", "2")])])
+            .await
+            .unwrap();
+        let (header, path, bytes) = store.reader.write_backup().unwrap();
+        assert_eq!((header.revision, header.leases.len()), (3, 1));
+        assert_eq!(fs::metadata(&path).unwrap().len(), bytes);
+        assert!(store.reader.current_snapshot().is_none(), "a backup is not the Raft snapshot");
+
+        let (_other_dir, other) = new_store();
+        let mut other_sm = other.state_machine;
+        let mut recv = other_sm.begin_receiving_snapshot().await.unwrap();
+        let mut src = tokio::fs::File::open(&path).await.unwrap();
+        tokio::io::copy(&mut src, &mut *recv).await.unwrap();
+        other_sm.install_snapshot(&header.meta, recv).await.unwrap();
+        assert_eq!(everything(&other.reader), everything(&store.reader));
+        assert_eq!(other.reader.digest().unwrap(), store.reader.digest().unwrap());
+        path
+    };
+    // A backup left behind by a crash is removed when the volume opens again.
+    assert!(path.exists());
+    let _again = Store::open_dir(dir.path(), StoreOptions::default()).unwrap();
+    assert!(!path.exists(), "the stray backup file was removed at open");
+}
