@@ -1,14 +1,19 @@
-//! The kvset wire contract, generated from `proto/kvset/v1` at build time.
+//! The kvset wire contracts, generated from `proto/` at build time.
 //!
-//! Three services make up the contract:
+//! kvset's own contract, package `kvset.v1`:
 //!
-//! * [`v1::kv_server::Kv`] — the client API (put, get, delete, range, txn; watch and leases are
-//!   specified but not yet served);
+//! * [`v1::kv_server::Kv`] — the client API (put, get, delete, range, txn, compact, watch,
+//!   leases);
 //! * [`v1::cluster_server::Cluster`] — status and membership administration;
-//! * [`v1::raft_server::Raft`] — peer-to-peer Raft traffic, bootstrap probes and join requests.
+//! * [`v1::raft_server::Raft`] — peer-to-peer Raft traffic, bootstrap probes, join requests and
+//!   the requests a member sends its leader.
+//!
+//! etcd's v3 API, vendored from etcd v3.5.21 (`proto/etcd`, Apache-2.0, options stripped):
+//! [`etcdserverpb`] (KV, Watch, Lease, Cluster, Maintenance, Auth), [`mvccpb`] and [`authpb`].
 //!
 //! The `.proto` files are compiled by `protox` (pure Rust), so building this crate needs no
-//! `protoc`. [`FILE_DESCRIPTOR_SET`] holds the encoded descriptors for gRPC server reflection.
+//! `protoc`. [`FILE_DESCRIPTOR_SET`] and [`CLIENT_DESCRIPTOR_SET`] hold encoded descriptors for
+//! gRPC server reflection.
 //!
 //! This crate holds generated code only; conversions between these messages and kvset's domain
 //! types live next to the code that needs them (`kvset-server`'s `pb` module).
@@ -19,8 +24,30 @@ pub mod v1 {
     tonic::include_proto!("kvset.v1");
 }
 
-/// Encoded `FileDescriptorSet` of every kvset `.proto` file, for `tonic-reflection`.
+/// etcd's package `etcdserverpb`: the v3 client services and their messages.
+#[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// etcd's package `mvccpb`: `KeyValue` and `Event`.
+#[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod mvccpb {
+    tonic::include_proto!("mvccpb");
+}
+
+/// etcd's package `authpb`: users, roles and permissions.
+#[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod authpb {
+    tonic::include_proto!("authpb");
+}
+
+/// Encoded `FileDescriptorSet` of every `.proto` file.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kvset_descriptor.bin"));
+
+/// Encoded `FileDescriptorSet` of the services the client port serves (kvset.v1 `Kv` and
+/// `Cluster`, etcd's six), for reflection on that port: tools list what they can call.
+pub const CLIENT_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/client_descriptor.bin"));
 
 /// Fully qualified gRPC service names, as they appear on the wire and in health checks.
 pub mod service_names {
@@ -82,27 +109,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn descriptor_set_names_every_service() {
-        let fds = prost_types_free_decode(FILE_DESCRIPTOR_SET);
-        for name in [service_names::KV, service_names::CLUSTER, service_names::RAFT] {
+    fn descriptor_sets_name_the_services() {
+        let (files, all) = decode(FILE_DESCRIPTOR_SET);
+        assert_eq!(files, 6, "kv, cluster, raft, rpc and its two imports");
+        for name in [service_names::KV, service_names::CLUSTER, service_names::RAFT, "etcdserverpb"] {
             let short = name.rsplit('.').next().unwrap_or(name);
-            assert!(fds.contains(short), "descriptor set lacks service {name}");
+            assert!(all.contains(short), "descriptor set lacks {name}");
+        }
+        let (files, client) = decode(CLIENT_DESCRIPTOR_SET);
+        assert_eq!(files, 5, "kv, cluster, rpc and its two imports");
+        assert!(!client.contains("raft.proto"), "the client set must not list the peer service");
+        for service in ["Maintenance", "Watch", "Lease", "Auth"] {
+            assert!(client.contains(service), "client set lacks etcd's {service}");
         }
     }
 
-    /// Decodes the descriptor set just far enough to see it is well-formed protobuf, and
-    /// returns its bytes as lossy text for name lookups (avoids a prost-types dependency).
-    fn prost_types_free_decode(bytes: &[u8]) -> String {
-        // A FileDescriptorSet is `repeated FileDescriptorProto file = 1;`: decoding it as a
-        // message with unknown fields must succeed.
+    /// Decodes a descriptor set just far enough to count its files (it must be well-formed
+    /// protobuf), and returns its bytes as lossy text for name lookups (avoids a prost-types
+    /// dependency).
+    fn decode(bytes: &[u8]) -> (usize, String) {
+        // A FileDescriptorSet is `repeated FileDescriptorProto file = 1;`.
         #[derive(Clone, PartialEq, prost::Message)]
         struct Set {
             #[prost(bytes = "vec", repeated, tag = "1")]
             file: Vec<Vec<u8>>,
         }
         let set = Set::decode(bytes).expect("descriptor set decodes");
-        assert_eq!(set.file.len(), 3, "one descriptor per .proto file");
-        String::from_utf8_lossy(bytes).into_owned()
+        (set.file.len(), String::from_utf8_lossy(bytes).into_owned())
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The three servers of a member, each with graceful shutdown on the node's stop signal.
 //!
 //! * peer port: the `Raft` service only (so a NetworkPolicy can keep it pod-to-pod);
-//! * client port: `Kv`, `Cluster`, gRPC health (`grpc.health.v1`) and server reflection;
+//! * client port: kvset.v1 `Kv` and `Cluster`, etcd's v3 services (`etcdserverpb`), gRPC health
+//!   (`grpc.health.v1`) and server reflection (`v1` and `v1alpha`, listing only these services);
 //! * ops port: HTTP `/metrics`, `/healthz`, `/readyz`.
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::identity::Identity;
 use crate::member::LocalMember;
 use crate::network::PEER_MAX_MESSAGE_BYTES;
 use crate::service::cluster::ClusterService;
+use crate::service::etcd::EtcdService;
 use crate::service::kv::KvService;
 use crate::service::raft::PeerService;
 
@@ -110,15 +112,24 @@ pub async fn spawn_servers(
         }
     }));
 
-    // Client server: Kv, Cluster, health, reflection.
+    // Client server: kvset.v1, etcd's v3 API, health, reflection.
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    for name in ["", kvset_proto::service_names::KV, kvset_proto::service_names::CLUSTER] {
-        health_reporter.set_service_status(name, ServingStatus::Serving).await;
+    let served: Vec<&'static str> = ["", kvset_proto::service_names::KV, kvset_proto::service_names::CLUSTER]
+        .into_iter()
+        .chain(crate::service::etcd::SERVICE_NAMES)
+        .collect();
+    for name in &served {
+        health_reporter.set_service_status(*name, ServingStatus::Serving).await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kvset_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcurl and grpc-java use v1, python's grpcio-reflection,
+    // older grpcurl, Postman and Evans v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(kvset_proto::CLIENT_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     // Requests up to twice the request limit decode, so an oversized one is answered with
     // INVALID_ARGUMENT naming the limit rather than a transport error.
     let decode_limit = (member.config().limits.request_max_bytes as usize).saturating_mul(2).max(4 << 20);
@@ -128,6 +139,7 @@ pub async fn spawn_servers(
     let cluster = ClusterServer::new(ClusterService::new(member.clone()))
         .max_decoding_message_size(decode_limit)
         .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);
+    let etcd = EtcdService::servers(member.clone(), decode_limit, CLIENT_MAX_MESSAGE_BYTES);
     let incoming_client = incoming(listeners.client);
     let stop_client = stop.clone();
     let reporter = health_reporter.clone();
@@ -135,7 +147,7 @@ pub async fn spawn_servers(
         let mut stop_health = stop_client.clone();
         let health_down = async move {
             let _ = stop_health.wait_for(|s| *s).await;
-            for name in ["", kvset_proto::service_names::KV, kvset_proto::service_names::CLUSTER] {
+            for name in served {
                 reporter.set_service_status(name, ServingStatus::NotServing).await;
             }
         };
@@ -143,9 +155,16 @@ pub async fn spawn_servers(
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(kv)
             .add_service(cluster)
+            .add_service(etcd.kv)
+            .add_service(etcd.watch)
+            .add_service(etcd.lease)
+            .add_service(etcd.cluster)
+            .add_service(etcd.maintenance)
+            .add_service(etcd.auth)
             .serve_with_incoming_shutdown(incoming_client, stopped(stop_client))
             .await;
         if let Err(e) = result {

@@ -5,6 +5,8 @@
 //!   [`crate::config::Limits`] is enforced here, before anything reaches Raft, so a rejected
 //!   request changes nothing.
 //! * [`response`]: command results and reads → protobuf responses.
+//! * [`etcd`]: the same two directions for etcd's v3 API.
 
+pub mod etcd;
 pub mod request;
 pub mod response;

@@ -1,6 +1,7 @@
 //! The gRPC services and HTTP endpoints a member serves, one file per service.
 //!
 //! * [`kv`] — `kvset.v1.Kv` on the client port: keys, ranges, transactions, watches, leases;
+//! * [`etcd`] — etcd's v3 services (`etcdserverpb`) on the client port, over the same member;
 //! * [`cluster`] — `kvset.v1.Cluster` on the client port: status and membership administration;
 //! * [`raft`] — `kvset.v1.Raft` on the peer port: Raft messages, probes and joins;
 //! * [`ops`] — HTTP `/metrics`, `/healthz`, `/readyz` on the ops port.
@@ -9,6 +10,7 @@
 //! (the per-call span and metrics, `observe`) lives here.
 
 pub mod cluster;
+pub mod etcd;
 pub mod kv;
 pub mod ops;
 pub mod raft;

@@ -1,0 +1,201 @@
+//! etcd's `Maintenance` service: Status, Alarm, Defragment, Hash, HashKV, Snapshot, MoveLeader
+//! and Downgrade, on this member.
+
+use std::io::Read;
+
+use kvset_proto::etcdserverpb as epb;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+
+use super::EtcdService;
+use crate::forward::CallContext;
+use crate::pb::etcd::errors;
+use crate::pb::etcd::response;
+use crate::service::observe;
+
+/// The etcd version kvset's API corresponds to, reported by `Status`: clients such as the
+/// Kubernetes apiserver enable features by it (watch progress requests from 3.5.13 on).
+pub const ETCD_VERSION: &str = "3.5.21";
+
+/// Bytes per `Snapshot` message (etcd's chunk size).
+const SNAPSHOT_CHUNK: usize = 32 * 1024;
+
+type SnapshotStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<epb::SnapshotResponse, Status>> + Send>>;
+
+/// Runs blocking work off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("kvset: {e}")))
+}
+
+#[tonic::async_trait]
+impl epb::maintenance_server::Maintenance for EtcdService {
+    async fn alarm(&self, req: Request<epb::AlarmRequest>) -> Result<Response<epb::AlarmResponse>, Status> {
+        use epb::alarm_request::AlarmAction;
+        let r = req.into_inner();
+        match AlarmAction::try_from(r.action) {
+            // No alarm is ever raised yet: there is none to list or disarm.
+            Ok(AlarmAction::Get) | Ok(AlarmAction::Deactivate) => {
+                Ok(Response::new(epb::AlarmResponse { header: self.header_now(), alarms: vec![] }))
+            }
+            Ok(AlarmAction::Activate) => Err(errors::unimplemented(
+                "Alarm ACTIVATE: kvset raises no alarms yet (it has no space quota), so none can be set by hand",
+            )),
+            Err(_) => Err(Status::invalid_argument(format!("kvset: alarm action {} is not a known value", r.action))),
+        }
+    }
+
+    async fn status(
+        &self,
+        req: Request<epb::StatusRequest>,
+    ) -> Result<Response<epb::StatusResponse>, Status> {
+        let ctx = CallContext::of(&req);
+        observe(self.member.metrics(), "etcd.Status", &ctx, async {
+            let m = self.member.raft_metrics();
+            let voter = m.membership_config.membership().voter_ids().any(|id| id == self.member.node_id());
+            let db_size = self.member.reader().db_size_on_disk() as i64;
+            Ok::<_, Status>(epb::StatusResponse {
+                header: self.header_now(),
+                version: ETCD_VERSION.to_string(),
+                db_size,
+                leader: self.member.leader().0.unwrap_or(0),
+                raft_index: m.last_log_index.unwrap_or(0),
+                raft_term: m.current_term,
+                raft_applied_index: m.last_applied.map_or(0, |l| l.index),
+                errors: vec![],
+                // sled does not report the share of its files in use.
+                db_size_in_use: db_size,
+                is_learner: !voter,
+            })
+        })
+        .await
+    }
+
+    async fn defragment(
+        &self,
+        req: Request<epb::DefragmentRequest>,
+    ) -> Result<Response<epb::DefragmentResponse>, Status> {
+        let ctx = CallContext::of(&req);
+        observe(self.member.metrics(), "etcd.Defragment", &ctx, async {
+            // sled reclaims the space of dead data by itself, segment by segment, as it
+            // writes; there is no offline rewrite to run. Defragment flushes the volume.
+            let reader = self.member.reader().clone();
+            blocking(move || reader.flush())
+                .await?
+                .map_err(|e| Status::internal(format!("kvset: flush failed: {e}")))?;
+            Ok::<_, Status>(epb::DefragmentResponse { header: self.header_now() })
+        })
+        .await
+    }
+
+    async fn hash(&self, req: Request<epb::HashRequest>) -> Result<Response<epb::HashResponse>, Status> {
+        let ctx = CallContext::of(&req);
+        observe(self.member.metrics(), "etcd.Hash", &ctx, async {
+            // The whole logical state (live keys, leases, compact revision) of this member.
+            let reader = self.member.reader().clone();
+            let digest = blocking(move || reader.digest()).await?.map_err(|e| errors::read(&e))?;
+            Ok::<_, Status>(epb::HashResponse {
+                header: response::header(&self.info(), digest.revision),
+                hash: digest.crc,
+            })
+        })
+        .await
+    }
+
+    async fn hash_kv(
+        &self,
+        req: Request<epb::HashKvRequest>,
+    ) -> Result<Response<epb::HashKvResponse>, Status> {
+        let ctx = CallContext::of(&req);
+        let revision = req.get_ref().revision.max(0);
+        observe(self.member.metrics(), "etcd.HashKV", &ctx, async {
+            let reader = self.member.reader().clone();
+            let (hash, compact_revision, _) =
+                blocking(move || reader.hash_kv(revision)).await?.map_err(|e| errors::read(&e))?;
+            Ok::<_, Status>(epb::HashKvResponse { header: self.header_now(), hash, compact_revision })
+        })
+        .await
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    /// Streams a consistent snapshot of this member's applied state in etcd's framing: chunks
+    /// with the bytes remaining after each, then the SHA-256 of everything sent. The contents
+    /// are kvset's snapshot format (history and leases), not a bbolt file.
+    async fn snapshot(
+        &self,
+        req: Request<epb::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let ctx = CallContext::of(&req);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<epb::SnapshotResponse, Status>>(4);
+        let member = self.member.clone();
+        let header = self.header_now();
+        observe(self.member.metrics(), "etcd.Snapshot", &ctx, async {
+            let reader = member.reader().clone();
+            let (_, path, total) = blocking(move || reader.write_backup())
+                .await?
+                .map_err(|e| Status::internal(format!("kvset: writing the snapshot failed: {e}")))?;
+            let file = std::fs::File::open(&path);
+            let _ = std::fs::remove_file(&path); // the open handle stays readable
+            let mut file =
+                file.map_err(|e| Status::internal(format!("kvset: opening the snapshot failed: {e}")))?;
+            tokio::task::spawn_blocking(move || {
+                let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+                let mut remaining = total;
+                let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+                while remaining > 0 {
+                    let n = match file.read(&mut buf) {
+                        Ok(0) => {
+                            let _ = tx
+                                .blocking_send(Err(Status::internal("kvset: the snapshot file ended early")));
+                            return;
+                        }
+                        Ok(n) => n.min(remaining as usize),
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(Status::internal(format!(
+                                "kvset: reading the snapshot failed: {e}"
+                            ))));
+                            return;
+                        }
+                    };
+                    sha.update(&buf[..n]);
+                    remaining -= n as u64;
+                    let chunk = epb::SnapshotResponse {
+                        header,
+                        remaining_bytes: remaining,
+                        blob: buf[..n].to_vec(),
+                    };
+                    if tx.blocking_send(Ok(chunk)).is_err() {
+                        return; // the client went away
+                    }
+                }
+                let digest = sha.finish();
+                let _ = tx.blocking_send(Ok(epb::SnapshotResponse {
+                    header,
+                    remaining_bytes: 0,
+                    blob: digest.as_ref().to_vec(),
+                }));
+            });
+            Ok::<_, Status>(Box::pin(ReceiverStream::new(rx)) as SnapshotStream)
+        })
+        .await
+    }
+
+    async fn move_leader(
+        &self,
+        _: Request<epb::MoveLeaderRequest>,
+    ) -> Result<Response<epb::MoveLeaderResponse>, Status> {
+        Err(errors::unimplemented(
+            "MoveLeader: leadership transfer needs openraft 0.10 (kvset runs on 0.9); stop the leader's pod to move leadership",
+        ))
+    }
+
+    async fn downgrade(
+        &self,
+        _: Request<epb::DowngradeRequest>,
+    ) -> Result<Response<epb::DowngradeResponse>, Status> {
+        Err(errors::unimplemented("Downgrade: kvset has no cluster version to downgrade"))
+    }
+}
