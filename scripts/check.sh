@@ -4,9 +4,11 @@
 #   scripts/check.sh            formatting, lints, docs, manifest validation, every test
 #
 # On a fresh machine it installs what the checks need, project-locally, and says so:
-#   * Python tools from PyPI (kubernetes-validate) into target/tools/venv;
+#   * Python tools from PyPI (kubernetes-validate, the python etcd clients) into
+#     target/tools/venv;
 # nothing outside the checkout is changed. It needs the Rust toolchain of
-# rust-toolchain.toml, python3 with venv, and kubectl (for `kubectl kustomize`).
+# rust-toolchain.toml, python3 with venv, kubectl (for `kubectl kustomize`), and Debian's
+# etcd-client, etcd-server and protobuf-compiler (.ci/run installs them).
 #
 # Environment:
 #   CARGO_TEST_ARGS   extra arguments for `cargo test` (e.g. "-- --nocapture")
@@ -27,13 +29,26 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "test tools (project-local, installed once)"
+# Debian packages (.ci/run installs them on a fresh machine): the real etcd tools the etcd-API
+# tests run, and protoc for the build script of the Rust etcd-client crate.
+for tool in etcdctl:etcd-client etcd:etcd-server protoc:protobuf-compiler; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || {
+        echo "missing ${tool%%:*}: install Debian's ${tool#*:} (apt-get install ${tool#*:}; .ci/run does)" >&2
+        exit 1
+    }
+done
 venv="$PWD/target/tools/venv"
-# Pinned so a run on a fresh machine checks against the same Kubernetes schemas as here.
-python_tools=(kubernetes-validate==1.37.0)
-if ! "$venv/bin/python" -c 'import kubernetes_validate' >/dev/null 2>&1; then
+# Pinned so a run on a fresh machine checks against the same schemas and clients as here:
+# kubernetes-validate for the manifests; python-etcd3 0.12 (the last release) with the
+# protobuf and tenacity it was built against, and grpcio-reflection 1.48 (reflection v1alpha)
+# for the etcd-API tests.
+python_tools=(kubernetes-validate==1.37.0 etcd3==0.12.0 protobuf==3.20.3 tenacity==6.3.1 grpcio==1.85.3 grpcio-reflection==1.48.2)
+stamp="$venv/.installed"
+if [ "$(cat "$stamp" 2>/dev/null)" != "${python_tools[*]}" ]; then
     echo "  installing into $venv from PyPI: ${python_tools[*]}"
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check "${python_tools[@]}"
+    echo "${python_tools[*]}" >"$stamp"
 else
     echo "  $venv: ${python_tools[*]} present"
 fi
@@ -43,13 +58,7 @@ step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo clippy with the benchmark's etcd target (--features etcd)"
-# etcd-client's build script needs protoc, which a fresh machine lacks (bench/compare.sh
-# installs it); without it this step is skipped, saying so.
-if command -v protoc >/dev/null 2>&1; then
-    cargo clippy -p kvset -p kvset-bench --features etcd --all-targets -- -D warnings
-else
-    echo "  no protoc here: skipped (bench/compare.sh installs it)"
-fi
+cargo clippy -p kvset -p kvset-bench --features etcd --all-targets -- -D warnings
 
 step "cargo doc --workspace --no-deps (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet

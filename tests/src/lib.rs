@@ -11,6 +11,7 @@
 pub mod chaos;
 pub mod cluster;
 pub mod docker;
+pub mod etcd;
 pub mod harness;
 pub mod history;
 pub mod k8s_stub;

@@ -37,8 +37,9 @@ use tokio::sync::mpsc;
 use crate::config::WatchConfig;
 use crate::errors::KvError;
 use crate::metrics::Metrics;
+pub use crate::watch_types::CancelCause;
 pub use crate::watch_types::StreamRequest;
-pub use crate::watch_types::StreamResponse;
+use crate::watch_types::StreamResponse;
 pub use crate::watch_types::WatchSpec;
 
 /// Events read from the history per step of one watch (whole revisions).
@@ -240,6 +241,7 @@ impl StreamTask {
                             revision: current,
                             reason: "canceled by the client".into(),
                             compact_revision: 0,
+                            cause: CancelCause::Client,
                         },
                     )
                     .await?;
@@ -249,7 +251,13 @@ impl StreamTask {
             StreamRequest::Refuse { watch_id, reason } => {
                 send(
                     tx,
-                    StreamResponse::Canceled { watch_id, revision: current, reason, compact_revision: 0 },
+                    StreamResponse::Canceled {
+                        watch_id,
+                        revision: current,
+                        reason,
+                        compact_revision: 0,
+                        cause: CancelCause::Refused,
+                    },
                 )
                 .await?
             }
@@ -264,6 +272,7 @@ impl StreamTask {
             revision: current,
             reason,
             compact_revision: 0,
+            cause: CancelCause::Refused,
         };
         let id = match spec.watch_id {
             Some(id) if self.watchers.contains_key(&id) => {
@@ -314,7 +323,13 @@ impl StreamTask {
                 );
                 send(
                     tx,
-                    StreamResponse::Canceled { watch_id: id, revision: current, reason, compact_revision },
+                    StreamResponse::Canceled {
+                        watch_id: id,
+                        revision: current,
+                        reason,
+                        compact_revision,
+                        cause: CancelCause::Compacted,
+                    },
                 )
                 .await?;
                 return Ok(false);
@@ -329,6 +344,7 @@ impl StreamTask {
                         revision: current,
                         reason: format!("reading the history failed: {e}"),
                         compact_revision: 0,
+                        cause: CancelCause::Failed,
                     },
                 )
                 .await?;

@@ -60,5 +60,19 @@ pub enum StreamResponse {
         revision: Revision,
         reason: String,
         compact_revision: Revision,
+        cause: CancelCause,
     },
+}
+
+/// Why a watch ended (each API words it its own way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelCause {
+    /// The client canceled it.
+    Client,
+    /// The create request could not be served (bad range, id in use, a limit).
+    Refused,
+    /// Its next revision was compacted.
+    Compacted,
+    /// The member could not read its history.
+    Failed,
 }

@@ -139,7 +139,7 @@ pub fn watch(r: StreamResponse, info: &HeaderInfo) -> pb::WatchResponse {
         StreamResponse::Progress { watch_id, revision } => {
             pb::WatchResponse { header: info.at(revision), watch_id, progress: true, ..Default::default() }
         }
-        StreamResponse::Canceled { watch_id, revision, reason, compact_revision } => pb::WatchResponse {
+        StreamResponse::Canceled { watch_id, revision, reason, compact_revision, .. } => pb::WatchResponse {
             header: info.at(revision),
             watch_id,
             canceled: true,

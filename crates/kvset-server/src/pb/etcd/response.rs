@@ -13,6 +13,7 @@ use kvset_storage::RangeResult;
 use kvset_storage::Revision;
 
 use crate::pb::response::HeaderInfo;
+use crate::watch_types::CancelCause;
 use crate::watch_types::StreamResponse;
 
 /// The cluster id as etcd clients expect it: a 64-bit integer (the first half of kvset's
@@ -169,14 +170,45 @@ pub fn watch(r: StreamResponse, info: &HeaderInfo) -> epb::WatchResponse {
         StreamResponse::Progress { watch_id, revision } => {
             epb::WatchResponse { header: header(info, revision), watch_id, ..Default::default() }
         }
-        StreamResponse::Canceled { watch_id, revision, reason, compact_revision } => epb::WatchResponse {
-            header: header(info, revision),
-            watch_id,
-            canceled: true,
-            cancel_reason: reason,
-            compact_revision,
-            ..Default::default()
-        },
+        // A create etcd cannot serve: created and canceled at once, watch id -1.
+        StreamResponse::Canceled { revision, reason, cause: CancelCause::Refused, .. } => {
+            epb::WatchResponse {
+                header: header(info, revision),
+                watch_id: -1,
+                created: true,
+                canceled: true,
+                cancel_reason: reason,
+                ..Default::default()
+            }
+        }
+        // etcd's compaction cancel carries the compact revision and nothing else (header
+        // revision 0, no reason); clients turn it into ErrCompacted.
+        StreamResponse::Canceled { watch_id, compact_revision, cause: CancelCause::Compacted, .. } => {
+            epb::WatchResponse {
+                header: header(info, 0),
+                watch_id,
+                canceled: true,
+                compact_revision,
+                ..Default::default()
+            }
+        }
+        StreamResponse::Canceled { watch_id, revision, cause: CancelCause::Client, .. } => {
+            epb::WatchResponse {
+                header: header(info, revision),
+                watch_id,
+                canceled: true,
+                ..Default::default()
+            }
+        }
+        StreamResponse::Canceled { watch_id, revision, reason, cause: CancelCause::Failed, .. } => {
+            epb::WatchResponse {
+                header: header(info, revision),
+                watch_id,
+                canceled: true,
+                cancel_reason: reason,
+                ..Default::default()
+            }
+        }
     }
 }
 

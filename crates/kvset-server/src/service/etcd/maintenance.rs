@@ -21,6 +21,8 @@ pub const ETCD_VERSION: &str = "3.5.21";
 
 /// Bytes per `Snapshot` message (etcd's chunk size).
 const SNAPSHOT_CHUNK: usize = 32 * 1024;
+/// A streamed snapshot is padded to a multiple of this.
+const SNAPSHOT_SECTOR: u64 = 512;
 
 type SnapshotStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<epb::SnapshotResponse, Status>> + Send>>;
@@ -28,6 +30,45 @@ type SnapshotStream =
 /// Runs blocking work off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
     tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("kvset: {e}")))
+}
+
+/// Sends `total` bytes of `file` in etcd's framing: chunks of 32 KiB, each with the bytes
+/// remaining after it, zero bytes up to a multiple of 512 (etcd's files are whole pages, and
+/// etcdctl checks that the size less the checksum is a multiple of 512), then the SHA-256 of
+/// everything sent as the last message.
+fn stream_snapshot(
+    mut file: std::fs::File,
+    total: u64,
+    header: Option<epb::ResponseHeader>,
+    tx: &tokio::sync::mpsc::Sender<Result<epb::SnapshotResponse, Status>>,
+) {
+    let padded = total.div_ceil(SNAPSHOT_SECTOR) * SNAPSHOT_SECTOR;
+    let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+    while sent < padded {
+        let want = (padded - sent).min(SNAPSHOT_CHUNK as u64) as usize;
+        let from_file = (total.saturating_sub(sent) as usize).min(want);
+        if let Err(e) = file.read_exact(&mut buf[..from_file]) {
+            let _ =
+                tx.blocking_send(Err(Status::internal(format!("kvset: reading the snapshot failed: {e}"))));
+            return;
+        }
+        buf[from_file..want].fill(0);
+        sha.update(&buf[..want]);
+        sent += want as u64;
+        let chunk =
+            epb::SnapshotResponse { header, remaining_bytes: padded - sent, blob: buf[..want].to_vec() };
+        if tx.blocking_send(Ok(chunk)).is_err() {
+            return; // the client went away
+        }
+    }
+    let digest = sha.finish();
+    let _ = tx.blocking_send(Ok(epb::SnapshotResponse {
+        header,
+        remaining_bytes: 0,
+        blob: digest.as_ref().to_vec(),
+    }));
 }
 
 #[tonic::async_trait]
@@ -121,9 +162,9 @@ impl epb::maintenance_server::Maintenance for EtcdService {
 
     type SnapshotStream = SnapshotStream;
 
-    /// Streams a consistent snapshot of this member's applied state in etcd's framing: chunks
-    /// with the bytes remaining after each, then the SHA-256 of everything sent. The contents
-    /// are kvset's snapshot format (history and leases), not a bbolt file.
+    /// Streams a consistent snapshot of this member's applied state in etcd's framing (see
+    /// [`stream_snapshot`]). The contents are kvset's snapshot format (history and leases),
+    /// not a bbolt file.
     async fn snapshot(
         &self,
         req: Request<epb::SnapshotRequest>,
@@ -139,45 +180,9 @@ impl epb::maintenance_server::Maintenance for EtcdService {
                 .map_err(|e| Status::internal(format!("kvset: writing the snapshot failed: {e}")))?;
             let file = std::fs::File::open(&path);
             let _ = std::fs::remove_file(&path); // the open handle stays readable
-            let mut file =
+            let file =
                 file.map_err(|e| Status::internal(format!("kvset: opening the snapshot failed: {e}")))?;
-            tokio::task::spawn_blocking(move || {
-                let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
-                let mut remaining = total;
-                let mut buf = vec![0u8; SNAPSHOT_CHUNK];
-                while remaining > 0 {
-                    let n = match file.read(&mut buf) {
-                        Ok(0) => {
-                            let _ = tx
-                                .blocking_send(Err(Status::internal("kvset: the snapshot file ended early")));
-                            return;
-                        }
-                        Ok(n) => n.min(remaining as usize),
-                        Err(e) => {
-                            let _ = tx.blocking_send(Err(Status::internal(format!(
-                                "kvset: reading the snapshot failed: {e}"
-                            ))));
-                            return;
-                        }
-                    };
-                    sha.update(&buf[..n]);
-                    remaining -= n as u64;
-                    let chunk = epb::SnapshotResponse {
-                        header,
-                        remaining_bytes: remaining,
-                        blob: buf[..n].to_vec(),
-                    };
-                    if tx.blocking_send(Ok(chunk)).is_err() {
-                        return; // the client went away
-                    }
-                }
-                let digest = sha.finish();
-                let _ = tx.blocking_send(Ok(epb::SnapshotResponse {
-                    header,
-                    remaining_bytes: 0,
-                    blob: digest.as_ref().to_vec(),
-                }));
-            });
+            tokio::task::spawn_blocking(move || stream_snapshot(file, total, header, &tx));
             Ok::<_, Status>(Box::pin(ReceiverStream::new(rx)) as SnapshotStream)
         })
         .await
