@@ -126,8 +126,12 @@ impl WatchHub {
         let (tx, rx) = mpsc::channel(self.config.send_queue as usize);
         let hub = self.clone();
         tokio::spawn(async move {
-            let mut stream =
-                StreamTask { hub: hub.clone(), watchers: BTreeMap::new(), progress_requested: false };
+            let mut stream = StreamTask {
+                hub: hub.clone(),
+                watchers: BTreeMap::new(),
+                progress_requested: false,
+                next_id: 0,
+            };
             let outcome = stream.run(requests, &tx, require_leader).await;
             if let Err(e) = outcome {
                 let _ = tx.send(Err(e)).await;
@@ -143,6 +147,9 @@ struct StreamTask {
     hub: Arc<WatchHub>,
     watchers: BTreeMap<i64, Watcher>,
     progress_requested: bool,
+    /// The next id to try for a watch created without one. As in etcd, ids are not reused on a
+    /// stream: a late response of a canceled watch can never be taken for a new one's.
+    next_id: i64,
 }
 
 /// The stream ended because the client went away.
@@ -276,10 +283,18 @@ impl StreamTask {
         };
         let id = match spec.watch_id {
             Some(id) if self.watchers.contains_key(&id) => {
-                return send(tx, refuse(id, format!("watch id {id} is in use on this stream"))).await
+                // etcd's wording.
+                return send(tx, refuse(id, "mvcc: duplicate watch ID provided on the WatchStream".into()))
+                    .await;
             }
             Some(id) => id,
-            None => (0..).find(|i| !self.watchers.contains_key(i)).unwrap_or(0),
+            None => {
+                while self.watchers.contains_key(&self.next_id) {
+                    self.next_id += 1;
+                }
+                self.next_id += 1;
+                self.next_id - 1
+            }
         };
         if self.watchers.len() as u64 >= config.max_per_stream {
             let reason = format!(
