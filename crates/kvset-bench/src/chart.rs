@@ -48,7 +48,8 @@ pub fn draw(cells: &[Cell], path: &Path) -> Result<(), String> {
         {
             let area = &panels[row * workloads.len() + col];
             let ymax =
-                mine.iter().flat_map(|c| [pick(&c.kvset), pick(&c.etcd)]).fold(0.0, f64::max) * 1.15 + 1e-9;
+                mine.iter().flat_map(|c| [pick(&c.kvset), pick(&c.etcd), pick(&c.kvset_v1)]).fold(0.0, f64::max) * 1.15
+                    + 1e-9;
             let mut chart = ChartBuilder::on(area)
                 .caption(format!("{workload}: {title}"), ("sans-serif", 18))
                 .margin(12)
@@ -77,6 +78,7 @@ pub fn draw(cells: &[Cell], path: &Path) -> Result<(), String> {
             for (name, color, get) in [
                 ("kvset", &BLUE, (|c: &Cell| &c.kvset) as fn(&Cell) -> &crate::Report),
                 ("etcd", &RED, |c: &Cell| &c.etcd),
+                ("kvset.v1", &GREEN, |c: &Cell| &c.kvset_v1),
             ] {
                 let points: Vec<(f64, f64)> = mine.iter().map(|c| (c.clients as f64, pick(get(c)))).collect();
                 chart

@@ -245,8 +245,11 @@ async fn etcd_leader(endpoints: &[String]) -> Result<String, String> {
 pub struct Cell {
     pub workload: String,
     pub clients: usize,
+    /// kvset through its etcd API, driven by the same etcd client code as etcd.
     pub kvset: Report,
     pub etcd: Report,
+    /// kvset through its own API and client (kvset.v1).
+    pub kvset_v1: Report,
 }
 
 /// Runs the whole comparison and writes the results; returns the markdown path.
@@ -259,13 +262,16 @@ pub async fn run(cfg: &CompareConfig) -> Result<PathBuf, String> {
     let kvset_ep = kvset_leader(&clusters.kvset_endpoints).await?;
     let etcd_ep = etcd_leader(&clusters.etcd_endpoints).await?;
     eprintln!("compare: kvset leader {kvset_ep}, etcd leader {etcd_ep}");
-    let kvset =
-        Target::Kvset(Client::new([kvset_ep.clone()], ClientOptions::default()).map_err(|e| e.to_string())?);
+    // kvset and etcd through the same client code over the same API; kvset's own client and
+    // API as an extra column.
+    let kvset = Target::etcd_api(std::slice::from_ref(&kvset_ep), "kvset").await?;
     let etcd = Target::etcd(std::slice::from_ref(&etcd_ep)).await?;
+    let kvset_v1 =
+        Target::Kvset(Client::new([kvset_ep.clone()], ClientOptions::default()).map_err(|e| e.to_string())?);
 
     let mut cells = Vec::new();
     let mut prefilled = false;
-    let mut flip = false;
+    let mut turn = 0;
     for workload in &cfg.workloads {
         for &clients in &cfg.clients {
             // The watch workload's client count is its number of watchers.
@@ -290,8 +296,9 @@ pub async fn run(cfg: &CompareConfig) -> Result<PathBuf, String> {
                 crate::prefill(&etcd, &bc).await.map_err(|e| e.to_string())?;
                 prefilled = true;
             }
-            flip = !flip;
-            let order: [&Target; 2] = if flip { [&etcd, &kvset] } else { [&kvset, &etcd] };
+            turn = (turn + 1) % 3;
+            let mut order = [&etcd, &kvset, &kvset_v1];
+            order.rotate_left(turn);
             let mut reports = BTreeMap::new();
             for target in order {
                 let report = crate::run(target.clone(), &bc, false).await.map_err(|e| e.to_string())?;
@@ -303,6 +310,7 @@ pub async fn run(cfg: &CompareConfig) -> Result<PathBuf, String> {
                 clients,
                 kvset: reports.remove("kvset").ok_or("no kvset report")?,
                 etcd: reports.remove("etcd").ok_or("no etcd report")?,
+                kvset_v1: reports.remove("kvset.v1").ok_or("no kvset.v1 report")?,
             });
         }
     }
@@ -381,7 +389,9 @@ fn report_markdown(
     s.push_str(&format!(
         "Machine: {}. Both systems: 3 members on 127.0.0.1, data under `{}` (one filesystem), fsync on, \
          clients talking to the leader. {} s per cell, {} B values, 16 B keys uniform over {} keys. \
-         The two systems ran back to back for every cell, in alternating order. Produced by `bench/compare.sh`.\n\n",
+         etcd and kvset are driven by the same client code (the `etcd-client` crate) over etcd's v3 API; \
+         `kvset.v1` is kvset through its own API and client. The three ran back to back for every cell, \
+         in rotating order. Produced by `bench/compare.sh`.\n\n",
         machine(),
         cfg.work.display(),
         cfg.duration.as_secs(),
@@ -395,21 +405,22 @@ fn report_markdown(
         ms(fsync_us + rtt_us)
     ));
     s.push_str(&format!("![throughput and p99 latency]({chart})\n\n"));
-    s.push_str("## Ratios (kvset / etcd)\n\n| workload | clients | throughput | p50 latency | p99 latency |\n|---|---|---|---|---|\n");
+    s.push_str("## Ratios (kvset / etcd, both through etcd's API and client)\n\n| workload | clients | throughput | p50 latency | p99 latency | kvset.v1 throughput |\n|---|---|---|---|---|---|\n");
     for c in cells {
         let r = |a: f64, b: f64| if b > 0.0 { format!("{:.2}×", a / b) } else { "–".into() };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} |\n",
             c.workload,
             c.clients,
             r(c.kvset.ops_per_sec, c.etcd.ops_per_sec),
             r(c.kvset.latency.p50_us as f64, c.etcd.latency.p50_us as f64),
             r(c.kvset.latency.p99_us as f64, c.etcd.latency.p99_us as f64),
+            r(c.kvset_v1.ops_per_sec, c.etcd.ops_per_sec),
         ));
     }
     s.push_str("\n## Raw results\n\n| workload | clients | system | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for c in cells {
-        for r in [&c.etcd, &c.kvset] {
+        for r in [&c.etcd, &c.kvset, &c.kvset_v1] {
             s.push_str(&format!(
                 "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |\n",
                 c.workload,

@@ -8,9 +8,10 @@ use kvset_client::Client;
 pub enum Target {
     /// kvset through its own client.
     Kvset(Client),
-    /// etcd through `etcd-client`.
+    /// A server speaking etcd's v3 API (etcd, or kvset's etcd API) through `etcd-client`, with
+    /// its name in reports.
     #[cfg(feature = "etcd")]
-    Etcd(etcd_client::Client),
+    Etcd(etcd_client::Client, &'static str),
 }
 
 impl std::fmt::Debug for Target {
@@ -73,7 +74,7 @@ impl Target {
                 c.put(key, value).await.map(|r| r.header.map_or(0, |h| h.revision)).map_err(|e| kind(&e))
             }
             #[cfg(feature = "etcd")]
-            Target::Etcd(c) => c
+            Target::Etcd(c, _) => c
                 .kv_client()
                 .put(key, value, None)
                 .await
@@ -107,7 +108,7 @@ impl Target {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
             #[cfg(feature = "etcd")]
-            Target::Etcd(c) => {
+            Target::Etcd(c, _) => {
                 let mut stream = c
                     .watch_client()
                     .watch(prefix, Some(etcd_client::WatchOptions::new().with_prefix()))
@@ -135,7 +136,7 @@ impl Target {
                 Ok(Renewer::Kvset(c.keep_alive_stream(id).await.map_err(|e| kind(&e))?))
             }
             #[cfg(feature = "etcd")]
-            Target::Etcd(c) => {
+            Target::Etcd(c, _) => {
                 let mut leases = c.lease_client();
                 let id = leases.grant(ttl, None).await.map_err(|e| etcd_kind(&e))?.id();
                 let (keeper, stream) = leases.keep_alive(id).await.map_err(|e| etcd_kind(&e))?;
@@ -147,17 +148,24 @@ impl Target {
     /// The target's name in reports.
     pub fn name(&self) -> &'static str {
         match self {
-            Target::Kvset(_) => "kvset",
+            Target::Kvset(_) => "kvset.v1",
             #[cfg(feature = "etcd")]
-            Target::Etcd(_) => "etcd",
+            Target::Etcd(_, name) => name,
         }
     }
 
     /// Connects to etcd at `endpoints`.
     #[cfg(feature = "etcd")]
     pub async fn etcd(endpoints: &[String]) -> Result<Self, String> {
+        Self::etcd_api(endpoints, "etcd").await
+    }
+
+    /// Connects `etcd-client` to any server of etcd's v3 API at `endpoints` (kvset serves it
+    /// too), named `name` in reports.
+    #[cfg(feature = "etcd")]
+    pub async fn etcd_api(endpoints: &[String], name: &'static str) -> Result<Self, String> {
         let urls: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
-        etcd_client::Client::connect(urls, None).await.map(Target::Etcd).map_err(|e| e.to_string())
+        etcd_client::Client::connect(urls, None).await.map(|c| Target::Etcd(c, name)).map_err(|e| e.to_string())
     }
 
     /// Puts `key` = `value`.
@@ -165,7 +173,7 @@ impl Target {
         match self {
             Target::Kvset(c) => c.put(key, value).await.map(|_| ()).map_err(|e| kind(&e)),
             #[cfg(feature = "etcd")]
-            Target::Etcd(c) => {
+            Target::Etcd(c, _) => {
                 c.kv_client().put(key, value, None).await.map(|_| ()).map_err(|e| etcd_kind(&e))
             }
         }
@@ -186,7 +194,7 @@ impl Target {
                     .map_err(|e| kind(&e))
             }
             #[cfg(feature = "etcd")]
-            Target::Etcd(c) => {
+            Target::Etcd(c, _) => {
                 let opts = serializable.then(|| etcd_client::GetOptions::new().with_serializable());
                 c.kv_client().get(key, opts).await.map(|_| ()).map_err(|e| etcd_kind(&e))
             }
@@ -216,7 +224,7 @@ impl Target {
                 c.txn(req).await.map(|_| ()).map_err(|e| kind(&e))
             }
             #[cfg(feature = "etcd")]
-            Target::Etcd(c) => {
+            Target::Etcd(c, _) => {
                 use etcd_client::Compare;
                 use etcd_client::CompareOp;
                 use etcd_client::Txn;

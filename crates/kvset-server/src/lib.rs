@@ -4,13 +4,16 @@
 //! # How a request flows
 //!
 //! ```text
-//! client ──gRPC──▶ service::kv ──▶ pb::request (limits) ──▶ LocalMember::route
-//!                                                           │ leader?      │ follower
-//!                                                           ▼              ▼
-//!                         writes: batcher ─▶ openraft ─▶ storage    forward ─▶ leader
+//! client ──gRPC──▶ service::kv   ──▶ pb::request       ─┐  a domain Command or Query
+//!                  service::etcd ──▶ pb::etcd::request ─┤  (same for both APIs)
+//!                                                       ▼
+//!                               LocalMember::execute / ::read ── follower ──▶ leader's peer port
+//!                                          │ leader                          (Propose / Read)
+//!                                          ▼
+//!                         writes: batcher ─▶ openraft ─▶ storage
 //!                         reads:  read_index (ReadIndex round) ─▶ SmReader
-//!                                                           │
-//!                     pb::response ◀────────────────────────┘   errors ─▶ errors.rs (one mapping)
+//!                                          │
+//!        pb::response / pb::etcd::response ◀┘   errors ─▶ errors.rs, pb/etcd/errors.rs
 //! ```
 //!
 //! Watches are not routed: `watch_hub` serves each stream from this member's applied state,
@@ -34,7 +37,7 @@
 //! |---|---|---|
 //! | 6 assembly | [`node`] | start, handle, shutdown |
 //! | 5 assembly | [`server`] | the three listeners and servers |
-//! | 4 services | [`service::kv`], [`service::cluster`], [`service::raft`], [`service::ops`] | one file per gRPC service (and the ops HTTP endpoints) |
+//! | 4 services | [`service::kv`], [`service::etcd`], [`service::cluster`], [`service::raft`], [`service::ops`] | one file per gRPC service (etcd's six under `service::etcd`), and the ops HTTP endpoints |
 //! | 4 tasks | [`tasks::membership`], [`tasks::replicas`], [`tasks::raft_metrics`], [`tasks::leases`], [`tasks::compactor`] | background work, each given only what it uses |
 //! | 3 member | [`member`] | this member's shared state: identity, Raft, routing, the write and read entry points, lifecycle |
 //! | 2 transport and pipeline | [`network`], [`forward`], [`batcher`], [`read_index`], [`watch_hub`], [`lessor`] | peer RPCs out, forwarding to the leader, write batching, shared ReadIndex rounds, watch streams, lease deadlines |
@@ -49,7 +52,8 @@
 //!   election timeout (2.5–5 s) sits above the 1–2 s stalls measured on shared disks.
 //! * Lease deadlines live in the leader's memory (as in etcd); a new leader gives every lease a
 //!   full TTL plus an election timeout, so expiry can be late after a failover, never early.
-//! * Backup is specified in the protos but answers `UNIMPLEMENTED`.
+//! * kvset.v1's Backup is specified in the protos but answers `UNIMPLEMENTED` (etcd's
+//!   `Maintenance.Snapshot` streams a backup).
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
