@@ -47,9 +47,12 @@ pub fn draw(cells: &[Cell], path: &Path) -> Result<(), String> {
         .enumerate()
         {
             let area = &panels[row * workloads.len() + col];
-            let ymax =
-                mine.iter().flat_map(|c| [pick(&c.kvset), pick(&c.etcd), pick(&c.kvset_v1)]).fold(0.0, f64::max) * 1.15
-                    + 1e-9;
+            let ymax = mine
+                .iter()
+                .flat_map(|c| [pick(&c.kvset), pick(&c.etcd), pick(&c.kvset_v1)])
+                .fold(0.0, f64::max)
+                * 1.15
+                + 1e-9;
             let mut chart = ChartBuilder::on(area)
                 .caption(format!("{workload}: {title}"), ("sans-serif", 18))
                 .margin(12)

@@ -165,7 +165,10 @@ impl Target {
     #[cfg(feature = "etcd")]
     pub async fn etcd_api(endpoints: &[String], name: &'static str) -> Result<Self, String> {
         let urls: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
-        etcd_client::Client::connect(urls, None).await.map(|c| Target::Etcd(c, name)).map_err(|e| e.to_string())
+        etcd_client::Client::connect(urls, None)
+            .await
+            .map(|c| Target::Etcd(c, name))
+            .map_err(|e| e.to_string())
     }
 
     /// Puts `key` = `value`.

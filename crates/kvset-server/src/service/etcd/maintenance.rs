@@ -163,7 +163,7 @@ impl epb::maintenance_server::Maintenance for EtcdService {
     type SnapshotStream = SnapshotStream;
 
     /// Streams a consistent snapshot of this member's applied state in etcd's framing (see
-    /// [`stream_snapshot`]). The contents are kvset's snapshot format (history and leases),
+    /// `stream_snapshot`). The contents are kvset's snapshot format (history and leases),
     /// not a bbolt file.
     async fn snapshot(
         &self,
