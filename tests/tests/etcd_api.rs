@@ -517,3 +517,106 @@ async fn malformed_and_unsupported_requests_get_clear_errors_and_change_nothing(
     assert_eq!(revision(&mut raw).await, before, "nothing was written");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_revisions_come_in_fragments_when_asked_and_unknown_leases_renew_to_zero() {
+    use epb::watch_request::RequestUnion as U;
+    // A small watch response budget, so one revision of ten 1 KiB values exceeds it.
+    let c = Cluster::start_with(1, |cfg| cfg.watch.response_max_bytes = 4096).await;
+    let mut raw = Raw::connect(&c.endpoint(0)).await;
+    let watch = |fragment: bool| {
+        U::CreateRequest(epb::WatchCreateRequest {
+            key: b"f/".to_vec(),
+            range_end: b"f0".to_vec(),
+            fragment,
+            ..Default::default()
+        })
+    };
+    let mut streams = Vec::new();
+    for fragment in [true, false] {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(epb::WatchRequest { request_union: Some(watch(fragment)) }).await.unwrap();
+        let mut responses =
+            raw.watch.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+        assert!(responses.message().await.unwrap().unwrap().created);
+        streams.push((tx, responses));
+    }
+    let puts = (0..10)
+        .map(|i| epb::RequestOp {
+            request: Some(epb::request_op::Request::RequestPut(epb::PutRequest {
+                key: format!("f/{i}").into_bytes(),
+                value: vec![b'v'; 1024],
+                ..Default::default()
+            })),
+        })
+        .collect();
+    raw.kv.txn(epb::TxnRequest { compare: vec![], success: puts, failure: vec![] }).await.unwrap();
+    let deadline = Instant::now() + T;
+    for (i, (_tx, responses)) in streams.iter_mut().enumerate() {
+        let mut parts = Vec::new();
+        let mut events = 0;
+        while events < 10 {
+            let r = tokio::time::timeout_at(deadline.into(), responses.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            events += r.events.len();
+            parts.push(r.fragment);
+        }
+        if i == 0 {
+            assert!(parts.len() > 1, "the revision was split: {parts:?}");
+            assert!(parts[..parts.len() - 1].iter().all(|f| *f) && !parts[parts.len() - 1], "{parts:?}");
+        } else {
+            assert_eq!(parts, [false], "without fragment, one revision is one response");
+        }
+    }
+
+    info!("--- a keep-alive of an unknown lease answers TTL 0, as etcd's");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(epb::LeaseKeepAliveRequest { id: 987_654 }).await.unwrap();
+    let mut renewals = raw
+        .lease
+        .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = renewals.message().await.unwrap().unwrap();
+    assert_eq!((r.id, r.ttl), (987_654, 0));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_answers_a_write_has_applied_it() {
+    // As in etcd: a write acknowledged by a follower (which sent it to the leader) is already
+    // in that follower's own state, so a serializable read or a watch there sees it at once.
+    let c = Cluster::start(3).await;
+    let leader = c.wait_leader(T).await;
+    c.wait_voters(3, T).await;
+    let follower = (0..3).find(|o| *o != leader).unwrap();
+    let mut raw = Raw::connect(&c.endpoint(follower)).await;
+    let serializable = |key: &str| epb::RangeRequest {
+        key: key.as_bytes().to_vec(),
+        serializable: true,
+        ..Default::default()
+    };
+    for i in 0..100 {
+        let key = format!("ryw/{i}");
+        let put =
+            epb::PutRequest { key: key.clone().into_bytes(), value: b"v".to_vec(), ..Default::default() };
+        let written = raw.kv.put(put).await.unwrap().into_inner().header.unwrap().revision;
+        let read = raw.kv.range(serializable(&key)).await.unwrap().into_inner();
+        assert_eq!(
+            read.kvs.len(),
+            1,
+            "write {i} (revision {written}) not yet visible on the follower that acked it"
+        );
+        assert!(read.header.unwrap().revision >= written);
+    }
+    let now = raw.kv.range(serializable("ryw/0")).await.unwrap().into_inner().header.unwrap().revision;
+    raw.kv.compact(epb::CompactionRequest { revision: now, physical: false }).await.unwrap();
+    let past = epb::RangeRequest { revision: now - 1, ..serializable("ryw/0") };
+    let refused = raw.kv.range(past).await.expect_err("compacted on the follower that acked it");
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    c.shutdown().await;
+}

@@ -558,8 +558,23 @@ impl LocalMember {
                 c.propose(req).await
             })
             .await?;
-        kvset_storage::codec::decode("command result", &reply.result)
-            .map_err(|e| KvError::Indeterminate(format!("undecodable result from the leader: {e}")))
+        let result = kvset_storage::codec::decode("command result", &reply.result)
+            .map_err(|e| KvError::Indeterminate(format!("undecodable result from the leader: {e}")))?;
+        self.catch_up_to(reply.applied_index, ctx.deadline).await;
+        Ok(result)
+    }
+
+    /// Waits (until `deadline`) for this member to apply the log up to `index`, so that a
+    /// client that wrote through it reads its own write from it, as etcd's member that
+    /// answers a write has applied it. A member that cannot catch up in time still answers:
+    /// the write is committed, and losing its answer would be worse than a stale local read.
+    async fn catch_up_to(&self, index: u64, deadline: Instant) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Err(e) =
+            self.raft.wait(Some(left)).applied_index_at_least(Some(index), "forwarded write").await
+        {
+            tracing::debug!(index, error = %e, "answering a forwarded write before applying it here");
+        }
     }
 
     /// What only the leader decides about a command before proposing it: the id of a new lease

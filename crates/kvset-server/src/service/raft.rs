@@ -247,9 +247,10 @@ impl pb::raft_server::Raft for PeerService {
         self.check_cluster(&req.cluster_id)?;
         let command: kvset_storage::Command = Self::decode("command", &req.command)?;
         let result = self.member.execute(command, &ctx).await?;
+        let applied_index = self.member.reader().applied().last_applied.map_or(0, |id| id.index);
         let result =
             codec::encode("command result", &result).map_err(|e| KvError::Internal(e.to_string()))?;
-        Ok(Response::new(pb::ProposeReply { result }))
+        Ok(Response::new(pb::ProposeReply { result, applied_index }))
     }
 
     async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
