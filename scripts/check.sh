@@ -3,12 +3,13 @@
 #
 #   scripts/check.sh            formatting, lints, docs, manifest validation, every test
 #
-# On a fresh machine it installs what the checks need, project-locally, and says so:
+# On a fresh machine it installs what the checks need, and says so:
 #   * Python tools from PyPI (kubernetes-validate, the python etcd clients) into
-#     target/tools/venv;
-# nothing outside the checkout is changed. It needs the Rust toolchain of
-# rust-toolchain.toml, python3 with venv, kubectl (for `kubectl kustomize`), and Debian's
-# etcd-client, etcd-server and protobuf-compiler (.ci/run installs them).
+#     target/tools/venv (project-local);
+#   * Debian's etcd-client, etcd-server and protobuf-compiler with apt-get, when missing and
+#     the user may install packages (root or password-less sudo); otherwise it names them.
+# It needs the Rust toolchain of rust-toolchain.toml, python3 with venv and kubectl (for
+# `kubectl kustomize`).
 #
 # Environment:
 #   CARGO_TEST_ARGS   extra arguments for `cargo test` (e.g. "-- --nocapture")
@@ -29,14 +30,30 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "test tools (project-local, installed once)"
-# Debian packages (.ci/run installs them on a fresh machine): the real etcd tools the etcd-API
-# tests run, and protoc for the build script of the Rust etcd-client crate.
+# Debian packages: the real etcd tools the etcd-API tests run, and protoc for the build script
+# of the Rust etcd-client crate. Installed with apt-get when missing and this user may (root, or
+# password-less sudo), saying so; otherwise the step names what to install.
+missing=()
 for tool in etcdctl:etcd-client etcd:etcd-server protoc:protobuf-compiler; do
-    command -v "${tool%%:*}" >/dev/null 2>&1 || {
-        echo "missing ${tool%%:*}: install Debian's ${tool#*:} (apt-get install ${tool#*:}; .ci/run does)" >&2
-        exit 1
-    }
+    command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
 done
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    if command -v apt-get >/dev/null 2>&1 && $sudo true 2>/dev/null; then
+        echo "  installing from Debian: ${missing[*]}"
+        $sudo apt-get update -qq
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+        # etcd-server's package starts a system etcd on 127.0.0.1:2379: the tests start their
+        # own on free ports, and `kvset cluster up` wants 2379.
+        if command -v systemctl >/dev/null 2>&1; then $sudo systemctl stop etcd 2>/dev/null || true; fi
+        $sudo pkill -x etcd 2>/dev/null || true
+    else
+        echo "missing Debian packages: ${missing[*]} (apt-get install ${missing[*]})" >&2
+        exit 1
+    fi
+fi
+echo "  $(etcdctl version | head -1), $(etcd --version | head -1), $(protoc --version)"
 venv="$PWD/target/tools/venv"
 # Pinned so a run on a fresh machine checks against the same schemas and clients as here:
 # kubernetes-validate for the manifests; python-etcd3 0.12 (the last release) with the

@@ -606,3 +606,52 @@ async fn a_membership_change_cut_short_by_a_fatal_raft_error_reports_an_unknown_
     c.abandon(leader).await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn linearizable_reads_past_the_waiting_limit_are_refused_at_once() {
+    // One read may wait at a time: a read that arrives while another's ReadIndex round is in
+    // flight is refused at once, with the limit named and marked not applied (retry).
+    let c = Cluster::start_with(3, |cfg| cfg.limits.pending_reads_max = 1).await;
+    let leader = c.wait_leader(T).await;
+    c.wait_voters(3, T).await;
+    c.client().put("k", "v").await.unwrap();
+    let endpoint = format!("http://{}", c.endpoint(leader));
+    let kv = kvset_proto::v1::kv_client::KvClient::connect(endpoint).await.unwrap();
+    let get = pb::GetRequest {
+        key: b"k".to_vec(),
+        consistency: pb::ReadConsistency::Linearizable as i32,
+        revision: 0,
+    };
+    let (mut served, mut refused) = (0, 0);
+    for _ in 0..20 {
+        let reads: Vec<_> = (0..24)
+            .map(|_| {
+                let (mut kv, get) = (kv.clone(), get.clone());
+                tokio::spawn(async move { kv.get(get).await })
+            })
+            .collect();
+        for read in reads {
+            match read.await.unwrap() {
+                Ok(r) => {
+                    assert_eq!(r.into_inner().kv.unwrap().value, b"v");
+                    served += 1;
+                }
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                    assert!(status.message().contains("limits.pending_reads_max = 1"), "{status:?}");
+                    assert!(
+                        status.metadata().get(kvset_proto::metadata::NOT_APPLIED).is_some(),
+                        "{status:?}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        if served > 0 && refused > 0 {
+            break;
+        }
+    }
+    info!(served, refused, "--- reads served and refused");
+    assert!(served > 0 && refused > 0, "{served} served, {refused} refused: the bound never acted");
+    c.shutdown().await;
+}

@@ -252,7 +252,7 @@ async fn watch_limits_and_bad_requests_are_refused_in_the_stream() {
     w.create(pb::WatchCreateRequest { watch_id: 5, ..prefix("a", 0) }).await;
     assert!(w.next().await.created);
     w.create(pb::WatchCreateRequest { watch_id: 5, ..prefix("a", 0) }).await;
-    assert!(w.next().await.cancel_reason.contains("in use"));
+    assert!(w.next().await.cancel_reason.contains("duplicate watch ID"));
     info!("--- watch.max_per_stream and watch.max_per_member");
     w.create(prefix("b", 0)).await;
     assert!(w.next().await.created);
@@ -296,6 +296,43 @@ async fn a_slow_watcher_holds_up_nothing_and_catches_up_from_the_history() {
     let values: Vec<String> = events.iter().map(|e| ev(e).2.unwrap()).collect();
     assert_eq!(values, (0..300).map(|i| i.to_string()).collect::<Vec<_>>());
     println!("300 writes with a stalled watcher took {writes_took:?}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lagging_watcher_whose_position_is_compacted_is_canceled_with_the_compact_revision() {
+    let c = Cluster::start_with(1, |cfg| {
+        cfg.watch.event_cache_revisions = 10;
+        cfg.watch.send_queue = 1;
+    })
+    .await;
+    let client = c.client();
+    let mut slow = RawWatch::open(&c, 0).await;
+    slow.create(prefix("s/", 0)).await;
+    let first = slow.next().await.header.unwrap().revision + 1;
+    info!("--- 400 writes of 4 KiB (more than HTTP/2 windows and send buffers hold) while it reads nothing");
+    for i in 0..400 {
+        client.put(format!("s/{}", i % 7), format!("{i:04096}")).await.unwrap();
+    }
+    let now =
+        client.get_request(pb::GetRequest { key: b"s/0".to_vec(), ..Default::default() }).await.unwrap();
+    let compacted = now.header.unwrap().revision;
+    client.compact(compacted).await.unwrap();
+    info!("--- it gets what was already on its way, in order, then a cancel naming the compact revision");
+    let mut next = first;
+    let canceled = loop {
+        let r = slow.next().await;
+        if r.canceled {
+            break r;
+        }
+        for e in &r.events {
+            assert_eq!(e.kv.as_ref().unwrap().mod_revision, next, "events in order, none skipped");
+            next += 1;
+        }
+    };
+    assert!(next < compacted, "the watcher was behind when the history was compacted (next {next})");
+    assert_eq!(canceled.compact_revision, compacted, "{canceled:?}");
+    assert!(canceled.cancel_reason.contains(&format!("next revision {next} was compacted")), "{canceled:?}");
     c.shutdown().await;
 }
 

@@ -67,27 +67,89 @@ fn unit_of(relative: &Path) -> Option<String> {
     }
 }
 
-/// The units a source text names through `crate::` paths.
+/// The paths of a use-tree starting at `s` (after `crate::`), with nested groups written out:
+/// `{a::b, c::{d, e}}` gives `a::b`, `c::d`, `c::e`.
+fn use_tree(s: &str) -> Vec<String> {
+    fn tree(s: &[u8], i: &mut usize, prefix: &str, out: &mut Vec<String>) {
+        let start = *i;
+        while *i < s.len() && (s[*i].is_ascii_alphanumeric() || s[*i] == b'_' || s[*i] == b':') {
+            *i += 1;
+        }
+        let path = format!("{prefix}{}", String::from_utf8_lossy(&s[start..*i]));
+        while *i < s.len() && s[*i].is_ascii_whitespace() {
+            *i += 1;
+        }
+        if *i < s.len() && s[*i] == b'{' {
+            *i += 1;
+            loop {
+                while *i < s.len() && (s[*i].is_ascii_whitespace() || s[*i] == b',') {
+                    *i += 1;
+                }
+                if *i >= s.len() || s[*i] == b'}' {
+                    *i += 1;
+                    return;
+                }
+                let before = *i;
+                tree(s, i, &path, out);
+                if *i == before {
+                    *i += 1; // `*`, `self` as the whole item, or anything else: skip it
+                }
+            }
+        }
+        out.push(path);
+    }
+    let mut out = Vec::new();
+    tree(s.as_bytes(), &mut 0, "", &mut out);
+    out
+}
+
+/// `text` with the file-level `super::` paths of a file at `relative` written from the crate
+/// root (`crate::…`), so they are checked like the others. Only unindented lines count: an
+/// indented `super::` is inside an inline module (`mod tests`) and names this file's module.
+fn absolute_super(relative: &Path, text: &str) -> String {
+    let mut module: Vec<String> =
+        relative.iter().map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string()).collect();
+    if module.last().is_some_and(|m| m == "mod") {
+        module.pop();
+    }
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let indented = line.starts_with(char::is_whitespace);
+        let mut rest = line;
+        while let (false, Some(at)) = (indented, rest.find("super::")) {
+            out.push_str(&rest[..at]);
+            let mut ups = 0;
+            while rest[at..].get(ups * 7..).is_some_and(|r| r.starts_with("super::")) {
+                ups += 1;
+            }
+            let base = &module[..module.len().saturating_sub(ups)];
+            out.push_str("crate::");
+            base.iter().for_each(|m| out.push_str(&format!("{m}::")));
+            rest = &rest[at + ups * 7..];
+        }
+        out.push_str(rest);
+        out.push('\n');
+    }
+    out
+}
+
+/// The units a source text names through `crate::` paths, grouped imports included.
 fn references(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut rest = text;
     while let Some(at) = rest.find("crate::") {
         rest = &rest[at + "crate::".len()..];
-        let segments: Vec<&str> = rest
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
-            .next()
-            .unwrap_or("")
-            .split("::")
-            .filter(|s| !s.is_empty())
-            .collect();
-        let Some(first) = segments.first() else { continue };
-        let unit = match segments.get(1) {
-            Some(second) if PARENTS.contains(first) && layer(&format!("{first}::{second}")).is_some() => {
-                format!("{first}::{second}")
-            }
-            _ => first.to_string(),
-        };
-        out.insert(unit);
+        for path in use_tree(rest) {
+            let segments: Vec<&str> = path.split("::").filter(|s| !s.is_empty()).collect();
+            let Some(first) = segments.first() else { continue };
+            let unit = match segments.get(1) {
+                Some(second) if PARENTS.contains(first) && layer(&format!("{first}::{second}")).is_some() => {
+                    format!("{first}::{second}")
+                }
+                _ => first.to_string(),
+            };
+            out.insert(unit);
+        }
     }
     out
 }
@@ -100,7 +162,7 @@ fn sources(dir: &Path, root: &Path, out: &mut Vec<(String, String, String)>) {
         } else if path.extension().is_some_and(|e| e == "rs") {
             let relative = path.strip_prefix(root).expect("under src");
             if let Some(unit) = unit_of(relative) {
-                let text = std::fs::read_to_string(&path).expect("read source");
+                let text = absolute_super(relative, &std::fs::read_to_string(&path).expect("read source"));
                 out.push((relative.display().to_string(), unit, text));
             }
         }
@@ -193,4 +255,29 @@ fn the_check_catches_an_upward_import_a_sibling_service_and_a_cycle() {
     assert!(joined.contains("`service::kv` (layer 4) imports `service::cluster`"), "{joined}");
     assert!(joined.contains("import cycle"), "{joined}");
     assert!(!joined.contains("service/cluster.rs"), "a service may use its parent module: {joined}");
+}
+
+#[test]
+fn the_check_reads_grouped_imports_and_super_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path();
+    std::fs::create_dir_all(src.join("service/etcd")).unwrap();
+    std::fs::write(src.join("metrics.rs"), "use crate::{config::Config, watch_hub::{Hub, Event}};\n")
+        .unwrap();
+    std::fs::write(
+        src.join("config.rs"),
+        "use super::member::LocalMember;\nmod tests {\n    use super::Config;\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("service/etcd/kv.rs"),
+        "use super::super::kv::convert;\nuse super::EtcdService;\n",
+    )
+    .unwrap();
+    let joined = violations(src).join("\n");
+    assert!(joined.contains("`metrics` (layer 1) imports `watch_hub` (layer 2)"), "{joined}");
+    assert!(joined.contains("`config` (layer 1) imports `member` (layer 3)"), "{joined}");
+    assert!(joined.contains("`service::etcd` (layer 4) imports `service::kv`"), "{joined}");
+    assert!(!joined.contains("imports `config`"), "an indented super:: is the file's own module: {joined}");
+    assert_eq!(use_tree("{a::b, c::{d, e}, self};"), ["a::b", "c::d", "c::e", "self"]);
 }

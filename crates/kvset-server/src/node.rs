@@ -14,7 +14,8 @@
 //! Shutdown (SIGTERM, Ctrl-C, or [`NodeHandle::shutdown`]), bounded by `shutdown_timeout_ms`:
 //! a member leaving in a scale-down first waits to be removed; then health turns NOT_SERVING
 //! and `/readyz` 503; the servers stop accepting connections and drain the calls in flight;
-//! the background tasks stop; Raft shuts down; the database is flushed (on the blocking pool).
+//! the background tasks stop; Raft shuts down; physical compaction stops (it resumes at the next
+//! start) and the database is flushed (on the blocking pool).
 //! openraft 0.9 has no leadership transfer, so a leader's shutdown costs the cluster about one
 //! election timeout of write unavailability.
 
@@ -364,7 +365,7 @@ async fn shutdown_sequence(
         Err(_) => Err(StopError::RaftShutdownTimeout),
     };
     let reader = member.reader().clone();
-    match tokio::task::spawn_blocking(move || reader.flush()).await {
+    match tokio::task::spawn_blocking(move || reader.close()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "final flush failed"),
         Err(e) => tracing::error!(error = %e, "final flush did not run"),

@@ -10,8 +10,9 @@
 //! (a round takes exactly the waiters queued before it starts), so the read index it confirms
 //! covers every write acknowledged before the read was sent.
 //!
-//! The waiter list is bounded (`limits.pending_reads_max`): past it a read is refused at once
-//! with [`KvError::Overloaded`] instead of queueing without limit behind a slow quorum.
+//! The reads waiting at once — queued for the next round plus those of the round in flight —
+//! are bounded (`limits.pending_reads_max`): past it a read is refused at once with
+//! [`KvError::Overloaded`] instead of queueing without limit behind a slow quorum.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -30,6 +31,8 @@ type Waiter = oneshot::Sender<Result<(), KvError>>;
 struct State {
     running: bool,
     waiters: Vec<Waiter>,
+    /// Reads of the round in flight.
+    in_flight: usize,
 }
 
 /// Batches linearizable reads into shared ReadIndex rounds.
@@ -58,11 +61,12 @@ impl ReadIndex {
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if st.waiters.len() >= self.max_waiters {
+            let waiting = st.waiters.len() + st.in_flight;
+            if waiting >= self.max_waiters {
                 return Err(KvError::Overloaded(format!(
-                    "{} linearizable reads are already waiting for leadership confirmation \
-                     (limits.pending_reads_max)",
-                    st.waiters.len()
+                    "{waiting} linearizable reads are already waiting for leadership confirmation \
+                     (limits.pending_reads_max = {})",
+                    self.max_waiters
                 )));
             }
             st.waiters.push(tx);
@@ -78,10 +82,12 @@ impl ReadIndex {
         loop {
             let batch = {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.in_flight = 0;
                 if st.waiters.is_empty() {
                     st.running = false;
                     return;
                 }
+                st.in_flight = st.waiters.len();
                 std::mem::take(&mut st.waiters)
             };
             self.metrics.read_index_reads.observe(batch.len() as f64);

@@ -329,12 +329,13 @@ impl StreamTask {
         let revisions = match self.hub.reader.events(w.next, current, EVENTS_PER_READ) {
             Ok(r) => r,
             Err(ReadError::Compacted { compact_revision, .. }) => {
+                let wanted = w.next;
                 self.watchers.remove(&id);
                 self.hub.active.fetch_sub(1, Ordering::Relaxed);
                 self.hub.metrics.watches.set(self.hub.active() as i64);
                 let reason = format!(
-                    "the watch fell behind the history kept: revision {} was compacted (compact revision {compact_revision})",
-                    current.min(compact_revision)
+                    "the watch fell behind the history kept: its next revision {wanted} was compacted \
+                     (compact revision {compact_revision})"
                 );
                 send(
                     tx,

@@ -187,13 +187,15 @@ struct Shared {
     compaction_gate: RwLock<()>,
     /// Wakes the compaction thread.
     compactor: Mutex<Option<mpsc::Sender<()>>>,
+    /// The compaction thread, joined by [`Shared::stop_compactor`].
+    compactor_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     build_gate: Arc<tokio::sync::RwLock<()>>,
     current: Mutex<Option<CurrentSnapshot>>,
     observer: Arc<dyn StorageObserver>,
     seq: AtomicU64,
     /// Tests: a build parks after its first record until this receives.
     #[cfg(test)]
-    build_pause: Mutex<Option<mpsc::Receiver<()>>>,
+    build_pause: Mutex<Option<(mpsc::SyncSender<()>, mpsc::Receiver<()>)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -241,6 +243,20 @@ impl Shared {
 
     fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Stops the physical compaction thread after the chunk it is in (chunks are short) and
+    /// waits for it: while it works it writes to the database, which must be quiet before a
+    /// final flush, and closed before a store is reopened in the same process. Compaction
+    /// resumes where it stopped when the store is opened again.
+    fn stop_compactor(&self) {
+        drop(lock(&self.compactor).take());
+        let thread = lock(&self.compactor_thread).take();
+        if let Some(thread) = thread {
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
     }
 
     fn wake_compactor(&self) {
@@ -436,8 +452,9 @@ impl Shared {
         for (i, item) in tree.range(vec![keys::HISTORY]..vec![keys::HISTORY + 1]).enumerate() {
             #[cfg(test)]
             if i == 1 {
-                if let Some(pause) = lock(&self.build_pause).take() {
-                    let _ = pause.recv();
+                if let Some((parked, resume)) = lock(&self.build_pause).take() {
+                    let _ = parked.send(());
+                    let _ = resume.recv();
                 }
             }
             let _ = i;
@@ -602,6 +619,9 @@ fn compactor(shared: Weak<Shared>, wake: mpsc::Receiver<()>) {
         while wake.try_recv().is_ok() {}
         loop {
             let Some(shared) = shared.upgrade() else { return };
+            if lock(&shared.compactor).is_none() {
+                return; // the state machine is being dropped
+            }
             match shared.compact_chunk(COMPACTION_CHUNK) {
                 Ok(true) => continue,
                 Ok(false) => break,
@@ -669,6 +689,12 @@ fn snapshot_file_name(meta: &SnapshotMeta) -> String {
 /// The state machine (openraft `RaftStateMachine`). See the module docs for its invariants.
 pub struct StateMachine {
     shared: Arc<Shared>,
+}
+
+impl Drop for StateMachine {
+    fn drop(&mut self) {
+        self.shared.stop_compactor();
+    }
 }
 
 impl Debug for StateMachine {
@@ -770,6 +796,7 @@ impl StateMachine {
             events: EventLog::new(revision, event_limits),
             compaction_gate: RwLock::new(()),
             compactor: Mutex::new(Some(wake)),
+            compactor_thread: Mutex::new(None),
             build_gate: Arc::new(tokio::sync::RwLock::new(())),
             current: Mutex::new(best.clone()),
             observer,
@@ -778,10 +805,12 @@ impl StateMachine {
             build_pause: Mutex::new(None),
         });
         let weak = Arc::downgrade(&shared);
-        std::thread::Builder::new()
+        let compactor_thread = std::thread::Builder::new()
             .name("kvset-compact".into())
             .spawn(move || compactor(weak, woken))
             .map_err(SmOpenError::Thread)?;
+        *lock(&shared.compactor_thread) = Some(compactor_thread);
+        let state_machine = Self { shared: shared.clone() };
 
         // A snapshot is only published after the state it captured was flushed, so it can be
         // ahead of the state machine only if the disk lied; restore from it rather than let
@@ -798,7 +827,8 @@ impl StateMachine {
         }
         // Finish a physical compaction a restart interrupted.
         shared.wake_compactor();
-        Ok(Self { shared })
+        drop(shared);
+        Ok(state_machine)
     }
 
     /// A reader over the applied state.
@@ -806,13 +836,15 @@ impl StateMachine {
         SmReader { shared: self.shared.clone() }
     }
 
-    /// Tests: the next snapshot build parks after its first record until the returned sender
-    /// sends (or is dropped).
+    /// Tests: the next snapshot build parks after its first record (it has captured its state
+    /// by then) and says so on the returned receiver; it goes on when the returned sender sends
+    /// (or is dropped).
     #[cfg(test)]
-    pub(crate) fn pause_next_build(&self) -> mpsc::SyncSender<()> {
-        let (tx, rx) = mpsc::sync_channel(0);
-        *lock(&self.shared.build_pause) = Some(rx);
-        tx
+    pub(crate) fn pause_next_build(&self) -> (mpsc::Receiver<()>, mpsc::SyncSender<()>) {
+        let (parked_tx, parked_rx) = mpsc::sync_channel(1);
+        let (resume_tx, resume_rx) = mpsc::sync_channel(0);
+        *lock(&self.shared.build_pause) = Some((parked_tx, resume_rx));
+        (parked_rx, resume_tx)
     }
 }
 
@@ -999,6 +1031,13 @@ impl SmReader {
     pub fn flush(&self) -> Result<(), ReadError> {
         self.shared.db.flush()?;
         Ok(())
+    }
+
+    /// Stops background writes (physical compaction, which resumes at the next open) and
+    /// flushes: the last step of a member's shutdown. Blocks.
+    pub fn close(&self) -> Result<(), ReadError> {
+        self.shared.stop_compactor();
+        self.flush()
     }
 
     /// Bytes sled reports for its files.

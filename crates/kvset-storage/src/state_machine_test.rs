@@ -188,9 +188,13 @@ async fn snapshot_build_does_not_block_applies_and_captures_one_instant() {
     let at_capture = everything(&reader);
     let digest_at_capture = reader.digest().unwrap();
 
-    let resume = sm.pause_next_build();
+    let (parked, resume) = sm.pause_next_build();
     let mut builder = sm.get_snapshot_builder().await;
     let build = tokio::spawn(async move { builder.build_snapshot().await });
+    tokio::task::spawn_blocking(move || parked.recv_timeout(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the build captured its state and parked");
     // Applies, a compaction and a new lease land while the build is parked mid-copy.
     let changes = vec![
         put("k0", "v1"),

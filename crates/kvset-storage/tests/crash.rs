@@ -66,7 +66,8 @@ fn stderr_of(child: &mut Child) -> String {
     s
 }
 
-/// Waits for a line starting with `prefix`, collecting `ack` lines seen meanwhile.
+/// Waits for a line starting with `prefix` (or one starting with `FAIL`: the child failed),
+/// collecting `ack` lines seen meanwhile.
 fn wait_for(
     rx: &mpsc::Receiver<String>,
     prefix: &str,
@@ -77,7 +78,8 @@ fn wait_for(
         match rx.recv_timeout(left) {
             Ok(line) if line.starts_with(prefix) => return Some(line),
             Ok(line) if line.starts_with("ack ") => acks.push(line),
-            Ok(line) if line.starts_with("FAIL") => panic!("crash child: {line}"),
+            // "FAIL …" from the child's checks, or libtest's "FAILED" when the child panicked.
+            Ok(line) if line.starts_with("FAIL") => return Some(line),
             Ok(_) => {}
             Err(_) => return None,
         }
@@ -104,12 +106,13 @@ fn acknowledged_writes_survive_kill_9() {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut acks = Vec::new();
         let verified = wait_for(&rx, "verified ", deadline, &mut acks);
-        let ready = verified.is_some() && wait_for(&rx, "ready", deadline, &mut acks).is_some();
+        let ready = verified.as_deref().is_some_and(|v| v.starts_with("verified "))
+            && wait_for(&rx, "ready", deadline, &mut acks).is_some_and(|r| r == "ready");
         if !ready {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "round {round} (seed {seed}): child did not get ready; stderr:\n{}",
+                "round {round} (seed {seed}): child did not get ready ({verified:?}); stderr:\n{}",
                 stderr_of(&mut child)
             );
         }

@@ -96,7 +96,9 @@ impl epb::maintenance_server::Maintenance for EtcdService {
         observe(self.member.metrics(), "etcd.Status", &ctx, async {
             let m = self.member.raft_metrics();
             let voter = m.membership_config.membership().voter_ids().any(|id| id == self.member.node_id());
-            let db_size = self.member.reader().db_size_on_disk() as i64;
+            // The volume size the metrics task measures off the runtime's workers (a walk of
+            // the data directory), as kvset.v1's Cluster.Status reports it.
+            let db_size = self.member.metrics().volume_bytes.get().max(0);
             Ok::<_, Status>(epb::StatusResponse {
                 header: self.header_now(),
                 version: ETCD_VERSION.to_string(),
