@@ -564,12 +564,15 @@ impl LocalMember {
         Ok(result)
     }
 
-    /// Waits (until `deadline`) for this member to apply the log up to `index`, so that a
-    /// client that wrote through it reads its own write from it, as etcd's member that
-    /// answers a write has applied it. A member that cannot catch up in time still answers:
-    /// the write is committed, and losing its answer would be worse than a stale local read.
+    /// Waits for this member to apply the log up to `index`, so that a client that wrote
+    /// through it reads its own write from it, as etcd's member that answers a write has
+    /// applied it. A member that cannot catch up in time (cut off from the leader's
+    /// replication) still answers, leaving the answer time to reach the client before its
+    /// deadline: the write is committed, and losing its answer would be worse than a stale
+    /// local read.
     async fn catch_up_to(&self, index: u64, deadline: Instant) {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let left = remaining.saturating_sub((remaining / 2).min(Duration::from_millis(500)));
         if let Err(e) =
             self.raft.wait(Some(left)).applied_index_at_least(Some(index), "forwarded write").await
         {
