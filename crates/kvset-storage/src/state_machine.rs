@@ -269,9 +269,11 @@ impl Shared {
         let started = Instant::now();
         let n_entries = entries.len();
         let mut n_commands = 0;
-        // Evaluate without holding the state lock: apply is the only writer of the tree (and
-        // openraft never runs an install concurrently with an apply), so what the overlay reads
-        // cannot change under it. Readers wait only for the final batch write below.
+        // Evaluate without holding the state lock: apply is the only writer of what it reads
+        // (live records, leases; physical compaction deletes only versions superseded before
+        // the compact revision, never a live record), and openraft never runs an install
+        // concurrently with an apply, so what the overlay reads cannot change under it.
+        // Readers wait only for the final batch write below.
         let (tree, mut applied, leases) = {
             let st = self.read_state();
             (st.tree.clone(), st.applied.clone(), st.leases.clone())
