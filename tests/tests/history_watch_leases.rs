@@ -274,17 +274,26 @@ async fn watch_limits_and_bad_requests_are_refused_in_the_stream() {
     c.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_slow_watcher_holds_up_nothing_and_catches_up_from_the_history() {
-    let c = Cluster::start_with(3, |cfg| {
+/// A cluster of `n` whose members keep only 10 revisions of events in memory and queue one
+/// response per stream, and a watch of prefix "s/" on kvset-0 that the caller reads slowly;
+/// with the watch's `created` response.
+async fn stalled_watcher(n: u32) -> (Cluster, RawWatch, pb::WatchResponse) {
+    let c = Cluster::start_with(n, |cfg| {
         cfg.watch.event_cache_revisions = 10;
         cfg.watch.send_queue = 1;
     })
     .await;
+    let mut watch = RawWatch::open(&c, 0).await;
+    watch.create(prefix("s/", 0)).await;
+    let created = watch.next().await;
+    assert!(created.created, "{created:?}");
+    (c, watch, created)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_watcher_holds_up_nothing_and_catches_up_from_the_history() {
+    let (c, mut slow, _) = stalled_watcher(3).await;
     let client = c.client();
-    let mut slow = RawWatch::open(&c, 0).await;
-    slow.create(prefix("s/", 0)).await;
-    assert!(slow.next().await.created);
     info!("--- 300 writes while the watcher reads nothing: writes are not slowed down");
     let started = Instant::now();
     for i in 0..300 {
@@ -301,15 +310,9 @@ async fn a_slow_watcher_holds_up_nothing_and_catches_up_from_the_history() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lagging_watcher_whose_position_is_compacted_is_canceled_with_the_compact_revision() {
-    let c = Cluster::start_with(1, |cfg| {
-        cfg.watch.event_cache_revisions = 10;
-        cfg.watch.send_queue = 1;
-    })
-    .await;
+    let (c, mut slow, created) = stalled_watcher(1).await;
     let client = c.client();
-    let mut slow = RawWatch::open(&c, 0).await;
-    slow.create(prefix("s/", 0)).await;
-    let first = slow.next().await.header.unwrap().revision + 1;
+    let first = created.header.unwrap().revision + 1;
     info!("--- 400 writes of 4 KiB (more than HTTP/2 windows and send buffers hold) while it reads nothing");
     for i in 0..400 {
         client.put(format!("s/{}", i % 7), format!("{i:04096}")).await.unwrap();
