@@ -31,6 +31,7 @@ fn kind(e: &kvset_client::Error) -> String {
         kvset_client::Error::NotFound(_) => "not-found",
         kvset_client::Error::OutOfRange(_) => "out-of-range",
         kvset_client::Error::BadEndpoint(_) => "bad-endpoint",
+        kvset_client::Error::Io(_) => "io",
         kvset_client::Error::Server { .. } => "server",
     }
     .to_string()

@@ -107,6 +107,9 @@ pub enum Error {
     /// An endpoint is not a valid host:port.
     #[error("bad endpoint {0:?}")]
     BadEndpoint(String),
+    /// A local file could not be written, or a stream ended early.
+    #[error("{0}")]
+    Io(String),
     /// Any other status from the server.
     #[error("{code:?}: {message}")]
     Server { code: Code, message: String },
@@ -481,6 +484,42 @@ impl Client {
     /// Options of this client.
     pub fn options(&self) -> &ClientOptions {
         &self.inner.options
+    }
+
+    /// Streams a backup of the member at `endpoint` (a consistent copy of its applied state:
+    /// history, leases, compact revision) into `out`; `progress` sees (bytes so far, total)
+    /// after each chunk. Returns (revision, bytes). The copy is not checked here: check it with
+    /// `kvset_storage::snapshot::inspect` once written.
+    pub async fn backup(
+        &self,
+        endpoint: &str,
+        out: &mut (impl std::io::Write + Send),
+        mut progress: impl FnMut(u64, u64) + Send,
+    ) -> Result<(i64, u64), Error> {
+        let mut c = self.cluster_client(endpoint)?;
+        // No deadline on the stream: a large backup takes as long as it takes; the client
+        // timeout bounds the call's start.
+        let r = tonic::Request::new(pb::BackupRequest {});
+        let mut stream = tokio::time::timeout(self.inner.options.timeout, c.backup(r))
+            .await
+            .map_err(|_| Error::DeadlineExceeded(format!("{endpoint}: the backup did not start in time")))?
+            .map_err(|s| final_error(&s, Kind::Read))?
+            .into_inner();
+        let (mut revision, mut written, mut total) = (0, 0u64, None);
+        while let Some(chunk) = stream.message().await.map_err(|s| final_error(&s, Kind::Read))? {
+            out.write_all(&chunk.data).map_err(|e| Error::Io(format!("writing the backup: {e}")))?;
+            written += chunk.data.len() as u64;
+            revision = chunk.revision;
+            total = Some(chunk.total_bytes);
+            progress(written, chunk.total_bytes);
+        }
+        match total {
+            Some(t) if t == written => Ok((revision, written)),
+            _ => Err(Error::Io(format!(
+                "{endpoint}: the backup stream ended after {written} of {} bytes",
+                total.map_or("?".to_string(), |t| t.to_string())
+            ))),
+        }
     }
 
     /// Makes the member at `endpoint` build a snapshot now.

@@ -43,6 +43,8 @@ pub struct Config {
     pub replicas_source: ReplicasSource,
     pub kubernetes_api_url: String,
     pub cluster_id: String,
+    pub force_new_cluster: String,
+    pub quota_bytes: u64,
     pub log_format: LogFormat,
     pub log_level: String,
     pub shutdown_timeout_ms: u64,
@@ -178,6 +180,8 @@ impl Default for Config {
             replicas_source: ReplicasSource::Static,
             kubernetes_api_url: String::new(),
             cluster_id: String::new(),
+            force_new_cluster: String::new(),
+            quota_bytes: 8 << 30,
             log_format: LogFormat::Auto,
             log_level: "info".into(),
             shutdown_timeout_ms: 10_000,
@@ -307,6 +311,19 @@ pub const KEYS: &[KeyDoc] = &[
         doc: "Kubernetes API server for the `kubernetes` replicas source. Empty: the in-cluster API and service account.",
     },
     KeyDoc { key: "cluster_id", doc: "If set (32 hex chars), refuse to start on a volume of any other cluster." },
+    KeyDoc {
+        key: "force_new_cluster",
+        doc: "DISASTER RECOVERY ONLY (quorum loss). The name of the one member, e.g. `kvset-0`, that rewrites the \
+              membership to itself alone, keeps its data and serves as a new cluster (new cluster id) that the \
+              other ordinals join with empty volumes. Other members ignore it; a member with an empty volume \
+              refuses to start; it acts once and is ignored until the member has started once without it.",
+    },
+    KeyDoc {
+        key: "quota_bytes",
+        doc: "Space quota of the volume (like etcd's quota-backend-bytes): past it, writes that add data are \
+              refused with RESOURCE_EXHAUSTED and a NOSPACE alarm is raised; reads, deletes, compaction and \
+              defragmentation still work. 0: no quota.",
+    },
     KeyDoc { key: "log_format", doc: "`text`, `json`, or `auto` (text on a terminal, json otherwise)." },
     KeyDoc { key: "log_level", doc: "tracing filter, e.g. `info` or `kvset_server=debug,info`; RUST_LOG wins when set." },
     KeyDoc {

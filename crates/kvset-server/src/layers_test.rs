@@ -28,6 +28,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("read_index", 2),
     ("lessor", 2),
     ("watch_hub", 2),
+    ("recovery", 2),
     ("member", 3),
     ("service", 4),
     ("service::cluster", 4),

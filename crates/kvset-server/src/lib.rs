@@ -40,7 +40,7 @@
 //! | 4 services | [`service::kv`], [`service::etcd`], [`service::cluster`], [`service::raft`], [`service::ops`] | one file per gRPC service (etcd's six under `service::etcd`), and the ops HTTP endpoints |
 //! | 4 tasks | [`tasks::membership`], [`tasks::replicas`], [`tasks::raft_metrics`], [`tasks::leases`], [`tasks::compactor`] | background work, each given only what it uses |
 //! | 3 member | [`member`] | this member's shared state: identity, Raft, routing, the write and read entry points, lifecycle |
-//! | 2 transport and pipeline | [`network`], [`forward`], [`batcher`], [`read_index`], [`watch_hub`], [`lessor`] | peer RPCs out, forwarding to the leader, write batching, shared ReadIndex rounds, watch streams, lease deadlines |
+//! | 2 transport and pipeline | [`network`], [`forward`], [`batcher`], [`read_index`], [`watch_hub`], [`lessor`], [`recovery`] | peer RPCs out, forwarding to the leader, write batching, shared ReadIndex rounds, watch streams, lease deadlines, restore and quorum-loss recovery of the volume before Raft starts |
 //! | 1 leaves | [`config`], [`identity`], [`errors`], [`metrics`], [`logging`], [`pb`], [`query`], [`watch_types`], [`cluster_id`], [`channels`] | configuration, identity, errors and their one mapping, observability, wire conversions, the domain form of reads and watch messages, the cluster id cell, the peer-channel cache |
 //!
 //! # Caveats
@@ -52,8 +52,6 @@
 //!   election timeout (2.5–5 s) sits above the 1–2 s stalls measured on shared disks.
 //! * Lease deadlines live in the leader's memory (as in etcd); a new leader gives every lease a
 //!   full TTL plus an election timeout, so expiry can be late after a failover, never early.
-//! * kvset.v1's Backup is specified in the protos but answers `UNIMPLEMENTED` (etcd's
-//!   `Maintenance.Snapshot` streams a backup).
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
@@ -74,6 +72,7 @@ pub mod forward;
 pub mod lessor;
 pub mod network;
 pub mod read_index;
+pub mod recovery;
 pub mod watch_hub;
 // Layer 3: the member's shared state.
 pub mod member;

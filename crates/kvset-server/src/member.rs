@@ -136,7 +136,6 @@ pub struct MemberParts {
     pub channels: Arc<PeerChannels>,
     pub k8s_replicas: Arc<AtomicU32>,
     pub leadership: Arc<LeaderClock>,
-    pub force_new_cluster: bool,
 }
 
 /// This member: identity, Raft, the write and read pipelines, lifecycle. See the module docs.
@@ -179,8 +178,6 @@ pub struct LocalMember {
     leadership: Arc<LeaderClock>,
     /// Whether new client requests are taken (false once shutdown has drained the servers).
     accepting: AtomicBool,
-    /// Bootstrap without waiting for the other initial ordinals (`--force-new-cluster`).
-    force_new_cluster: bool,
 }
 
 impl std::fmt::Debug for LocalMember {
@@ -207,7 +204,6 @@ impl LocalMember {
             channels,
             k8s_replicas,
             leadership,
-            force_new_cluster,
         } = parts;
         let batcher = Batcher::start(raft.clone(), &config.batch, metrics.clone());
         let read_index =
@@ -240,7 +236,6 @@ impl LocalMember {
             k8s_replicas,
             leadership,
             accepting: AtomicBool::new(true),
-            force_new_cluster,
         }
     }
 
@@ -307,11 +302,6 @@ impl LocalMember {
     /// Records the cluster this member belongs to, in the volume first.
     pub async fn adopt_cluster(&self, id: ClusterId) -> Result<(), AdoptError> {
         self.cluster.adopt(id).await
-    }
-
-    /// Whether `--force-new-cluster` was given.
-    pub fn force_new_cluster(&self) -> bool {
-        self.force_new_cluster
     }
 
     /// A snapshot of openraft's metrics.

@@ -57,15 +57,11 @@ use crate::tasks::replicas::StatefulSetRef;
 pub struct NodeOptions {
     /// Cuts peer links on the sending side (partitions).
     pub fault: Option<Arc<dyn PeerFault>>,
-    /// Bootstrap without waiting for the other initial ordinals (`--force-new-cluster`).
-    pub force_new_cluster: bool,
 }
 
 impl std::fmt::Debug for NodeOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeOptions")
-            .field("force_new_cluster", &self.force_new_cluster)
-            .finish_non_exhaustive()
+        f.debug_struct("NodeOptions").finish_non_exhaustive()
     }
 }
 
@@ -90,6 +86,8 @@ pub enum StartError {
     Raft(#[from] openraft::error::Fatal<u64>),
     #[error(transparent)]
     Server(#[from] crate::server::ServerError),
+    #[error(transparent)]
+    Recovery(#[from] crate::recovery::RecoveryError),
 }
 
 /// Why a member stopped other than by request.
@@ -141,10 +139,10 @@ impl Node {
                 reason: "must be 32 hex characters".into(),
             })?)
         };
-        let volume = Volume::open(&config.data_dir, identity.ordinal, expected)?;
+        let mut volume = Volume::open(&config.data_dir, identity.ordinal, expected)?;
         let node_id = volume.node_id();
         let metrics = Metrics::new();
-        let store = Store::open(
+        let mut store = Store::open(
             &volume,
             StoreOptions {
                 cache_bytes: config.cache_bytes,
@@ -159,6 +157,13 @@ impl Node {
             name = %identity.name, node_id, cluster_id = ?volume.cluster_id(), fresh = volume.is_fresh(),
             data_dir = %config.data_dir.display(), "opened volume"
         );
+        crate::recovery::prepare(
+            &config.force_new_cluster,
+            &book.member(identity.ordinal),
+            &mut volume,
+            &mut store,
+        )
+        .await?;
         let cluster = ClusterIdCell::new(volume);
 
         let raft_config = openraft::Config {
@@ -199,7 +204,6 @@ impl Node {
             channels,
             k8s_replicas: k8s_replicas.clone(),
             leadership: leadership.clone(),
-            force_new_cluster: options.force_new_cluster,
         }));
 
         let client_addr = listeners.client.local_addr().map_err(StartError::Listener)?;
@@ -364,11 +368,15 @@ async fn shutdown_sequence(
         Ok(Err(e)) => Err(StopError::RaftShutdown(e.to_string())),
         Err(_) => Err(StopError::RaftShutdownTimeout),
     };
+    // A failing disk (full, or gone read-only) can make sled's flush block or retry forever:
+    // bounded like the rest, so a member with a fatal storage error always stops.
     let reader = member.reader().clone();
-    match tokio::task::spawn_blocking(move || reader.close()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "final flush failed"),
-        Err(e) => tracing::error!(error = %e, "final flush did not run"),
+    let left = limit.saturating_sub(started.elapsed()).max(Duration::from_millis(500));
+    match tokio::time::timeout(left, tokio::task::spawn_blocking(move || reader.close())).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "final flush failed"),
+        Ok(Err(e)) => tracing::error!(error = %e, "final flush did not run"),
+        Err(_) => tracing::error!("final flush did not finish within {left:?}; stopping without it"),
     }
     member.set_phase(Phase::Stopped);
     tracing::info!(name = %member.identity().name, elapsed_ms = started.elapsed().as_millis() as u64, "member stopped");

@@ -30,6 +30,7 @@
 //! <data dir>/db/                 sled: trees `raft` (log + vote), `sm0`/`sm1` (state: live keys,
 //!                                history, change log, leases; see `keys`), `sm_slot`
 //! <data dir>/snapshots/          snap-<term>-<index>-<id>.snap (snapshot.rs)
+//! <data dir>/restore.snap         only while a restore or a recovery is seeding the volume (seed.rs)
 //! ```
 //!
 //! # What it leaves out
@@ -53,6 +54,7 @@ mod history;
 mod keys;
 mod log_store;
 mod observer;
+pub mod seed;
 pub mod snapshot;
 mod state_machine;
 pub mod types;

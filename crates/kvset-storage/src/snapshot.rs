@@ -307,9 +307,26 @@ pub(crate) fn read_header(path: &Path) -> io::Result<SnapshotHeader> {
 
 /// Checks a whole snapshot file (structure, count, checksum) without using its records.
 pub fn verify(path: &Path) -> io::Result<SnapshotHeader> {
+    Ok(inspect(path)?.0)
+}
+
+/// Checks a whole snapshot file like [`verify`] and also returns how many records (versions
+/// of keys) it holds.
+pub fn inspect(path: &Path) -> io::Result<(SnapshotHeader, u64)> {
     let mut r = SnapshotReader::open(path)?;
     while r.next_record()?.is_some() {}
-    Ok(r.header.clone())
+    Ok((r.header.clone(), r.count))
+}
+
+/// Copies the records of the snapshot `src` into a new file `dst` under another header,
+/// checking `src` on the way (a damaged `src` fails the copy). Returns the size of `dst`.
+pub(crate) fn rewrite(src: &Path, dst: &Path, header: &SnapshotHeader) -> io::Result<u64> {
+    let mut r = SnapshotReader::open(src)?;
+    let mut w = SnapshotWriter::create(dst, header)?;
+    while let Some((k, v)) = r.next_record()? {
+        w.record(&k, &v)?;
+    }
+    w.finish()
 }
 
 #[cfg(test)]

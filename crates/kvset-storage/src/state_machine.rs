@@ -838,6 +838,11 @@ impl StateMachine {
         SmReader { shared: self.shared.clone() }
     }
 
+    /// Where snapshot files live.
+    pub(crate) fn snapshot_dir(&self) -> &Path {
+        &self.shared.snapshot_dir
+    }
+
     /// Tests: the next snapshot build parks after its first record (it has captured its state
     /// by then) and says so on the returned receiver; it goes on when the returned sender sends
     /// (or is dropped).

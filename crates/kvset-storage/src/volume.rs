@@ -113,6 +113,21 @@ pub struct VolumeMeta {
     pub cluster_id: Option<ClusterId>,
     /// Wall-clock time of initialisation, milliseconds since the Unix epoch (informational).
     pub created_unix_ms: u64,
+    /// Set when `force_new_cluster` made this member a new cluster of one, and cleared at the
+    /// first start without that setting: while set, the setting is ignored, so leaving it in
+    /// place cannot split the cluster a second time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forced_new_cluster: Option<ForcedNewCluster>,
+}
+
+/// A record of a quorum-loss recovery on this volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForcedNewCluster {
+    /// The cluster the volume belonged to before.
+    pub from_cluster: Option<ClusterId>,
+    /// When, milliseconds since the Unix epoch (informational).
+    pub unix_ms: u64,
 }
 
 /// Why a volume cannot be used. Each message names the file and the problem on one line.
@@ -147,6 +162,11 @@ pub enum VolumeError {
     ForeignCluster { path: PathBuf, found: ClusterId, expected: ClusterId },
     #[error("{path}: volume already belongs to cluster {existing}, cannot assign it to {requested}")]
     ClusterAlreadySet { path: PathBuf, existing: ClusterId, requested: ClusterId },
+    #[error(
+        "{path}: a restore needs an empty or absent data directory, and this one holds {found:?}; \
+         restore into a new volume (or delete this one's contents first)"
+    )]
+    NotEmpty { path: PathBuf, found: String },
 }
 
 /// An opened volume: its directory and metadata.
@@ -157,7 +177,89 @@ pub struct Volume {
     fresh: bool,
 }
 
+impl VolumeMeta {
+    /// The metadata of a new volume of `ordinal`, with a freshly minted node id.
+    fn new(ordinal: u32, cluster_id: Option<ClusterId>) -> Self {
+        VolumeMeta {
+            format_version: FORMAT_VERSION,
+            node_id: mint_node_id(),
+            ordinal,
+            cluster_id,
+            created_unix_ms: unix_ms(),
+            forced_new_cluster: None,
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 impl Volume {
+    /// Prepares a new volume in `dir` (absent or empty) that a member of `ordinal` will start
+    /// from as a new cluster `cluster_id` holding the data of the snapshot file `backup`: the
+    /// snapshot is placed as the volume's pending seed (see [`crate::seed`]), then the metadata
+    /// is written. Checking the snapshot is the caller's job (`snapshot::inspect`); the member
+    /// checks it again before it seeds.
+    pub fn create_restored(
+        dir: &Path,
+        ordinal: u32,
+        cluster_id: ClusterId,
+        backup: &Path,
+    ) -> Result<Self, VolumeError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| VolumeError::Io { path, source }
+        };
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut found = Vec::new();
+        for entry in fs::read_dir(dir).map_err(io(dir))? {
+            let name = entry.map_err(io(dir))?.file_name().to_string_lossy().into_owned();
+            if !IGNORED_ENTRIES.contains(&name.as_str()) {
+                found.push(name);
+            }
+        }
+        if !found.is_empty() {
+            found.sort();
+            return Err(VolumeError::NotEmpty { path: dir.to_path_buf(), found: found.join(", ") });
+        }
+        // The seed first: a crash before the metadata leaves a directory that no member will
+        // use (it is not empty and has no metadata), never an empty volume that could bootstrap.
+        crate::seed::place(backup, dir).map_err(io(dir))?;
+        let meta = VolumeMeta::new(ordinal, Some(cluster_id));
+        write_atomically(dir, &meta)?;
+        tracing::info!(dir = %dir.display(), node_id = meta.node_id, ordinal, cluster_id = %cluster_id, "prepared a restored volume");
+        Ok(Self { dir: dir.to_path_buf(), meta, fresh: false })
+    }
+
+    /// Moves this volume to the new cluster `cluster_id` for a quorum-loss recovery and records
+    /// that the recovery ran (see [`VolumeMeta::forced_new_cluster`]).
+    pub fn force_new_cluster(&mut self, cluster_id: ClusterId) -> Result<(), VolumeError> {
+        let mut meta = self.meta.clone();
+        meta.forced_new_cluster =
+            Some(ForcedNewCluster { from_cluster: meta.cluster_id, unix_ms: unix_ms() });
+        meta.cluster_id = Some(cluster_id);
+        write_atomically(&self.dir, &meta)?;
+        self.meta = meta;
+        Ok(())
+    }
+
+    /// Forgets that a recovery ran (a start without `force_new_cluster`): setting it again
+    /// will act again.
+    pub fn rearm_force_new_cluster(&mut self) -> Result<(), VolumeError> {
+        if self.meta.forced_new_cluster.is_none() {
+            return Ok(());
+        }
+        let mut meta = self.meta.clone();
+        meta.forced_new_cluster = None;
+        write_atomically(&self.dir, &meta)?;
+        self.meta = meta;
+        Ok(())
+    }
+
     /// Opens the volume in `dir`, initialising it (and minting a node id) when the directory is
     /// absent or empty.
     ///
@@ -188,16 +290,7 @@ impl Volume {
                         found: found.join(", "),
                     });
                 }
-                let meta = VolumeMeta {
-                    format_version: FORMAT_VERSION,
-                    node_id: mint_node_id(),
-                    ordinal,
-                    cluster_id: None,
-                    created_unix_ms: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis() as u64)
-                        .unwrap_or(0),
-                };
+                let meta = VolumeMeta::new(ordinal, None);
                 write_atomically(dir, &meta)?;
                 tracing::info!(dir = %dir.display(), node_id = meta.node_id, ordinal, "initialised a fresh volume");
                 (meta, true)

@@ -254,19 +254,11 @@ pub async fn run(
             }
         }
         Command::Member(m) => member(&client, m, format).await?,
-        Command::Snapshot => {
-            let endpoint = endpoints.first().cloned().unwrap_or_default();
-            let resp = client.snapshot(&endpoint).await?;
-            match format {
-                Format::Json => {
-                    print_json(&json!({"endpoint": endpoint, "last_log_index": resp.last_log_index}))
-                }
-                Format::Human => {
-                    println!("snapshot of {endpoint} covers the log up to index {}", resp.last_log_index)
-                }
-            }
-        }
-        Command::Serve(_) | Command::Cluster(_) | Command::Bench(_) | Command::BenchCompare(_) => {
+        Command::Serve(_)
+        | Command::Cluster(_)
+        | Command::Bench(_)
+        | Command::BenchCompare(_)
+        | Command::Snapshot(_) => {
             bail!("not a client command")
         }
     }

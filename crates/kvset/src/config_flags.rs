@@ -19,7 +19,6 @@ use kvset_server::NodeOptions;
 #[derive(Debug, Clone, Default)]
 pub struct ServeArgs {
     config: Option<PathBuf>,
-    force_new_cluster: bool,
     print_config: bool,
     sets: Vec<(String, String)>,
 }
@@ -32,7 +31,6 @@ impl clap::FromArgMatches for ServeArgs {
             .collect();
         Ok(Self {
             config: m.get_one::<PathBuf>("config").cloned(),
-            force_new_cluster: m.get_flag("force_new_cluster"),
             print_config: m.get_flag("print_config"),
             sets,
         })
@@ -55,11 +53,6 @@ impl clap::Args for ServeArgs {
                     .value_parser(clap::value_parser!(PathBuf))
                     .help("TOML configuration file (reference: deploy/k8s/base/kvset.toml)"),
             )
-            .arg(Arg::new("force_new_cluster").long("force-new-cluster").action(ArgAction::SetTrue).help(
-                "DISASTER RECOVERY ONLY: on an empty volume, bootstrap a new cluster at once, without waiting for \
-                 the other initial ordinals to answer empty. Running it while the old cluster still lives creates \
-                 a second cluster",
-            ))
             .arg(
                 Arg::new("print_config")
                     .long("print-config")
@@ -137,12 +130,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     kvset_server::logging::init(config.log_format, &config.log_level);
     let listeners = Listeners::bind(&config).await?;
-    let options = NodeOptions { force_new_cluster: args.force_new_cluster, ..Default::default() };
-    if args.force_new_cluster {
-        tracing::warn!(
-            "--force-new-cluster: this member will bootstrap a cluster without waiting for its peers"
-        );
-    }
+    let options = NodeOptions::default();
     let node =
         Node::start(config, listeners, termination(), options).await.context("cannot start the member")?;
     node.wait().await.map_err(|e| anyhow::anyhow!("member stopped with an error: {e}"))

@@ -1,6 +1,7 @@
 //! The `kvset` binary: a thin wrapper over `kvset-server` (serve), `kvset-client` (every
 //! client command) and a local cluster supervisor (`cluster up`).
 
+mod backup;
 mod bench;
 mod cluster_up;
 mod commands;
@@ -135,8 +136,9 @@ enum Command {
     /// Membership (it manages itself; these are overrides and views).
     #[command(subcommand)]
     Member(MemberCommand),
-    /// Make the first endpoint's member build a snapshot now.
-    Snapshot,
+    /// Backups: save one from a member, check one, restore one into a new cluster's volume.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Local clusters.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -163,6 +165,28 @@ enum TxnCommand {
         #[arg(long = "set")]
         new: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Stream a consistent backup (keys, history, leases, compact revision) from the first
+    /// endpoint's member into FILE; it is checked before it gets its final name.
+    Save { file: std::path::PathBuf },
+    /// Check a backup file and print its revision, keys, versions, leases and size.
+    Status { file: std::path::PathBuf },
+    /// Prepare the volume of one member (offline) so that it starts a NEW cluster (new cluster
+    /// id) holding the backup's data; the other ordinals join it with empty volumes.
+    Restore {
+        file: std::path::PathBuf,
+        /// The member's data directory (absent or empty).
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        /// The member that will start on it (its ordinal is recorded in the volume).
+        #[arg(long, default_value = "kvset-0")]
+        name: String,
+    },
+    /// Make the first endpoint's member build a Raft snapshot now (compacts its log).
+    Trigger,
 }
 
 #[derive(Debug, Subcommand)]
@@ -233,20 +257,33 @@ fn main() -> std::process::ExitCode {
         }
     };
     let timeout = Duration::from_secs_f64(cli.timeout.max(0.001));
+    let serving = matches!(cli.command, Command::Serve(_));
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => config_flags::serve(args).await,
             Command::Cluster(ClusterCommand::Up(args)) => cluster_up::run(args).await,
             Command::Bench(args) => bench::run(args, &cli.endpoints, cli.output, timeout).await,
             Command::BenchCompare(args) => bench::compare(args).await,
+            Command::Snapshot(c) => backup::run(c, &cli.endpoints, cli.output, timeout).await,
             other => commands::run(other, &cli.endpoints, cli.output, timeout).await,
         }
     });
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let code = match result {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            1
         }
+    };
+    if serving {
+        // The member has flushed and stopped (or given up within shutdown_timeout_ms). A storage
+        // thread stuck on a failing disk must not keep the process alive: dropping the runtime
+        // would wait for it, and so would sled's own flush on drop. Exit now.
+        std::process::exit(code);
+    }
+    if code == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
     }
 }

@@ -1,6 +1,6 @@
 //! The `Cluster` gRPC service: status and membership administration.
 //!
-//! `Status` and `Snapshot` act on the receiving member. Everything else needs the leader and is
+//! `Status`, `Snapshot` and `Backup` act on the receiving member. Everything else needs the leader and is
 //! forwarded there like a write. Membership normally manages itself (see `membership`); the
 //! manual calls exist for disaster recovery and are refused when they would break the cluster
 //! (removing the last voter, promoting an unknown node).
@@ -42,6 +42,31 @@ pub struct ClusterService {
 }
 
 type BackupStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+/// Bytes per backup chunk.
+const BACKUP_CHUNK: usize = 64 * 1024;
+
+/// Sends the `total` bytes of a backup file in chunks; stops when the client goes away.
+fn stream_backup(
+    mut file: std::fs::File,
+    total: u64,
+    revision: i64,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::BackupChunk, Status>>,
+) {
+    use std::io::Read;
+    let mut sent = 0u64;
+    while sent < total {
+        let mut data = vec![0u8; (total - sent).min(BACKUP_CHUNK as u64) as usize];
+        if let Err(e) = file.read_exact(&mut data) {
+            let _ = tx.blocking_send(Err(Status::internal(format!("kvset: reading the backup failed: {e}"))));
+            return;
+        }
+        sent += data.len() as u64;
+        if tx.blocking_send(Ok(pb::BackupChunk { data, total_bytes: total, revision })).is_err() {
+            return; // the client went away
+        }
+    }
+}
 
 /// The members of the current configuration, as the leader sees them.
 pub fn member_list(member: &LocalMember) -> Vec<pb::Member> {
@@ -368,9 +393,18 @@ impl pb::cluster_server::Cluster for ClusterService {
     async fn backup(&self, req: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
         let ctx = CallContext::of(&req);
         observe(self.member.metrics(), "Backup", &ctx, async {
-            Err::<Self::BackupStream, _>(KvError::Unimplemented(
-                "Backup is specified but not served by this version".into(),
-            ))
+            let reader = self.member.reader().clone();
+            let (header, path, total) = tokio::task::spawn_blocking(move || reader.write_backup())
+                .await
+                .map_err(|e| KvError::Internal(e.to_string()))?
+                .map_err(|e| KvError::Internal(format!("writing the backup failed: {e}")))?;
+            let file = std::fs::File::open(&path);
+            let _ = std::fs::remove_file(&path); // the open handle stays readable
+            let file = file.map_err(|e| KvError::Internal(format!("opening the backup failed: {e}")))?;
+            tracing::info!(revision = header.revision, bytes = total, "streaming a backup");
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tokio::task::spawn_blocking(move || stream_backup(file, total, header.revision, &tx));
+            Ok::<_, KvError>(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as BackupStream)
         })
         .await
     }

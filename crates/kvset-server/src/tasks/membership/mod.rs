@@ -263,7 +263,7 @@ async fn find_cluster(shared: &Arc<LocalMember>, state: &mut Loop) -> bool {
         return false;
     }
     let unreachable: Vec<String> = replies.values().filter_map(|r| r.as_ref().err().cloned()).collect();
-    if me != 0 && !shared.force_new_cluster() {
+    if me != 0 {
         shared.set_reconciler_status(format!(
             "waiting for ordinal 0 to bootstrap the cluster, or for a cluster to join{}",
             if unreachable.is_empty() {
@@ -284,30 +284,28 @@ async fn find_cluster(shared: &Arc<LocalMember>, state: &mut Loop) -> bool {
         return false;
     }
     let mut members: BTreeMap<u64, Member> = BTreeMap::from([(shared.node_id(), shared.me().clone())]);
-    if !shared.force_new_cluster() {
-        let mut waiting = Vec::new();
-        for ordinal in 1..initial {
-            match replies.get(&ordinal) {
-                Some(Ok(r)) if r.empty && r.cluster_id.is_empty() => {
-                    members.insert(r.node_id, shared.book().member(ordinal));
-                }
-                Some(Ok(r)) => waiting.push(format!(
-                    "{} is not empty (node {}, member: {}) but has no cluster id",
-                    shared.identity().sibling(ordinal),
-                    r.node_id,
-                    r.member
-                )),
-                Some(Err(e)) => waiting.push(e.clone()),
-                None => waiting.push(format!("{} was not probed", shared.identity().sibling(ordinal))),
+    let mut waiting = Vec::new();
+    for ordinal in 1..initial {
+        match replies.get(&ordinal) {
+            Some(Ok(r)) if r.empty && r.cluster_id.is_empty() => {
+                members.insert(r.node_id, shared.book().member(ordinal));
             }
+            Some(Ok(r)) => waiting.push(format!(
+                "{} is not empty (node {}, member: {}) but has no cluster id",
+                shared.identity().sibling(ordinal),
+                r.node_id,
+                r.member
+            )),
+            Some(Err(e)) => waiting.push(e.clone()),
+            None => waiting.push(format!("{} was not probed", shared.identity().sibling(ordinal))),
         }
-        if !waiting.is_empty() {
-            shared.set_reconciler_status(format!(
-                "waiting to bootstrap: every ordinal in 0..{initial} must answer empty; waiting for: {}",
-                waiting.join("; ")
-            ));
-            return false;
-        }
+    }
+    if !waiting.is_empty() {
+        shared.set_reconciler_status(format!(
+            "waiting to bootstrap: every ordinal in 0..{initial} must answer empty; waiting for: {}",
+            waiting.join("; ")
+        ));
+        return false;
     }
 
     let cluster = ClusterId::random();
@@ -318,7 +316,7 @@ async fn find_cluster(shared: &Arc<LocalMember>, state: &mut Loop) -> bool {
     let names: Vec<String> = members.values().map(|m| m.name.clone()).collect();
     match shared.raft().initialize(members).await {
         Ok(()) => {
-            tracing::info!(cluster_id = %cluster, voters = ?names, force = shared.force_new_cluster(), "bootstrapped a new cluster");
+            tracing::info!(cluster_id = %cluster, voters = ?names, "bootstrapped a new cluster");
             shared.set_reconciler_status(format!("bootstrapped cluster {cluster} with voters {names:?}"));
             true
         }

@@ -1,0 +1,130 @@
+//! What a member does with its volume before Raft starts: finish a restore (a pending seed
+//! left by `kvset snapshot restore`) and, when `force_new_cluster` names this member, recover
+//! from quorum loss by becoming a new cluster of one with the data it has.
+//!
+//! Quorum-loss recovery, in order (each step repeatable after a crash, see `kvset_storage::seed`):
+//! 1. refuse an empty volume (nothing to recover);
+//! 2. write a backup of the applied state and place it as the volume's pending seed;
+//! 3. move the volume to a new cluster id and record that the recovery ran;
+//! 4. seed: the membership becomes this member alone, the data stays, the log is purged.
+//!
+//! The other ordinals, started with empty volumes, then find this member's cluster and join it
+//! like any replacement; old volumes of the lost cluster are refused (foreign cluster id), so
+//! they can never merge back. The record of step 3 makes the setting inert: a member that has
+//! recovered ignores `force_new_cluster` until it has started once without it.
+
+use std::path::Path;
+
+use kvset_storage::seed;
+use kvset_storage::ClusterId;
+use kvset_storage::Member;
+use kvset_storage::Store;
+use kvset_storage::Volume;
+
+/// Why a member refused to start from its volume.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error(
+        "force_new_cluster names this member ({name}), but its volume {dir} holds no applied data: there is \
+         nothing to recover from. Set force_new_cluster to the name of a member whose volume survived, or \
+         remove it (empty volumes join or bootstrap by themselves)"
+    )]
+    EmptyVolume { name: String, dir: String },
+    #[error("{what}: {source}")]
+    Io { what: &'static str, source: std::io::Error },
+    #[error(transparent)]
+    Volume(#[from] kvset_storage::VolumeError),
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> RecoveryError {
+    move |source| RecoveryError::Io { what, source }
+}
+
+/// Applies `force_new_cluster` (the configured member name, empty when unset) and any pending
+/// seed to the freshly opened `volume` and `store` of member `me`.
+pub async fn prepare(
+    force_new_cluster: &str,
+    me: &Member,
+    volume: &mut Volume,
+    store: &mut Store,
+) -> Result<(), RecoveryError> {
+    let dir = volume.dir().to_path_buf();
+    let pending = seed::pending(&dir).is_some();
+    if force_new_cluster.is_empty() {
+        if volume.meta().forced_new_cluster.is_some() {
+            volume.rearm_force_new_cluster()?;
+            tracing::info!("force_new_cluster is unset: a later setting naming this member will act again");
+        }
+    } else if force_new_cluster != me.name {
+        tracing::info!(
+            force_new_cluster,
+            "force_new_cluster names another member; this member ignores it and joins that member's cluster"
+        );
+    } else if let Some(done) = volume.meta().forced_new_cluster.clone() {
+        // With a seed still pending, the recovery was cut short: the seeding below finishes it.
+        if pending {
+            tracing::warn!("force_new_cluster: finishing a recovery that was interrupted");
+        } else {
+            tracing::error!(
+            from_cluster = ?done.from_cluster, unix_ms = done.unix_ms, cluster_id = ?volume.cluster_id(),
+            "force_new_cluster={force_new_cluster} already made this member a new cluster and is IGNORED now \
+             (acting again could split the cluster). Remove it from the configuration; after one start without \
+             it, setting it again will act again"
+            );
+        }
+    } else {
+        force(me, volume, store, &dir, pending).await?;
+    }
+    if let Some(path) = seed::pending(&dir) {
+        let seeded =
+            store.seed(&path, volume.node_id(), me.clone()).await.map_err(io("seeding the volume failed"))?;
+        seed::finish(&dir).map_err(io("removing the consumed seed failed"))?;
+        tracing::warn!(
+            cluster_id = ?volume.cluster_id(), revision = seeded.header.revision, versions = seeded.records,
+            leases = seeded.header.leases.len(),
+            "this member is now the only voter of its cluster; the other ordinals join it as new members"
+        );
+    }
+    Ok(())
+}
+
+/// Steps 1–3 of the recovery (see the module docs).
+async fn force(
+    me: &Member,
+    volume: &mut Volume,
+    store: &mut Store,
+    dir: &Path,
+    pending: bool,
+) -> Result<(), RecoveryError> {
+    if !pending {
+        let applied = store.reader.applied();
+        if applied.last_applied.is_none() {
+            return Err(RecoveryError::EmptyVolume { name: me.name.clone(), dir: dir.display().to_string() });
+        }
+        let reader = store.reader.clone();
+        let (header, backup, bytes) = tokio::task::spawn_blocking(move || reader.write_backup())
+            .await
+            .map_err(|e| RecoveryError::Io {
+                what: "backing up the state",
+                source: std::io::Error::other(e),
+            })?
+            .map_err(io("backing up the state failed"))?;
+        let placed = seed::place(&backup, dir);
+        let _ = std::fs::remove_file(&backup);
+        placed.map_err(io("placing the seed failed"))?;
+        tracing::warn!(
+            revision = header.revision, bytes, last_applied = ?applied.last_applied,
+            "force_new_cluster: saved the applied state; entries this member had logged but not applied are discarded"
+        );
+    }
+    let old = volume.cluster_id();
+    let new = ClusterId::random();
+    volume.force_new_cluster(new)?;
+    tracing::error!(
+        member = %me.name, from_cluster = ?old, cluster_id = %new,
+        "FORCE NEW CLUSTER: this member leaves cluster {old:?} and becomes cluster {new} of one voter with its \
+         data. Members of the old cluster are refused from now on; the other ordinals must start with empty \
+         volumes to join. Remove force_new_cluster from the configuration once the cluster has its members back"
+    );
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! `kvset snapshot save | status | restore | trigger`: backups of a running member, their
+//! checks, and restoring one into the volume of a new cluster.
+
+use std::path::Path;
+use std::path::PathBuf;
+use std::time::Duration;
+use std::time::Instant;
+
+use anyhow::bail;
+use anyhow::Context;
+use kvset_client::Client;
+use kvset_client::ClientOptions;
+use kvset_server::identity::Identity;
+use kvset_storage::seed;
+use kvset_storage::ClusterId;
+use kvset_storage::Volume;
+use serde_json::json;
+
+use crate::output::print_json;
+use crate::output::Format;
+use crate::SnapshotCommand;
+
+/// Runs a `kvset snapshot` subcommand.
+pub async fn run(
+    command: SnapshotCommand,
+    endpoints: &[String],
+    format: Format,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    match command {
+        SnapshotCommand::Save { file } => save(endpoints, &file, format, timeout).await,
+        SnapshotCommand::Status { file } => status(&file, format),
+        SnapshotCommand::Restore { file, data_dir, name } => restore(&file, &data_dir, &name, format),
+        SnapshotCommand::Trigger => trigger(endpoints, format, timeout).await,
+    }
+}
+
+/// Streams a backup from the first endpoint into `FILE.part`, checks it, then renames it to
+/// `file`: a backup under its final name is always whole and checked.
+async fn save(endpoints: &[String], file: &Path, format: Format, timeout: Duration) -> anyhow::Result<()> {
+    let endpoint = endpoints.first().cloned().unwrap_or_default();
+    if file.exists() {
+        bail!("{}: already exists; refusing to overwrite a backup", file.display());
+    }
+    let client = Client::new([endpoint.clone()], ClientOptions { timeout, ..Default::default() })?;
+    let part = PathBuf::from(format!("{}.part", file.display()));
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&part).with_context(|| format!("{}: cannot create", part.display()))?,
+    );
+    let started = Instant::now();
+    let show = format == Format::Human && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut shown = Instant::now() - Duration::from_secs(1);
+    let result = client
+        .backup(&endpoint, &mut out, |done, total| {
+            if show && (shown.elapsed() >= Duration::from_millis(100) || done == total) {
+                shown = Instant::now();
+                eprint!("\r{}", progress_bar(done, total));
+            }
+        })
+        .await;
+    if show {
+        eprintln!();
+    }
+    let finished = result.map_err(anyhow::Error::from).and_then(|(revision, bytes)| {
+        let f = out.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        Ok((revision, bytes))
+    });
+    let (revision, bytes) = match finished {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            return Err(e.context(format!("backup from {endpoint} failed; nothing was saved")));
+        }
+    };
+    let summary = match seed::summarize(&part) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            bail!("the backup from {endpoint} is damaged ({e}); nothing was saved");
+        }
+    };
+    std::fs::rename(&part, file).with_context(|| format!("{}: cannot rename into place", file.display()))?;
+    let secs = started.elapsed().as_secs_f64();
+    match format {
+        Format::Json => print_json(&json!({
+            "file": file.display().to_string(), "endpoint": endpoint, "revision": revision, "bytes": bytes,
+            "keys": summary.keys, "versions": summary.versions, "seconds": secs,
+        })),
+        Format::Human => println!(
+            "saved {} from {endpoint}: revision {revision}, {} keys, {} versions, {bytes} bytes in {secs:.1} s",
+            file.display(),
+            summary.keys,
+            summary.versions
+        ),
+    }
+    Ok(())
+}
+
+/// `[=====>    ]  42% 12.3/29.1 MiB`
+fn progress_bar(done: u64, total: u64) -> String {
+    let width = 30;
+    let filled = if total == 0 { width } else { (done * width as u64 / total) as usize };
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let pct = if total == 0 { 100 } else { done * 100 / total };
+    format!(
+        "[{}{}] {pct:3}% {:.1}/{:.1} MiB",
+        "=".repeat(filled),
+        " ".repeat(width - filled),
+        mib(done),
+        mib(total)
+    )
+}
+
+/// Prints what a backup holds and whether it is whole; a damaged file fails the command.
+fn status(file: &Path, format: Format) -> anyhow::Result<()> {
+    let summary = seed::summarize(file)
+        .map_err(|e| anyhow::anyhow!("{}: checksum or structure check failed: {e}", file.display()))?;
+    let h = &summary.header;
+    match format {
+        Format::Json => print_json(&json!({
+            "file": file.display().to_string(), "revision": h.revision, "compact_revision": h.compact_revision,
+            "keys": summary.keys, "versions": summary.versions, "leases": h.leases.len(), "bytes": summary.bytes,
+            "checksum": "ok",
+        })),
+        Format::Human => println!(
+            "{}: revision {}, compact revision {}, {} keys, {} versions, {} leases, {} bytes, checksum ok",
+            file.display(),
+            h.revision,
+            h.compact_revision,
+            summary.keys,
+            summary.versions,
+            h.leases.len(),
+            summary.bytes
+        ),
+    }
+    Ok(())
+}
+
+/// Prepares the volume of member `name` in `data_dir` to start a new cluster from `file`.
+fn restore(file: &Path, data_dir: &Path, name: &str, format: Format) -> anyhow::Result<()> {
+    let identity = Identity::from_name(name).map_err(|e| anyhow::anyhow!("--name {name:?}: {e}"))?;
+    let summary = seed::summarize(file)
+        .map_err(|e| anyhow::anyhow!("{}: not a usable backup ({e}); nothing was changed", file.display()))?;
+    let cluster = ClusterId::random();
+    let volume = Volume::create_restored(data_dir, identity.ordinal, cluster, file)?;
+    match format {
+        Format::Json => print_json(&json!({
+            "data_dir": data_dir.display().to_string(), "name": name, "cluster_id": cluster.to_string(),
+            "node_id": volume.node_id(), "revision": summary.header.revision, "keys": summary.keys,
+        })),
+        Format::Human => println!(
+            "restored revision {} ({} keys) into {} for {name}: new cluster {cluster}, node {}.\n\
+             Start {name} on this volume: it serves as a cluster of one; the other ordinals, started with empty \
+             volumes, join it.",
+            summary.header.revision,
+            summary.keys,
+            data_dir.display(),
+            volume.node_id()
+        ),
+    }
+    Ok(())
+}
+
+/// Makes the first endpoint's member build a Raft snapshot now (log compaction).
+async fn trigger(endpoints: &[String], format: Format, timeout: Duration) -> anyhow::Result<()> {
+    let endpoint = endpoints.first().cloned().unwrap_or_default();
+    let client = Client::new([endpoint.clone()], ClientOptions { timeout, ..Default::default() })?;
+    let resp = client.snapshot(&endpoint).await?;
+    match format {
+        Format::Json => print_json(&json!({"endpoint": endpoint, "last_log_index": resp.last_log_index})),
+        Format::Human => {
+            println!("snapshot of {endpoint} covers the log up to index {}", resp.last_log_index)
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_bar_is_bounded() {
+        assert!(progress_bar(0, 0).contains("100%"));
+        assert!(progress_bar(5, 10).contains(" 50%"));
+        assert!(progress_bar(10, 10).starts_with(&format!("[{}]", "=".repeat(30))));
+    }
+}

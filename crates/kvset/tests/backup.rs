@@ -1,0 +1,190 @@
+//! Backups as a user takes them: `kvset snapshot save` from a running member, `status` on the
+//! file, `restore` into the volume of a new cluster, and the new cluster holds every key,
+//! version, revision, lease and the compaction point. Damaged files are refused and change
+//! nothing.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use kvset_client::pb;
+use kvset_client::Client;
+use kvset_tests::cluster::Cluster;
+use kvset_tests::eventually;
+use serde_json::Value;
+
+/// Runs `kvset --endpoints E --output json ARGS…`: (success, stdout, stderr).
+async fn kvset(endpoint: &str, args: &[&str]) -> (bool, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kvset"));
+    command.args(["--endpoints", endpoint, "--output", "json"]).args(args);
+    let out = tokio::task::spawn_blocking(move || command.output()).await.unwrap().expect("run kvset");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+async fn json(endpoint: &str, args: &[&str]) -> Value {
+    let (ok, out, err) = kvset(endpoint, args).await;
+    assert!(ok, "kvset {args:?} failed:\n{out}\n{err}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("kvset {args:?}: not JSON ({e}): {out}"))
+}
+
+/// Every key with its metadata, read linearizably at the current revision, plus that revision.
+async fn everything(client: &Client) -> (i64, Vec<pb::KeyValue>) {
+    let resp = client
+        .range(pb::RangeRequest { key: vec![0], range_end: vec![0], limit: 10_000, ..Default::default() })
+        .await
+        .unwrap();
+    assert!(resp.next_key.is_empty(), "more than one page");
+    (resp.header.unwrap().revision, resp.kvs)
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_restored_into_a_new_cluster_holds_every_key_revision_lease_and_the_compaction_point() {
+    let old = Cluster::start(3).await;
+    let client = old.client();
+    for i in 0..300 {
+        client.put(format!("key-{i:03}"), format!("v1-{i}")).await.unwrap();
+    }
+    for i in 0..100 {
+        client.put(format!("key-{i:03}"), format!("v2-{i}")).await.unwrap();
+    }
+    let before_deletes = client.put("marker", "x").await.unwrap().header.unwrap().revision;
+    client.delete(pb::DeleteRequest { key: b"key-299".to_vec(), ..Default::default() }).await.unwrap();
+    let lease = client.lease_grant(3600, 0).await.unwrap().id;
+    client
+        .put_request(pb::PutRequest {
+            key: b"leased".to_vec(),
+            value: b"l".to_vec(),
+            lease,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client.compact(150).await.unwrap();
+    let (revision, kvs) = everything(&client).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backup.snap");
+    let saved = json(&old.endpoint(1), &["snapshot", "save", path(&file)]).await;
+    assert_eq!(saved["revision"], revision, "{saved}");
+    assert_eq!(saved["keys"], kvs.len() as i64, "{saved}");
+    assert!(!Path::new(&format!("{}.part", file.display())).exists());
+    // A backup is never overwritten.
+    let (ok, _, err) = kvset(&old.endpoint(1), &["snapshot", "save", path(&file)]).await;
+    assert!(!ok && err.contains("already exists"), "{err}");
+
+    let status = json("unused", &["snapshot", "status", path(&file)]).await;
+    assert_eq!(status["revision"], revision, "{status}");
+    assert_eq!(status["compact_revision"], 150, "{status}");
+    assert_eq!(status["keys"], kvs.len() as i64, "{status}");
+    assert_eq!(status["leases"], 1, "{status}");
+    assert_eq!(status["checksum"], "ok", "{status}");
+    let old_cluster = old.client().status_of(&old.endpoint(0)).await.unwrap().cluster_id;
+    old.shutdown().await;
+
+    // Restore into ordinal 0's volume of a brand-new cluster; 1 and 2 start empty and join.
+    let mut new = Cluster::new(3, |_| {}).await;
+    let restored =
+        json("unused", &["snapshot", "restore", path(&file), "--data-dir", path(&new.data_dir(0))]).await;
+    assert_eq!(restored["revision"], revision, "{restored}");
+    for o in 0..3 {
+        new.start_node(o).await;
+    }
+    new.wait_voters(3, Duration::from_secs(60)).await;
+    let client = new.client();
+    let status = client.status_of(&new.endpoint(2)).await.unwrap();
+    assert_ne!(status.cluster_id, old_cluster, "a restore makes a new cluster");
+    assert_eq!(status.cluster_id, restored["cluster_id"].as_str().unwrap());
+
+    let (now, restored_kvs) = everything(&client).await;
+    assert_eq!(now, revision, "the store revision carries over");
+    assert_eq!(restored_kvs, kvs, "every key with its versions, revisions and lease");
+    // History: an old version is still readable above the compaction point, not below it.
+    let old_value = client.get_at("key-000", before_deletes - 1).await.unwrap();
+    assert_eq!(old_value.kv.unwrap().value, b"v2-0");
+    let at_201 = client.get_at("key-050", 201).await.unwrap().kv.unwrap();
+    assert_eq!(at_201.value, b"v1-50", "a version overwritten after the compaction point survives");
+    let compacted = client.get_at("key-000", 100).await.unwrap_err();
+    assert!(matches!(compacted, kvset_client::Error::OutOfRange(_)), "{compacted:?}");
+    // The lease exists with its keys and still ends them.
+    let ttl = client.lease_time_to_live(lease, true).await.unwrap();
+    assert_eq!(ttl.granted_ttl_seconds, 3600);
+    assert_eq!(ttl.keys, vec![b"leased".to_vec()]);
+    client.lease_revoke(lease).await.unwrap();
+    assert!(client.get("leased").await.unwrap().is_none());
+    // Members that joined received the data, and new writes continue the revisions.
+    let next = client.put("after", "restore").await.unwrap().header.unwrap().revision;
+    assert!(next > revision);
+    for o in 1..3 {
+        let c = new.client_for(o);
+        eventually(&format!("kvset-{o} serves the restored data"), Duration::from_secs(20), || {
+            let c = c.clone();
+            async move {
+                let r = c
+                    .get_request(pb::GetRequest {
+                        key: b"key-123".to_vec(),
+                        consistency: pb::ReadConsistency::Serializable as i32,
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?;
+                r.kv.filter(|kv| kv.value == b"v1-123")
+            }
+        })
+        .await;
+    }
+    new.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_backup_is_refused_by_status_and_restore_and_changes_nothing() {
+    let c = Cluster::start(1).await;
+    for i in 0..50 {
+        c.client().put(format!("k{i}"), "v").await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.snap");
+    json(&c.endpoint(0), &["snapshot", "save", path(&good)]).await;
+    c.shutdown().await;
+    let bytes = std::fs::read(&good).unwrap();
+
+    let mut flipped = bytes.clone();
+    flipped[bytes.len() / 2] ^= 0x01;
+    let cases = [("flipped", flipped), ("truncated", bytes[..bytes.len() - 7].to_vec()), ("empty", vec![])];
+    for (name, content) in cases {
+        let bad = dir.path().join(format!("{name}.snap"));
+        std::fs::write(&bad, content).unwrap();
+        let (ok, _, err) = kvset("unused", &["snapshot", "status", path(&bad)]).await;
+        assert!(!ok, "status accepted a {name} file");
+        assert!(err.contains("check failed"), "{name}: {err}");
+        let target = dir.path().join(format!("volume-{name}"));
+        let (ok, _, err) =
+            kvset("unused", &["snapshot", "restore", path(&bad), "--data-dir", path(&target)]).await;
+        assert!(!ok, "restore accepted a {name} file");
+        assert!(err.contains("not a usable backup") && err.contains("nothing was changed"), "{name}: {err}");
+        assert!(!target.exists(), "{name}: restore touched the target directory");
+    }
+    // A good file is refused into a volume that is in use, which stays as it was.
+    let used = dir.path().join("used");
+    std::fs::create_dir_all(&used).unwrap();
+    std::fs::write(used.join("kvset-volume.json"), "{}").unwrap();
+    let (ok, _, err) =
+        kvset("unused", &["snapshot", "restore", path(&good), "--data-dir", path(&used)]).await;
+    assert!(!ok && err.contains("needs an empty or absent data directory"), "{err}");
+    assert_eq!(std::fs::read_to_string(used.join("kvset-volume.json")).unwrap(), "{}");
+    assert_eq!(std::fs::read_dir(&used).unwrap().count(), 1);
+    // A name that is not a member's.
+    let (ok, _, err) = kvset(
+        "unused",
+        &["snapshot", "restore", path(&good), "--data-dir", path(&dir.path().join("x")), "--name", "nope"],
+    )
+    .await;
+    assert!(!ok && err.contains("--name"), "{err}");
+}
