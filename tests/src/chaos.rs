@@ -15,6 +15,7 @@
 //! in-process too.
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -249,6 +250,54 @@ pub async fn volume_loss<H: Harness>(h: &mut H, _: &History, _: &mut StdRng) -> 
     if members.members.iter().any(|m| m.node_id == old_id) {
         return Err("the old node id is still a member".into());
     }
+    Ok(())
+}
+
+/// Environment variable of the `force_new_cluster` key.
+const FORCE_NEW_CLUSTER: &str = "KVSET_FORCE_NEW_CLUSTER";
+
+/// (j) quorum loss: every pod dies at once and two of the three volumes are gone for good. The
+/// operator names the survivor in `force_new_cluster` (one env var on the StatefulSet, seen by
+/// every pod): it becomes a cluster of one with its data, and the other ordinals, started with
+/// empty volumes, join it with no member command. The survivor is the old leader, which had
+/// applied every acknowledged write, so the workload's checks (no acknowledged write lost,
+/// linearizable, watch histories) hold across the recovery. Leaving the setting in place and
+/// restarting the survivor must not split the cluster again.
+pub async fn quorum_loss<H: Harness>(h: &mut H, _: &History, _: &mut StdRng) -> Result<(), String> {
+    let survivor = harness::leader(h, Duration::from_secs(30)).await?;
+    let old_cluster =
+        harness::statuses(h, false).await.get(&survivor).map(|s| s.cluster_id.clone()).ok_or("no status")?;
+    let all = h.running();
+    let lost: Vec<u32> = all.iter().copied().filter(|o| *o != survivor).collect();
+    info!("--- every pod dies; the volumes of {lost:?} are gone for good; kvset-{survivor} survives");
+    h.kill(&all).await?;
+    for o in &lost {
+        h.wipe(*o).await?;
+    }
+    let name = format!("kvset-{survivor}");
+    h.set_env(FORCE_NEW_CLUSTER, Some(&name));
+    h.start(survivor).await?;
+    for o in &lost {
+        h.start(*o).await?;
+    }
+    harness::wait_voters(h, 3, Duration::from_secs(120)).await?;
+    let after = harness::statuses(h, false).await;
+    let clusters: BTreeSet<&String> = after.values().map(|s| &s.cluster_id).collect();
+    if clusters.len() != 1 || clusters.contains(&old_cluster) {
+        return Err(format!("after recovery the members report clusters {clusters:?} (old: {old_cluster})"));
+    }
+    let new_cluster = (*clusters.iter().next().ok_or("no member answered")?).clone();
+    info!("--- recovered as cluster {new_cluster}; restart kvset-{survivor} with the setting still in place");
+    h.stop(survivor).await?;
+    h.start(survivor).await?;
+    harness::wait_voters(h, 3, Duration::from_secs(120)).await?;
+    let again = harness::statuses(h, false).await;
+    if again.values().any(|s| s.cluster_id != new_cluster) {
+        return Err(format!(
+            "a second forced cluster appeared after a restart with the setting left in place: {again:?}"
+        ));
+    }
+    h.set_env(FORCE_NEW_CLUSTER, None);
     Ok(())
 }
 

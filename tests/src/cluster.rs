@@ -81,6 +81,8 @@ pub struct Cluster {
     /// Client endpoints of the running members (for workloads).
     endpoints: Arc<RwLock<Endpoints>>,
     tweak: Arc<dyn Fn(&mut Config) + Send + Sync>,
+    /// `KVSET_*` variables set with [`Harness::set_env`], applied over the tweaked config.
+    env: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -131,6 +133,7 @@ impl Cluster {
             replicas: initial,
             endpoints: Arc::default(),
             tweak: Arc::new(tweak),
+            env: BTreeMap::new(),
         }
     }
 
@@ -159,7 +162,10 @@ impl Cluster {
         c.raft.election_timeout_max_ms = 2000;
         c.raft.rpc_timeout_ms = 1000;
         (self.tweak)(&mut c);
-        c
+        if self.env.is_empty() {
+            return c;
+        }
+        c.with_env(&self.env).unwrap_or_else(|e| panic!("bad test environment {:?}: {e}", self.env))
     }
 
     /// Starts (or restarts, with its volume) an ordinal.
@@ -474,5 +480,12 @@ impl Harness for Cluster {
             Cluster::wipe(self, o);
         }
         Ok(())
+    }
+
+    fn set_env(&mut self, name: &str, value: Option<&str>) {
+        match value {
+            Some(v) => self.env.insert(name.to_string(), v.to_string()),
+            None => self.env.remove(name),
+        };
     }
 }

@@ -81,6 +81,10 @@ pub trait Harness {
     /// `kubectl scale --replicas=n`: the desired count changes, then the missing members start
     /// or the surplus ones stop (and lose their volumes).
     async fn scale(&mut self, n: u32) -> Result<(), String>;
+
+    /// `kubectl set env statefulset/kvset NAME=VALUE` (or `NAME-` for `None`) without a
+    /// rollout: members started from now on see it.
+    fn set_env(&mut self, name: &str, value: Option<&str>);
 }
 
 /// A client over the running members' endpoints (no leader preference: like a user's).

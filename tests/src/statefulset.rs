@@ -583,4 +583,16 @@ impl Harness for Emulator {
     async fn scale(&mut self, n: u32) -> Result<(), String> {
         Emulator::scale(self, n).await
     }
+
+    fn set_env(&mut self, name: &str, value: Option<&str>) {
+        let env = self.container.env.get_or_insert_with(Vec::new);
+        env.retain(|e| e.name != name);
+        if let Some(v) = value {
+            env.push(k8s_openapi::api::core::v1::EnvVar {
+                name: name.to_string(),
+                value: Some(v.to_string()),
+                value_from: None,
+            });
+        }
+    }
 }

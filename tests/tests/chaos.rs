@@ -108,6 +108,11 @@ async fn g_full_restart_of_every_pod_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn j_quorum_loss_recovered_from_the_survivor() {
+    scenario("j-quorum-loss", chaos::quorum_loss).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn i_leases_through_faults_and_on_time_expiry() {
     scenario("i-leases", chaos::leases).await;
 }

@@ -43,3 +43,8 @@ async fn scale_three_to_five_to_three() {
 async fn leases_through_faults_and_on_time_expiry() {
     scenario("leases", chaos::leases).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quorum_loss_recovered_from_the_survivor() {
+    scenario("quorum-loss", chaos::quorum_loss).await;
+}

@@ -497,6 +497,29 @@ fn same_kind(a: &toml::Value, b: &toml::Value) -> bool {
     std::mem::discriminant(a) == std::mem::discriminant(b)
 }
 
+/// Sets every key that has a `KVSET_*` variable in `env`.
+fn apply_env(
+    table: &mut toml::Table,
+    defaults: &BTreeMap<String, toml::Value>,
+    env: &BTreeMap<String, String>,
+) -> Result<(), ConfigError> {
+    for (key, default) in defaults {
+        if let Some(raw) = env.get(&env_var(key)) {
+            let value =
+                parse_like(default, raw).and_then(|v| check_range(key, &v).map(|_| v)).map_err(|reason| {
+                    ConfigError::BadValue {
+                        source_name: format!("environment {}", env_var(key)),
+                        key: key.clone(),
+                        value: raw.clone(),
+                        reason,
+                    }
+                })?;
+            set_path(table, key, value);
+        }
+    }
+    Ok(())
+}
+
 /// Keys stored in 16-bit and 32-bit fields; every other integer is a u64.
 const U16_KEYS: &[&str] = &["client_port", "peer_port", "ops_port", "port_stride"];
 const U32_KEYS: &[&str] = &["initial_replicas"];
@@ -567,19 +590,7 @@ impl Config {
             }
         }
 
-        for (key, default) in &defaults {
-            if let Some(raw) = env.get(&env_var(key)) {
-                let value = parse_like(default, raw).and_then(|v| check_range(key, &v).map(|_| v)).map_err(
-                    |reason| ConfigError::BadValue {
-                        source_name: format!("environment {}", env_var(key)),
-                        key: key.clone(),
-                        value: raw.clone(),
-                        reason,
-                    },
-                )?;
-                set_path(&mut table, key, value);
-            }
-        }
+        apply_env(&mut table, &defaults, env)?;
 
         for (key, raw) in flags {
             let Some(default) = defaults.get(key) else {
@@ -599,6 +610,22 @@ impl Config {
 
         let config: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::BadValue {
             source_name: "configuration".into(),
+            key: String::new(),
+            value: String::new(),
+            reason: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// This configuration with the `KVSET_*` entries of `env` applied on top (as the
+    /// environment layer of [`Config::load`] applies them), then validated.
+    pub fn with_env(self, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+        let mut table = toml::Table::try_from(self)
+            .map_err(|e| ConfigError::Invalid { key: "configuration", reason: e.to_string() })?;
+        apply_env(&mut table, &Self::defaults_flat(), env)?;
+        let config: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::BadValue {
+            source_name: "environment".into(),
             key: String::new(),
             value: String::new(),
             reason: e.to_string(),

@@ -3,7 +3,7 @@
 //! from quorum loss by becoming a new cluster of one with the data it has.
 //!
 //! Quorum-loss recovery, in order (each step repeatable after a crash, see `kvset_storage::seed`):
-//! 1. refuse an empty volume (nothing to recover);
+//! 1. apply every entry of its log; refuse an empty volume (nothing to recover);
 //! 2. write a backup of the applied state and place it as the volume's pending seed;
 //! 3. move the volume to a new cluster id and record that the recovery ran;
 //! 4. seed: the membership becomes this member alone, the data stays, the log is purged.
@@ -88,6 +88,44 @@ pub async fn prepare(
     Ok(())
 }
 
+/// Applies every entry of the log after the last applied one, committed or not as far as
+/// this member knows: the state machine's own writes are flushed lazily and the committed
+/// marker is only a hint, so the log is the durable record of what this member acknowledged.
+/// An entry whose commit it never learned was a real client write whose outcome its client did
+/// not see; applying it keeps every acknowledged write and adds at most such writes, which
+/// linearizability allows. Returns how many entries were applied.
+async fn apply_whole_log(store: &mut Store) -> Result<u64, RecoveryError> {
+    use openraft::storage::RaftLogStorage;
+    use openraft::storage::RaftStateMachine;
+    use openraft::RaftLogReader;
+    let state = store
+        .log
+        .get_log_state()
+        .await
+        .map_err(|e| RecoveryError::Io { what: "reading the log state", source: std::io::Error::other(e) })?;
+    let (applied, _) = store.state_machine.applied_state().await.map_err(|e| RecoveryError::Io {
+        what: "reading the applied state",
+        source: std::io::Error::other(e),
+    })?;
+    let Some(last) = state.last_log_id else { return Ok(0) };
+    let first = applied.map_or(0, |l| l.index + 1).max(state.last_purged_log_id.map_or(0, |l| l.index + 1));
+    if first > last.index {
+        return Ok(0);
+    }
+    let mut reader = store.log.get_log_reader().await;
+    let entries = reader
+        .try_get_log_entries(first..=last.index)
+        .await
+        .map_err(|e| RecoveryError::Io { what: "reading the log", source: std::io::Error::other(e) })?;
+    let n = entries.len() as u64;
+    store
+        .state_machine
+        .apply(entries)
+        .await
+        .map_err(|e| RecoveryError::Io { what: "applying the log", source: std::io::Error::other(e) })?;
+    Ok(n)
+}
+
 /// Steps 1–3 of the recovery (see the module docs).
 async fn force(
     me: &Member,
@@ -97,9 +135,16 @@ async fn force(
     pending: bool,
 ) -> Result<(), RecoveryError> {
     if !pending {
+        let replayed = apply_whole_log(store).await?;
         let applied = store.reader.applied();
         if applied.last_applied.is_none() {
             return Err(RecoveryError::EmptyVolume { name: me.name.clone(), dir: dir.display().to_string() });
+        }
+        if replayed > 0 {
+            tracing::warn!(
+                replayed, last_applied = ?applied.last_applied,
+                "force_new_cluster: applied every entry of this member's log before saving its state"
+            );
         }
         let reader = store.reader.clone();
         let (header, backup, bytes) = tokio::task::spawn_blocking(move || reader.write_backup())
@@ -114,7 +159,7 @@ async fn force(
         placed.map_err(io("placing the seed failed"))?;
         tracing::warn!(
             revision = header.revision, bytes, last_applied = ?applied.last_applied,
-            "force_new_cluster: saved the applied state; entries this member had logged but not applied are discarded"
+            "force_new_cluster: saved this member's state as the new cluster's seed"
         );
     }
     let old = volume.cluster_id();
