@@ -168,6 +168,13 @@ impl Cluster {
         c.with_env(&self.env).unwrap_or_else(|e| panic!("bad test environment {:?}: {e}", self.env))
     }
 
+    /// Gives up the ports reserved for an ordinal that has not started, so that a `kvset serve`
+    /// process can bind them; returns that ordinal's configuration.
+    pub fn release(&mut self, ordinal: u32) -> Config {
+        self.reserved.remove(&ordinal);
+        self.config(ordinal)
+    }
+
     /// Starts (or restarts, with its volume) an ordinal.
     pub async fn start_node(&mut self, ordinal: u32) {
         self.start_node_with(ordinal, NodeOptions::default()).await;

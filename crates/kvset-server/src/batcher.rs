@@ -42,28 +42,7 @@ pub struct Batcher {
 
 /// Approximate encoded size of a command (keys and values dominate).
 fn command_bytes(c: &Command) -> usize {
-    use kvset_storage::Txn;
-    use kvset_storage::TxnOp;
-    fn txn(t: &Txn) -> usize {
-        let op = |op: &TxnOp| match op {
-            TxnOp::Put(p) => p.key.len() + p.value.len() + 16,
-            TxnOp::Delete(d) => d.range.start.len() + 16,
-            TxnOp::Range(r) => r.range.start.len() + 16,
-            TxnOp::Txn(t) => txn(t),
-        };
-        t.compares.iter().map(|c| c.range.start.len() + 16).sum::<usize>()
-            + t.success.iter().map(op).sum::<usize>()
-            + t.failure.iter().map(op).sum::<usize>()
-    }
-    match c {
-        Command::Put(p) => p.key.len() + p.value.len() + 16,
-        Command::Delete(d) => d.range.start.len() + 16,
-        Command::Txn(t) => txn(t),
-        Command::SetReplicas(_)
-        | Command::Compact(_)
-        | Command::LeaseGrant { .. }
-        | Command::LeaseRevoke(_) => 16,
-    }
+    c.approx_bytes()
 }
 
 impl Batcher {

@@ -147,6 +147,18 @@ fn rpc_name(rpc: RPCTypes) -> &'static str {
     }
 }
 
+/// Largest AppendEntries payload sent at once when it holds more than one entry (see
+/// `append_entries`).
+pub const APPEND_MAX_BYTES: usize = 1 << 20;
+
+/// Approximate encoded size of a log entry.
+fn entry_bytes(e: &kvset_storage::Entry) -> usize {
+    match &e.payload {
+        openraft::EntryPayload::Normal(b) => 32 + b.commands.iter().map(|c| c.approx_bytes()).sum::<usize>(),
+        _ => 256,
+    }
+}
+
 impl PeerClient {
     async fn send<Resp, E>(
         &mut self,
@@ -245,8 +257,31 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Member, RaftError<u64>>> {
+        let mut rpc = rpc;
+        // openraft 0.9 gives every AppendEntries one heartbeat interval to complete, encoding
+        // included. A follower that is far behind would be sent `max_payload_entries` entries
+        // of up to a batch each (megabytes of large values), which cannot be encoded, sent and
+        // written in that time: it would time out again and again and never catch up. Send
+        // the prefix that fits APPEND_MAX_BYTES (always at least one entry) and report how far
+        // it got.
+        let mut sent_up_to = None;
+        let mut total = 0;
+        let keep = rpc.entries.iter().position(|e| {
+            total += entry_bytes(e);
+            total > APPEND_MAX_BYTES
+        });
+        if let Some(keep) = keep.map(|k| k.max(1)).filter(|k| *k < rpc.entries.len()) {
+            rpc.entries.truncate(keep);
+            sent_up_to = rpc.entries.last().map(|e| e.log_id);
+        }
         let payload = encode("append entries", &rpc)?;
-        self.send(RPCTypes::AppendEntries, payload, option.hard_ttl()).await
+        let reply = self.send(RPCTypes::AppendEntries, payload, option.hard_ttl()).await?;
+        Ok(match (reply, sent_up_to) {
+            // The follower matches the leader up to the last entry sent (it commits no further
+            // than that either: openraft commits up to what the request carried).
+            (AppendEntriesResponse::Success, Some(last)) => AppendEntriesResponse::PartialSuccess(Some(last)),
+            (reply, _) => reply,
+        })
     }
 
     async fn install_snapshot(

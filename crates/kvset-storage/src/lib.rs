@@ -122,6 +122,21 @@ pub enum OpenError {
     Sled { path: std::path::PathBuf, source: sled::Error },
     #[error(transparent)]
     StateMachine(#[from] SmOpenError),
+    #[error(
+        "{path}: No space left on device: {free} bytes free, and opening the database needs at least {needed} \
+         (sled writes as it opens, and a write that fails half-way there damages it); expand the volume or \
+         free space, then start again"
+    )]
+    NoSpace { path: std::path::PathBuf, free: u64, needed: u64 },
+}
+
+/// Free space a volume must have before its database is opened.
+pub const MIN_FREE_BYTES: u64 = 16 << 20;
+
+/// Bytes available to this process on the filesystem of `dir`.
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(dir).map_err(std::io::Error::from)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Tuning of the sled database.
@@ -167,6 +182,12 @@ impl Store {
     /// that manage identity themselves).
     pub fn open_dir(dir: &Path, options: StoreOptions) -> Result<Self, OpenError> {
         let db_path = dir.join("db");
+        // A full disk is refused before sled writes anything (see `OpenError::NoSpace`).
+        if let Ok(free) = free_bytes(dir) {
+            if free < MIN_FREE_BYTES {
+                return Err(OpenError::NoSpace { path: dir.to_path_buf(), free, needed: MIN_FREE_BYTES });
+            }
+        }
         let db = sled::Config::new()
             .path(&db_path)
             .cache_capacity(options.cache_bytes)

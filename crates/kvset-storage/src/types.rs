@@ -66,6 +66,30 @@ impl Command {
             Command::Txn(_) | Command::Compact(_) | Command::LeaseRevoke(_) => false,
         }
     }
+
+    /// Approximate encoded size (keys and values dominate), for byte budgets.
+    pub fn approx_bytes(&self) -> usize {
+        fn txn(t: &Txn) -> usize {
+            let op = |op: &TxnOp| match op {
+                TxnOp::Put(p) => p.key.len() + p.value.len() + 16,
+                TxnOp::Delete(d) => d.range.start.len() + 16,
+                TxnOp::Range(r) => r.range.start.len() + 16,
+                TxnOp::Txn(t) => txn(t),
+            };
+            t.compares.iter().map(|c| c.range.start.len() + 16).sum::<usize>()
+                + t.success.iter().map(op).sum::<usize>()
+                + t.failure.iter().map(op).sum::<usize>()
+        }
+        match self {
+            Command::Put(p) => p.key.len() + p.value.len() + 16,
+            Command::Delete(d) => d.range.start.len() + 16,
+            Command::Txn(t) => txn(t),
+            Command::SetReplicas(_)
+            | Command::Compact(_)
+            | Command::LeaseGrant { .. }
+            | Command::LeaseRevoke(_) => 16,
+        }
+    }
 }
 
 /// A put, with etcd's options.
