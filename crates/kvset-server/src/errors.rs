@@ -8,6 +8,7 @@
 //! | [`KvError::Unavailable`] | `UNAVAILABLE` | `kvset-not-applied` |
 //! | [`KvError::Overloaded`] | `RESOURCE_EXHAUSTED` | `kvset-not-applied` (a transient queue: retry) |
 //! | [`KvError::LimitReached`] | `RESOURCE_EXHAUSTED` | — (a table is full: retrying will not help) |
+//! | [`KvError::NoSpace`] | `RESOURCE_EXHAUSTED` | — (past `quota_bytes`: free space first) |
 //! | [`KvError::Indeterminate`] | `UNKNOWN` | — (a write may or may not have been applied) |
 //! | [`KvError::DeadlineExceeded`] | `DEADLINE_EXCEEDED` | — |
 //! | [`KvError::Unimplemented`] | `UNIMPLEMENTED` | — |
@@ -65,6 +66,10 @@ pub enum KvError {
     /// A bounded table is full (leases); nothing was applied.
     #[error("{0}")]
     LimitReached(String),
+    /// A member's volume is past `quota_bytes` and the write would add data; nothing was
+    /// applied. Not retryable until space is freed.
+    #[error("database space exceeded: {0}")]
+    NoSpace(String),
     /// A write's outcome is unknown: it may or may not have been applied.
     #[error("outcome unknown: {0}")]
     Indeterminate(String),
@@ -106,6 +111,7 @@ impl KvError {
                 | KvError::Unavailable(_)
                 | KvError::Overloaded(_)
                 | KvError::LimitReached(_)
+                | KvError::NoSpace(_)
                 | KvError::FailedPrecondition(_)
                 | KvError::NotFound(_)
                 | KvError::OutOfRange(_)
@@ -204,6 +210,9 @@ pub fn from_status(status: Status) -> KvError {
         },
         Code::Unavailable => KvError::Unavailable(strip("unavailable: ")),
         Code::ResourceExhausted if not_applied => KvError::Overloaded(strip("overloaded: ")),
+        Code::ResourceExhausted if message.starts_with("database space exceeded: ") => {
+            KvError::NoSpace(strip("database space exceeded: "))
+        }
         Code::ResourceExhausted => KvError::LimitReached(message.to_string()),
         Code::Unknown => KvError::Indeterminate(strip("outcome unknown: ")),
         Code::DeadlineExceeded => KvError::DeadlineExceeded(strip("deadline exceeded: ")),
@@ -251,7 +260,9 @@ impl From<KvError> for Status {
                 Code::Unavailable
             }
             KvError::Unavailable(_) => Code::Unavailable,
-            KvError::Overloaded(_) | KvError::LimitReached(_) => Code::ResourceExhausted,
+            KvError::Overloaded(_) | KvError::LimitReached(_) | KvError::NoSpace(_) => {
+                Code::ResourceExhausted
+            }
             KvError::Indeterminate(_) => Code::Unknown,
             KvError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             KvError::Unimplemented(_) => Code::Unimplemented,

@@ -40,6 +40,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("tasks::compactor", 4),
     ("tasks::leases", 4),
     ("tasks::membership", 4),
+    ("tasks::quota", 4),
     ("tasks::raft_metrics", 4),
     ("tasks::replicas", 4),
     ("server", 5),

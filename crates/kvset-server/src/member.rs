@@ -80,6 +80,26 @@ pub enum Route {
     Forward { leader_id: u64, addr: String },
 }
 
+/// A member whose volume is past the space quota (etcd's NOSPACE alarm).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpaceAlarm {
+    pub node_id: u64,
+    pub name: String,
+    /// Bytes its volume held when last measured.
+    pub bytes: u64,
+    pub quota: u64,
+}
+
+impl std::fmt::Display for SpaceAlarm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "NOSPACE {}: its volume holds {} bytes, quota_bytes is {}",
+            self.name, self.bytes, self.quota
+        )
+    }
+}
+
 /// When this member last became leader; kept by the Raft metrics task.
 #[derive(Debug, Default)]
 pub struct LeaderClock(Mutex<Option<Instant>>);
@@ -172,6 +192,9 @@ pub struct LocalMember {
     phase: watch::Sender<Phase>,
     /// What the membership task did last, for Status and logs.
     reconciler: Mutex<String>,
+    /// Space alarms raised by the quota task (this member's own, and on the leader every
+    /// member's): while any is raised, writes that add data are refused.
+    alarms: Mutex<Vec<SpaceAlarm>>,
     /// Desired voter count from the Kubernetes API (when that is the source); 0 = unknown.
     k8s_replicas: Arc<AtomicU32>,
     /// Since when this member leads.
@@ -233,6 +256,7 @@ impl LocalMember {
             channels,
             phase,
             reconciler: Mutex::new(String::new()),
+            alarms: Mutex::new(Vec::new()),
             k8s_replicas,
             leadership,
             accepting: AtomicBool::new(true),
@@ -408,10 +432,19 @@ impl LocalMember {
     }
 
     /// Proposes a write on this member (which believes it is the leader) and waits for its
-    /// result until `deadline`.
+    /// result until `deadline`. While a space alarm is raised, a write that adds data is
+    /// refused (etcd's NOSPACE alarm); deletes, compaction and revokes still go through.
     pub async fn submit(&self, command: Command, deadline: Instant) -> Result<CommandResult, KvError> {
         if !self.accepting() {
             return Err(KvError::Unavailable("member is shutting down".into()));
+        }
+        if command.adds_data() {
+            if let Some(alarm) = self.alarms().first() {
+                return Err(KvError::NoSpace(format!(
+                    "{alarm}; delete keys, compact and defragment (or raise quota_bytes); reads, deletes and \
+                     compaction still work"
+                )));
+            }
         }
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, self.batcher.submit(command)).await {
@@ -453,6 +486,27 @@ impl LocalMember {
             tracing::info!(reconciler = %status, "membership");
             *current = status;
         }
+    }
+
+    /// Replaces the raised space alarms (the quota task), logging changes.
+    pub fn set_alarms(&self, alarms: Vec<SpaceAlarm>) {
+        let mut current = self.alarms.lock().unwrap_or_else(|e| e.into_inner());
+        let names = |a: &[SpaceAlarm]| a.iter().map(|a| a.name.clone()).collect::<Vec<_>>();
+        if names(&current) != names(&alarms) {
+            if alarms.is_empty() {
+                tracing::info!("space alarms cleared; writes are taken again");
+            } else {
+                let list: Vec<String> = alarms.iter().map(|a| a.to_string()).collect();
+                tracing::warn!(alarms = ?list, "space alarm raised: writes that add data are refused");
+            }
+        }
+        self.metrics.space_alarms.set(alarms.len() as i64);
+        *current = alarms;
+    }
+
+    /// The raised space alarms.
+    pub fn alarms(&self) -> Vec<SpaceAlarm> {
+        self.alarms.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// What the membership task did last.

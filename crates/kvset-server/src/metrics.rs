@@ -104,6 +104,7 @@ pub struct Metrics {
     pub elections: Counter,
     pub membership_changes: Counter,
     pub volume_bytes: Gauge,
+    pub space_alarms: Gauge,
     pub watches: Gauge,
     pub watch_events: Counter,
     pub leases_expired: Counter,
@@ -142,6 +143,7 @@ impl Metrics {
             elections: Counter::default(),
             membership_changes: Counter::default(),
             volume_bytes: Gauge::default(),
+            space_alarms: Gauge::default(),
             watches: Gauge::default(),
             watch_events: Counter::default(),
             leases_expired: Counter::default(),
@@ -202,6 +204,11 @@ impl Metrics {
             "volume_bytes",
             "Bytes of every file under the data directory, refreshed every few seconds",
             m.volume_bytes.clone(),
+        );
+        r.register(
+            "space_alarms",
+            "Raised NOSPACE alarms (members past quota_bytes) this member knows of; writes that add data are refused while above 0",
+            m.space_alarms.clone(),
         );
         r.register("watches", "Watches open on this member", m.watches.clone());
         r.register("watch_events", "Events read for watchers (before filtering)", m.watch_events.clone());

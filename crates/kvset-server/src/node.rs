@@ -221,6 +221,7 @@ impl Node {
             tokio::spawn(crate::tasks::membership::run(member.clone(), stop_rx.clone())),
             tokio::spawn(crate::tasks::leases::run(member.clone(), stop_rx.clone())),
             tokio::spawn(crate::tasks::compactor::run(member.clone(), stop_rx.clone())),
+            tokio::spawn(crate::tasks::quota::run(member.clone(), stop_rx.clone())),
             tokio::spawn(crate::tasks::raft_metrics::run(
                 member.raft().metrics(),
                 member.metrics().clone(),

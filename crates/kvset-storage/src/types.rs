@@ -67,6 +67,26 @@ impl Command {
         }
     }
 
+    /// Whether applying it may add data (a put anywhere in it, a new lease): what a space
+    /// quota refuses. Deletes, compaction and revokes only free space.
+    pub fn adds_data(&self) -> bool {
+        fn txn(t: &Txn) -> bool {
+            let op = |op: &TxnOp| match op {
+                TxnOp::Put(_) => true,
+                TxnOp::Txn(t) => txn(t),
+                TxnOp::Delete(_) | TxnOp::Range(_) => false,
+            };
+            t.success.iter().any(op) || t.failure.iter().any(op)
+        }
+        match self {
+            Command::Put(_) | Command::LeaseGrant { .. } => true,
+            Command::Txn(t) => txn(t),
+            Command::Delete(_) | Command::SetReplicas(_) | Command::Compact(_) | Command::LeaseRevoke(_) => {
+                false
+            }
+        }
+    }
+
     /// Approximate encoded size (keys and values dominate), for byte budgets.
     pub fn approx_bytes(&self) -> usize {
         fn txn(t: &Txn) -> usize {

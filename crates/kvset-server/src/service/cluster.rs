@@ -132,6 +132,8 @@ pub fn status(member: &LocalMember) -> pb::StatusResponse {
         db_size_bytes: member.metrics().volume_bytes.get().max(0) as u64,
         state_digest: 0,
         state_keys: 0,
+        alarms: member.alarms().iter().map(ToString::to_string).collect(),
+        quota_bytes: member.config().quota_bytes,
     }
 }
 

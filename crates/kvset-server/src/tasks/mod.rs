@@ -6,7 +6,8 @@
 //! * [`raft_metrics`] — openraft's metrics mirrored into Prometheus, elections counted, the
 //!   volume's size measured;
 //! * [`leases`] — the leader revokes expired leases;
-//! * [`compactor`] — the leader compacts history by the retention config.
+//! * [`compactor`] — the leader compacts history by the retention config;
+//! * [`quota`] — the space quota: NOSPACE alarms for members past `quota_bytes`.
 //!
 //! A task receives what it uses: the replicas task a config and a counter, the metrics task the
 //! Raft metrics channel, the metrics and the leadership clock. Tasks never import one another
@@ -15,5 +16,6 @@
 pub mod compactor;
 pub mod leases;
 pub mod membership;
+pub mod quota;
 pub mod raft_metrics;
 pub mod replicas;

@@ -162,6 +162,8 @@ pub fn from_kv(e: KvError) -> Status {
         KvError::Unavailable(m) if m.contains("shutting down") || m.contains("raft stopped") => stopped(),
         KvError::Unavailable(_) => no_leader(),
         KvError::Overloaded(_) => too_many_requests(),
+        // etcd's ErrGRPCNoSpace.
+        KvError::NoSpace(_) => status(Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded"),
         KvError::Indeterminate(_) => timeout_connection_lost(),
         KvError::DeadlineExceeded(_) => timeout(),
         KvError::OutOfRange(m) if m.contains("future") => future_revision(),

@@ -76,13 +76,22 @@ impl epb::maintenance_server::Maintenance for EtcdService {
     async fn alarm(&self, req: Request<epb::AlarmRequest>) -> Result<Response<epb::AlarmResponse>, Status> {
         use epb::alarm_request::AlarmAction;
         let r = req.into_inner();
+        // kvset raises NOSPACE alarms by itself (the quota task) and clears them once the
+        // volumes are under quota_bytes again: a disarm cannot clear one early, and none is
+        // raised by hand.
+        let alarms = || {
+            self.member
+                .alarms()
+                .iter()
+                .map(|a| epb::AlarmMember { member_id: a.node_id, alarm: epb::AlarmType::Nospace as i32 })
+                .collect()
+        };
         match AlarmAction::try_from(r.action) {
-            // No alarm is ever raised yet: there is none to list or disarm.
             Ok(AlarmAction::Get) | Ok(AlarmAction::Deactivate) => {
-                Ok(Response::new(epb::AlarmResponse { header: self.header_now(), alarms: vec![] }))
+                Ok(Response::new(epb::AlarmResponse { header: self.header_now(), alarms: alarms() }))
             }
             Ok(AlarmAction::Activate) => Err(errors::unimplemented(
-                "Alarm ACTIVATE: kvset raises no alarms yet (it has no space quota), so none can be set by hand",
+                "Alarm ACTIVATE: kvset raises its NOSPACE alarms itself from quota_bytes; none is set by hand",
             )),
             Err(_) => Err(Status::invalid_argument(format!("kvset: alarm action {} is not a known value", r.action))),
         }
@@ -107,7 +116,13 @@ impl epb::maintenance_server::Maintenance for EtcdService {
                 raft_index: m.last_log_index.unwrap_or(0),
                 raft_term: m.current_term,
                 raft_applied_index: m.last_applied.map_or(0, |l| l.index),
-                errors: vec![],
+                // etcd lists each alarm as its AlarmMember's text form.
+                errors: self
+                    .member
+                    .alarms()
+                    .iter()
+                    .map(|a| format!("memberID:{} alarm:NOSPACE ", a.node_id))
+                    .collect(),
                 // sled does not report the share of its files in use.
                 db_size_in_use: db_size,
                 is_learner: !voter,
