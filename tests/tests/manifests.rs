@@ -261,3 +261,59 @@ fn manifests_agree_with_the_binary() {
         }
     }
 }
+
+/// The backups overlay's CronJob: it reaches the client Service on its client port, writes into
+/// a mounted volume backed by a claim of the same rendering, runs the same image as the members
+/// under the same restrictions, never overlaps itself, and keeps a bounded number of backups.
+/// (`crates/kvset/tests/backup.rs` runs its exact command line against a live cluster.)
+#[test]
+fn the_backup_cronjob_reaches_the_cluster_and_writes_to_its_own_volume() {
+    use k8s_openapi::api::batch::v1::CronJob;
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    let r = render("deploy/k8s/overlays/backups").unwrap_or_else(|e| panic!("{e}"));
+    let cron: CronJob = r.one("CronJob");
+    let spec = cron.spec.expect("spec");
+    assert_eq!(spec.concurrency_policy.as_deref(), Some("Forbid"), "backups must not overlap");
+    let pod = spec.job_template.spec.expect("job spec").template.spec.expect("pod spec");
+    assert_eq!(pod.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
+    let container = &pod.containers[0];
+    assert_eq!(container.image, r.container().image, "the same image as the members");
+    let args = container.args.clone().expect("args");
+    assert_eq!(&args[..2], ["snapshot", "save"]);
+    let flag = |name: &str| args.iter().position(|a| a == name).map(|i| args[i + 1].clone());
+    let dir = flag("--dir").expect("--dir");
+    let keep: u32 = flag("--keep").expect("--keep").parse().expect("--keep is a number");
+    assert!(keep >= 1);
+    let mount = container
+        .volume_mounts
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|m| m.mount_path == dir)
+        .unwrap_or_else(|| panic!("--dir {dir} is not a mounted volume"));
+    let volume =
+        pod.volumes.clone().unwrap_or_default().into_iter().find(|v| v.name == mount.name).expect("volume");
+    let claim = volume.persistent_volume_claim.expect("the backups live on a claim").claim_name;
+    let claims: Vec<PersistentVolumeClaim> = r.all("PersistentVolumeClaim");
+    assert!(
+        claims.iter().any(|c| c.metadata.name.as_deref() == Some(claim.as_str())),
+        "claim {claim} missing"
+    );
+    // KVSET_ENDPOINTS names the client Service and the members' client port.
+    let endpoints = container
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|e| e.name == "KVSET_ENDPOINTS")
+        .and_then(|e| e.value)
+        .expect("KVSET_ENDPOINTS");
+    let (host, port) = endpoints.split_once(':').expect("host:port");
+    let service = r.service(host);
+    let ports = service.spec.clone().expect("spec").ports.unwrap_or_default();
+    assert!(
+        ports.iter().any(|p| p.port.to_string() == port
+            && resolve_port(&r, p.target_port.as_ref().unwrap()) == port_by_name(&r, "client")),
+        "{endpoints}: not the client port of Service {host}"
+    );
+}

@@ -28,7 +28,20 @@ pub async fn run(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     match command {
-        SnapshotCommand::Save { file } => save(endpoints, &file, format, timeout).await,
+        SnapshotCommand::Save { file: Some(file), .. } => save(endpoints, &file, format, timeout).await,
+        SnapshotCommand::Save { file: None, dir: Some(dir), keep } => {
+            let ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+            std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+            save(endpoints, &dir.join(format!("{BACKUP_PREFIX}{ms:013}.snap")), format, timeout).await?;
+            if let Some(keep) = keep {
+                prune(&dir, keep as usize)?;
+            }
+            Ok(())
+        }
+        SnapshotCommand::Save { file: None, dir: None, .. } => bail!("give a FILE or --dir"),
         SnapshotCommand::Status { file } => status(&file, format),
         SnapshotCommand::Restore { file, data_dir, name } => restore(&file, &data_dir, &name, format),
         SnapshotCommand::Trigger => trigger(endpoints, format, timeout).await,
@@ -93,6 +106,30 @@ async fn save(endpoints: &[String], file: &Path, format: Format, timeout: Durati
             summary.keys,
             summary.versions
         ),
+    }
+    Ok(())
+}
+
+/// Name prefix of the backups `save --dir` writes (and `--keep` prunes).
+const BACKUP_PREFIX: &str = "kvset-backup-";
+
+/// Deletes the oldest `kvset-backup-*.snap` files in `dir` until `keep` remain (names sort by
+/// time). Other files are never touched.
+fn prune(dir: &Path, keep: usize) -> anyhow::Result<()> {
+    let mut backups: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(BACKUP_PREFIX) && n.ends_with(".snap"))
+        })
+        .collect();
+    backups.sort();
+    let excess = backups.len().saturating_sub(keep);
+    for old in &backups[..excess] {
+        std::fs::remove_file(old)
+            .with_context(|| format!("{}: cannot delete an old backup", old.display()))?;
+        eprintln!("deleted old backup {}", old.display());
     }
     Ok(())
 }
@@ -179,6 +216,33 @@ async fn trigger(endpoints: &[String], format: Format, timeout: Duration) -> any
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prune_keeps_the_newest_backups_and_touches_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in
+            ["kvset-backup-0000000001.snap", "kvset-backup-0000000003.snap", "kvset-backup-0000000002.snap"]
+        {
+            std::fs::write(dir.path().join(name), "x").unwrap();
+        }
+        std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        std::fs::write(dir.path().join("kvset-backup-0000000004.snap.part"), "x").unwrap();
+        prune(dir.path(), 2).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "kvset-backup-0000000002.snap",
+                "kvset-backup-0000000003.snap",
+                "kvset-backup-0000000004.snap.part",
+                "notes.txt"
+            ]
+        );
+    }
 
     #[test]
     fn progress_bar_is_bounded() {

@@ -170,8 +170,19 @@ enum TxnCommand {
 #[derive(Debug, Subcommand)]
 enum SnapshotCommand {
     /// Stream a consistent backup (keys, history, leases, compact revision) from the first
-    /// endpoint's member into FILE; it is checked before it gets its final name.
-    Save { file: std::path::PathBuf },
+    /// endpoint's member into FILE (or a new timestamped file in --dir); it is checked before
+    /// it gets its final name.
+    Save {
+        #[arg(required_unless_present = "dir", conflicts_with = "dir")]
+        file: Option<std::path::PathBuf>,
+        /// Write `kvset-backup-<unix milliseconds>.snap` into this directory instead.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// With --dir: after a successful backup, delete the oldest `kvset-backup-*.snap`
+        /// files there until this many remain.
+        #[arg(long, requires = "dir", value_parser = clap::value_parser!(u32).range(1..))]
+        keep: Option<u32>,
+    },
     /// Check a backup file and print its revision, keys, versions, leases and size.
     Status { file: std::path::PathBuf },
     /// Prepare the volume of one member (offline) so that it starts a NEW cluster (new cluster

@@ -188,3 +188,42 @@ async fn a_damaged_backup_is_refused_by_status_and_restore_and_changes_nothing()
     .await;
     assert!(!ok && err.contains("--name"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_backup_cronjobs_command_line_saves_checked_backups_and_keeps_the_newest() {
+    let rendered =
+        kvset_tests::manifests::render("deploy/k8s/overlays/backups").unwrap_or_else(|e| panic!("{e}"));
+    let cron: Value = rendered.one("CronJob");
+    let container = &cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0];
+    let mut args: Vec<String> =
+        container["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let at = args.iter().position(|a| a == "--dir").unwrap() + 1;
+    args[at] = dir.path().to_str().unwrap().to_string();
+    let keep: usize = args[args.iter().position(|a| a == "--keep").unwrap() + 1].parse().unwrap();
+
+    let c = Cluster::start(1).await;
+    for round in 0..keep + 2 {
+        c.client().put("round", round.to_string()).await.unwrap();
+        let run = args.clone();
+        let endpoint = c.endpoint(0);
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_kvset")).env("KVSET_ENDPOINTS", endpoint).args(&run).output()
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    assert_eq!(files.len(), keep, "{files:?}");
+    // The newest holds the last round, and every kept file checks out.
+    for f in &files {
+        json("unused", &["snapshot", "status", path(f)]).await;
+    }
+    let newest = json("unused", &["snapshot", "status", path(files.last().unwrap())]).await;
+    let rev = c.client().get("round").await.unwrap().unwrap().mod_revision;
+    assert_eq!(newest["revision"], rev);
+    c.shutdown().await;
+}
