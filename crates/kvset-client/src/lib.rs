@@ -522,6 +522,15 @@ impl Client {
         }
     }
 
+    /// Asks the member at `endpoint` to defragment: it stops, rewrites its database and
+    /// serves again. Returns its volume size when asked.
+    pub async fn defragment(&self, endpoint: &str) -> Result<pb::DefragmentResponse, Error> {
+        let mut c = self.cluster_client(endpoint)?;
+        let mut r = tonic::Request::new(pb::DefragmentRequest {});
+        r.set_timeout(self.inner.options.timeout);
+        c.defragment(r).await.map(tonic::Response::into_inner).map_err(|s| final_error(&s, Kind::Read))
+    }
+
     /// Makes the member at `endpoint` build a snapshot now.
     pub async fn snapshot(&self, endpoint: &str) -> Result<pb::SnapshotResponse, Error> {
         let mut c = self.cluster_client(endpoint)?;

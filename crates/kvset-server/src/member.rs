@@ -195,6 +195,11 @@ pub struct LocalMember {
     /// Space alarms raised by the quota task (this member's own, and on the leader every
     /// member's): while any is raised, writes that add data are refused.
     alarms: Mutex<Vec<SpaceAlarm>>,
+    /// Woken when a defragmentation was requested: the member stops so that its next start
+    /// rewrites the database.
+    defrag: tokio::sync::Notify,
+    /// When this member was created (its start), milliseconds since the Unix epoch.
+    started_unix_ms: u64,
     /// Desired voter count from the Kubernetes API (when that is the source); 0 = unknown.
     k8s_replicas: Arc<AtomicU32>,
     /// Since when this member leads.
@@ -257,6 +262,11 @@ impl LocalMember {
             phase,
             reconciler: Mutex::new(String::new()),
             alarms: Mutex::new(Vec::new()),
+            defrag: tokio::sync::Notify::new(),
+            started_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
             k8s_replicas,
             leadership,
             accepting: AtomicBool::new(true),
@@ -502,6 +512,67 @@ impl LocalMember {
         }
         self.metrics.space_alarms.set(alarms.len() as i64);
         *current = alarms;
+    }
+
+    /// Records a defragmentation request on the volume (durably) and asks the member to stop;
+    /// the next start rewrites the database before opening it.
+    pub async fn request_defrag(&self) -> Result<(), KvError> {
+        if !self.accepting() {
+            return Err(KvError::Unavailable("member is shutting down".into()));
+        }
+        self.compact_raft_log().await?;
+        let dir = self.config.data_dir.clone();
+        tokio::task::spawn_blocking(move || kvset_storage::defrag::request(&dir))
+            .await
+            .map_err(|e| KvError::Internal(e.to_string()))?
+            .map_err(|e| KvError::Internal(format!("recording the defragmentation request failed: {e}")))?;
+        tracing::warn!("defragmentation requested: this member stops, defragments and starts again");
+        self.defrag.notify_one();
+        Ok(())
+    }
+
+    /// When this member started, milliseconds since the Unix epoch.
+    pub fn started_unix_ms(&self) -> u64 {
+        self.started_unix_ms
+    }
+
+    /// Builds a snapshot of the applied state and purges this member's Raft log up to it, so
+    /// that a defragmentation keeps only what is still needed (the log of large writes would
+    /// otherwise stay). Bounded: a purge that waits on a replication in progress is left to
+    /// happen later.
+    async fn compact_raft_log(&self) -> Result<(), KvError> {
+        let raft = self.raft();
+        let applied = raft.metrics().borrow().last_applied;
+        let Some(target) = applied else { return Ok(()) };
+        raft.trigger().snapshot().await.map_err(|e| crate::errors::stopped(&e))?;
+        let mut rx = raft.metrics();
+        let built = tokio::time::timeout(Duration::from_secs(60), async {
+            rx.wait_for(|m| m.snapshot.is_some_and(|s| s.index >= target.index)).await.is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if !built {
+            return Err(KvError::Unavailable(
+                "the snapshot before the defragmentation was not built in time".into(),
+            ));
+        }
+        raft.trigger().purge_log(target.index).await.map_err(|e| crate::errors::stopped(&e))?;
+        let purged = tokio::time::timeout(Duration::from_secs(10), async {
+            rx.wait_for(|m| m.purged.is_some_and(|p| p.index >= target.index)).await.is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if !purged {
+            tracing::warn!(
+                "the Raft log was not purged within 10 s (a replication in progress); defragmenting anyway"
+            );
+        }
+        Ok(())
+    }
+
+    /// Completes once a defragmentation was requested.
+    pub async fn defrag_requested(&self) {
+        self.defrag.notified().await
     }
 
     /// The raised space alarms.

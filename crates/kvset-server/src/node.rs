@@ -88,7 +88,13 @@ pub enum StartError {
     Server(#[from] crate::server::ServerError),
     #[error(transparent)]
     Recovery(#[from] crate::recovery::RecoveryError),
+    #[error("defragmentation failed (the database is unchanged; remove defrag.requested to start without it): {0}")]
+    Defrag(std::io::Error),
 }
+
+/// How long a defragmentation at start waits for the previous incarnation of this member (in
+/// the same process) to release the database.
+const DEFRAG_LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// Why a member stopped other than by request.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -140,6 +146,14 @@ impl Node {
             })?)
         };
         let mut volume = Volume::open(&config.data_dir, identity.ordinal, expected)?;
+        if kvset_storage::defrag::requested(volume.dir()) {
+            let dir = volume.dir().to_path_buf();
+            tracing::info!("defragmenting the database before opening it (requested by Defragment)");
+            tokio::task::spawn_blocking(move || kvset_storage::defrag::run(&dir, DEFRAG_LOCK_WAIT))
+                .await
+                .map_err(|e| StartError::Defrag(std::io::Error::other(e)))?
+                .map_err(StartError::Defrag)?;
+        }
         let node_id = volume.node_id();
         let metrics = Metrics::new();
         let mut store = Store::open(
@@ -260,6 +274,7 @@ impl Node {
             let outcome = tokio::select! {
                 _ = shutdown => Ok(()),
                 _ = request_rx.wait_for(|s| *s) => Ok(()),
+                _ = sup.defrag_requested() => Ok(()),
                 e = fatal => Err(StopError::Fatal(e)),
             };
             match &outcome {

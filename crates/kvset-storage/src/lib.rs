@@ -31,6 +31,7 @@
 //!                                history, change log, leases; see `keys`), `sm_slot`
 //! <data dir>/snapshots/          snap-<term>-<index>-<id>.snap (snapshot.rs)
 //! <data dir>/restore.snap         only while a restore or a recovery is seeding the volume (seed.rs)
+//! <data dir>/defrag.requested     only while a defragmentation is pending (defrag.rs)
 //! ```
 //!
 //! # What it leaves out
@@ -38,7 +39,8 @@
 //! * Lease expiry times live in the leader's memory (the server's lessor), not here: the state
 //!   machine records which leases exist, their TTL and their keys.
 //! * Volumes of format 1 (kvset 0.1, no history) are refused with a clear error, not converted.
-//! * sled never shrinks its files; space after deletes is reused, not returned (see README).
+//! * sled never shrinks its files by itself; space after deletes is reused, and returned to the
+//!   filesystem only by a defragmentation (`defrag`), which runs while the database is closed.
 //! * A snapshot received from a leader that fails verification stops the node (openraft treats
 //!   every storage error as fatal); it is reported, never half-applied.
 //!
@@ -49,6 +51,7 @@
 
 mod apply;
 pub mod codec;
+pub mod defrag;
 pub mod events;
 mod history;
 mod keys;
@@ -182,6 +185,8 @@ impl Store {
     /// that manage identity themselves).
     pub fn open_dir(dir: &Path, options: StoreOptions) -> Result<Self, OpenError> {
         let db_path = dir.join("db");
+        defrag::finish_interrupted(dir)
+            .map_err(|e| OpenError::Sled { path: db_path.clone(), source: e.into() })?;
         // A full disk is refused before sled writes anything (see `OpenError::NoSpace`).
         if let Ok(free) = free_bytes(dir) {
             if free < MIN_FREE_BYTES {

@@ -1,5 +1,5 @@
 //! `kvset snapshot save | status | restore | trigger`: backups of a running member, their
-//! checks, and restoring one into the volume of a new cluster.
+//! checks, and restoring one into the volume of a new cluster; and `kvset defrag`.
 
 use std::path::Path;
 use std::path::PathBuf;
@@ -195,6 +195,68 @@ fn restore(file: &Path, data_dir: &Path, name: &str, format: Format) -> anyhow::
             data_dir.display(),
             volume.node_id()
         ),
+    }
+    Ok(())
+}
+
+/// `kvset defrag`: offline on a data directory, or online on each endpoint's member in turn.
+pub async fn defrag(
+    data_dir: Option<PathBuf>,
+    endpoints: &[String],
+    format: Format,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    if let Some(dir) = data_dir {
+        if !dir.join("kvset-volume.json").is_file() {
+            bail!("{}: not a kvset data directory (no kvset-volume.json)", dir.display());
+        }
+        let report = tokio::task::spawn_blocking(move || kvset_storage::defrag::run(&dir, Duration::ZERO))
+            .await?
+            .context("defragmentation failed (is the member still running?)")?;
+        match format {
+            Format::Json => print_json(&json!({
+                "before_bytes": report.before, "after_bytes": report.after, "keys": report.keys,
+                "seconds": report.elapsed.as_secs_f64(),
+            })),
+            Format::Human => println!(
+                "defragmented: {} -> {} bytes ({} keys) in {:.1} s",
+                report.before,
+                report.after,
+                report.keys,
+                report.elapsed.as_secs_f64()
+            ),
+        }
+        return Ok(());
+    }
+    let client = Client::new(endpoints.iter().cloned(), ClientOptions { timeout, ..Default::default() })?;
+    for endpoint in endpoints {
+        let started = Instant::now();
+        let incarnation = client.status_of(endpoint).await?.started_unix_ms;
+        let before = client.defragment(endpoint).await?.db_size_bytes;
+        // Back once a new start of the member answers Status with its size measured (the
+        // size is measured every few seconds, the first time at start).
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let status = loop {
+            if let Ok(s) = client.status_of(endpoint).await {
+                if s.started_unix_ms != incarnation && s.db_size_bytes > 0 {
+                    break s;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{endpoint}: not back within 300 s after the defragmentation request");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let secs = started.elapsed().as_secs_f64();
+        match format {
+            Format::Json => print_json(&json!({
+                "endpoint": endpoint, "before_bytes": before, "after_bytes": status.db_size_bytes, "seconds": secs,
+            })),
+            Format::Human => println!(
+                "{endpoint}: defragmented, {before} -> {} bytes; it did not serve for {secs:.1} s",
+                status.db_size_bytes
+            ),
+        }
     }
     Ok(())
 }

@@ -258,7 +258,8 @@ pub async fn run(
         | Command::Cluster(_)
         | Command::Bench(_)
         | Command::BenchCompare(_)
-        | Command::Snapshot(_) => {
+        | Command::Snapshot(_)
+        | Command::Defrag { .. } => {
             bail!("not a client command")
         }
     }

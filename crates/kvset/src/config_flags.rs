@@ -129,9 +129,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     kvset_server::logging::init(config.log_format, &config.log_level);
-    let listeners = Listeners::bind(&config).await?;
-    let options = NodeOptions::default();
-    let node =
-        Node::start(config, listeners, termination(), options).await.context("cannot start the member")?;
-    node.wait().await.map_err(|e| anyhow::anyhow!("member stopped with an error: {e}"))
+    loop {
+        let listeners = Listeners::bind(&config).await?;
+        let node = Node::start(config.clone(), listeners, termination(), NodeOptions::default())
+            .await
+            .context("cannot start the member")?;
+        node.wait().await.map_err(|e| anyhow::anyhow!("member stopped with an error: {e}"))?;
+        // A member that stopped to be defragmented starts again at once; the start rewrites
+        // the database first.
+        if !kvset_storage::defrag::requested(&config.data_dir) {
+            return Ok(());
+        }
+        tracing::info!("starting again to defragment the database");
+    }
 }

@@ -139,6 +139,14 @@ enum Command {
     /// Backups: save one from a member, check one, restore one into a new cluster's volume.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Defragment: return the space of deleted and compacted data to the filesystem. Online:
+    /// each endpoint's member in turn stops, rewrites its database and serves again (the next
+    /// one only once it is back). Offline (--data-dir): rewrite a stopped member's volume.
+    Defrag {
+        /// The data directory of a stopped member, to defragment offline.
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+    },
     /// Local clusters.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -276,6 +284,9 @@ fn main() -> std::process::ExitCode {
             Command::Bench(args) => bench::run(args, &cli.endpoints, cli.output, timeout).await,
             Command::BenchCompare(args) => bench::compare(args).await,
             Command::Snapshot(c) => backup::run(c, &cli.endpoints, cli.output, timeout).await,
+            Command::Defrag { data_dir } => {
+                backup::defrag(data_dir, &cli.endpoints, cli.output, timeout).await
+            }
             other => commands::run(other, &cli.endpoints, cli.output, timeout).await,
         }
     });

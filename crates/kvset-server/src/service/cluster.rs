@@ -134,6 +134,7 @@ pub fn status(member: &LocalMember) -> pb::StatusResponse {
         state_keys: 0,
         alarms: member.alarms().iter().map(ToString::to_string).collect(),
         quota_bytes: member.config().quota_bytes,
+        started_unix_ms: member.started_unix_ms(),
     }
 }
 
@@ -386,6 +387,20 @@ impl pb::cluster_server::Cluster for ClusterService {
                 Ok(Err(_)) => Err(KvError::Unavailable("raft stopped".into())),
                 Err(_) => Err(KvError::DeadlineExceeded("the snapshot was not built in time".into())),
             }
+        })
+        .await
+    }
+
+    async fn defragment(
+        &self,
+        req: Request<pb::DefragmentRequest>,
+    ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        let ctx = CallContext::of(&req);
+        observe(self.member.metrics(), "Defragment", &ctx, async {
+            self.member.request_defrag().await?;
+            Ok::<_, KvError>(pb::DefragmentResponse {
+                db_size_bytes: self.member.metrics().volume_bytes.get().max(0) as u64,
+            })
         })
         .await
     }

@@ -137,12 +137,9 @@ impl epb::maintenance_server::Maintenance for EtcdService {
     ) -> Result<Response<epb::DefragmentResponse>, Status> {
         let ctx = CallContext::of(&req);
         observe(self.member.metrics(), "etcd.Defragment", &ctx, async {
-            // sled reclaims the space of dead data by itself, segment by segment, as it
-            // writes; there is no offline rewrite to run. Defragment flushes the volume.
-            let reader = self.member.reader().clone();
-            blocking(move || reader.flush())
-                .await?
-                .map_err(|e| Status::internal(format!("kvset: flush failed: {e}")))?;
+            // Unlike etcd, which answers after its rewrite, the member answers, then stops,
+            // rewrites its database and serves again (see kvset.v1 Cluster.Defragment).
+            self.member.request_defrag().await.map_err(errors::from_kv)?;
             Ok::<_, Status>(epb::DefragmentResponse { header: self.header_now() })
         })
         .await
