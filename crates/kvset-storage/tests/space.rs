@@ -4,6 +4,9 @@
 //! figures (run with `--nocapture`), and fails if the amplification is far beyond what was
 //! measured when they were written or the space compaction freed is not reused.
 //!
+//! Last, the history is compacted again and the database defragmented (`kvset_storage::defrag`),
+//! which returns the space to the filesystem.
+//!
 //! N is 20,000 in the normal test run; the README's figures are for 100,000:
 //! `KVSET_SPACE_WRITES=100000 cargo test --release -p kvset-storage --test space -- --nocapture`.
 
@@ -86,15 +89,40 @@ async fn bytes_on_disk_per_logical_byte_before_and_after_compaction() {
         }
         raft.client_write(batch).await.expect("write");
     }
-    raft.shutdown().await.expect("shutdown");
     let after_rewrite = dir_size(dir.path()) as f64;
+
+    // Compact that history too, then defragment: the space goes back to the filesystem.
+    let revision = reader.applied().revision;
+    raft.client_write(Batch { commands: vec![Command::Compact(revision)] }).await.expect("compact");
+    let started = Instant::now();
+    while reader.compacted_to().expect("progress") < revision - 1 {
+        assert!(started.elapsed() < Duration::from_secs(120), "compaction did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    raft.trigger().snapshot().await.expect("trigger snapshot");
+    let applied = reader.applied().last_applied.expect("applied");
+    raft.wait(Some(Duration::from_secs(60))).snapshot(applied, "snapshot built").await.expect("snapshot");
+    raft.trigger().purge_log(applied.index).await.expect("purge");
+    raft.wait(Some(Duration::from_secs(60))).purged(Some(applied), "log purged").await.expect("purged");
+    let before_defrag = dir_size(dir.path()) as f64;
+    raft.shutdown().await.expect("shutdown");
+    drop(raft);
+    drop(reader);
+    let path = dir.path().to_path_buf();
+    let report =
+        tokio::task::spawn_blocking(move || kvset_storage::defrag::run(&path, Duration::from_secs(30)))
+            .await
+            .expect("defrag task")
+            .expect("defrag");
+    let after_defrag = dir_size(dir.path()) as f64;
 
     println!(
         "disk space: {writes} puts over {KEYS} keys of {KEY_BYTES} B + {VALUE_BYTES} B values: {:.2} MiB of \
          versions written, {:.2} MiB live. On disk after the writes (history + log): {:.1} MiB = {:.1}x the \
          versions written ({:.0}x the live data). After compacting every old version ({:.1} s) + snapshot + log \
          purge: {:.1} MiB = {:.0}x the live data (snapshot file {:.2} MiB; sled keeps its files' size and \
-         reuses the space). After writing the same again: {:.1} MiB.",
+         reuses the space). After writing the same again: {:.1} MiB. After compacting that too, a snapshot and \
+         a purge: {:.1} MiB; after defragmenting ({:.2} s, {} keys copied): {:.2} MiB = {:.1}x the live data.",
         mib(written),
         mib(live),
         mib(after_writes),
@@ -105,9 +133,18 @@ async fn bytes_on_disk_per_logical_byte_before_and_after_compaction() {
         after_compaction / live,
         mib(snapshot),
         mib(after_rewrite),
+        mib(before_defrag),
+        report.elapsed.as_secs_f64(),
+        report.keys,
+        mib(after_defrag),
+        after_defrag / live,
     );
     // sled keeps its segments and never shrinks; what matters is that it stays bounded and
     // that the space compaction freed is reused rather than added to.
     assert!(after_writes / written < 40.0, "space amplification exploded: {:.1}x", after_writes / written);
     assert!(after_rewrite < after_writes * 1.5, "the space compaction freed was not reused");
+    assert!(
+        after_defrag < before_defrag / 4.0,
+        "defragmentation returned too little: {after_defrag} of {before_defrag}"
+    );
 }
