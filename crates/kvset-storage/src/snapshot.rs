@@ -181,14 +181,24 @@ impl SnapshotWriter {
     }
 
     /// Writes the trailer and fsyncs. Returns the file size in bytes.
-    pub(crate) fn finish(mut self) -> io::Result<u64> {
+    pub(crate) fn finish(self) -> io::Result<u64> {
+        let (file, bytes) = self.trailer()?;
+        file.sync_all()?;
+        Ok(bytes)
+    }
+
+    /// Writes the trailer without fsyncing (a file read back at once and then deleted).
+    pub(crate) fn finish_unsynced(self) -> io::Result<u64> {
+        Ok(self.trailer()?.1)
+    }
+
+    fn trailer(mut self) -> io::Result<(fs::File, u64)> {
         self.put(&END.to_le_bytes())?;
         self.put(&self.count.to_le_bytes())?;
         let crc = self.crc.clone().finalize();
         self.out.write_all(&crc.to_le_bytes())?;
         let file = self.out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        Ok(self.bytes + 4)
+        Ok((file, self.bytes + 4))
     }
 }
 
