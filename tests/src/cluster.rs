@@ -30,6 +30,8 @@ pub const MAX_ORDINALS: u32 = 6;
 #[derive(Debug, Default)]
 pub struct Partition {
     cut: Mutex<HashSet<(u64, u64)>>,
+    /// Snapshot chunks still to damage in transit (one flipped bit each).
+    pub corrupt_snapshot_chunks: std::sync::atomic::AtomicU32,
 }
 
 impl Partition {
@@ -53,6 +55,13 @@ impl Partition {
 impl PeerFault for Partition {
     fn blocked(&self, from: u64, to: u64) -> bool {
         self.cut.lock().unwrap_or_else(|e| e.into_inner()).contains(&(from, to))
+    }
+
+    fn corrupt_snapshot(&self, _from: u64, _to: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.corrupt_snapshot_chunks
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
     }
 }
 

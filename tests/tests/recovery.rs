@@ -35,3 +35,50 @@ async fn force_new_cluster_naming_another_member_is_ignored() {
     assert_eq!(c.client().status_of(&c.endpoint(1)).await.unwrap().cluster_id, first);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_damaged_in_transit_is_refused_and_sent_again_and_the_member_keeps_running() {
+    use kvset_client::pb;
+    let mut c = Cluster::start_with(3, |c| {
+        c.raft.snapshot_every_entries = 20;
+        c.raft.keep_entries_after_snapshot = 5;
+    })
+    .await;
+    let client = c.client();
+    for i in 0..200 {
+        client.put(format!("k{i:03}"), format!("v{i}")).await.unwrap();
+    }
+    // kvset-2 loses its volume: its replacement can only catch up from a snapshot, and the
+    // first transfers arrive damaged.
+    c.stop(2).await;
+    c.wipe(2);
+    c.partition.corrupt_snapshot_chunks.store(2, std::sync::atomic::Ordering::Release);
+    c.start_node(2).await;
+    c.wait_voters(3, Duration::from_secs(60)).await;
+    let member = c.client_for(2);
+    kvset_tests::eventually("kvset-2 serves the data", Duration::from_secs(30), || {
+        let member = member.clone();
+        async move {
+            let r = member
+                .get_request(pb::GetRequest {
+                    key: b"k199".to_vec(),
+                    consistency: pb::ReadConsistency::Serializable as i32,
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            r.kv.filter(|kv| kv.value == b"v199")
+        }
+    })
+    .await;
+    assert_eq!(c.partition.corrupt_snapshot_chunks.load(std::sync::atomic::Ordering::Acquire), 0);
+    let metrics = kvset_tests::http_get(&c.ops_endpoint(2), "/metrics").await.unwrap();
+    let rejected = metrics
+        .lines()
+        .find(|l| l.starts_with("kvset_snapshots_total{kind=\"rejected\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(rejected >= 1.0, "no rejected snapshot counted:\n{metrics}");
+    c.shutdown().await;
+}

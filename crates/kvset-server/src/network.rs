@@ -54,6 +54,12 @@ pub const PEER_MAX_MESSAGE_BYTES: usize = 256 << 20;
 pub trait PeerFault: Send + Sync + 'static {
     /// Returns true to drop the message `from → to` as if the network lost it.
     fn blocked(&self, from: u64, to: u64) -> bool;
+
+    /// Returns true to damage the snapshot chunk about to go `from → to` (one flipped bit),
+    /// as a faulty link or disk would.
+    fn corrupt_snapshot(&self, _from: u64, _to: u64) -> bool {
+        false
+    }
 }
 
 struct Inner {
@@ -290,6 +296,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, Member, RaftError<u64, InstallSnapshotError>>>
     {
+        let mut rpc = rpc;
+        if let Some(fault) = &self.inner.fault {
+            if !rpc.data.is_empty() && fault.corrupt_snapshot(self.inner.my_id, self.target) {
+                let middle = rpc.data.len() / 2;
+                rpc.data[middle] ^= 0x01;
+            }
+        }
         let payload = encode("install snapshot", &rpc)?;
         self.send(RPCTypes::InstallSnapshot, payload, option.hard_ttl()).await
     }

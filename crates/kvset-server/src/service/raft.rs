@@ -41,6 +41,38 @@ use crate::member::LocalMember;
 #[derive(Debug, Clone)]
 pub struct PeerService {
     member: Arc<LocalMember>,
+    /// The snapshot being received, checked chunk by chunk (see `install_snapshot`).
+    receiving: Arc<std::sync::Mutex<Option<Receiving>>>,
+}
+
+/// A snapshot transfer in progress: the CRC-32 of its bytes so far, except the last four,
+/// which are the file's own checksum of everything before them (`kvset_storage::snapshot`).
+#[derive(Debug)]
+struct Receiving {
+    id: String,
+    next_offset: u64,
+    crc: crc32fast::Hasher,
+    tail: Vec<u8>,
+}
+
+impl Receiving {
+    fn new(id: String) -> Self {
+        Self { id, next_offset: 0, crc: crc32fast::Hasher::new(), tail: Vec::with_capacity(4) }
+    }
+
+    /// Takes the next chunk's bytes.
+    fn feed(&mut self, data: &[u8]) {
+        self.next_offset += data.len() as u64;
+        self.tail.extend_from_slice(data);
+        let keep = self.tail.len().saturating_sub(4);
+        self.crc.update(&self.tail[..keep]);
+        self.tail.drain(..keep);
+    }
+
+    /// Whether the whole file's trailing checksum matches its bytes.
+    fn intact(self) -> bool {
+        self.tail.len() == 4 && self.tail[..] == self.crc.finalize().to_le_bytes()[..]
+    }
 }
 
 /// How long a join forwarded to the leader may take.
@@ -49,7 +81,30 @@ const JOIN_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 impl PeerService {
     /// A service for `member`.
     pub fn new(member: Arc<LocalMember>) -> Self {
-        Self { member }
+        Self { member, receiving: Arc::default() }
+    }
+
+    /// Follows a snapshot transfer chunk by chunk and, on its last chunk, whether the file's
+    /// checksum holds. Chunks that cannot be followed (a transfer that started before this
+    /// member did, an offset out of order) are let through: openraft deals with those.
+    fn arrived_intact(&self, rpc: &InstallSnapshotRequest<TypeConfig>) -> bool {
+        let mut receiving = self.receiving.lock().unwrap_or_else(|e| e.into_inner());
+        if rpc.offset == 0 {
+            *receiving = Some(Receiving::new(rpc.meta.snapshot_id.clone()));
+        }
+        let following =
+            receiving.as_ref().is_some_and(|r| r.id == rpc.meta.snapshot_id && r.next_offset == rpc.offset);
+        if !following {
+            *receiving = None;
+            return true;
+        }
+        if let Some(r) = receiving.as_mut() {
+            r.feed(&rpc.data);
+        }
+        if rpc.done {
+            return receiving.take().is_none_or(Receiving::intact);
+        }
+        true
     }
 
     /// Refuses a Raft message meant for another node id or another cluster (see the module
@@ -210,6 +265,23 @@ impl pb::raft_server::Raft for PeerService {
         let req = request.into_inner();
         self.check(&req).await?;
         let rpc: InstallSnapshotRequest<TypeConfig> = Self::decode("install snapshot", &req.payload)?;
+        if !self.arrived_intact(&rpc) {
+            // Handing it to openraft would fail its install, which openraft treats as fatal
+            // and stops the member. Refused, the leader sends the snapshot again.
+            self.member
+                .metrics()
+                .snapshots
+                .get_or_create(&crate::metrics::KindLabel { kind: "rejected" })
+                .inc();
+            tracing::warn!(
+                from = req.from, snapshot_id = %rpc.meta.snapshot_id,
+                "a snapshot failed its checksum in transit; refused, the leader sends it again"
+            );
+            return Err(KvError::Unavailable(
+                "the snapshot failed its checksum in transit; send it again".into(),
+            )
+            .into());
+        }
         Ok(Self::reply(&self.member.raft().install_snapshot(rpc).await)?)
     }
 
