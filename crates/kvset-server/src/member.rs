@@ -520,6 +520,7 @@ impl LocalMember {
         if !self.accepting() {
             return Err(KvError::Unavailable("member is shutting down".into()));
         }
+        self.others_serving().await?;
         self.compact_raft_log().await?;
         let dir = self.config.data_dir.clone();
         tokio::task::spawn_blocking(move || kvset_storage::defrag::request(&dir))
@@ -534,6 +535,53 @@ impl LocalMember {
     /// When this member started, milliseconds since the Unix epoch.
     pub fn started_unix_ms(&self) -> u64 {
         self.started_unix_ms
+    }
+
+    /// Refuses a defragmentation while another voter is not serving (stopped, shutting down,
+    /// itself defragmenting, unreachable): members are defragmented one at a time, so the
+    /// cluster keeps its quorum (etcd's `defrag --cluster` asks every member within
+    /// milliseconds, and a kvset member answers before it stops).
+    async fn others_serving(&self) -> Result<(), KvError> {
+        let others: Vec<(String, String)> = self
+            .raft_metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|id| *id != self.node_id())
+            .filter_map(|id| {
+                let m = self.raft_metrics();
+                m.membership_config
+                    .membership()
+                    .get_node(&id)
+                    .map(|n| (n.name.clone(), n.client_addr.clone()))
+            })
+            .collect();
+        for (name, addr) in others {
+            let serving = match self.forwarder().cluster(&addr) {
+                Ok(mut client) => {
+                    let reply = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        client.status(kvset_proto::v1::StatusRequest { digest: false }),
+                    )
+                    .await;
+                    match reply {
+                        Ok(Ok(r)) => {
+                            let r = r.into_inner();
+                            r.role != kvset_proto::v1::Role::Shutdown as i32 && r.leader_id != 0
+                        }
+                        _ => false,
+                    }
+                }
+                Err(_) => false,
+            };
+            if !serving {
+                return Err(KvError::FailedPrecondition(format!(
+                    "defragment one member at a time: {name} is not serving now (stopped, shutting down, \
+                     defragmenting or unreachable); try again once it is back"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Builds a snapshot of the applied state and purges this member's Raft log up to it, so
