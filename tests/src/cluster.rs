@@ -257,7 +257,7 @@ impl Cluster {
                 ops: TcpListener::bind(("127.0.0.1", p.ops)).await.expect("rebind"),
             },
         };
-        let options = NodeOptions { fault: Some(self.partition.clone()), ..Default::default() };
+        let options = NodeOptions { fault: Some(self.partition.clone()) };
         let node = Node::start(self.config(ordinal), listeners, std::future::pending(), options).await?;
         self.nodes.insert(ordinal, node);
         self.publish(ordinal);

@@ -36,12 +36,7 @@ async fn past_the_quota_growing_writes_are_refused_the_rest_works_and_room_lifts
         let (client, value) = (client.clone(), value.clone());
         let key = format!("fill-{:04}", acked.len());
         acked.push(key.clone());
-        async move {
-            match client.put(key, value).await {
-                Ok(_) => None,
-                Err(e) => Some(e),
-            }
-        }
+        async move { client.put(key, value).await.err() }
     })
     .await
     .unwrap();

@@ -137,9 +137,9 @@ fn prune(dir: &Path, keep: usize) -> anyhow::Result<()> {
 /// `[=====>    ]  42% 12.3/29.1 MiB`
 fn progress_bar(done: u64, total: u64) -> String {
     let width = 30;
-    let filled = if total == 0 { width } else { (done * width as u64 / total) as usize };
+    let filled = (done * width as u64).checked_div(total).map_or(width, |f| f.min(width as u64) as usize);
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let pct = if total == 0 { 100 } else { done * 100 / total };
+    let pct = (done * 100).checked_div(total).unwrap_or(100);
     format!(
         "[{}{}] {pct:3}% {:.1}/{:.1} MiB",
         "=".repeat(filled),
