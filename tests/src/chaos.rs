@@ -442,12 +442,32 @@ pub async fn leases<H: Harness>(h: &mut H, hist: &History, rng: &mut StdRng) -> 
         })
         .await
         .map_err(|e| format!("put on the abandoned lease: {e}"))?;
+    // Never early: the leader renewed it at most a round trip before the renewal's answer, and
+    // the poll can only see the key gone later than it went.
+    let earliest = Duration::from_secs(ttl as u64) - Duration::from_millis(500);
     let mut last_renewal = Instant::now();
     for i in 0..3 {
         if i > 0 {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        client.lease_renew(lease.id).await.map_err(|e| format!("renewal: {e}"))?;
+        let started = Instant::now();
+        let remaining = client.lease_renew(lease.id).await.map_err(|e| format!("renewal: {e}"))?;
+        if remaining <= 0 {
+            // The lease ended before this renewal reached the leader (renewals can take
+            // seconds while a leader is elected): it must not have ended before its TTL ran
+            // out since the last renewal that did reach it.
+            let took = last_renewal.elapsed();
+            info!(
+                "--- renewal {i} found the lease gone {took:?} after the last renewal (it took {:?})",
+                started.elapsed()
+            );
+            if took < earliest {
+                return Err(format!(
+                    "the abandoned lease expired less than {took:?} after its last renewal, before its TTL of {ttl}s"
+                ));
+            }
+            break;
+        }
         last_renewal = Instant::now();
     }
     let bound = Duration::from_secs(ttl as u64)
@@ -484,9 +504,6 @@ pub async fn leases<H: Harness>(h: &mut H, hist: &History, rng: &mut StdRng) -> 
     if took > bound {
         return Err(format!("the abandoned lease expired {took:?} after its last renewal, beyond {bound:?}"));
     }
-    // Never early: the leader renewed it at most a round trip before the renewal's answer, and
-    // the poll can only see the key gone later than it went.
-    let earliest = Duration::from_secs(ttl as u64) - Duration::from_millis(500);
     if took < earliest {
         return Err(format!(
             "the abandoned lease expired {took:?} after its last renewal, before its TTL of {ttl}s"
