@@ -42,6 +42,9 @@ async fn a_snapshot_damaged_in_transit_is_refused_and_sent_again_and_the_member_
     let mut c = Cluster::start_with(3, |c| {
         c.raft.snapshot_every_entries = 20;
         c.raft.keep_entries_after_snapshot = 5;
+        // Many chunks per transfer: a damaged chunk in the middle is caught at the end and
+        // the whole transfer starts over.
+        c.raft.snapshot_chunk_bytes = 1024;
     })
     .await;
     let client = c.client();
@@ -52,7 +55,7 @@ async fn a_snapshot_damaged_in_transit_is_refused_and_sent_again_and_the_member_
     // first transfers arrive damaged.
     c.stop(2).await;
     c.wipe(2);
-    c.partition.corrupt_snapshot_chunks.store(2, std::sync::atomic::Ordering::Release);
+    c.partition.corrupt_snapshot_chunks.store(3, std::sync::atomic::Ordering::Release);
     c.start_node(2).await;
     c.wait_voters(3, Duration::from_secs(60)).await;
     let member = c.client_for(2);
@@ -80,5 +83,32 @@ async fn a_snapshot_damaged_in_transit_is_refused_and_sent_again_and_the_member_
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(rejected >= 1.0, "no rejected snapshot counted:\n{metrics}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recovery_cut_short_after_the_cluster_id_changed_is_finished_at_the_next_start_even_without_the_setting(
+) {
+    let mut c = Cluster::start(3).await;
+    for i in 0..20 {
+        c.client().put(format!("k{i}"), "v").await.unwrap();
+    }
+    let old = c.client().status_of(&c.endpoint(0)).await.unwrap().cluster_id;
+    c.stop_many(&[0, 1, 2]).await;
+    // The state a crash right after step 2 leaves: a new cluster id and a recovery under way,
+    // no seed yet. The operator has removed the setting meanwhile.
+    let meta_path = c.data_dir(0).join("kvset-volume.json");
+    let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    let new = kvset_storage::ClusterId::random().to_string();
+    meta["cluster_id"] = serde_json::Value::String(new.clone());
+    meta["forced_new_cluster"] = serde_json::json!({ "from_cluster": old, "unix_ms": 1, "done": false });
+    std::fs::write(&meta_path, serde_json::to_vec_pretty(&meta).unwrap()).unwrap();
+    c.start_node(0).await;
+    c.wait_voters(1, Duration::from_secs(30)).await;
+    let status = c.client_for(0).status_of(&c.endpoint(0)).await.unwrap();
+    assert_eq!(status.cluster_id, new, "the recovery was finished under the new id");
+    assert!(c.client_for(0).get("k19").await.unwrap().is_some(), "with the member's data");
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    assert_eq!(meta["forced_new_cluster"]["done"], true);
     c.shutdown().await;
 }

@@ -4,9 +4,11 @@
 //!
 //! Quorum-loss recovery, in order (each step repeatable after a crash, see `kvset_storage::seed`):
 //! 1. apply every entry of its log; refuse an empty volume (nothing to recover);
-//! 2. write a backup of the applied state and place it as the volume's pending seed;
-//! 3. move the volume to a new cluster id and record that the recovery ran;
-//! 4. seed: the membership becomes this member alone, the data stays, the log is purged.
+//! 2. move the volume to a new cluster id, recording that a recovery is under way (from here
+//!    on the recovery is finished at every start, whatever the setting says);
+//! 3. write a backup of the applied state and place it as the volume's pending seed;
+//! 4. seed: the membership becomes this member alone, the data stays, the log is purged; the
+//!    record says the recovery is done.
 //!
 //! The other ordinals, started with empty volumes, then find this member's cluster and join it
 //! like any replacement; old volumes of the lost cluster are refused (foreign cluster id), so
@@ -49,9 +51,14 @@ pub async fn prepare(
     store: &mut Store,
 ) -> Result<(), RecoveryError> {
     let dir = volume.dir().to_path_buf();
-    let pending = seed::pending(&dir).is_some();
-    if force_new_cluster.is_empty() {
-        if volume.meta().forced_new_cluster.is_some() {
+    let marker = volume.meta().forced_new_cluster.clone();
+    if marker.as_ref().is_some_and(|m| !m.done) {
+        // A recovery began and was cut short: the volume already has its new cluster id, so it
+        // is finished whatever the setting says now.
+        tracing::warn!("force_new_cluster: finishing a recovery that was interrupted");
+        save_seed(store, &dir).await?;
+    } else if force_new_cluster.is_empty() {
+        if marker.is_some() {
             volume.rearm_force_new_cluster()?;
             tracing::info!("force_new_cluster is unset: a later setting naming this member will act again");
         }
@@ -60,25 +67,24 @@ pub async fn prepare(
             force_new_cluster,
             "force_new_cluster names another member; this member ignores it and joins that member's cluster"
         );
-    } else if let Some(done) = volume.meta().forced_new_cluster.clone() {
-        // With a seed still pending, the recovery was cut short: the seeding below finishes it.
-        if pending {
-            tracing::warn!("force_new_cluster: finishing a recovery that was interrupted");
-        } else {
-            tracing::error!(
+    } else if let Some(done) = marker {
+        tracing::error!(
             from_cluster = ?done.from_cluster, unix_ms = done.unix_ms, cluster_id = ?volume.cluster_id(),
             "force_new_cluster={force_new_cluster} already made this member a new cluster and is IGNORED now \
              (acting again could split the cluster). Remove it from the configuration; after one start without \
              it, setting it again will act again"
-            );
-        }
+        );
     } else {
-        force(me, volume, store, &dir, pending).await?;
+        begin(me, volume, store, &dir).await?;
+        save_seed(store, &dir).await?;
     }
     if let Some(path) = seed::pending(&dir) {
         let seeded =
             store.seed(&path, volume.node_id(), me.clone()).await.map_err(io("seeding the volume failed"))?;
         seed::finish(&dir).map_err(io("removing the consumed seed failed"))?;
+        if volume.meta().forced_new_cluster.as_ref().is_some_and(|m| !m.done) {
+            volume.finish_force_new_cluster()?;
+        }
         tracing::warn!(
             cluster_id = ?volume.cluster_id(), revision = seeded.header.revision, versions = seeded.records,
             leases = seeded.header.leases.len(),
@@ -126,50 +132,45 @@ async fn apply_whole_log(store: &mut Store) -> Result<u64, RecoveryError> {
     Ok(n)
 }
 
-/// Steps 1–3 of the recovery (see the module docs).
-async fn force(
-    me: &Member,
-    volume: &mut Volume,
-    store: &mut Store,
-    dir: &Path,
-    pending: bool,
-) -> Result<(), RecoveryError> {
-    if !pending {
-        let replayed = apply_whole_log(store).await?;
-        let applied = store.reader.applied();
-        if applied.last_applied.is_none() {
-            return Err(RecoveryError::EmptyVolume { name: me.name.clone(), dir: dir.display().to_string() });
-        }
-        if replayed > 0 {
-            tracing::warn!(
-                replayed, last_applied = ?applied.last_applied,
-                "force_new_cluster: applied every entry of this member's log before saving its state"
-            );
-        }
-        let reader = store.reader.clone();
-        let (header, backup, bytes) = tokio::task::spawn_blocking(move || reader.write_backup())
-            .await
-            .map_err(|e| RecoveryError::Io {
-                what: "backing up the state",
-                source: std::io::Error::other(e),
-            })?
-            .map_err(io("backing up the state failed"))?;
-        let placed = seed::place(&backup, dir);
-        let _ = std::fs::remove_file(&backup);
-        placed.map_err(io("placing the seed failed"))?;
-        tracing::warn!(
-            revision = header.revision, bytes, last_applied = ?applied.last_applied,
-            "force_new_cluster: saved this member's state as the new cluster's seed"
-        );
+/// Steps 1 and 2 of the recovery (see the module docs): refuse an empty volume, then move it
+/// to a new cluster id with the record that a recovery is under way. Written before any seed
+/// exists, so a seed is only ever consumed by a volume that already left its old cluster.
+async fn begin(me: &Member, volume: &mut Volume, store: &mut Store, dir: &Path) -> Result<(), RecoveryError> {
+    apply_whole_log(store).await?;
+    if store.reader.applied().last_applied.is_none() {
+        return Err(RecoveryError::EmptyVolume { name: me.name.clone(), dir: dir.display().to_string() });
     }
     let old = volume.cluster_id();
     let new = ClusterId::random();
-    volume.force_new_cluster(new)?;
+    volume.begin_force_new_cluster(new)?;
     tracing::error!(
         member = %me.name, from_cluster = ?old, cluster_id = %new,
         "FORCE NEW CLUSTER: this member leaves cluster {old:?} and becomes cluster {new} of one voter with its \
          data. Members of the old cluster are refused from now on; the other ordinals must start with empty \
          volumes to join. Remove force_new_cluster from the configuration once the cluster has its members back"
+    );
+    Ok(())
+}
+
+/// Step 3: applies the whole log and places a backup of the result as the volume's pending
+/// seed (unless one is already placed). Repeatable: until the seed is consumed the store holds
+/// this member's own data, and after it, the seeded data, whose backup seeds the same state.
+async fn save_seed(store: &mut Store, dir: &Path) -> Result<(), RecoveryError> {
+    if seed::pending(dir).is_some() {
+        return Ok(());
+    }
+    let replayed = apply_whole_log(store).await?;
+    let reader = store.reader.clone();
+    let (header, backup, bytes) = tokio::task::spawn_blocking(move || reader.write_backup())
+        .await
+        .map_err(|e| RecoveryError::Io { what: "backing up the state", source: std::io::Error::other(e) })?
+        .map_err(io("backing up the state failed"))?;
+    let placed = seed::place(&backup, dir);
+    let _ = std::fs::remove_file(&backup);
+    placed.map_err(io("placing the seed failed"))?;
+    tracing::warn!(
+        revision = header.revision, bytes, replayed, last_applied = ?store.reader.applied().last_applied,
+        "force_new_cluster: applied this member's whole log and saved its state as the new cluster's seed"
     );
     Ok(())
 }

@@ -128,6 +128,10 @@ pub struct ForcedNewCluster {
     pub from_cluster: Option<ClusterId>,
     /// When, milliseconds since the Unix epoch (informational).
     pub unix_ms: u64,
+    /// Whether the volume has been seeded as the new cluster (until then the recovery is
+    /// finished at every start).
+    #[serde(default)]
+    pub done: bool,
 }
 
 /// Why a volume cannot be used. Each message names the file and the problem on one line.
@@ -236,21 +240,32 @@ impl Volume {
     }
 
     /// Moves this volume to the new cluster `cluster_id` for a quorum-loss recovery and records
-    /// that the recovery ran (see [`VolumeMeta::forced_new_cluster`]).
-    pub fn force_new_cluster(&mut self, cluster_id: ClusterId) -> Result<(), VolumeError> {
+    /// that the recovery is under way (see [`VolumeMeta::forced_new_cluster`]).
+    pub fn begin_force_new_cluster(&mut self, cluster_id: ClusterId) -> Result<(), VolumeError> {
         let mut meta = self.meta.clone();
         meta.forced_new_cluster =
-            Some(ForcedNewCluster { from_cluster: meta.cluster_id, unix_ms: unix_ms() });
+            Some(ForcedNewCluster { from_cluster: meta.cluster_id, unix_ms: unix_ms(), done: false });
         meta.cluster_id = Some(cluster_id);
         write_atomically(&self.dir, &meta)?;
         self.meta = meta;
         Ok(())
     }
 
+    /// Records that the recovery is done (the volume was seeded as the new cluster).
+    pub fn finish_force_new_cluster(&mut self) -> Result<(), VolumeError> {
+        let mut meta = self.meta.clone();
+        if let Some(f) = meta.forced_new_cluster.as_mut() {
+            f.done = true;
+        }
+        write_atomically(&self.dir, &meta)?;
+        self.meta = meta;
+        Ok(())
+    }
+
     /// Forgets that a recovery ran (a start without `force_new_cluster`): setting it again
-    /// will act again.
+    /// will act again. A recovery still under way is kept.
     pub fn rearm_force_new_cluster(&mut self) -> Result<(), VolumeError> {
-        if self.meta.forced_new_cluster.is_none() {
+        if !self.meta.forced_new_cluster.as_ref().is_some_and(|f| f.done) {
             return Ok(());
         }
         let mut meta = self.meta.clone();

@@ -53,10 +53,17 @@ impl Drop for Killed {
     }
 }
 
+/// A loopback port nobody listens on now (for the member process's ops endpoint; the
+/// harness reserves only the client and peer ports of each ordinal).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn defragmenting_a_member_past_its_quota_returns_the_space_and_lifts_the_alarm() {
     let mut c = Cluster::new(1, |c| c.quota_bytes = QUOTA).await;
-    let config = c.release(0);
+    let mut config = c.release(0);
+    config.ops_port = free_port();
     let tmp = tempfile::tempdir().unwrap();
     let config_file = tmp.path().join("kvset-0.toml");
     std::fs::write(&config_file, config.to_toml()).unwrap();

@@ -76,6 +76,12 @@ async fn exits_within(child: &mut Child, limit: Duration) -> Option<i32> {
     }
 }
 
+/// A loopback port nobody listens on now (for the member process's ops endpoint; the
+/// harness reserves only the client and peer ports of each ordinal).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_whose_disk_fills_exits_and_recovers_once_the_disk_has_room() {
     let mut c = Cluster::new(3, |c| c.shutdown_timeout_ms = 3000).await;
@@ -88,7 +94,8 @@ async fn a_member_whose_disk_fills_exits_and_recovers_once_the_disk_has_room() {
             return;
         }
     };
-    let config = c.release(2);
+    let mut config = c.release(2);
+    config.ops_port = free_port();
     let config_file = tmp.path().join("kvset-2.toml");
     std::fs::write(&config_file, config.to_toml()).unwrap();
     let log = tmp.path().join("kvset-2.log");

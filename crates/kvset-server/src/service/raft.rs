@@ -23,10 +23,15 @@ use kvset_storage::codec;
 use kvset_storage::ClusterId;
 use kvset_storage::Member;
 use kvset_storage::TypeConfig;
+use openraft::error::InstallSnapshotError;
+use openraft::error::RaftError;
+use openraft::error::SnapshotMismatch;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::InstallSnapshotRequest;
+use openraft::raft::InstallSnapshotResponse;
 use openraft::raft::VoteRequest;
 use openraft::ServerState;
+use openraft::SnapshotSegmentId;
 use tonic::metadata::MetadataValue;
 use tonic::Request;
 use tonic::Response;
@@ -42,31 +47,62 @@ use crate::member::LocalMember;
 pub struct PeerService {
     member: Arc<LocalMember>,
     /// The snapshot being received, checked chunk by chunk (see `install_snapshot`).
-    receiving: Arc<std::sync::Mutex<Option<Receiving>>>,
+    receiving: Arc<std::sync::Mutex<Transfers>>,
+}
+
+/// Snapshot transfers refused for a damaged checksum before one is let through to openraft's
+/// own check (which stops the member): a leader whose snapshot file itself is damaged must not
+/// resend it forever.
+const SNAPSHOT_REJECTIONS_MAX: u32 = 5;
+
+/// The snapshot transfer being followed, and how often transfers of that snapshot were refused.
+#[derive(Debug, Default)]
+struct Transfers {
+    current: Option<Receiving>,
+    rejected: Option<(String, u32)>,
 }
 
 /// A snapshot transfer in progress: the CRC-32 of its bytes so far, except the last four,
 /// which are the file's own checksum of everything before them (`kvset_storage::snapshot`).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Receiving {
     id: String,
     next_offset: u64,
     crc: crc32fast::Hasher,
     tail: Vec<u8>,
+    /// The state before the last chunk, so that a resent last chunk is taken again.
+    before_last: Option<(u64, crc32fast::Hasher, Vec<u8>)>,
 }
 
 impl Receiving {
     fn new(id: String) -> Self {
-        Self { id, next_offset: 0, crc: crc32fast::Hasher::new(), tail: Vec::with_capacity(4) }
+        Self {
+            id,
+            next_offset: 0,
+            crc: crc32fast::Hasher::new(),
+            tail: Vec::with_capacity(4),
+            before_last: None,
+        }
     }
 
-    /// Takes the next chunk's bytes.
-    fn feed(&mut self, data: &[u8]) {
+    /// Takes the chunk at `offset`: the next one, or the last one again (a resend). Returns
+    /// false for any other offset.
+    fn feed(&mut self, offset: u64, data: &[u8]) -> bool {
+        if offset != self.next_offset {
+            match self.before_last.clone() {
+                Some((last_offset, crc, tail)) if last_offset == offset => {
+                    (self.next_offset, self.crc, self.tail) = (last_offset, crc, tail);
+                }
+                _ => return false,
+            }
+        }
+        self.before_last = Some((self.next_offset, self.crc.clone(), self.tail.clone()));
         self.next_offset += data.len() as u64;
         self.tail.extend_from_slice(data);
         let keep = self.tail.len().saturating_sub(4);
         self.crc.update(&self.tail[..keep]);
         self.tail.drain(..keep);
+        true
     }
 
     /// Whether the whole file's trailing checksum matches its bytes.
@@ -86,25 +122,47 @@ impl PeerService {
 
     /// Follows a snapshot transfer chunk by chunk and, on its last chunk, whether the file's
     /// checksum holds. Chunks that cannot be followed (a transfer that started before this
-    /// member did, an offset out of order) are let through: openraft deals with those.
+    /// member did, an offset out of order) are let through: openraft deals with those. After
+    /// [`SNAPSHOT_REJECTIONS_MAX`] refusals of one snapshot, it is let through as well.
     fn arrived_intact(&self, rpc: &InstallSnapshotRequest<TypeConfig>) -> bool {
-        let mut receiving = self.receiving.lock().unwrap_or_else(|e| e.into_inner());
+        let mut transfers = self.receiving.lock().unwrap_or_else(|e| e.into_inner());
+        let id = &rpc.meta.snapshot_id;
         if rpc.offset == 0 {
-            *receiving = Some(Receiving::new(rpc.meta.snapshot_id.clone()));
+            transfers.current = Some(Receiving::new(id.clone()));
         }
-        let following =
-            receiving.as_ref().is_some_and(|r| r.id == rpc.meta.snapshot_id && r.next_offset == rpc.offset);
-        if !following {
-            *receiving = None;
+        let followed = match transfers.current.as_mut() {
+            Some(r) if r.id == *id => r.feed(rpc.offset, &rpc.data),
+            _ => false,
+        };
+        if !followed {
+            transfers.current = None;
             return true;
         }
-        if let Some(r) = receiving.as_mut() {
-            r.feed(&rpc.data);
+        if !rpc.done {
+            return true;
         }
-        if rpc.done {
-            return receiving.take().is_none_or(Receiving::intact);
+        let intact = transfers.current.take().is_none_or(Receiving::intact);
+        if intact {
+            return true;
         }
-        true
+        let refusals = match transfers.rejected.as_mut() {
+            Some((rejected_id, n)) if rejected_id == id => {
+                *n += 1;
+                *n
+            }
+            _ => {
+                transfers.rejected = Some((id.clone(), 1));
+                1
+            }
+        };
+        if refusals > SNAPSHOT_REJECTIONS_MAX {
+            tracing::error!(
+                snapshot_id = %id, refusals,
+                "snapshot failed its checksum on every transfer; letting openraft's install refuse it"
+            );
+            return true;
+        }
+        false
     }
 
     /// Refuses a Raft message meant for another node id or another cluster (see the module
@@ -277,10 +335,14 @@ impl pb::raft_server::Raft for PeerService {
                 from = req.from, snapshot_id = %rpc.meta.snapshot_id,
                 "a snapshot failed its checksum in transit; refused, the leader sends it again"
             );
-            return Err(KvError::Unavailable(
-                "the snapshot failed its checksum in transit; send it again".into(),
-            )
-            .into());
+            // A mismatch makes the leader start the transfer over at offset 0.
+            let mismatch = SnapshotMismatch {
+                expect: SnapshotSegmentId { id: rpc.meta.snapshot_id.clone(), offset: 0 },
+                got: SnapshotSegmentId { id: rpc.meta.snapshot_id.clone(), offset: rpc.offset },
+            };
+            let refused: Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>> =
+                Err(RaftError::APIError(InstallSnapshotError::SnapshotMismatch(mismatch)));
+            return Ok(Self::reply(&refused)?);
         }
         Ok(Self::reply(&self.member.raft().install_snapshot(rpc).await)?)
     }
@@ -348,5 +410,49 @@ impl pb::raft_server::Raft for PeerService {
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
         let forwarded = request.metadata().get(metadata::FORWARDED).is_some();
         Ok(Response::new(self.join_inner(forwarded, request.into_inner()).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Receiving;
+
+    fn file(payload: &[u8]) -> Vec<u8> {
+        let mut f = payload.to_vec();
+        f.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        f
+    }
+
+    fn receive(f: &[u8], chunk: usize, resend_each: bool) -> bool {
+        let mut r = Receiving::new("s".into());
+        let mut offset = 0;
+        for c in f.chunks(chunk) {
+            assert!(r.feed(offset as u64, c));
+            if resend_each {
+                assert!(r.feed(offset as u64, c), "a resent last chunk is taken again");
+            }
+            offset += c.len();
+        }
+        r.intact()
+    }
+
+    #[test]
+    fn the_trailing_checksum_is_checked_across_any_chunking_and_resends() {
+        let f = file(&(0..1000u32).flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>());
+        for chunk in [1, 3, 4, 5, 7, 1000, 4003, 4004, 10_000] {
+            assert!(receive(&f, chunk, false), "chunk {chunk}");
+            assert!(receive(&f, chunk, true), "chunk {chunk}, resent");
+        }
+        for i in [0, 500, f.len() - 5, f.len() - 1] {
+            let mut bad = f.clone();
+            bad[i] ^= 0x10;
+            for chunk in [1, 7, 4004] {
+                assert!(!receive(&bad, chunk, false), "flip at {i}, chunk {chunk}");
+            }
+        }
+        let mut r = Receiving::new("s".into());
+        assert!(r.feed(0, &f[..10]));
+        assert!(!r.feed(20, &f[20..30]), "a gap is not followed");
+        assert!(!Receiving::new("s".into()).intact(), "an empty transfer is not intact");
     }
 }
