@@ -198,6 +198,8 @@ pub struct LocalMember {
     /// Woken when a defragmentation was requested: the member stops so that its next start
     /// rewrites the database.
     defrag: tokio::sync::Notify,
+    /// Set from the moment a defragmentation is being decided (see `request_defrag`).
+    defrag_pending: Arc<AtomicBool>,
     /// When this member was created (its start), milliseconds since the Unix epoch.
     started_unix_ms: u64,
     /// Desired voter count from the Kubernetes API (when that is the source); 0 = unknown.
@@ -263,6 +265,7 @@ impl LocalMember {
             reconciler: Mutex::new(String::new()),
             alarms: Mutex::new(Vec::new()),
             defrag: tokio::sync::Notify::new(),
+            defrag_pending: Arc::default(),
             started_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -515,21 +518,52 @@ impl LocalMember {
     }
 
     /// Records a defragmentation request on the volume (durably) and asks the member to stop;
-    /// the next start rewrites the database before opening it.
-    pub async fn request_defrag(&self) -> Result<(), KvError> {
+    /// the next start rewrites the database before opening it. `budget` bounds the wait for
+    /// the snapshot and log purge that come first (the caller's deadline).
+    ///
+    /// Runs on a task of its own, so a caller that goes away cannot leave a request recorded
+    /// but the member running. From the moment it is decided the member reports itself as
+    /// shutting down, so another member asked next refuses (one at a time).
+    pub async fn request_defrag(self: &Arc<Self>, budget: Duration) -> Result<(), KvError> {
         if !self.accepting() {
             return Err(KvError::Unavailable("member is shutting down".into()));
         }
-        self.others_serving().await?;
-        self.compact_raft_log().await?;
-        let dir = self.config.data_dir.clone();
-        tokio::task::spawn_blocking(move || kvset_storage::defrag::request(&dir))
-            .await
-            .map_err(|e| KvError::Internal(e.to_string()))?
-            .map_err(|e| KvError::Internal(format!("recording the defragmentation request failed: {e}")))?;
-        tracing::warn!("defragmentation requested: this member stops, defragments and starts again");
-        self.defrag.notify_one();
-        Ok(())
+        if self.defrag_pending.swap(true, Ordering::AcqRel) {
+            return Err(KvError::FailedPrecondition(
+                "a defragmentation of this member is already under way".into(),
+            ));
+        }
+        let member = self.clone();
+        let task = tokio::spawn(async move {
+            let decided = async {
+                member.others_serving().await?;
+                member.compact_raft_log(budget.saturating_sub(Duration::from_secs(1))).await?;
+                // Asked at the same time as another member, which may have passed its check
+                // meanwhile: check again, now that this member reports itself as stopping.
+                member.others_serving().await
+            };
+            if let Err(e) = decided.await {
+                member.defrag_pending.store(false, Ordering::Release);
+                return Err(e);
+            }
+            let dir = member.config.data_dir.clone();
+            tokio::task::spawn_blocking(move || kvset_storage::defrag::request(&dir))
+                .await
+                .map_err(|e| KvError::Internal(e.to_string()))?
+                .map_err(|e| {
+                    KvError::Internal(format!("recording the defragmentation request failed: {e}"))
+                })?;
+            tracing::warn!("defragmentation requested: this member stops, defragments and starts again");
+            member.defrag.notify_one();
+            Ok(())
+        });
+        task.await.map_err(|e| KvError::Internal(e.to_string()))?
+    }
+
+    /// Whether this member is stopping to be defragmented (it then reports itself as shutting
+    /// down); shared so a supervisor can tell after the member stopped.
+    pub fn defrag_flag(&self) -> Arc<AtomicBool> {
+        self.defrag_pending.clone()
     }
 
     /// When this member started, milliseconds since the Unix epoch.
@@ -588,24 +622,25 @@ impl LocalMember {
     /// that a defragmentation keeps only what is still needed (the log of large writes would
     /// otherwise stay). Bounded: a purge that waits on a replication in progress is left to
     /// happen later.
-    async fn compact_raft_log(&self) -> Result<(), KvError> {
+    async fn compact_raft_log(&self, budget: Duration) -> Result<(), KvError> {
         let raft = self.raft();
         let applied = raft.metrics().borrow().last_applied;
         let Some(target) = applied else { return Ok(()) };
         raft.trigger().snapshot().await.map_err(|e| crate::errors::stopped(&e))?;
         let mut rx = raft.metrics();
-        let built = tokio::time::timeout(Duration::from_secs(60), async {
+        let built = tokio::time::timeout(budget, async {
             rx.wait_for(|m| m.snapshot.is_some_and(|s| s.index >= target.index)).await.is_ok()
         })
         .await
         .unwrap_or(false);
         if !built {
-            return Err(KvError::Unavailable(
-                "the snapshot before the defragmentation was not built in time".into(),
-            ));
+            // Not fatal: the defragmentation still returns the space of compacted history; the
+            // log is purged at a later snapshot.
+            tracing::warn!("the snapshot before the defragmentation was not built in time; defragmenting without a log purge");
+            return Ok(());
         }
         raft.trigger().purge_log(target.index).await.map_err(|e| crate::errors::stopped(&e))?;
-        let purged = tokio::time::timeout(Duration::from_secs(10), async {
+        let purged = tokio::time::timeout(budget.min(Duration::from_secs(10)), async {
             rx.wait_for(|m| m.purged.is_some_and(|p| p.index >= target.index)).await.is_ok()
         })
         .await

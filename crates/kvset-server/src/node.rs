@@ -88,7 +88,7 @@ pub enum StartError {
     Server(#[from] crate::server::ServerError),
     #[error(transparent)]
     Recovery(#[from] crate::recovery::RecoveryError),
-    #[error("defragmentation failed (the database is unchanged; remove defrag.requested to start without it): {0}")]
+    #[error("a failed defragmentation could not be cleaned up: {0}")]
     Defrag(std::io::Error),
 }
 
@@ -149,10 +149,16 @@ impl Node {
         if kvset_storage::defrag::requested(volume.dir()) {
             let dir = volume.dir().to_path_buf();
             tracing::info!("defragmenting the database before opening it (requested by Defragment)");
-            tokio::task::spawn_blocking(move || kvset_storage::defrag::run(&dir, DEFRAG_LOCK_WAIT))
-                .await
-                .map_err(|e| StartError::Defrag(std::io::Error::other(e)))?
-                .map_err(StartError::Defrag)?;
+            let outcome =
+                tokio::task::spawn_blocking(move || kvset_storage::defrag::run(&dir, DEFRAG_LOCK_WAIT))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            if let Err(e) = outcome {
+                // Not a reason to stay down (a crash loop on a nearly full disk): the copy is
+                // dropped, the request forgotten, and the member starts on its database as it was.
+                tracing::error!(error = %e, "defragmentation failed; starting without it");
+                kvset_storage::defrag::abandon(volume.dir()).map_err(StartError::Defrag)?;
+            }
         }
         let node_id = volume.node_id();
         let metrics = Metrics::new();

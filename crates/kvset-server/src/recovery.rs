@@ -23,6 +23,9 @@ use kvset_storage::Member;
 use kvset_storage::Store;
 use kvset_storage::Volume;
 
+/// Log entries read and applied at a time when a recovery replays the log.
+const REPLAY_SLICE: u64 = 1000;
+
 /// Why a member refused to start from its volume.
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
@@ -119,16 +122,21 @@ async fn apply_whole_log(store: &mut Store) -> Result<u64, RecoveryError> {
         return Ok(0);
     }
     let mut reader = store.log.get_log_reader().await;
-    let entries = reader
-        .try_get_log_entries(first..=last.index)
-        .await
-        .map_err(|e| RecoveryError::Io { what: "reading the log", source: std::io::Error::other(e) })?;
-    let n = entries.len() as u64;
-    store
-        .state_machine
-        .apply(entries)
-        .await
-        .map_err(|e| RecoveryError::Io { what: "applying the log", source: std::io::Error::other(e) })?;
+    let mut n = 0;
+    // In slices, so a long unapplied log is never all in memory at once.
+    for start in (first..=last.index).step_by(REPLAY_SLICE as usize) {
+        let end = (start + REPLAY_SLICE - 1).min(last.index);
+        let entries = reader
+            .try_get_log_entries(start..=end)
+            .await
+            .map_err(|e| RecoveryError::Io { what: "reading the log", source: std::io::Error::other(e) })?;
+        n += entries.len() as u64;
+        store
+            .state_machine
+            .apply(entries)
+            .await
+            .map_err(|e| RecoveryError::Io { what: "applying the log", source: std::io::Error::other(e) })?;
+    }
     Ok(n)
 }
 

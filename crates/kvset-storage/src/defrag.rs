@@ -54,6 +54,17 @@ pub fn requested(dir: &Path) -> bool {
     dir.join(REQUEST_FILE).is_file()
 }
 
+/// Gives up a defragmentation that failed: the unfinished copy is removed (or a finished swap
+/// completed) and the request forgotten.
+pub fn abandon(dir: &Path) -> io::Result<()> {
+    finish_interrupted(dir)?;
+    match fs::remove_file(dir.join(REQUEST_FILE)) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Finishes or undoes a defragmentation that a crash interrupted (see the module docs).
 pub fn finish_interrupted(dir: &Path) -> io::Result<()> {
     let (db, new, old) = (dir.join(DB), dir.join(NEW), dir.join(OLD));
@@ -110,6 +121,9 @@ pub fn run(dir: &Path, lock_wait: Duration) -> io::Result<Report> {
         new.flush().map_err(io::Error::other)?;
         keys
     };
+    // sled fsyncs its files' contents, not the directory entries of new files: make the copy
+    // durable as a tree before it replaces the original.
+    sync_tree(&new_path)?;
     fs::rename(&db_path, &old_path)?;
     fs::rename(&new_path, &db_path)?;
     sync_dir(dir)?;
@@ -128,6 +142,19 @@ pub fn run(dir: &Path, lock_wait: Duration) -> io::Result<Report> {
         "defragmented the database"
     );
     Ok(report)
+}
+
+/// Fsyncs every file and directory under `dir`, and `dir` itself.
+fn sync_tree(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            fs::File::open(&path)?.sync_all()?;
+        }
+    }
+    sync_dir(dir)
 }
 
 /// Opens the database at `path`, retrying while another handle in this process still holds

@@ -134,10 +134,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let node = Node::start(config.clone(), listeners, termination(), NodeOptions::default())
             .await
             .context("cannot start the member")?;
+        let defrag = node.member().defrag_flag();
         node.wait().await.map_err(|e| anyhow::anyhow!("member stopped with an error: {e}"))?;
         // A member that stopped to be defragmented starts again at once; the start rewrites
-        // the database first.
-        if !kvset_storage::defrag::requested(&config.data_dir) {
+        // the database first. Any other stop (SIGTERM) ends the process.
+        if !defrag.load(std::sync::atomic::Ordering::Acquire)
+            || !kvset_storage::defrag::requested(&config.data_dir)
+        {
             return Ok(());
         }
         tracing::info!("starting again to defragment the database");

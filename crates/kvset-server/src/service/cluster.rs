@@ -97,7 +97,8 @@ pub fn member_list(member: &LocalMember) -> Vec<pb::Member> {
 pub fn status(member: &LocalMember) -> pb::StatusResponse {
     let m = member.raft_metrics();
     let applied = member.reader().applied();
-    let role = if matches!(member.phase(), Phase::ShuttingDown | Phase::Stopped) {
+    let stopping = member.defrag_flag().load(std::sync::atomic::Ordering::Acquire);
+    let role = if stopping || matches!(member.phase(), Phase::ShuttingDown | Phase::Stopped) {
         pb::Role::Shutdown
     } else if m.membership_config.membership().get_node(&member.node_id()).is_none() {
         pb::Role::Joining
@@ -397,7 +398,7 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
         let ctx = CallContext::of(&req);
         observe(self.member.metrics(), "Defragment", &ctx, async {
-            self.member.request_defrag().await?;
+            self.member.request_defrag(ctx.remaining()).await?;
             Ok::<_, KvError>(pb::DefragmentResponse {
                 db_size_bytes: self.member.metrics().volume_bytes.get().max(0) as u64,
             })

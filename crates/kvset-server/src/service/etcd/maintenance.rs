@@ -139,7 +139,7 @@ impl epb::maintenance_server::Maintenance for EtcdService {
         observe(self.member.metrics(), "etcd.Defragment", &ctx, async {
             // Unlike etcd, which answers after its rewrite, the member answers, then stops,
             // rewrites its database and serves again (see kvset.v1 Cluster.Defragment).
-            self.member.request_defrag().await.map_err(errors::from_kv)?;
+            self.member.request_defrag(ctx.remaining()).await.map_err(errors::from_kv)?;
             Ok::<_, Status>(epb::DefragmentResponse { header: self.header_now() })
         })
         .await
