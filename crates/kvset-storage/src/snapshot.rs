@@ -209,6 +209,10 @@ pub(crate) struct SnapshotReader {
     count: u64,
     header: SnapshotHeader,
     done: bool,
+    /// Bytes read so far.
+    consumed: u64,
+    /// Whether zero bytes after the checksum are allowed (etcd's sector padding).
+    padded: bool,
 }
 
 fn corrupt(msg: impl Into<String>) -> io::Error {
@@ -231,6 +235,8 @@ impl SnapshotReader {
                 leases: Vec::new(),
             },
             done: false,
+            consumed: 0,
+            padded: false,
         };
         let mut magic = [0u8; MAGIC.len()];
         r.take(&mut magic)?;
@@ -257,6 +263,7 @@ impl SnapshotReader {
             }
         })?;
         self.crc.update(buf);
+        self.consumed += buf.len() as u64;
         Ok(())
     }
 
@@ -295,9 +302,20 @@ impl SnapshotReader {
             if u32::from_le_bytes(crc) != expected_crc {
                 return Err(corrupt("snapshot checksum mismatch"));
             }
-            let mut rest = [0u8; 1];
-            if self.input.read(&mut rest)? != 0 {
-                return Err(corrupt("snapshot has bytes after its checksum"));
+            self.consumed += 4;
+            if self.padded {
+                let mut rest = Vec::new();
+                (&mut self.input).take(SECTOR).read_to_end(&mut rest)?;
+                if rest.len() as u64 >= SECTOR || rest.iter().any(|b| *b != 0) {
+                    return Err(corrupt(
+                        "the bytes after the snapshot's checksum are not etcd's zero padding",
+                    ));
+                }
+            } else {
+                let mut rest = [0u8; 1];
+                if self.input.read(&mut rest)? != 0 {
+                    return Err(corrupt("snapshot has bytes after its checksum"));
+                }
             }
             self.done = true;
             return Ok(None);
@@ -308,6 +326,33 @@ impl SnapshotReader {
         self.count += 1;
         Ok(Some((key, value)))
     }
+}
+
+/// etcd pads a streamed snapshot to a multiple of this (`etcdctl snapshot save`).
+const SECTOR: u64 = 512;
+
+/// Writes to `dst` the kvset snapshot inside `src`, a file in etcd's framing as
+/// `etcdctl snapshot save` writes it (the snapshot, zero padding to a 512-byte multiple, then a
+/// SHA-256 of everything before it), checking the snapshot and the padding on the way. The
+/// caller checks the digest. Returns the snapshot's size.
+pub fn unframe_etcd(src: &Path, dst: &Path, digest_len: u64) -> io::Result<u64> {
+    let framed = fs::metadata(src)?.len();
+    if framed < digest_len {
+        return Err(corrupt("too short for etcd's framing"));
+    }
+    {
+        let mut input = fs::File::open(src)?.take(framed - digest_len);
+        let mut out = fs::File::create(dst)?;
+        io::copy(&mut input, &mut out)?;
+    }
+    let mut r = SnapshotReader::open(dst)?;
+    r.padded = true;
+    while r.next_record()?.is_some() {}
+    let inner = r.consumed;
+    let out = fs::OpenOptions::new().write(true).open(dst)?;
+    out.set_len(inner)?;
+    out.sync_all()?;
+    Ok(inner)
 }
 
 /// Reads only the header of the snapshot at `path`.

@@ -149,26 +149,67 @@ fn progress_bar(done: u64, total: u64) -> String {
     )
 }
 
+/// A backup as kvset reads it: the file itself, or the kvset snapshot inside a file that
+/// `etcdctl snapshot save` wrote (etcd's framing: padding to 512-byte sectors and a SHA-256,
+/// which must match), unwrapped into a temporary file that is removed on drop.
+struct Backup {
+    path: PathBuf,
+    etcd_framed: bool,
+}
+
+impl Backup {
+    fn open(file: &Path) -> anyhow::Result<Self> {
+        const DIGEST: u64 = 32;
+        let len = std::fs::metadata(file).with_context(|| format!("{}: cannot read", file.display()))?.len();
+        let framed = len > DIGEST && (len - DIGEST).is_multiple_of(512) && {
+            let bytes = std::fs::read(file).with_context(|| format!("{}: cannot read", file.display()))?;
+            let (body, digest) = bytes.split_at(bytes.len() - DIGEST as usize);
+            ring::digest::digest(&ring::digest::SHA256, body).as_ref() == digest
+        };
+        if !framed {
+            return Ok(Self { path: file.to_path_buf(), etcd_framed: false });
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!("kvset-unframed-{}-{nanos}.snap", std::process::id()));
+        let backup = Self { path, etcd_framed: true };
+        kvset_storage::snapshot::unframe_etcd(file, &backup.path, DIGEST)?;
+        Ok(backup)
+    }
+}
+
+impl Drop for Backup {
+    fn drop(&mut self) {
+        if self.etcd_framed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Prints what a backup holds and whether it is whole; a damaged file fails the command.
 fn status(file: &Path, format: Format) -> anyhow::Result<()> {
-    let summary = seed::summarize(file)
-        .map_err(|e| anyhow::anyhow!("{}: checksum or structure check failed: {e}", file.display()))?;
+    let check = |e: String| anyhow::anyhow!("{}: checksum or structure check failed: {e}", file.display());
+    let backup = Backup::open(file).map_err(|e| check(format!("{e:#}")))?;
+    let summary = seed::summarize(&backup.path).map_err(|e| check(e.to_string()))?;
     let h = &summary.header;
     match format {
         Format::Json => print_json(&json!({
             "file": file.display().to_string(), "revision": h.revision, "compact_revision": h.compact_revision,
             "keys": summary.keys, "versions": summary.versions, "leases": h.leases.len(), "bytes": summary.bytes,
-            "checksum": "ok",
+            "checksum": "ok", "etcd_framing": backup.etcd_framed,
         })),
         Format::Human => println!(
-            "{}: revision {}, compact revision {}, {} keys, {} versions, {} leases, {} bytes, checksum ok",
+            "{}: revision {}, compact revision {}, {} keys, {} versions, {} leases, {} bytes, checksum ok{}",
             file.display(),
             h.revision,
             h.compact_revision,
             summary.keys,
             summary.versions,
             h.leases.len(),
-            summary.bytes
+            summary.bytes,
+            if backup.etcd_framed { " (saved by etcdctl: etcd's framing and SHA-256 ok)" } else { "" }
         ),
     }
     Ok(())
@@ -177,10 +218,12 @@ fn status(file: &Path, format: Format) -> anyhow::Result<()> {
 /// Prepares the volume of member `name` in `data_dir` to start a new cluster from `file`.
 fn restore(file: &Path, data_dir: &Path, name: &str, format: Format) -> anyhow::Result<()> {
     let identity = Identity::from_name(name).map_err(|e| anyhow::anyhow!("--name {name:?}: {e}"))?;
-    let summary = seed::summarize(file)
-        .map_err(|e| anyhow::anyhow!("{}: not a usable backup ({e}); nothing was changed", file.display()))?;
+    let unusable =
+        |e: String| anyhow::anyhow!("{}: not a usable backup ({e}); nothing was changed", file.display());
+    let backup = Backup::open(file).map_err(|e| unusable(format!("{e:#}")))?;
+    let summary = seed::summarize(&backup.path).map_err(|e| unusable(e.to_string()))?;
     let cluster = ClusterId::random();
-    let volume = Volume::create_restored(data_dir, identity.ordinal, cluster, file)?;
+    let volume = Volume::create_restored(data_dir, identity.ordinal, cluster, &backup.path)?;
     match format {
         Format::Json => print_json(&json!({
             "data_dir": data_dir.display().to_string(), "name": name, "cluster_id": cluster.to_string(),
