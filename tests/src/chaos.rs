@@ -485,15 +485,7 @@ pub async fn leases<H: Harness>(h: &mut H, hist: &History, rng: &mut StdRng) -> 
                     kvset_client::ClientOptions { prefer_leader: false, ..Default::default() },
                 )
                 .ok()?;
-                let r = member
-                    .get_request(kvset_client::pb::GetRequest {
-                        key: key.into(),
-                        consistency: kvset_client::pb::ReadConsistency::Serializable as i32,
-                        revision: 0,
-                    })
-                    .await
-                    .ok()?;
-                r.kv.is_none().then_some(())?;
+                crate::member_get(&member, key).await.ok()?.is_none().then_some(())?;
             }
             Some(())
         },

@@ -24,6 +24,21 @@ use std::future::Future;
 use std::time::Duration;
 use std::time::Instant;
 
+/// Reads `key` from the state of the member `client` talks to (a serializable read: what that
+/// member has applied, whoever leads); `None` when the key is absent there.
+pub async fn member_get(
+    client: &kvset_client::Client,
+    key: impl Into<Vec<u8>>,
+) -> Result<Option<kvset_client::pb::KeyValue>, kvset_client::Error> {
+    use kvset_client::pb;
+    let request = pb::GetRequest {
+        key: key.into(),
+        consistency: pb::ReadConsistency::Serializable as i32,
+        ..Default::default()
+    };
+    Ok(client.get_request(request).await?.kv)
+}
+
 /// Installs a test logger once (`RUST_LOG` selects; default: warnings only).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -38,7 +38,6 @@ async fn force_new_cluster_naming_another_member_is_ignored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_snapshot_damaged_in_transit_is_refused_and_sent_again_and_the_member_keeps_running() {
-    use kvset_client::pb;
     let mut c = Cluster::start_with(3, |c| {
         c.raft.snapshot_every_entries = 20;
         c.raft.keep_entries_after_snapshot = 5;
@@ -61,17 +60,7 @@ async fn a_snapshot_damaged_in_transit_is_refused_and_sent_again_and_the_member_
     let member = c.client_for(2);
     kvset_tests::eventually("kvset-2 serves the data", Duration::from_secs(30), || {
         let member = member.clone();
-        async move {
-            let r = member
-                .get_request(pb::GetRequest {
-                    key: b"k199".to_vec(),
-                    consistency: pb::ReadConsistency::Serializable as i32,
-                    ..Default::default()
-                })
-                .await
-                .ok()?;
-            r.kv.filter(|kv| kv.value == b"v199")
-        }
+        async move { kvset_tests::member_get(&member, "k199").await.ok()?.filter(|kv| kv.value == b"v199") }
     })
     .await;
     assert_eq!(c.partition.corrupt_snapshot_chunks.load(std::sync::atomic::Ordering::Acquire), 0);

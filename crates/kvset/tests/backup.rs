@@ -3,33 +3,21 @@
 //! version, revision, lease and the compaction point. Damaged files are refused and change
 //! nothing.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::json;
+use common::kvset;
+use common::path;
 use kvset_client::pb;
 use kvset_client::Client;
 use kvset_tests::cluster::Cluster;
 use kvset_tests::eventually;
+use kvset_tests::member_get;
 use serde_json::Value;
-
-/// Runs `kvset --endpoints E --output json ARGS…`: (success, stdout, stderr).
-async fn kvset(endpoint: &str, args: &[&str]) -> (bool, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kvset"));
-    command.args(["--endpoints", endpoint, "--output", "json"]).args(args);
-    let out = tokio::task::spawn_blocking(move || command.output()).await.unwrap().expect("run kvset");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
-async fn json(endpoint: &str, args: &[&str]) -> Value {
-    let (ok, out, err) = kvset(endpoint, args).await;
-    assert!(ok, "kvset {args:?} failed:\n{out}\n{err}");
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("kvset {args:?}: not JSON ({e}): {out}"))
-}
 
 /// Every key with its metadata, read linearizably at the current revision, plus that revision.
 async fn everything(client: &Client) -> (i64, Vec<pb::KeyValue>) {
@@ -39,10 +27,6 @@ async fn everything(client: &Client) -> (i64, Vec<pb::KeyValue>) {
         .unwrap();
     assert!(resp.next_key.is_empty(), "more than one page");
     (resp.header.unwrap().revision, resp.kvs)
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -126,17 +110,7 @@ async fn a_backup_restored_into_a_new_cluster_holds_every_key_revision_lease_and
         let c = new.client_for(o);
         eventually(&format!("kvset-{o} serves the restored data"), Duration::from_secs(20), || {
             let c = c.clone();
-            async move {
-                let r = c
-                    .get_request(pb::GetRequest {
-                        key: b"key-123".to_vec(),
-                        consistency: pb::ReadConsistency::Serializable as i32,
-                        ..Default::default()
-                    })
-                    .await
-                    .ok()?;
-                r.kv.filter(|kv| kv.value == b"v1-123")
-            }
+            async move { member_get(&c, "key-123").await.ok()?.filter(|kv| kv.value == b"v1-123") }
         })
         .await;
     }

@@ -2,6 +2,8 @@
 //! (`--output json`) against an in-process member on loopback; bad input exits non-zero with
 //! a message and changes nothing.
 
+mod common;
+
 use std::io::BufRead;
 use std::io::BufReader;
 use std::process::Command;
@@ -9,34 +11,10 @@ use std::process::Stdio;
 use std::time::Duration;
 use std::time::Instant;
 
+use common::json;
+use common::refused;
 use kvset_tests::cluster::Cluster;
 use serde_json::Value;
-
-/// Runs `kvset --endpoints E --output json ARGS…`: (success, stdout, stderr).
-async fn kvset(endpoint: &str, args: &[&str]) -> (bool, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kvset"));
-    command.args(["--endpoints", endpoint, "--output", "json"]).args(args);
-    let out = tokio::task::spawn_blocking(move || command.output()).await.unwrap().expect("run kvset");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
-/// Runs a command that must succeed and print one JSON document.
-async fn json(endpoint: &str, args: &[&str]) -> Value {
-    let (ok, out, err) = kvset(endpoint, args).await;
-    assert!(ok, "kvset {args:?} failed:\n{out}\n{err}");
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("kvset {args:?}: not JSON ({e}): {out}"))
-}
-
-/// Runs a command that must fail; returns its standard error.
-async fn refused(endpoint: &str, args: &[&str]) -> String {
-    let (ok, out, err) = kvset(endpoint, args).await;
-    assert!(!ok, "kvset {args:?} should fail, printed:\n{out}");
-    err
-}
 
 /// Runs `kvset watch ARGS…` until it has printed `n` events (within 30 s), then stops it.
 async fn watch(endpoint: &str, args: &[&str], n: usize) -> Vec<Value> {

@@ -4,12 +4,15 @@
 //! serve again by itself, the volume shrinks, the alarm clears and writes are taken again,
 //! with every key intact. And the offline form on a stopped member's data directory.
 
-use std::path::Path;
-use std::process::Child;
-use std::process::Command;
-use std::process::Stdio;
+mod common;
+
 use std::time::Duration;
 
+use common::kvset;
+use common::path;
+use common::released_config;
+use common::serve;
+use common::Killed;
 use kvset_client::pb;
 use kvset_client::Client;
 use kvset_client::ClientOptions;
@@ -19,54 +22,11 @@ use serde_json::Value;
 
 const QUOTA: u64 = 24 << 20;
 
-fn serve(config: &Path, log: &Path) -> Child {
-    let out = std::fs::File::create(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_kvset"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start kvset serve")
-}
-
-async fn kvset(args: Vec<String>) -> (bool, String, String) {
-    let out =
-        tokio::task::spawn_blocking(move || Command::new(env!("CARGO_BIN_EXE_kvset")).args(&args).output())
-            .await
-            .unwrap()
-            .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A loopback port nobody listens on now (for the member process's ops endpoint; the
-/// harness reserves only the client and peer ports of each ordinal).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn defragmenting_a_member_past_its_quota_returns_the_space_and_lifts_the_alarm() {
     let mut c = Cluster::new(1, |c| c.quota_bytes = QUOTA).await;
-    let mut config = c.release(0);
-    config.ops_port = free_port();
     let tmp = tempfile::tempdir().unwrap();
-    let config_file = tmp.path().join("kvset-0.toml");
-    std::fs::write(&config_file, config.to_toml()).unwrap();
+    let config_file = released_config(&mut c, 0, tmp.path());
     let log = tmp.path().join("kvset-0.log");
     let _member = Killed(serve(&config_file, &log));
     let endpoint = c.endpoint(0);
@@ -98,14 +58,7 @@ async fn defragmenting_a_member_past_its_quota_returns_the_space_and_lifts_the_a
     let revision = client.get("kept").await.unwrap().unwrap().mod_revision;
     let head = client.status_of(&endpoint).await.unwrap().revision;
     client.compact(head).await.unwrap();
-    let (ok, out, err) = kvset(vec![
-        "--endpoints".into(),
-        endpoint.clone(),
-        "--output".into(),
-        "json".into(),
-        "defrag".into(),
-    ])
-    .await;
+    let (ok, out, err) = kvset(&endpoint, &["defrag"]).await;
     assert!(ok, "kvset defrag failed:\n{out}\n{err}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
     let report: Value = serde_json::from_str(out.trim()).unwrap();
     let (before, after) = (report["before_bytes"].as_u64().unwrap(), report["after_bytes"].as_u64().unwrap());
@@ -130,15 +83,13 @@ async fn defragmenting_a_member_past_its_quota_returns_the_space_and_lifts_the_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn offline_defrag_refuses_what_is_not_a_volume_and_a_running_member() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, _, err) =
-        kvset(vec!["defrag".into(), "--data-dir".into(), dir.path().display().to_string()]).await;
+    let (ok, _, err) = kvset("unused", &["defrag", "--data-dir", path(dir.path())]).await;
     assert!(!ok && err.contains("not a kvset data directory"), "{err}");
 
     // A member that runs holds its database: the offline form must not touch it.
     let c = Cluster::start(1).await;
     c.client().put("k", "v").await.unwrap();
-    let (ok, _, err) =
-        kvset(vec!["defrag".into(), "--data-dir".into(), c.data_dir(0).display().to_string()]).await;
+    let (ok, _, err) = kvset("unused", &["defrag", "--data-dir", path(&c.data_dir(0))]).await;
     assert!(!ok && err.contains("still running"), "{err}");
     assert_eq!(c.client().get("k").await.unwrap().unwrap().value, b"v");
     c.shutdown().await;

@@ -4,16 +4,19 @@
 //! non-zero, saying why, instead of hanging; started again on the still-full volume it exits
 //! again at once; once the filesystem has room it starts, catches up and serves.
 
+mod common;
+
 use std::path::Path;
 use std::process::Child;
 use std::process::Command;
-use std::process::Stdio;
 use std::time::Duration;
 use std::time::Instant;
 
-use kvset_client::pb;
+use common::released_config;
+use common::serve;
 use kvset_tests::cluster::Cluster;
 use kvset_tests::eventually;
+use kvset_tests::member_get;
 use kvset_tests::poll_until;
 
 /// A tmpfs of `size` mounted at `dir` for the test's lifetime.
@@ -49,19 +52,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// `kvset serve --config FILE`, its output in `log`.
-fn serve(config: &Path, log: &Path) -> Child {
-    let out = std::fs::File::create(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_kvset"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start kvset serve")
-}
-
 /// Waits up to `limit` for `child` to exit; returns its exit code (None if it runs on).
 async fn exits_within(child: &mut Child, limit: Duration) -> Option<i32> {
     let deadline = Instant::now() + limit;
@@ -76,12 +66,6 @@ async fn exits_within(child: &mut Child, limit: Duration) -> Option<i32> {
     }
 }
 
-/// A loopback port nobody listens on now (for the member process's ops endpoint; the
-/// harness reserves only the client and peer ports of each ordinal).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_whose_disk_fills_exits_and_recovers_once_the_disk_has_room() {
     let mut c = Cluster::new(3, |c| c.shutdown_timeout_ms = 3000).await;
@@ -94,10 +78,7 @@ async fn a_member_whose_disk_fills_exits_and_recovers_once_the_disk_has_room() {
             return;
         }
     };
-    let mut config = c.release(2);
-    config.ops_port = free_port();
-    let config_file = tmp.path().join("kvset-2.toml");
-    std::fs::write(&config_file, config.to_toml()).unwrap();
+    let config_file = released_config(&mut c, 2, tmp.path());
     let log = tmp.path().join("kvset-2.log");
     let mut member = serve(&config_file, &log);
     c.start_node(0).await;
@@ -172,17 +153,7 @@ async fn a_member_whose_disk_fills_exits_and_recovers_once_the_disk_has_room() {
     let caught_up =
         poll_until("kvset-2 serves the write made while it was down", Duration::from_secs(60), || {
             let member_client = member_client.clone();
-            async move {
-                let r = member_client
-                    .get_request(pb::GetRequest {
-                        key: b"after-full".to_vec(),
-                        consistency: pb::ReadConsistency::Serializable as i32,
-                        ..Default::default()
-                    })
-                    .await
-                    .ok()?;
-                r.kv.filter(|kv| kv.value == b"ok")
-            }
+            async move { member_get(&member_client, "after-full").await.ok()?.filter(|kv| kv.value == b"ok") }
         })
         .await;
     if let Err(e) = caught_up {
@@ -190,15 +161,8 @@ async fn a_member_whose_disk_fills_exits_and_recovers_once_the_disk_has_room() {
         panic!("{e}\n{}", std::fs::read_to_string(&log3).unwrap_or_default());
     }
     for key in &acked {
-        let r = member_client
-            .get_request(pb::GetRequest {
-                key: key.clone().into_bytes(),
-                consistency: pb::ReadConsistency::Serializable as i32,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(r.kv.map(|kv| kv.value.len()), Some(value.len()), "kvset-2 lacks {key}");
+        let kv = member_get(&member_client, key.clone()).await.unwrap();
+        assert_eq!(kv.map(|kv| kv.value.len()), Some(value.len()), "kvset-2 lacks {key}");
     }
     let _ = grown.kill();
     let _ = grown.wait();
