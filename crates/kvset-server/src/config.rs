@@ -505,19 +505,41 @@ fn apply_env(
 ) -> Result<(), ConfigError> {
     for (key, default) in defaults {
         if let Some(raw) = env.get(&env_var(key)) {
-            let value =
-                parse_like(default, raw).and_then(|v| check_range(key, &v).map(|_| v)).map_err(|reason| {
-                    ConfigError::BadValue {
-                        source_name: format!("environment {}", env_var(key)),
-                        key: key.clone(),
-                        value: raw.clone(),
-                        reason,
-                    }
-                })?;
+            let value = parse_checked(key, default, raw, || format!("environment {}", env_var(key)))?;
             set_path(table, key, value);
         }
     }
     Ok(())
+}
+
+/// `raw` as a value of `key`'s type and range (the type of its `default`); errors name
+/// `source_name`.
+fn parse_checked(
+    key: &str,
+    default: &toml::Value,
+    raw: &str,
+    source_name: impl FnOnce() -> String,
+) -> Result<toml::Value, ConfigError> {
+    parse_like(default, raw).and_then(|v| check_range(key, &v).map(|_| v)).map_err(|reason| {
+        ConfigError::BadValue {
+            source_name: source_name(),
+            key: key.to_string(),
+            value: raw.to_string(),
+            reason,
+        }
+    })
+}
+
+/// The configuration a table of every key describes, validated.
+fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
+    let config: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::BadValue {
+        source_name: "configuration".into(),
+        key: String::new(),
+        value: String::new(),
+        reason: e.to_string(),
+    })?;
+    config.validate()?;
+    Ok(config)
 }
 
 /// Keys stored in 16-bit and 32-bit fields; every other integer is a u64.
@@ -596,26 +618,11 @@ impl Config {
             let Some(default) = defaults.get(key) else {
                 return Err(ConfigError::UnknownKey { source_name: "command line".into(), key: key.clone() });
             };
-            let value =
-                parse_like(default, raw).and_then(|v| check_range(key, &v).map(|_| v)).map_err(|reason| {
-                    ConfigError::BadValue {
-                        source_name: format!("flag --{}", flag(key)),
-                        key: key.clone(),
-                        value: raw.clone(),
-                        reason,
-                    }
-                })?;
+            let value = parse_checked(key, default, raw, || format!("flag --{}", flag(key)))?;
             set_path(&mut table, key, value);
         }
 
-        let config: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::BadValue {
-            source_name: "configuration".into(),
-            key: String::new(),
-            value: String::new(),
-            reason: e.to_string(),
-        })?;
-        config.validate()?;
-        Ok(config)
+        from_table(table)
     }
 
     /// This configuration with the `KVSET_*` entries of `env` applied on top (as the
@@ -624,14 +631,7 @@ impl Config {
         let mut table = toml::Table::try_from(self)
             .map_err(|e| ConfigError::Invalid { key: "configuration", reason: e.to_string() })?;
         apply_env(&mut table, &Self::defaults_flat(), env)?;
-        let config: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::BadValue {
-            source_name: "environment".into(),
-            key: String::new(),
-            value: String::new(),
-            reason: e.to_string(),
-        })?;
-        config.validate()?;
-        Ok(config)
+        from_table(table)
     }
 
     /// Every key with its default value, flattened.
@@ -938,5 +938,15 @@ mod tests {
         let mut c = Config::default();
         c.resolve(&env(&[("HOSTNAME", "kvset-1")]));
         assert_eq!((c.name.as_str(), c.namespace.as_str()), ("kvset-1", "default"));
+    }
+
+    #[test]
+    fn with_env_layers_the_environment_over_a_config_and_refuses_bad_values() {
+        let base = Config { name: "kvset-1".into(), quota_bytes: 5, ..Config::default() };
+        let c =
+            base.clone().with_env(&env(&[("KVSET_FORCE_NEW_CLUSTER", "kvset-1"), ("OTHER", "x")])).unwrap();
+        assert_eq!((c.force_new_cluster.as_str(), c.quota_bytes, c.name.as_str()), ("kvset-1", 5, "kvset-1"));
+        let e = base.with_env(&env(&[("KVSET_QUOTA_BYTES", "-1")])).unwrap_err().to_string();
+        assert!(e.contains("KVSET_QUOTA_BYTES") && e.contains("quota_bytes"), "{e}");
     }
 }
