@@ -40,11 +40,6 @@ pub struct Batcher {
     tx: mpsc::Sender<Pending>,
 }
 
-/// Approximate encoded size of a command (keys and values dominate).
-fn command_bytes(c: &Command) -> usize {
-    c.approx_bytes()
-}
-
 impl Batcher {
     /// Starts the batching loop for `raft`. It ends when every `Batcher` clone is dropped,
     /// after the writes in flight have finished.
@@ -57,7 +52,7 @@ impl Batcher {
     /// Submits one command and waits for its result.
     pub async fn submit(&self, command: Command) -> Result<CommandResult, KvError> {
         let (reply, rx) = oneshot::channel();
-        let bytes = command_bytes(&command);
+        let bytes = command.approx_bytes();
         self.tx.try_send(Pending { command, bytes, reply }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
                 KvError::Overloaded("the write queue is full (batch.queue)".into())

@@ -576,20 +576,15 @@ impl LocalMember {
     /// cluster keeps its quorum (etcd's `defrag --cluster` asks every member within
     /// milliseconds, and a kvset member answers before it stops).
     async fn others_serving(&self) -> Result<(), KvError> {
-        let others: Vec<(String, String)> = self
-            .raft_metrics()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .filter(|id| *id != self.node_id())
-            .filter_map(|id| {
-                let m = self.raft_metrics();
-                m.membership_config
-                    .membership()
-                    .get_node(&id)
-                    .map(|n| (n.name.clone(), n.client_addr.clone()))
-            })
-            .collect();
+        let others: Vec<(String, String)> = {
+            let metrics = self.raft_metrics();
+            let membership = metrics.membership_config.membership();
+            membership
+                .voter_ids()
+                .filter(|id| *id != self.node_id())
+                .filter_map(|id| membership.get_node(&id).map(|n| (n.name.clone(), n.client_addr.clone())))
+                .collect()
+        };
         for (name, addr) in others {
             let serving = match self.forwarder().cluster(&addr) {
                 Ok(mut client) => {

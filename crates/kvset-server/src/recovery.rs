@@ -173,9 +173,10 @@ async fn save_seed(store: &mut Store, dir: &Path) -> Result<(), RecoveryError> {
         .await
         .map_err(|e| RecoveryError::Io { what: "backing up the state", source: std::io::Error::other(e) })?
         .map_err(io("backing up the state failed"))?;
-    let placed = seed::place(&backup, dir);
-    let _ = std::fs::remove_file(&backup);
-    placed.map_err(io("placing the seed failed"))?;
+    if let Err(e) = seed::adopt(&backup, dir) {
+        let _ = std::fs::remove_file(&backup);
+        return Err(RecoveryError::Io { what: "placing the seed failed", source: e });
+    }
     tracing::warn!(
         revision = header.revision, bytes, replayed, last_applied = ?store.reader.applied().last_applied,
         "force_new_cluster: applied this member's whole log and saved its state as the new cluster's seed"

@@ -21,6 +21,7 @@ use std::path::Path;
 use std::time::Duration;
 use std::time::Instant;
 
+use crate::volume::remove_durably;
 use crate::volume::sync_dir;
 
 /// The file that asks for a defragmentation at the next open.
@@ -58,11 +59,7 @@ pub fn requested(dir: &Path) -> bool {
 /// completed) and the request forgotten.
 pub fn abandon(dir: &Path) -> io::Result<()> {
     finish_interrupted(dir)?;
-    match fs::remove_file(dir.join(REQUEST_FILE)) {
-        Ok(()) => sync_dir(dir),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
+    remove_durably(dir, REQUEST_FILE)
 }
 
 /// Finishes or undoes a defragmentation that a crash interrupted (see the module docs).
@@ -128,11 +125,7 @@ pub fn run(dir: &Path, lock_wait: Duration) -> io::Result<Report> {
     fs::rename(&new_path, &db_path)?;
     sync_dir(dir)?;
     fs::remove_dir_all(&old_path)?;
-    match fs::remove_file(dir.join(REQUEST_FILE)) {
-        Ok(()) => sync_dir(dir)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    remove_durably(dir, REQUEST_FILE)?;
     let report = Report { before, after: crate::dir_size(&db_path), keys, elapsed: started.elapsed() };
     tracing::info!(
         before = report.before,

@@ -34,6 +34,7 @@ use openraft::Vote;
 use crate::snapshot;
 use crate::snapshot::SnapshotFile;
 use crate::snapshot::SnapshotHeader;
+use crate::volume::remove_durably;
 use crate::volume::sync_dir;
 use crate::LogId;
 use crate::Member;
@@ -63,13 +64,20 @@ pub fn place(src: &Path, dir: &Path) -> io::Result<PathBuf> {
     Ok(dst)
 }
 
+/// Makes `file`, a snapshot on the volume in `dir` (a member's own backup), the pending seed
+/// by renaming it, after fsyncing it: no second copy of the data on a volume that may be
+/// short of space.
+pub fn adopt(file: &Path, dir: &Path) -> io::Result<PathBuf> {
+    let dst = dir.join(SEED_FILE);
+    fs::File::open(file)?.sync_all()?;
+    fs::rename(file, &dst)?;
+    sync_dir(dir)?;
+    Ok(dst)
+}
+
 /// Removes a consumed seed (and fsyncs the directory): the volume is a normal one again.
 pub fn finish(dir: &Path) -> io::Result<()> {
-    match fs::remove_file(dir.join(SEED_FILE)) {
-        Ok(()) => sync_dir(dir),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
+    remove_durably(dir, SEED_FILE)
 }
 
 /// What a snapshot file holds (`kvset snapshot status`).
@@ -132,7 +140,6 @@ impl Store {
     /// the data of the snapshot file `seed` (see the module docs). Checks the file first and
     /// changes nothing if it is damaged. Must run before Raft starts on the store.
     pub async fn seed(&mut self, seed: &Path, node_id: u64, me: Member) -> io::Result<Seeded> {
-        let (header, records) = snapshot::inspect(seed)?;
         let log_state = self.log.get_log_state().await.map_err(io::Error::other)?;
         let vote = self.log.read_vote().await.map_err(io::Error::other)?;
         let (applied, _) = self.state_machine.applied_state().await.map_err(io::Error::other)?;
@@ -155,19 +162,24 @@ impl Store {
             last_membership: StoredMembership::new(Some(last), membership),
             snapshot_id: format!("seed-{term}-{index}"),
         };
-        let new_header = SnapshotHeader { meta: meta.clone(), ..header.clone() };
-
         let partial = self.state_machine.snapshot_dir().join(format!("seed-{term}-{index}.partial"));
         let _ = fs::remove_file(&partial);
-        let src = seed.to_path_buf();
-        let dst = partial.clone();
-        let copied = tokio::task::spawn_blocking(move || snapshot::rewrite(&src, &dst, &new_header))
-            .await
-            .map_err(io::Error::other)?;
-        if let Err(e) = copied {
-            let _ = fs::remove_file(&partial);
-            return Err(e);
-        }
+        // One pass over the seed, off the runtime's threads: it is checked as it is copied
+        // under the new header, and a damaged seed fails here, before anything changed.
+        let (src, dst, new_meta) = (seed.to_path_buf(), partial.clone(), meta.clone());
+        let copied = tokio::task::spawn_blocking(move || {
+            snapshot::rewrite(&src, &dst, |h| SnapshotHeader { meta: new_meta, ..h.clone() })
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r);
+        let (header, records) = match copied {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = fs::remove_file(&partial);
+                return Err(e);
+            }
+        };
         let file = SnapshotFile::open(partial).await?;
         self.state_machine.install_snapshot(&meta, Box::new(file)).await.map_err(io::Error::other)?;
         self.log.purge(last).await.map_err(io::Error::other)?;

@@ -373,15 +373,21 @@ pub fn inspect(path: &Path) -> io::Result<(SnapshotHeader, u64)> {
     Ok((r.header.clone(), r.count))
 }
 
-/// Copies the records of the snapshot `src` into a new file `dst` under another header,
-/// checking `src` on the way (a damaged `src` fails the copy). Returns the size of `dst`.
-pub(crate) fn rewrite(src: &Path, dst: &Path, header: &SnapshotHeader) -> io::Result<u64> {
+/// Copies the records of the snapshot `src` into a new file `dst` (fsynced) under the header
+/// `header` makes of `src`'s, checking `src` on the way (a damaged `src` fails the copy).
+/// Returns `src`'s header and its number of records.
+pub(crate) fn rewrite(
+    src: &Path,
+    dst: &Path,
+    header: impl FnOnce(&SnapshotHeader) -> SnapshotHeader,
+) -> io::Result<(SnapshotHeader, u64)> {
     let mut r = SnapshotReader::open(src)?;
-    let mut w = SnapshotWriter::create(dst, header)?;
+    let mut w = SnapshotWriter::create(dst, &header(&r.header))?;
     while let Some((k, v)) = r.next_record()? {
         w.record(&k, &v)?;
     }
-    w.finish()
+    w.finish()?;
+    Ok((r.header, r.count))
 }
 
 #[cfg(test)]

@@ -438,6 +438,16 @@ pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
+/// Removes the file `name` in `dir`, if there is one, and fsyncs `dir` so the removal is
+/// durable.
+pub(crate) fn remove_durably(dir: &Path, name: &str) -> std::io::Result<()> {
+    match fs::remove_file(dir.join(name)) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

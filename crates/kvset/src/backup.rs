@@ -161,11 +161,10 @@ impl Backup {
     fn open(file: &Path) -> anyhow::Result<Self> {
         const DIGEST: u64 = 32;
         let len = std::fs::metadata(file).with_context(|| format!("{}: cannot read", file.display()))?.len();
-        let framed = len > DIGEST && (len - DIGEST).is_multiple_of(512) && {
-            let bytes = std::fs::read(file).with_context(|| format!("{}: cannot read", file.display()))?;
-            let (body, digest) = bytes.split_at(bytes.len() - DIGEST as usize);
-            ring::digest::digest(&ring::digest::SHA256, body).as_ref() == digest
-        };
+        let framed = len > DIGEST
+            && (len - DIGEST).is_multiple_of(512)
+            && sha256_trailer_matches(file, len - DIGEST)
+                .with_context(|| format!("{}: cannot read", file.display()))?;
         if !framed {
             return Ok(Self { path: file.to_path_buf(), etcd_framed: false });
         }
@@ -178,6 +177,28 @@ impl Backup {
         kvset_storage::snapshot::unframe_etcd(file, &backup.path, DIGEST)?;
         Ok(backup)
     }
+}
+
+/// Whether the bytes of `file` after the first `body` bytes are the SHA-256 of those, read as
+/// a stream (a backup can be larger than memory).
+fn sha256_trailer_matches(file: &Path, body: u64) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut input = std::io::BufReader::new(std::fs::File::open(file)?);
+    let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut left = body;
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let n = input.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        sha.update(&buf[..n]);
+        left -= n as u64;
+    }
+    let mut trailer = Vec::new();
+    input.read_to_end(&mut trailer)?;
+    Ok(sha.finish().as_ref() == trailer.as_slice())
 }
 
 impl Drop for Backup {
