@@ -14,11 +14,12 @@
 //!   each append's flush before the next),
 //!   `vote_flush_seconds`, `apply_seconds`.
 //! * Read path: `read_index_reads` (linearizable reads served per ReadIndex round).
-//! * Snapshots: `snapshots_total{kind="built"|"installed"}`, `snapshot_bytes`.
+//! * Snapshots: `snapshots_total{kind="built"|"installed"|"rejected"}`, `snapshot_bytes`.
 //! * Watch and leases: `watches` (open on this member), `watch_events_total`,
 //!   `leases_expired_total`, `compactions_total` (automatic, proposed by this member).
 //! * Volume: `volume_bytes` (every file under the data directory; refreshed every few seconds
-//!   by a background task, and the figure `Cluster.Status` reports).
+//!   by a background task, and the figure `Cluster.Status` reports); `space_alarms` (NOSPACE
+//!   alarms this member knows of, see `tasks::quota`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,7 +170,11 @@ impl Metrics {
             "Linearizable reads served per ReadIndex round (leadership confirmation)",
             m.read_index_reads.clone(),
         );
-        r.register("snapshots", "Snapshots built or installed", m.snapshots.clone());
+        r.register(
+            "snapshots",
+            "Snapshots built, installed, or refused in transit (rejected)",
+            m.snapshots.clone(),
+        );
         r.register(
             "snapshot_bytes",
             "Size of the last snapshot built or installed",
