@@ -16,6 +16,7 @@ use kvset_server::Listeners;
 use kvset_server::Node;
 use kvset_server::NodeHandle;
 use kvset_server::NodeOptions;
+use kvset_storage::WatchReceiver;
 use openraft::ServerState;
 use tokio::net::TcpListener;
 
@@ -347,7 +348,7 @@ impl Cluster {
         let leaders: Vec<u32> = self
             .nodes
             .iter()
-            .filter(|(_, n)| n.member().raft().metrics().borrow().state == ServerState::Leader)
+            .filter(|(_, n)| n.member().raft().metrics().borrow_watched().state == ServerState::Leader)
             .map(|(o, _)| *o)
             .collect();
         (leaders.len() == 1).then(|| leaders[0])
@@ -366,8 +367,10 @@ impl Cluster {
             let lm = self.node(leader).member().raft_metrics();
             let voters = lm.membership_config.membership().voter_ids().count();
             let lid = self.node(leader).node_id();
-            let agreed =
-                self.nodes.values().all(|n| n.member().raft().metrics().borrow().current_leader == Some(lid));
+            let agreed = self
+                .nodes
+                .values()
+                .all(|n| n.member().raft().metrics().borrow_watched().current_leader == Some(lid));
             (voters == n && agreed).then_some(leader)
         })
         .await

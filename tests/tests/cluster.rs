@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use kvset_client::pb;
 use kvset_client::Error;
+use kvset_storage::WatchReceiver;
 use kvset_tests::cluster::Cluster;
 use kvset_tests::eventually;
 use tracing::info;
@@ -593,7 +594,7 @@ async fn a_membership_change_cut_short_by_a_fatal_raft_error_reports_an_unknown_
     });
     let raft = c.node(leader).member().raft().clone();
     eventually("the change is in the leader's log", T, || async {
-        let m = raft.metrics().borrow().clone();
+        let m = raft.metrics().borrow_watched().clone();
         m.membership_config.membership().get_node(&4242).is_some().then_some(())
     })
     .await;

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 use std::time::Instant;
 
+use kvset_storage::WatchReceiver;
 use kvset_tests::cluster::Cluster;
 use kvset_tests::eventually;
 use kvset_tests::k8s_stub::K8sStub;
@@ -307,8 +308,9 @@ fn c_membership_probe(c: &Cluster) -> impl Fn() -> Option<BTreeSet<u64>> + Send 
     let extra = Arc::new(Mutex::new(handles));
     move || {
         let handles = extra.lock().unwrap();
-        let leader =
-            handles.iter().find(|h| h.raft().metrics().borrow().state == openraft::ServerState::Leader)?;
+        let leader = handles
+            .iter()
+            .find(|h| h.raft().metrics().borrow_watched().state == openraft::ServerState::Leader)?;
         Some(leader.raft_metrics().membership_config.membership().voter_ids().collect())
     }
 }

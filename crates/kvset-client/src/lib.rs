@@ -432,6 +432,15 @@ impl Client {
         .await
     }
 
+    /// Asks the leader to hand leadership to voter `node_id` (0: the most up-to-date voter) and
+    /// waits until another member leads. Returns the new leader's node id.
+    pub async fn transfer_leader(&self, node_id: u64) -> Result<pb::TransferLeaderResponse, Error> {
+        self.run(Kind::Write, pb::TransferLeaderRequest { node_id }, |ch, r| {
+            Box::pin(async move { cluster(ch).transfer_leader(r).await })
+        })
+        .await
+    }
+
     /// Reads `key` as it was at `revision` (linearizably: the leader answers).
     pub async fn get_at(&self, key: impl Into<Vec<u8>>, revision: i64) -> Result<pb::GetResponse, Error> {
         self.get_request(pb::GetRequest { key: key.into(), revision, ..Default::default() }).await

@@ -1,7 +1,8 @@
 //! Write batching: many client writes, one Raft entry.
 //!
-//! openraft 0.9 fsyncs once per appended entry and waits for each flush before the next, so
-//! throughput is bounded by entries per second, not commands. The batcher puts every write on a
+//! Every Raft entry costs a log write, an fsync (shared with whatever else the flusher finds
+//! pending) and a replication round, so throughput is bounded by entries per second, not
+//! commands. The batcher puts every write on a
 //! bounded queue; a loop takes one of `batch.in_flight` permits, then everything queued at
 //! that moment (up to `batch.max_commands` commands and `batch.max_bytes` bytes) becomes one
 //! [`Batch`] proposed with `client_write`. Each caller gets its own result back.
@@ -17,8 +18,7 @@ use std::sync::Arc;
 use kvset_storage::Batch;
 use kvset_storage::Command;
 use kvset_storage::CommandResult;
-use kvset_storage::TypeConfig;
-use openraft::Raft;
+use kvset_storage::Raft;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio::sync::Semaphore;
@@ -43,7 +43,7 @@ pub struct Batcher {
 impl Batcher {
     /// Starts the batching loop for `raft`. It ends when every `Batcher` clone is dropped,
     /// after the writes in flight have finished.
-    pub fn start(raft: Raft<TypeConfig>, config: &BatchConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn start(raft: Raft, config: &BatchConfig, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel(config.queue as usize);
         tokio::spawn(run(raft, rx, config.clone(), metrics));
         Self { tx }
@@ -64,12 +64,7 @@ impl Batcher {
     }
 }
 
-async fn run(
-    raft: Raft<TypeConfig>,
-    mut rx: mpsc::Receiver<Pending>,
-    config: BatchConfig,
-    metrics: Arc<Metrics>,
-) {
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, config: BatchConfig, metrics: Arc<Metrics>) {
     let in_flight = config.in_flight as usize;
     let permits = Arc::new(Semaphore::new(in_flight));
     let mut carry: Option<Pending> = None;

@@ -36,10 +36,10 @@
 //!   never marked not-applied). A read changed nothing, so it is simply `UNAVAILABLE`.
 
 use kvset_proto::metadata;
-use kvset_storage::Member;
-use openraft::error::CheckIsLeaderError;
+use kvset_storage::TypeConfig;
 use openraft::error::ClientWriteError;
 use openraft::error::Fatal;
+use openraft::error::LinearizableReadError;
 use openraft::error::RaftError;
 use tonic::metadata::MetadataMap;
 use tonic::metadata::MetadataValue;
@@ -121,14 +121,23 @@ impl KvError {
 }
 
 /// What a failed `client_write` (a batch of client writes) means for its callers.
-pub fn client_write(e: &RaftError<u64, ClientWriteError<u64, Member>>) -> KvError {
+pub fn client_write(e: &RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> KvError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => KvError::NoLeader {
             leader_id: f.leader_id,
             leader_addr: f.leader_node.as_ref().map(|m| m.client_addr.clone()),
             reason: "leadership moved before the write was appended".into(),
         },
+        // The entry was appended here, then replaced while this member took another leader's
+        // log (or a snapshot): it may have committed through that leader, or may yet.
+        RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => KvError::Indeterminate(format!(
+            "the entry was discarded here when leadership moved{}; it may have been applied",
+            f.leader_id.map(|id| format!(" to node {id}")).unwrap_or_default()
+        )),
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            KvError::FailedPrecondition(e.to_string())
+        }
+        RaftError::APIError(ClientWriteError::PreconditionFailed(e)) => {
             KvError::FailedPrecondition(e.to_string())
         }
         RaftError::Fatal(f) => stopped_mid_proposal(f),
@@ -137,7 +146,7 @@ pub fn client_write(e: &RaftError<u64, ClientWriteError<u64, Member>>) -> KvErro
 
 /// What a failed membership change (`change_membership`, `add_learner`) means for its caller.
 /// The same rules as [`client_write`]: a change cut short by a fatal error may still commit.
-pub fn membership_change(e: &RaftError<u64, ClientWriteError<u64, Member>>) -> KvError {
+pub fn membership_change(e: &RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> KvError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => KvError::NoLeader {
             leader_id: f.leader_id,
@@ -149,14 +158,14 @@ pub fn membership_change(e: &RaftError<u64, ClientWriteError<u64, Member>>) -> K
 }
 
 /// What a failed ReadIndex round (`ensure_linearizable`) means for the reads waiting on it.
-pub fn read_index(e: &RaftError<u64, CheckIsLeaderError<u64, Member>>) -> KvError {
+pub fn read_index(e: &RaftError<TypeConfig, LinearizableReadError<TypeConfig>>) -> KvError {
     match e {
-        RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => KvError::NoLeader {
+        RaftError::APIError(LinearizableReadError::ForwardToLeader(f)) => KvError::NoLeader {
             leader_id: f.leader_id,
             leader_addr: f.leader_node.as_ref().map(|m| m.client_addr.clone()),
             reason: "this member is no longer the leader".into(),
         },
-        RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
+        RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)) => {
             KvError::Unavailable(format!("cannot confirm leadership with a quorum: {q}"))
         }
         RaftError::Fatal(f) => stopped(f),
@@ -226,12 +235,12 @@ pub fn from_status(status: Status) -> KvError {
 }
 
 /// Raft stopped before a request that changes nothing (a read, a trigger) could run.
-pub fn stopped(f: &Fatal<u64>) -> KvError {
+pub fn stopped(f: &Fatal<TypeConfig>) -> KvError {
     KvError::Unavailable(format!("raft stopped: {f}"))
 }
 
 /// Raft stopped while a proposal may have been in its log.
-fn stopped_mid_proposal(f: &Fatal<u64>) -> KvError {
+fn stopped_mid_proposal(f: &Fatal<TypeConfig>) -> KvError {
     KvError::Indeterminate(format!("raft stopped while the change was in flight: {f}"))
 }
 
@@ -278,6 +287,7 @@ impl From<KvError> for Status {
 
 #[cfg(test)]
 mod tests {
+    use kvset_storage::Member;
     use openraft::error::ForwardToLeader;
     use openraft::error::QuorumNotEnough;
 
@@ -359,17 +369,25 @@ mod tests {
     }
 
     #[test]
+    fn a_discarded_entry_is_indeterminate_not_retryable() {
+        let f = ForwardToLeader::<TypeConfig>::new(7, leader());
+        let e = client_write(&RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)));
+        assert!(matches!(e, KvError::Indeterminate(_)), "{e:?}");
+        assert!(!e.not_applied());
+    }
+
+    #[test]
     fn forward_to_leader_is_not_applied_with_the_leader_hint() {
-        let f = ForwardToLeader { leader_id: Some(7), leader_node: Some(leader()) };
+        let f = ForwardToLeader::<TypeConfig>::new(7, leader());
         let e = client_write(&RaftError::APIError(ClientWriteError::ForwardToLeader(f.clone())));
         let KvError::NoLeader { leader_id: Some(7), leader_addr: Some(addr), .. } = &e else {
             panic!("{e:?}")
         };
         assert_eq!(addr, "10.0.0.7:2379");
         assert!(e.not_applied());
-        let r = read_index(&RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)));
+        let r = read_index(&RaftError::APIError(LinearizableReadError::ForwardToLeader(f)));
         assert!(matches!(r, KvError::NoLeader { leader_id: Some(7), .. }), "{r:?}");
-        let q = read_index(&RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(QuorumNotEnough {
+        let q = read_index(&RaftError::APIError(LinearizableReadError::QuorumNotEnough(QuorumNotEnough {
             cluster: "{1,2,3}".into(),
             got: Default::default(),
         })));

@@ -45,11 +45,10 @@
 //!
 //! # Caveats
 //!
-//! * openraft 0.9 has no leadership transfer: `TransferLeader` is `UNIMPLEMENTED` and a leader
-//!   that shuts down costs the cluster about one election timeout of write unavailability.
-//! * openraft 0.9 waits for each log append's fsync before it issues the next append and holds
-//!   its core loop during the flush, so a disk stall also stalls heartbeats; the default
-//!   election timeout (2.5–5 s) sits above the 1–2 s stalls measured on shared disks.
+//! * A leader that stops hands leadership over first (openraft 0.10's `transfer_leader`); a
+//!   leader that crashes costs the cluster an election timeout of write unavailability.
+//! * The log's fsync runs on its own thread and openraft does not wait for it before it
+//!   replicates, so a disk stall on the leader delays commits but not heartbeats.
 //! * Lease deadlines live in the leader's memory (as in etcd); a new leader gives every lease a
 //!   full TTL plus an election timeout, so expiry can be late after a failover, never early.
 

@@ -34,10 +34,11 @@ use kvset_storage::Command;
 use kvset_storage::CommandResult;
 use kvset_storage::LeaseId;
 use kvset_storage::Member;
+use kvset_storage::Raft;
+use kvset_storage::RaftMetrics;
+use kvset_storage::RaftMetricsRx;
 use kvset_storage::SmReader;
-use kvset_storage::TypeConfig;
-use openraft::Raft;
-use openraft::RaftMetrics;
+use kvset_storage::WatchReceiver;
 use tokio::sync::watch;
 
 use crate::batcher::Batcher;
@@ -150,7 +151,7 @@ pub struct MemberParts {
     pub book: AddressBook,
     pub node_id: u64,
     pub cluster: ClusterIdCell,
-    pub raft: Raft<TypeConfig>,
+    pub raft: Raft,
     pub reader: SmReader,
     pub metrics: Arc<Metrics>,
     pub channels: Arc<PeerChannels>,
@@ -172,7 +173,7 @@ pub struct LocalMember {
     me: Member,
     /// The cluster id, recorded in the volume.
     cluster: ClusterIdCell,
-    raft: Raft<TypeConfig>,
+    raft: Raft,
     /// Reads of the applied state machine.
     reader: SmReader,
     /// Client writes → Raft entries.
@@ -241,8 +242,17 @@ impl LocalMember {
         let me = book.member(identity.ordinal);
         let (phase, _) = watch::channel(Phase::Starting);
         let raft_metrics = raft.metrics();
+        let (clock, min_election) = (leadership.clone(), config.raft.election_timeout_min_ms);
+        // A leader cut off from every quorum counts as no leader, like a follower that lost its.
         let watch_hub = WatchHub::new(reader.clone(), config.watch.clone(), metrics.clone(), move || {
-            raft_metrics.borrow().current_leader.is_some()
+            let m = raft_metrics.borrow_watched();
+            match m.current_leader {
+                None => false,
+                Some(id) if id == m.id => {
+                    quorum_lost(millis_since_quorum_ack(&m), &clock, min_election).is_none()
+                }
+                Some(_) => true,
+            }
         });
         let lessor = Lessor::new(Duration::from_millis(config.raft.election_timeout_max_ms));
         Self {
@@ -302,7 +312,7 @@ impl LocalMember {
     }
 
     /// The Raft handle.
-    pub fn raft(&self) -> &Raft<TypeConfig> {
+    pub fn raft(&self) -> &Raft {
         &self.raft
     }
 
@@ -342,8 +352,8 @@ impl LocalMember {
     }
 
     /// A snapshot of openraft's metrics.
-    pub fn raft_metrics(&self) -> RaftMetrics<u64, Member> {
-        self.raft.metrics().borrow().clone()
+    pub fn raft_metrics(&self) -> RaftMetrics {
+        self.raft.metrics().borrow_watched().clone()
     }
 
     /// Header fields for responses produced here.
@@ -351,7 +361,7 @@ impl LocalMember {
         HeaderInfo {
             cluster_id: self.cluster.to_wire(),
             member_id: self.node_id,
-            raft_term: self.raft.metrics().borrow().current_term,
+            raft_term: self.raft.metrics().borrow_watched().current_term,
         }
     }
 
@@ -383,7 +393,7 @@ impl LocalMember {
     /// The leader this member knows of, with its client address.
     pub fn leader(&self) -> (Option<u64>, Option<String>) {
         let m = self.raft.metrics();
-        let m = m.borrow();
+        let m = m.borrow_watched();
         let addr = m
             .current_leader
             .and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.client_addr.clone()));
@@ -398,9 +408,7 @@ impl LocalMember {
     /// leadership restored from the volume at startup): then the time since it became leader
     /// counts.
     pub fn quorum_lost_ms(&self, millis_since_quorum_ack: Option<u64>) -> Option<u64> {
-        let ms =
-            millis_since_quorum_ack.or_else(|| self.leadership.led_for().map(|d| d.as_millis() as u64))?;
-        (ms > self.config.raft.election_timeout_min_ms).then_some(ms)
+        quorum_lost(millis_since_quorum_ack, &self.leadership, self.config.raft.election_timeout_min_ms)
     }
 
     /// Decides where a leader-only request goes. A forwarded request is never forwarded again.
@@ -411,7 +419,7 @@ impl LocalMember {
         match self.leader() {
             (Some(id), _) if id == self.node_id => {
                 // Without this check, writes to a cut-off leader would wait for their deadline.
-                match self.quorum_lost_ms(self.raft.metrics().borrow().millis_since_quorum_ack) {
+                match self.quorum_lost_ms(millis_since_quorum_ack(&self.raft.metrics().borrow_watched())) {
                     Some(ms) => Err(KvError::NoLeader {
                         leader_id: None,
                         leader_addr: None,
@@ -613,18 +621,76 @@ impl LocalMember {
         Ok(())
     }
 
+    /// For a leader: hands leadership to voter `to`, or for `None` to the most up-to-date other
+    /// voter, and waits (up to `budget`) until another member leads. Returns the new leader's
+    /// node id. From the moment the transfer starts this member proposes nothing (writes get
+    /// `UNAVAILABLE` with the new leader's hint); if the target does not take over, the
+    /// followers' election timers elect a leader as after a crash, so a failed transfer costs no
+    /// more than a stop without one.
+    pub async fn transfer_leadership(&self, to: Option<u64>, budget: Duration) -> Result<u64, KvError> {
+        let started = Instant::now();
+        let m = self.raft_metrics();
+        if m.current_leader != Some(self.node_id) {
+            return Err(KvError::NoLeader {
+                leader_id: m.current_leader,
+                leader_addr: None,
+                reason: "only the leader can hand over leadership".into(),
+            });
+        }
+        let others: Vec<u64> =
+            m.membership_config.membership().voter_ids().filter(|v| *v != self.node_id).collect();
+        let target = match to {
+            Some(id) if id == self.node_id => return Ok(id),
+            Some(id) if others.contains(&id) => id,
+            Some(id) => {
+                return Err(KvError::FailedPrecondition(format!("node {id} is not a voter of this cluster")))
+            }
+            None => most_up_to_date(&m, &others)
+                .ok_or_else(|| KvError::FailedPrecondition("no other voter to hand leadership to".into()))?,
+        };
+        // The target campaigns only if its log holds all of the leader's: give it a moment to
+        // catch up (under load it is within a batch or two), then hand over anyway.
+        let mut rx = self.raft.metrics();
+        let catch_up = budget.min(Duration::from_millis(self.config.raft.election_timeout_min_ms));
+        let _ = tokio::time::timeout(
+            catch_up,
+            metrics_until(&mut rx, |m| matched_index(m, target) >= m.last_log_index.unwrap_or(0)),
+        )
+        .await;
+        tracing::info!(to = target, "handing leadership over");
+        self.raft.trigger().transfer_leader(target).await.map_err(|e| crate::errors::stopped(&e))?;
+        let me = self.node_id;
+        let left = budget.saturating_sub(started.elapsed());
+        let moved =
+            tokio::time::timeout(left, metrics_until(&mut rx, |m| m.current_leader.is_some_and(|l| l != me)))
+                .await;
+        match moved {
+            Ok(true) => {
+                let leader = rx.borrow_watched().current_leader.unwrap_or(target);
+                self.metrics.leader_transfers.inc();
+                tracing::info!(leader, elapsed_ms = started.elapsed().as_millis() as u64, "leadership handed over");
+                Ok(leader)
+            }
+            Ok(false) => Err(KvError::Unavailable("raft stopped".into())),
+            Err(_) => Err(KvError::Unavailable(format!(
+                "leadership did not move to node {target} within {} ms; the members elect a leader by themselves",
+                budget.as_millis()
+            ))),
+        }
+    }
+
     /// Builds a snapshot of the applied state and purges this member's Raft log up to it, so
     /// that a defragmentation keeps only what is still needed (the log of large writes would
     /// otherwise stay). Bounded: a purge that waits on a replication in progress is left to
     /// happen later.
     async fn compact_raft_log(&self, budget: Duration) -> Result<(), KvError> {
         let raft = self.raft();
-        let applied = raft.metrics().borrow().last_applied;
+        let applied = raft.metrics().borrow_watched().last_applied;
         let Some(target) = applied else { return Ok(()) };
         raft.trigger().snapshot().await.map_err(|e| crate::errors::stopped(&e))?;
         let mut rx = raft.metrics();
         let built = tokio::time::timeout(budget, async {
-            rx.wait_for(|m| m.snapshot.is_some_and(|s| s.index >= target.index)).await.is_ok()
+            metrics_until(&mut rx, |m| m.snapshot.is_some_and(|s| s.index >= target.index)).await
         })
         .await
         .unwrap_or(false);
@@ -636,7 +702,7 @@ impl LocalMember {
         }
         raft.trigger().purge_log(target.index).await.map_err(|e| crate::errors::stopped(&e))?;
         let purged = tokio::time::timeout(budget.min(Duration::from_secs(10)), async {
-            rx.wait_for(|m| m.purged.is_some_and(|p| p.index >= target.index)).await.is_ok()
+            metrics_until(&mut rx, |m| m.purged.is_some_and(|p| p.index >= target.index)).await
         })
         .await
         .unwrap_or(false);
@@ -880,8 +946,54 @@ impl LocalMember {
     }
 }
 
+/// Waits until openraft's metrics satisfy `pred`. False if Raft stopped first.
+pub async fn metrics_until(rx: &mut RaftMetricsRx, pred: impl Fn(&RaftMetrics) -> bool) -> bool {
+    loop {
+        if pred(&rx.borrow_watched()) {
+            return true;
+        }
+        if rx.changed().await.is_err() {
+            return false;
+        }
+    }
+}
+
+/// See [`LocalMember::quorum_lost_ms`].
+fn quorum_lost(
+    millis_since_quorum_ack: Option<u64>,
+    leadership: &LeaderClock,
+    min_election_ms: u64,
+) -> Option<u64> {
+    let ms = millis_since_quorum_ack.or_else(|| leadership.led_for().map(|d| d.as_millis() as u64))?;
+    (ms > min_election_ms).then_some(ms)
+}
+
+/// For a leader: the log index `node` is known to hold (its own last index for itself).
+fn matched_index(m: &RaftMetrics, node: u64) -> u64 {
+    if node == m.id {
+        return m.last_log_index.unwrap_or(0);
+    }
+    m.replication.as_ref().and_then(|r| r.get(&node)).and_then(|l| l.as_ref()).map_or(0, |l| l.index)
+}
+
+/// Of `voters`, the one whose log the leader knows to reach furthest (the lowest id on a tie).
+fn most_up_to_date(m: &RaftMetrics, voters: &[u64]) -> Option<u64> {
+    voters.iter().copied().max_by_key(|v| (matched_index(m, *v), std::cmp::Reverse(*v)))
+}
+
+/// For a leader: milliseconds since a quorum last acknowledged it, `None` if none has yet. A
+/// sole voter is its own quorum.
+pub fn millis_since_quorum_ack(m: &RaftMetrics) -> Option<u64> {
+    use openraft::async_runtime::Instant;
+    let mut voters = m.membership_config.membership().voter_ids();
+    if voters.next() == Some(m.id) && voters.next().is_none() {
+        return Some(0);
+    }
+    m.last_quorum_acked.as_ref().map(|t| t.elapsed().as_millis() as u64)
+}
+
 /// The committed log index, computed on the leader from replication progress.
-pub fn commit_index(m: &RaftMetrics<u64, Member>) -> Option<u64> {
+pub fn commit_index(m: &RaftMetrics) -> Option<u64> {
     let replication = m.replication.as_ref()?;
     let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
     let mut matched: Vec<u64> = voters

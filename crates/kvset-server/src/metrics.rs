@@ -6,12 +6,13 @@
 //!   `raft_applied_index`, `raft_commit_index` (leader only: the quorum-matched index),
 //!   `raft_snapshot_index`, `raft_purged_index`, `raft_voters`, `raft_learners`,
 //!   `raft_leader_changes_total`, `raft_elections_total` (times this member became candidate),
+//!   `raft_leader_transfers_total` (leadership this member handed over, on request or at shutdown),
 //!   `membership_changes_total` (changes made by this member's reconciler).
 //! * Client gRPC: `grpc_requests_total{method,code}`, `grpc_request_duration_seconds{method}`.
 //! * Peer RPCs sent: `peer_rpcs_total{rpc,result}`, `peer_rpc_duration_seconds{rpc}`.
 //! * Write path: `batch_commands` (commands per Raft entry), `batch_bytes`,
-//!   `log_flush_seconds`, `log_flush_appends` (appends per fsync; 1 under openraft 0.9, which waits for
-//!   each append's flush before the next),
+//!   `log_flush_seconds`, `log_flush_appends` (appends covered by one fsync: openraft issues the
+//!   next append without waiting for the previous one's flush),
 //!   `vote_flush_seconds`, `apply_seconds`.
 //! * Read path: `read_index_reads` (linearizable reads served per ReadIndex round).
 //! * Snapshots: `snapshots_total{kind="built"|"installed"|"rejected"}`, `snapshot_bytes`.
@@ -103,6 +104,7 @@ pub struct Metrics {
     pub learners: Gauge,
     pub leader_changes: Counter,
     pub elections: Counter,
+    pub leader_transfers: Counter,
     pub membership_changes: Counter,
     pub volume_bytes: Gauge,
     pub space_alarms: Gauge,
@@ -142,6 +144,7 @@ impl Metrics {
             learners: Gauge::default(),
             leader_changes: Counter::default(),
             elections: Counter::default(),
+            leader_transfers: Counter::default(),
             membership_changes: Counter::default(),
             volume_bytes: Gauge::default(),
             space_alarms: Gauge::default(),
@@ -200,6 +203,11 @@ impl Metrics {
             m.leader_changes.clone(),
         );
         r.register("raft_elections", "Times this member started an election", m.elections.clone());
+        r.register(
+            "raft_leader_transfers",
+            "Times this member handed leadership over (on request or at shutdown)",
+            m.leader_transfers.clone(),
+        );
         r.register(
             "membership_changes",
             "Membership changes made by this member's reconciler",

@@ -1,4 +1,4 @@
-//! The sending side of peer traffic: openraft's `RaftNetworkFactory` / `RaftNetwork` over tonic.
+//! The sending side of peer traffic: openraft's `RaftNetworkFactory` / `RaftNetworkV2` over tonic.
 //!
 //! * One lazily connected HTTP/2 channel per peer address, from the member's shared
 //!   [`PeerChannels`]; tonic reconnects (and re-resolves DNS) by itself, so a rescheduled pod
@@ -10,6 +10,9 @@
 //! * Errors map to what openraft needs: a peer that cannot be reached (connection refused,
 //!   `UNAVAILABLE`, or a receiver that refuses us) is `Unreachable`, so openraft backs off;
 //!   a timeout is `Timeout`; anything else is `Network`.
+//! * A snapshot goes as a sequence of chunks of `raft.snapshot_chunk_bytes` over the
+//!   `InstallSnapshot` RPC ([`SnapshotChunk`]); the receiver assembles and checks the file
+//!   before openraft sees it (`service::raft`).
 //! * A [`PeerFault`] hook lets tests cut links (partitions) without touching sockets.
 
 use std::sync::Arc;
@@ -21,26 +24,36 @@ use kvset_proto::v1::RaftReply;
 use kvset_proto::v1::RaftRequest;
 use kvset_storage::codec;
 use kvset_storage::Member;
+use kvset_storage::SnapshotFile;
+use kvset_storage::SnapshotMeta;
 use kvset_storage::TypeConfig;
-use openraft::error::InstallSnapshotError;
+use kvset_storage::Vote;
 use openraft::error::NetworkError;
 use openraft::error::RPCError;
 use openraft::error::RaftError;
-use openraft::error::RemoteError;
+use openraft::error::ReplicationClosed;
+use openraft::error::StreamingError;
 use openraft::error::Timeout;
 use openraft::error::Unreachable;
 use openraft::network::Backoff;
 use openraft::network::RPCOption;
 use openraft::network::RPCTypes;
-use openraft::network::RaftNetwork;
 use openraft::network::RaftNetworkFactory;
+use openraft::network::RaftNetworkV2;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
-use openraft::raft::InstallSnapshotRequest;
-use openraft::raft::InstallSnapshotResponse;
+use openraft::raft::SnapshotResponse;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
+use openraft::OptionalSend;
+use openraft::Snapshot;
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde::Serialize;
+use tokio::io::AsyncReadExt;
+use tokio::io::AsyncSeekExt;
 use tonic::transport::Channel;
 
 use crate::channels::PeerChannels;
@@ -66,6 +79,7 @@ struct Inner {
     my_id: u64,
     cluster: ClusterIdCell,
     rpc_timeout: Duration,
+    snapshot_chunk_bytes: usize,
     channels: Arc<PeerChannels>,
     fault: Option<Arc<dyn PeerFault>>,
     metrics: Arc<Metrics>,
@@ -89,11 +103,23 @@ impl PeerNetwork {
         my_id: u64,
         cluster: ClusterIdCell,
         rpc_timeout: Duration,
+        snapshot_chunk_bytes: usize,
         channels: Arc<PeerChannels>,
         fault: Option<Arc<dyn PeerFault>>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { inner: Arc::new(Inner { my_id, cluster, rpc_timeout, channels, fault, metrics }) }
+        let snapshot_chunk_bytes = snapshot_chunk_bytes.max(1);
+        Self {
+            inner: Arc::new(Inner {
+                my_id,
+                cluster,
+                rpc_timeout,
+                snapshot_chunk_bytes,
+                channels,
+                fault,
+                metrics,
+            }),
+        }
     }
 
     fn channel(&self, addr: &str) -> Option<Channel> {
@@ -137,19 +163,89 @@ impl std::fmt::Debug for PeerClient {
     }
 }
 
-fn unreachable<E: std::error::Error>(msg: String) -> RPCError<u64, Member, E> {
-    RPCError::Unreachable(Unreachable::new(&std::io::Error::other(msg)))
+/// The Raft RPCs of the peer service, for dispatch and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rpc {
+    AppendEntries,
+    Vote,
+    PreVote,
+    InstallSnapshot,
+    TransferLeader,
 }
 
-fn network<E: std::error::Error>(msg: String) -> RPCError<u64, Member, E> {
-    RPCError::Network(NetworkError::new(&std::io::Error::other(msg)))
+impl Rpc {
+    fn name(self) -> &'static str {
+        match self {
+            Rpc::AppendEntries => "append_entries",
+            Rpc::Vote => "vote",
+            Rpc::PreVote => "pre_vote",
+            Rpc::InstallSnapshot => "install_snapshot",
+            Rpc::TransferLeader => "transfer_leader",
+        }
+    }
+
+    /// openraft's name for it, in timeouts.
+    fn openraft(self) -> RPCTypes {
+        match self {
+            Rpc::AppendEntries => RPCTypes::AppendEntries,
+            Rpc::Vote | Rpc::PreVote => RPCTypes::Vote,
+            Rpc::InstallSnapshot => RPCTypes::InstallSnapshot,
+            Rpc::TransferLeader => RPCTypes::TransferLeader,
+        }
+    }
 }
 
-fn rpc_name(rpc: RPCTypes) -> &'static str {
-    match rpc {
-        RPCTypes::AppendEntries => "append_entries",
-        RPCTypes::Vote => "vote",
-        RPCTypes::InstallSnapshot => "install_snapshot",
+/// One chunk of a snapshot file on its way to a member (the `InstallSnapshot` RPC's payload).
+/// Chunks of one transfer share `transfer` and come in order; the last has `done` set.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    /// The leader's vote: the receiver refuses a snapshot from a stale leader.
+    pub vote: Vote,
+    pub meta: SnapshotMeta,
+    /// Identifies one transfer; a new transfer (offset 0) replaces an unfinished one.
+    pub transfer: u64,
+    pub offset: u64,
+    pub data: Vec<u8>,
+    pub done: bool,
+}
+
+/// The receiver's answer to a [`SnapshotChunk`]: `Ok(None)` for a chunk taken, `Ok(Some(_))`
+/// once the last one was installed, `Err(reason)` when the transfer must start over (a chunk out
+/// of order, a file damaged in transit) or cannot succeed (the receiver's Raft stopped).
+pub type SnapshotChunkReply = Result<Option<SnapshotResponse<TypeConfig>>, String>;
+
+fn unreachable(msg: String) -> Unreachable<TypeConfig> {
+    Unreachable::new(&std::io::Error::other(msg))
+}
+
+fn network(msg: String) -> NetworkError<TypeConfig> {
+    NetworkError::new(&std::io::Error::other(msg))
+}
+
+/// Why a peer RPC failed on our side of the wire.
+enum SendError {
+    Unreachable(Unreachable<TypeConfig>),
+    Timeout(Timeout<TypeConfig>),
+    Network(NetworkError<TypeConfig>),
+}
+
+impl From<SendError> for RPCError<TypeConfig> {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Unreachable(e) => RPCError::Unreachable(e),
+            SendError::Timeout(e) => RPCError::Timeout(e),
+            SendError::Network(e) => RPCError::Network(e),
+        }
+    }
+}
+
+impl From<SendError> for StreamingError<TypeConfig> {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Unreachable(e) => StreamingError::Unreachable(e),
+            SendError::Timeout(e) => StreamingError::Timeout(e),
+            SendError::Network(e) => StreamingError::Network(e),
+        }
     }
 }
 
@@ -160,57 +256,62 @@ pub const APPEND_MAX_BYTES: usize = 1 << 20;
 /// Approximate encoded size of a log entry.
 fn entry_bytes(e: &kvset_storage::Entry) -> usize {
     match &e.payload {
-        openraft::EntryPayload::Normal(b) => 32 + b.commands.iter().map(|c| c.approx_bytes()).sum::<usize>(),
+        kvset_storage::EntryPayload::Normal(b) => {
+            32 + b.commands.iter().map(|c| c.approx_bytes()).sum::<usize>()
+        }
         _ => 256,
     }
 }
 
 impl PeerClient {
-    async fn send<Resp, E>(
-        &mut self,
-        rpc: RPCTypes,
-        payload: Vec<u8>,
-        ttl: Duration,
-    ) -> Result<Resp, RPCError<u64, Member, RaftError<u64, E>>>
+    /// Sends one request and decodes the reply as `Resp`, recording the outcome in metrics.
+    async fn send<Resp>(&mut self, rpc: Rpc, payload: Vec<u8>, ttl: Duration) -> Result<Resp, SendError>
     where
         Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
     {
         let started = Instant::now();
-        let name = rpc_name(rpc);
         let result = self.send_inner(rpc, payload, ttl).await;
         let label = match &result {
-            Ok(Ok(_)) => "ok",
-            Ok(Err(_)) => "remote_error",
-            Err(RPCError::Unreachable(_)) => "unreachable",
-            Err(RPCError::Timeout(_)) => "timeout",
-            Err(_) => "network_error",
+            Ok(_) => "ok",
+            Err(SendError::Unreachable(_)) => "unreachable",
+            Err(SendError::Timeout(_)) => "timeout",
+            Err(SendError::Network(_)) => "network_error",
         };
-        self.inner.metrics.peer(name, label, started.elapsed());
-        match result? {
+        self.inner.metrics.peer(rpc.name(), label, started.elapsed());
+        result
+    }
+
+    /// Sends a request whose reply is openraft's `Result<Resp, RaftError>`. The receiver's
+    /// Raft having stopped (its only error) makes it unreachable to us.
+    async fn call<Resp>(
+        &mut self,
+        rpc: Rpc,
+        payload: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Resp: DeserializeOwned,
+    {
+        match self.send::<Result<Resp, RaftError<TypeConfig>>>(rpc, payload, ttl).await? {
             Ok(resp) => Ok(resp),
-            Err(e) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Err(e) => Err(RPCError::Unreachable(unreachable(format!("{}: {e}", self.addr)))),
         }
     }
 
-    async fn send_inner<Resp, E>(
-        &mut self,
-        rpc: RPCTypes,
-        payload: Vec<u8>,
-        ttl: Duration,
-    ) -> Result<Result<Resp, RaftError<u64, E>>, RPCError<u64, Member, RaftError<u64, E>>>
+    async fn send_inner<Resp>(&mut self, rpc: Rpc, payload: Vec<u8>, ttl: Duration) -> Result<Resp, SendError>
     where
         Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
     {
         let (my_id, target) = (self.inner.my_id, self.target);
         if let Some(fault) = &self.inner.fault {
             if fault.blocked(my_id, target) {
-                return Err(unreachable(format!("link {my_id} -> {target} is cut (fault injection)")));
+                return Err(SendError::Unreachable(unreachable(format!(
+                    "link {my_id} -> {target} is cut (fault injection)"
+                ))));
             }
         }
         let Some(client) = self.client.as_mut() else {
-            return Err(unreachable(format!("invalid peer address {:?}", self.addr)));
+            return Err(SendError::Unreachable(unreachable(format!("invalid peer address {:?}", self.addr))));
         };
         let cluster_id = self.inner.cluster.to_wire();
         let request = RaftRequest { cluster_id, from: my_id, to: target, payload };
@@ -219,55 +320,109 @@ impl PeerClient {
         request.set_timeout(ttl);
         let call = async {
             match rpc {
-                RPCTypes::AppendEntries => client.append_entries(request).await,
-                RPCTypes::Vote => client.vote(request).await,
-                RPCTypes::InstallSnapshot => client.install_snapshot(request).await,
+                Rpc::AppendEntries => client.append_entries(request).await,
+                Rpc::Vote => client.vote(request).await,
+                Rpc::PreVote => client.pre_vote(request).await,
+                Rpc::InstallSnapshot => client.install_snapshot(request).await,
+                Rpc::TransferLeader => client.transfer_leader(request).await,
             }
         };
+        let timeout =
+            || SendError::Timeout(Timeout { action: rpc.openraft(), id: my_id, target, timeout: ttl });
         let reply: RaftReply = match tokio::time::timeout(ttl, call).await {
-            Err(_) => {
-                return Err(RPCError::Timeout(Timeout { action: rpc, id: my_id, target, timeout: ttl }))
-            }
+            Err(_) => return Err(timeout()),
             Ok(Err(status)) => {
                 return Err(match status.code() {
-                    tonic::Code::Unavailable => {
-                        unreachable(format!("{} unavailable: {}", self.addr, status.message()))
-                    }
+                    tonic::Code::Unavailable => SendError::Unreachable(unreachable(format!(
+                        "{} unavailable: {}",
+                        self.addr,
+                        status.message()
+                    ))),
                     tonic::Code::FailedPrecondition => {
                         tracing::warn!(target, addr = %self.addr, reason = status.message(), "peer refused our message");
-                        unreachable(format!("{} refused: {}", self.addr, status.message()))
+                        SendError::Unreachable(unreachable(format!(
+                            "{} refused: {}",
+                            self.addr,
+                            status.message()
+                        )))
                     }
-                    tonic::Code::DeadlineExceeded => {
-                        RPCError::Timeout(Timeout { action: rpc, id: my_id, target, timeout: ttl })
-                    }
-                    _ => network(format!("{}: {}", self.addr, status)),
+                    tonic::Code::DeadlineExceeded => timeout(),
+                    _ => SendError::Network(network(format!("{}: {}", self.addr, status))),
                 })
             }
             Ok(Ok(response)) => response.into_inner(),
         };
-        codec::decode::<Result<Resp, RaftError<u64, E>>>("raft reply", &reply.payload)
-            .map_err(|e| network(format!("undecodable reply from {}: {e}", self.addr)))
+        codec::decode::<Resp>("raft reply", &reply.payload)
+            .map_err(|e| SendError::Network(network(format!("undecodable reply from {}: {e}", self.addr))))
+    }
+
+    /// Sends the snapshot file in chunks; the last chunk's reply is the receiver's install.
+    async fn send_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot<kvset_storage::LeaderId, u64, Member, SnapshotFile>,
+        option: &RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let Snapshot { meta, snapshot: mut file } = snapshot;
+        let io =
+            |e: std::io::Error| StreamingError::Network(network(format!("reading the snapshot file: {e}")));
+        let size = file.seek(std::io::SeekFrom::End(0)).await.map_err(io)?;
+        file.seek(std::io::SeekFrom::Start(0)).await.map_err(io)?;
+        let transfer = rand::random::<u64>();
+        let chunk_bytes = self.inner.snapshot_chunk_bytes;
+        let mut offset = 0u64;
+        loop {
+            let len = chunk_bytes.min((size - offset) as usize);
+            let mut data = vec![0u8; len];
+            file.read_exact(&mut data).await.map_err(io)?;
+            if let Some(fault) = &self.inner.fault {
+                if !data.is_empty() && fault.corrupt_snapshot(self.inner.my_id, self.target) {
+                    let middle = data.len() / 2;
+                    data[middle] ^= 0x01;
+                }
+            }
+            let done = offset + len as u64 >= size;
+            let chunk = SnapshotChunk { vote, meta: meta.clone(), transfer, offset, data, done };
+            let payload = codec::encode("snapshot chunk", &chunk)
+                .map_err(|e| StreamingError::Network(network(e.to_string())))?;
+            let reply: SnapshotChunkReply =
+                self.send(Rpc::InstallSnapshot, payload, option.hard_ttl()).await?;
+            match reply {
+                Ok(Some(resp)) if done => return Ok(resp),
+                Ok(None) if !done => offset += len as u64,
+                Ok(_) => {
+                    return Err(StreamingError::Network(network(format!(
+                        "{}: snapshot transfer out of step at offset {offset}",
+                        self.addr
+                    ))))
+                }
+                Err(reason) => {
+                    return Err(StreamingError::Network(network(format!(
+                        "{} refused the snapshot: {reason}",
+                        self.addr
+                    ))))
+                }
+            }
+        }
     }
 }
 
-fn encode<T: serde::Serialize, E: std::error::Error>(
-    what: &'static str,
-    value: &T,
-) -> Result<Vec<u8>, RPCError<u64, Member, E>> {
-    codec::encode(what, value).map_err(|e| network(e.to_string()))
+fn encode<T: serde::Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, RPCError<TypeConfig>> {
+    codec::encode(what, value).map_err(|e| RPCError::Network(network(e.to_string())))
 }
 
-impl RaftNetwork<TypeConfig> for PeerClient {
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = SnapshotFile;
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Member, RaftError<u64>>> {
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let mut rpc = rpc;
-        // openraft 0.9 gives every AppendEntries one heartbeat interval to complete, encoding
-        // included. A follower that is far behind would be sent `max_payload_entries` entries
-        // of up to a batch each (megabytes of large values), which cannot be encoded, sent and
-        // written in that time: it would time out again and again and never catch up. Send
+        // A follower that is far behind would be sent `max_payload_entries` entries of up to a
+        // batch each (megabytes of large values), which cannot be encoded, sent and written
+        // within one RPC timeout: it would time out again and again and never catch up. Send
         // the prefix that fits APPEND_MAX_BYTES (always at least one entry) and report how far
         // it got.
         let mut sent_up_to = None;
@@ -280,8 +435,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             rpc.entries.truncate(keep);
             sent_up_to = rpc.entries.last().map(|e| e.log_id);
         }
+        // openraft gives every AppendEntries one heartbeat interval. That suits a heartbeat, but
+        // entries wait for the follower's fsync, which stalls for a second or more on busy disks:
+        // cancelling and resending them would not make the follower faster, only add traffic.
+        // Entries get `raft.rpc_timeout_ms` (openraft leaves the timeout to the transport).
+        let ttl = if rpc.entries.is_empty() { option.soft_ttl() } else { self.inner.rpc_timeout };
         let payload = encode("append entries", &rpc)?;
-        let reply = self.send(RPCTypes::AppendEntries, payload, option.hard_ttl()).await?;
+        let reply = self.call(Rpc::AppendEntries, payload, ttl).await?;
         Ok(match (reply, sent_up_to) {
             // The follower matches the leader up to the last entry sent (it commits no further
             // than that either: openraft commits up to what the request carried).
@@ -290,36 +450,50 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         })
     }
 
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, Member, RaftError<u64, InstallSnapshotError>>>
-    {
-        let mut rpc = rpc;
-        if let Some(fault) = &self.inner.fault {
-            if !rpc.data.is_empty() && fault.corrupt_snapshot(self.inner.my_id, self.target) {
-                let middle = rpc.data.len() / 2;
-                rpc.data[middle] ^= 0x01;
-            }
-        }
-        let payload = encode("install snapshot", &rpc)?;
-        self.send(RPCTypes::InstallSnapshot, payload, option.hard_ttl()).await
-    }
-
     async fn vote(
         &mut self,
-        rpc: VoteRequest<u64>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<u64>, RPCError<u64, Member, RaftError<u64>>> {
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let payload = encode("vote", &rpc)?;
-        self.send(RPCTypes::Vote, payload, option.hard_ttl()).await
+        self.call(Rpc::Vote, payload, option.soft_ttl()).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let payload = encode("pre-vote", &rpc)?;
+        self.call(Rpc::PreVote, payload, option.soft_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot<kvset_storage::LeaderId, u64, Member, SnapshotFile>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            sent = self.send_snapshot(vote, snapshot, &option) => sent,
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let payload = encode("transfer leader", &req)?;
+        self.call(Rpc::TransferLeader, payload, option.soft_ttl()).await
     }
 
     /// Unreachable peers are retried every 200 ms at first, backing off to 2 s.
-    fn backoff(&self) -> Backoff {
-        Backoff::new(
+    fn backoff(&self) -> Option<Backoff> {
+        Some(Backoff::new(
             (0..).map(|i: u32| Duration::from_millis(200u64.saturating_mul(1 << i.min(3)).min(2000))),
-        )
+        ))
     }
 }

@@ -12,12 +12,14 @@
 //!    replicas watch when that is the source.
 //!
 //! Shutdown (SIGTERM, Ctrl-C, or [`NodeHandle::shutdown`]), bounded by `shutdown_timeout_ms`:
-//! a member leaving in a scale-down first waits to be removed; then health turns NOT_SERVING
+//! a member leaving in a scale-down first waits to be removed; a leader hands leadership over;
+//! then health turns NOT_SERVING
 //! and `/readyz` 503; the servers stop accepting connections and drain the calls in flight;
 //! the background tasks stop; Raft shuts down; physical compaction stops (it resumes at the next
 //! start) and the database is flushed (on the blocking pool).
-//! openraft 0.9 has no leadership transfer, so a leader's shutdown costs the cluster about one
-//! election timeout of write unavailability.
+//! A leader first hands leadership to the most up-to-date voter (openraft's `transfer_leader`),
+//! so its shutdown costs the cluster a round trip of write unavailability, not an election
+//! timeout.
 
 use std::future::Future;
 use std::sync::atomic::AtomicU32;
@@ -25,12 +27,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
-use kvset_storage::Member;
+use kvset_storage::Raft;
+use kvset_storage::RaftMetrics;
 use kvset_storage::Store;
 use kvset_storage::StoreOptions;
 use kvset_storage::Volume;
-use openraft::Raft;
-use openraft::RaftMetrics;
+use kvset_storage::WatchReceiver;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -83,7 +85,7 @@ pub enum StartError {
     #[error("raft config: {0}")]
     RaftConfig(#[from] openraft::ConfigError),
     #[error("raft: {0}")]
-    Raft(#[from] openraft::error::Fatal<u64>),
+    Raft(#[from] openraft::error::Fatal<kvset_storage::TypeConfig>),
     #[error(transparent)]
     Server(#[from] crate::server::ServerError),
     #[error(transparent)]
@@ -196,6 +198,19 @@ impl Node {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft.snapshot_every_entries),
             snapshot_max_chunk_size: config.raft.snapshot_chunk_bytes,
             max_in_snapshot_log_to_keep: config.raft.keep_entries_after_snapshot,
+            // No pre-vote: a follower that lost its leader must become a candidate (and report
+            // no leader) within an election timeout, which is how members, watches with
+            // `hasleader` and clients learn there is none; with pre-vote it would keep naming
+            // the dead leader. A member back from a partition cannot depose a healthy leader
+            // anyway: openraft's leader lease makes the others refuse its votes.
+            enable_pre_vote: Some(false),
+            // The state machine flushes lazily and the committed marker is a hint, so a leader
+            // that restarts must win an election like any member (see openraft's log pointers
+            // docs): it must not resume leadership on a state it may have lost part of.
+            enable_leader_restore: Some(false),
+            // Replicate entries as soon as the leader has them in its page cache, while its own
+            // fsync runs: the leader's copy is counted only once flushed (Raft thesis §10.2.1).
+            broadcast_submitted_on_append: Some(true),
             ..Default::default()
         }
         .validate()?;
@@ -204,6 +219,7 @@ impl Node {
             node_id,
             cluster.clone(),
             Duration::from_millis(config.raft.rpc_timeout_ms),
+            config.raft.snapshot_chunk_bytes as usize,
             channels.clone(),
             options.fault.clone(),
             metrics.clone(),
@@ -269,7 +285,7 @@ impl Node {
             let mut raft_metrics = sup.raft().metrics();
             let fatal = async {
                 loop {
-                    if let Err(e) = &raft_metrics.borrow().running_state {
+                    if let Err(e) = &raft_metrics.borrow_watched().running_state {
                         return e.to_string();
                     }
                     if raft_metrics.changed().await.is_err() {
@@ -324,9 +340,8 @@ async fn wait_for_removal_if_leaving(member: &Arc<LocalMember>, k8s_replicas: &A
         member.desired_replicas().0
     };
     let ordinal = member.identity().ordinal;
-    let is_voter = |m: &RaftMetrics<u64, Member>| {
-        m.membership_config.membership().voter_ids().any(|v| v == member.node_id())
-    };
+    let is_voter =
+        |m: &RaftMetrics| m.membership_config.membership().voter_ids().any(|v| v == member.node_id());
     if ordinal < desired || !is_voter(&member.raft_metrics()) {
         return;
     }
@@ -350,7 +365,26 @@ async fn wait_for_removal_if_leaving(member: &Arc<LocalMember>, k8s_replicas: &A
     }
 }
 
-/// The graceful shutdown: stop taking requests, drain, stop tasks, stop Raft, flush.
+/// A leader that stops first hands leadership to the most up-to-date voter, so the cluster
+/// goes on writing after a pause of one round trip instead of an election timeout. Bounded
+/// by `budget` (and by `HAND_OVER_MAX`); a failed handover only means an ordinary election.
+async fn hand_over_leadership(member: &Arc<LocalMember>, budget: Duration) {
+    let m = member.raft_metrics();
+    let others = m.membership_config.membership().voter_ids().filter(|v| *v != member.node_id()).count();
+    if m.current_leader != Some(member.node_id()) || others == 0 {
+        return;
+    }
+    match member.transfer_leadership(None, budget.min(HAND_OVER_MAX)).await {
+        Ok(leader) => tracing::info!(leader, "handed leadership over before stopping"),
+        Err(e) => tracing::warn!(error = %e, "could not hand leadership over before stopping"),
+    }
+}
+
+/// Longest a stopping leader waits for another member to take over.
+const HAND_OVER_MAX: Duration = Duration::from_secs(3);
+
+/// The graceful shutdown: hand over leadership, stop taking requests, drain, stop tasks, stop
+/// Raft, flush.
 async fn shutdown_sequence(
     member: &Arc<LocalMember>,
     stop: &watch::Sender<bool>,
@@ -359,6 +393,7 @@ async fn shutdown_sequence(
 ) -> Result<(), StopError> {
     let started = Instant::now();
     let limit = Duration::from_millis(member.config().shutdown_timeout_ms);
+    hand_over_leadership(member, limit / 4).await;
     tracing::info!(name = %member.identity().name, "shutting down: draining requests");
     member.set_phase(Phase::ShuttingDown);
     // Long-lived streams (watches, keep-alives) end now; their clients resume elsewhere.

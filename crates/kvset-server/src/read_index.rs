@@ -17,8 +17,7 @@
 use std::sync::Arc;
 use std::sync::Mutex;
 
-use kvset_storage::TypeConfig;
-use openraft::Raft;
+use kvset_storage::Raft;
 use tokio::sync::oneshot;
 
 use crate::errors;
@@ -37,7 +36,7 @@ struct State {
 
 /// Batches linearizable reads into shared ReadIndex rounds.
 pub struct ReadIndex {
-    raft: Raft<TypeConfig>,
+    raft: Raft,
     metrics: Arc<Metrics>,
     max_waiters: usize,
     state: Mutex<State>,
@@ -52,7 +51,7 @@ impl std::fmt::Debug for ReadIndex {
 impl ReadIndex {
     /// Rounds for `raft`, with at most `max_waiters` reads waiting at once; each round's size
     /// goes to `metrics.read_index_reads`.
-    pub fn new(raft: Raft<TypeConfig>, metrics: Arc<Metrics>, max_waiters: usize) -> Arc<Self> {
+    pub fn new(raft: Raft, metrics: Arc<Metrics>, max_waiters: usize) -> Arc<Self> {
         Arc::new(Self { raft, metrics, max_waiters: max_waiters.max(1), state: Mutex::default() })
     }
 
@@ -91,7 +90,7 @@ impl ReadIndex {
                 std::mem::take(&mut st.waiters)
             };
             self.metrics.read_index_reads.observe(batch.len() as f64);
-            let result = match self.raft.ensure_linearizable().await {
+            let result = match self.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex).await {
                 Ok(_) => Ok(()),
                 Err(e) => Err(errors::read_index(&e)),
             };

@@ -131,6 +131,7 @@ async fn apply_whole_log(store: &mut Store) -> Result<u64, RecoveryError> {
             .await
             .map_err(|e| RecoveryError::Io { what: "reading the log", source: std::io::Error::other(e) })?;
         n += entries.len() as u64;
+        let entries = futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
         store
             .state_machine
             .apply(entries)

@@ -1,7 +1,7 @@
 //! Binary encoding of everything kvset stores or sends: postcard over serde.
 //!
 //! postcard is compact (varints, no field names) and deterministic, and it round-trips every
-//! openraft 0.9 type (none of them relies on self-describing formats). A decode failure on data
+//! openraft type (none of them relies on self-describing formats). A decode failure on data
 //! read back from disk means corruption and is reported as a storage error by the caller.
 
 use serde::de::DeserializeOwned;

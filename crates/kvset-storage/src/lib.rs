@@ -6,9 +6,8 @@
 //! 1. The server batches client writes into one [`Batch`] and proposes it to openraft.
 //! 2. openraft calls [`LogStore`]'s `append`: the entry is written to the `raft` tree and its
 //!    callback handed to the flusher thread, which acknowledges it only after `Db::flush`
-//!    returned. (The flusher would let one fsync cover every append that arrived meanwhile,
-//!    but openraft 0.9 issues the next append only after the previous one's flush, so each
-//!    fsync covers one append; the server's write batcher is what puts many writes in it.)
+//!    returned. openraft 0.10 replicates the entry meanwhile and issues further appends without
+//!    waiting, so one fsync covers every append that arrived while the previous one ran.
 //! 3. Once a quorum has the entry, openraft calls [`StateMachine`]'s `apply`: every command of
 //!    the batch is evaluated through an in-memory overlay and written, with the new
 //!    `last_applied`, in one atomic `sled::Batch`: the keys' new live records, a new version
@@ -90,9 +89,6 @@ pub use volume::Volume;
 pub use volume::VolumeError;
 pub use volume::VolumeMeta;
 
-#[allow(unused_imports)]
-use std::io::Cursor; // `declare_raft_types!` names it for its default SnapshotData.
-
 openraft::declare_raft_types!(
     /// kvset's openraft type configuration.
     pub TypeConfig:
@@ -100,21 +96,40 @@ openraft::declare_raft_types!(
         R = BatchResult,
         NodeId = u64,
         Node = Member,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
 /// A Raft log entry.
-pub type Entry = openraft::Entry<TypeConfig>;
+pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
+/// The payload of a log entry.
+pub type EntryPayload = openraft::EntryPayload<Batch, u64, Member>;
+/// The leader of a term, as recorded in log ids (term, node id).
+pub type LeaderId = openraft::impls::leader_id_adv::LeaderId<u64, u64>;
 /// A Raft log id (term, leader, index).
-pub type LogId = openraft::LogId<u64>;
+pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+/// A vote (term, candidate, committed).
+pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
 /// Snapshot metadata.
-pub type SnapshotMeta = openraft::SnapshotMeta<u64, Member>;
+pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
 /// A membership config with the log id it was stored at.
-pub type StoredMembership = openraft::StoredMembership<u64, Member>;
+pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
 /// A membership config.
 pub type Membership = openraft::Membership<u64, Member>;
+
+/// A member's Raft: openraft over this crate's log and state machine.
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
+
+/// openraft's metrics of a member.
+pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
+
+/// The watch of openraft's metrics.
+pub type RaftMetricsRx = openraft::type_config::alias::WatchReceiverOf<TypeConfig, RaftMetrics>;
+pub use openraft::async_runtime::WatchReceiver;
+
+/// A log id from its parts.
+pub fn log_id(term: u64, node_id: u64, index: u64) -> LogId {
+    LogId::new(LeaderId { term, node_id }, index)
+}
 
 /// Error opening a member's storage.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +150,11 @@ pub enum OpenError {
 
 /// Free space a volume must have before its database is opened.
 pub const MIN_FREE_BYTES: u64 = 16 << 20;
+
+/// The snapshot directory of the volume at `data_dir`.
+pub fn snapshot_dir(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("snapshots")
+}
 
 /// Bytes available to this process on the filesystem of `dir`.
 pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
@@ -202,7 +222,7 @@ impl Store {
         let log = LogStore::open(db.clone(), options.observer.clone())
             .map_err(|source| OpenError::Sled { path: db_path.clone(), source })?;
         let state_machine =
-            StateMachine::open(db.clone(), dir.join("snapshots"), options.observer, options.events)?;
+            StateMachine::open(db.clone(), snapshot_dir(dir), options.observer, options.events)?;
         let reader = state_machine.reader();
         Ok(Self { log, state_machine, reader, db })
     }

@@ -18,11 +18,11 @@
 //!   a prefix, each in one atomic sled batch.
 //! * **An append is acknowledged only after it is durable**: `append` writes the entries, then
 //!   hands openraft's callback to the flusher thread, which calls it only after `Db::flush` has
-//!   returned. The flusher drains every pending callback before each flush, so one fsync would
-//!   cover every append that arrived meanwhile — but openraft 0.9 waits for each append's
-//!   callback before it issues the next append, so in practice there is one append per fsync
-//!   (`kvset_log_flush_appends` shows it). Many client writes share one fsync only because the
-//!   server's write batcher packs them into one entry.
+//!   returned. The flusher drains every pending callback before each flush, so one fsync
+//!   covers every append that arrived meanwhile (openraft 0.10 does not wait for an append's
+//!   flush before it replicates the entries or issues the next append; it counts the leader's
+//!   own copy towards the quorum only once flushed). `kvset_log_flush_appends` shows how many
+//!   appends each fsync covered.
 //! * **A vote is durable before `save_vote` returns** (§5.1: a server must not vote twice in a
 //!   term, even across a crash).
 //! * **Purge never leaves a hole**: the new `purged` marker and the removal of the entries up to
@@ -39,34 +39,27 @@ use std::ops::RangeBounds;
 use std::sync::Arc;
 use std::time::Instant;
 
-use openraft::storage::LogFlushed;
+use std::io;
+use std::sync::mpsc;
+
+use openraft::storage::IOFlushed;
 use openraft::storage::RaftLogStorage;
-use openraft::AnyError;
-use openraft::ErrorSubject;
-use openraft::ErrorVerb;
-use openraft::LogId;
 use openraft::LogState;
 use openraft::OptionalSend;
-use openraft::RaftLogId;
 use openraft::RaftLogReader;
-use openraft::StorageError;
-use openraft::StorageIOError;
-use openraft::Vote;
-use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use crate::codec;
 use crate::observer::StorageObserver;
 use crate::Entry;
+use crate::LogId;
 use crate::TypeConfig;
+use crate::Vote;
 
 const META_VOTE: &[u8] = b"\x00vote";
 const META_COMMITTED: &[u8] = b"\x00committed";
 const META_PURGED: &[u8] = b"\x00purged";
 const ENTRY_PREFIX: u8 = 0x01;
-
-/// Pending appends the flusher may hold before `append` blocks on it.
-const FLUSH_QUEUE: usize = 1024;
 
 fn entry_key(index: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -80,19 +73,14 @@ fn index_of(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes))
 }
 
-fn io_err(
-    subject: ErrorSubject<u64>,
-    verb: ErrorVerb,
-    e: impl std::error::Error + 'static,
-) -> StorageError<u64> {
-    StorageError::IO { source: StorageIOError::new(subject, verb, AnyError::new(&e)) }
+/// An I/O error naming what failed (openraft 0.10 storage reports `std::io::Error`).
+fn io_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("{what}: {e}"))
 }
 
 /// Runs storage work that scans or may block on the blocking pool, off the Raft core task.
-async fn blocking(
-    work: impl FnOnce() -> Result<(), StorageError<u64>> + Send + 'static,
-) -> Result<(), StorageError<u64>> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?
+async fn blocking(work: impl FnOnce() -> Result<(), io::Error> + Send + 'static) -> Result<(), io::Error> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| io_err("Raft log task", e))?
 }
 
 /// Reads log entries; cloned for openraft's replication streams.
@@ -108,7 +96,7 @@ impl Debug for LogReader {
 }
 
 impl LogReader {
-    fn read_range(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry>, StorageError<u64>> {
+    fn read_range(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry>, io::Error> {
         let start = match range.start_bound() {
             Bound::Included(i) => Bound::Included(entry_key(*i)),
             Bound::Excluded(i) => Bound::Excluded(entry_key(*i)),
@@ -121,26 +109,36 @@ impl LogReader {
         };
         let mut out = Vec::new();
         for item in self.tree.range((start, end)) {
-            let (k, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            let (k, v) = item.map_err(|e| io_err("reading the Raft log", e))?;
             let index = index_of(&k).unwrap_or_default();
             let entry: Entry = codec::decode("log entry", &v)
-                .map_err(|e| io_err(ErrorSubject::LogIndex(index), ErrorVerb::Read, e))?;
+                .map_err(|e| io_err(format_args!("reading log entry {index}"), e))?;
             out.push(entry);
         }
         Ok(out)
     }
 
-    fn last_entry(&self) -> Result<Option<Entry>, StorageError<u64>> {
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, io::Error> {
+        let what = || String::from_utf8_lossy(&key[1..]).into_owned();
+        match self.tree.get(key).map_err(|e| io_err(format_args!("reading {}", what()), e))? {
+            Some(v) => Ok(Some(
+                codec::decode("raft meta", &v).map_err(|e| io_err(format_args!("reading {}", what()), e))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn last_entry(&self) -> Result<Option<Entry>, io::Error> {
         let last = self
             .tree
             .range(entry_key(0)..=entry_key(u64::MAX))
             .next_back()
             .transpose()
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            .map_err(|e| io_err("reading the Raft log", e))?;
         match last {
-            Some((_, v)) => Ok(Some(
-                codec::decode("log entry", &v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?,
-            )),
+            Some((_, v)) => {
+                Ok(Some(codec::decode("log entry", &v).map_err(|e| io_err("reading the Raft log", e))?))
+            }
             None => Ok(None),
         }
     }
@@ -150,12 +148,16 @@ impl RaftLogReader<TypeConfig> for LogReader {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry>, StorageError<u64>> {
+    ) -> Result<Vec<Entry>, io::Error> {
         let this = self.clone();
         let (start, end) = (range.start_bound().cloned(), range.end_bound().cloned());
         tokio::task::spawn_blocking(move || this.read_range((start, end)))
             .await
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?
+            .map_err(|e| io_err("reading the Raft log", e))?
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        self.read_meta(META_VOTE)
     }
 }
 
@@ -164,7 +166,7 @@ pub struct LogStore {
     db: sled::Db,
     reader: LogReader,
     /// Feeds the flusher thread; dropped first in `Drop` so the thread ends.
-    flusher: Option<mpsc::SyncSender<LogFlushed<TypeConfig>>>,
+    flusher: Option<mpsc::Sender<IOFlushed<TypeConfig>>>,
     flusher_thread: Option<JoinHandle<()>>,
     observer: Arc<dyn StorageObserver>,
 }
@@ -191,7 +193,7 @@ impl LogStore {
     pub(crate) fn open(db: sled::Db, observer: Arc<dyn StorageObserver>) -> Result<Self, sled::Error> {
         let tree = db.open_tree("raft")?;
         let reader = LogReader { tree };
-        let (tx, rx) = mpsc::sync_channel(FLUSH_QUEUE);
+        let (tx, rx) = mpsc::channel();
         let thread = {
             let (db, observer) = (db.clone(), observer.clone());
             std::thread::Builder::new()
@@ -207,7 +209,7 @@ impl LogStore {
     /// Removes entries at or below the purge marker. They can only exist in data written by an
     /// older layout; kept for robustness, it costs one range scan at start.
     fn remove_purged_leftovers(&self) -> Result<(), sled::Error> {
-        if let Some(purged) = self.read_meta::<LogId<u64>>(META_PURGED).ok().flatten() {
+        if let Some(purged) = self.read_meta::<LogId>(META_PURGED).ok().flatten() {
             let mut batch = sled::Batch::default();
             for item in self.reader.tree.range(entry_key(0)..=entry_key(purged.index)) {
                 batch.remove(item?.0);
@@ -217,20 +219,13 @@ impl LogStore {
         Ok(())
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError<u64>> {
-        let subject = || if key == META_VOTE { ErrorSubject::Vote } else { ErrorSubject::Store };
-        match self.reader.tree.get(key).map_err(|e| io_err(subject(), ErrorVerb::Read, e))? {
-            Some(v) => {
-                Ok(Some(codec::decode("raft meta", &v).map_err(|e| io_err(subject(), ErrorVerb::Read, e))?))
-            }
-            None => Ok(None),
-        }
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, io::Error> {
+        self.reader.read_meta(key)
     }
 
-    fn write_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError<u64>> {
-        let bytes = codec::encode("raft meta", value)
-            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
-        self.reader.tree.insert(key, bytes).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+    fn write_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), io::Error> {
+        let bytes = codec::encode("raft meta", value).map_err(|e| io_err("writing Raft metadata", e))?;
+        self.reader.tree.insert(key, bytes).map_err(|e| io_err("writing Raft metadata", e))?;
         Ok(())
     }
 }
@@ -238,7 +233,7 @@ impl LogStore {
 /// The flusher thread: waits for append callbacks, flushes once for all that are pending, then
 /// completes them in order. A thread rather than a task because `flush` is blocking I/O that
 /// can stall for seconds on a slow disk. Ends when the `LogStore` is dropped.
-fn flusher(db: sled::Db, rx: mpsc::Receiver<LogFlushed<TypeConfig>>, observer: Arc<dyn StorageObserver>) {
+fn flusher(db: sled::Db, rx: mpsc::Receiver<IOFlushed<TypeConfig>>, observer: Arc<dyn StorageObserver>) {
     let mut pending = Vec::new();
     while let Ok(first) = rx.recv() {
         pending.push(first);
@@ -251,35 +246,41 @@ fn flusher(db: sled::Db, rx: mpsc::Receiver<LogFlushed<TypeConfig>>, observer: A
         match result {
             Ok(_) => {
                 for cb in pending.drain(..) {
-                    cb.log_io_completed(Ok(()));
+                    cb.io_completed(Ok(()));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "flushing the Raft log failed; the node will stop");
                 for cb in pending.drain(..) {
-                    cb.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                    cb.io_completed(Err(io::Error::other(e.to_string())));
                 }
             }
         }
     }
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+impl LogStore {
+    /// Reads entries in `range` (for tools and recovery; openraft reads through [`LogReader`]).
+    pub async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry>, StorageError<u64>> {
+    ) -> Result<Vec<Entry>, io::Error> {
         self.reader.try_get_log_entries(range).await
+    }
+
+    /// The last vote saved.
+    pub async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        self.reader.read_vote().await
     }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogReader;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<u64>> {
-        let last_purged_log_id = self.read_meta::<LogId<u64>>(META_PURGED)?;
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged_log_id = self.read_meta::<LogId>(META_PURGED)?;
         let last_log_id = match self.reader.last_entry()? {
-            Some(entry) => Some(*entry.get_log_id()),
+            Some(entry) => Some(entry.log_id),
             None => last_purged_log_id,
         };
         Ok(LogState { last_purged_log_id, last_log_id })
@@ -290,91 +291,81 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     /// Stores the vote and flushes before returning.
-    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
-        let bytes =
-            codec::encode("vote", vote).map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
-        self.reader
-            .tree
-            .insert(META_VOTE, bytes)
-            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let bytes = codec::encode("vote", vote).map_err(|e| io_err("saving the vote", e))?;
+        self.reader.tree.insert(META_VOTE, bytes).map_err(|e| io_err("saving the vote", e))?;
         let started = Instant::now();
-        self.db.flush_async().await.map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+        self.db.flush_async().await.map_err(|e| io_err("saving the vote", e))?;
         self.observer.vote_flushed(started.elapsed());
         Ok(())
     }
 
-    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
-        self.read_meta(META_VOTE)
-    }
-
     /// Stores the committed log id without flushing (see the module docs).
-    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError<u64>> {
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         self.write_meta(META_COMMITTED, &committed)
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
-        Ok(self.read_meta::<Option<LogId<u64>>>(META_COMMITTED)?.flatten())
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.read_meta::<Option<LogId>>(META_COMMITTED)?.flatten())
     }
 
     /// Writes the entries, then queues the callback for the flusher: openraft learns the entries
     /// are durable only after `Db::flush` covered them. The entries are readable on return.
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError<u64>>
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
         for entry in entries {
-            let log_id = *entry.get_log_id();
+            let log_id = entry.log_id;
             let bytes = codec::encode("log entry", &entry)
-                .map_err(|e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Write, e))?;
+                .map_err(|e| io_err(format_args!("encoding log entry {}", log_id.index), e))?;
             batch.insert(&entry_key(log_id.index), bytes);
         }
         // An in-memory insert into sled's page cache (the disk is touched by the flush): cheap
         // enough to do inline, which saves a thread hop on every append.
-        self.reader.tree.apply_batch(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-        let stopped =
-            || io_err(ErrorSubject::Logs, ErrorVerb::Write, std::io::Error::other("log flusher stopped"));
+        self.reader.tree.apply_batch(batch).map_err(|e| io_err("writing the Raft log", e))?;
+        let stopped = || io_err("writing the Raft log", "the log flusher stopped");
         let flusher = self.flusher.as_ref().ok_or_else(stopped)?;
-        // openraft waits for each append's callback before the next, so the queue never fills
-        // and this send does not block.
+        // Never blocks: the queue is unbounded, as a blocked send would stall the Raft core.
+        // What waits in it is small (a callback per append, whose entries are already in
+        // sled's cache), and appends stop arriving once the writes waiting on them fill the
+        // batcher's in-flight permits.
         flusher.send(callback).map_err(|_| stopped())?;
         Ok(())
     }
 
-    /// Removes entries with index `>= log_id.index` in one atomic batch, on the blocking pool
-    /// (it scans the suffix).
-    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+    /// Removes entries after `last_log_id` (every entry for `None`) in one atomic batch, on the
+    /// blocking pool (it scans the suffix).
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let tree = self.reader.tree.clone();
+        let first = last_log_id.map_or(0, |l| l.index + 1);
         blocking(move || {
             let mut batch = sled::Batch::default();
-            for item in tree.range(entry_key(log_id.index)..=entry_key(u64::MAX)) {
-                let (k, _) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+            for item in tree.range(entry_key(first)..=entry_key(u64::MAX)) {
+                let (k, _) = item.map_err(|e| io_err("removing Raft log entries", e))?;
                 batch.remove(k);
             }
-            tree.apply_batch(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+            tree.apply_batch(batch).map_err(|e| io_err("removing Raft log entries", e))
         })
         .await
     }
 
     /// Records the new purge marker and removes entries `<= log_id.index` in one atomic batch,
     /// on the blocking pool (it scans the prefix).
-    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         let tree = self.reader.tree.clone();
         blocking(move || {
             let mut batch = sled::Batch::default();
-            let marker = codec::encode("purged", &log_id)
-                .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+            let marker =
+                codec::encode("purged", &log_id).map_err(|e| io_err("removing Raft log entries", e))?;
             batch.insert(META_PURGED, marker);
             for item in tree.range(entry_key(0)..=entry_key(log_id.index)) {
-                let (k, _) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+                let (k, _) = item.map_err(|e| io_err("removing Raft log entries", e))?;
                 batch.remove(k);
             }
-            tree.apply_batch(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+            tree.apply_batch(batch).map_err(|e| io_err("removing Raft log entries", e))
         })
         .await
     }

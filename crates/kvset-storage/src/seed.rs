@@ -28,15 +28,12 @@ use std::path::PathBuf;
 
 use openraft::storage::RaftLogStorage;
 use openraft::storage::RaftStateMachine;
-use openraft::CommittedLeaderId;
-use openraft::Vote;
 
 use crate::snapshot;
 use crate::snapshot::SnapshotFile;
 use crate::snapshot::SnapshotHeader;
 use crate::volume::remove_durably;
 use crate::volume::sync_dir;
-use crate::LogId;
 use crate::Member;
 use crate::Membership;
 use crate::SnapshotMeta;
@@ -154,13 +151,13 @@ impl Store {
             .unwrap_or(0)
             + 1;
         let index = seen.iter().flatten().map(|l| l.index).max().map_or(1, |i| i + 1);
-        let last = LogId::new(CommittedLeaderId::new(term, node_id), index);
+        let last = crate::log_id(term, node_id, index);
         let membership =
-            Membership::new(vec![BTreeSet::from([node_id])], BTreeMap::from([(node_id, me.clone())]));
+            Membership::new(vec![BTreeSet::from([node_id])], BTreeMap::from([(node_id, me.clone())]))
+                .map_err(io::Error::other)?;
         let meta = SnapshotMeta {
             last_log_id: Some(last),
             last_membership: StoredMembership::new(Some(last), membership),
-            snapshot_id: format!("seed-{term}-{index}"),
         };
         let partial = self.state_machine.snapshot_dir().join(format!("seed-{term}-{index}.partial"));
         let _ = fs::remove_file(&partial);
@@ -181,11 +178,11 @@ impl Store {
             }
         };
         let file = SnapshotFile::open(partial).await?;
-        self.state_machine.install_snapshot(&meta, Box::new(file)).await.map_err(io::Error::other)?;
+        self.state_machine.install_snapshot(&meta, file).await.map_err(io::Error::other)?;
         self.log.purge(last).await.map_err(io::Error::other)?;
         self.log.save_committed(Some(last)).await.map_err(io::Error::other)?;
         // save_vote flushes the whole database: everything above is durable after it.
-        self.log.save_vote(&Vote::new(term, node_id)).await.map_err(io::Error::other)?;
+        self.log.save_vote(&crate::Vote::new(term, node_id)).await.map_err(io::Error::other)?;
         tracing::warn!(
             node_id, member = %me.name, revision = header.revision, records, last_log_id = %last,
             "seeded this volume as a one-member cluster from a snapshot file"

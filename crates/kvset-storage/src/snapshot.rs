@@ -80,6 +80,12 @@ impl SnapshotFile {
         Ok(Self { path, file })
     }
 
+    /// Creates a new empty file in the snapshot directory `dir`, for a snapshot received from
+    /// the leader; the state machine's install renames it once it has been verified.
+    pub async fn create_receiving(dir: &Path) -> io::Result<Self> {
+        Self::create(dir.join(format!("recv-{:016x}.partial", rand::random::<u64>()))).await
+    }
+
     /// Opens an existing snapshot file for reading.
     pub(crate) async fn open(path: PathBuf) -> io::Result<Self> {
         let file = tokio::fs::File::open(&path).await?;

@@ -55,16 +55,13 @@ use std::sync::RwLock;
 use std::sync::Weak;
 use std::time::Instant;
 
+use futures::Stream;
+use futures::TryStreamExt;
+use openraft::storage::EntryResponder;
 use openraft::storage::RaftStateMachine;
 use openraft::storage::Snapshot;
-use openraft::AnyError;
-use openraft::EntryPayload;
-use openraft::ErrorSubject;
-use openraft::ErrorVerb;
 use openraft::OptionalSend;
 use openraft::RaftSnapshotBuilder;
-use openraft::StorageError;
-use openraft::StorageIOError;
 use tokio::sync::watch;
 
 use crate::apply::apply_command;
@@ -87,6 +84,8 @@ use crate::snapshot::SnapshotWriter;
 use crate::types::*;
 use crate::volume::sync_dir;
 use crate::Entry;
+use crate::EntryPayload;
+use crate::LeaderId;
 use crate::LogId;
 use crate::SnapshotMeta;
 use crate::StoredMembership;
@@ -109,12 +108,13 @@ pub const COMPACTION_CHUNK: usize = 1_000;
 /// Revision of an empty store (as in etcd: the first write gets revision 2).
 pub const INITIAL_REVISION: Revision = 1;
 
-fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<u64> {
-    StorageError::IO { source: StorageIOError::new(ErrorSubject::StateMachine, verb, AnyError::new(&e)) }
+/// An I/O error naming what failed (openraft 0.10 storage reports `std::io::Error`).
+fn sm_err(what: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("state machine: {what}: {e}"))
 }
 
-fn snap_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<u64> {
-    StorageError::IO { source: StorageIOError::new(ErrorSubject::Snapshot(None), verb, AnyError::new(&e)) }
+fn snap_err(what: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("snapshot: {what}: {e}"))
 }
 
 /// Error opening the state machine.
@@ -265,7 +265,7 @@ impl Shared {
         }
     }
 
-    fn apply_blocking(&self, entries: Vec<Entry>) -> Result<Vec<BatchResult>, StorageError<u64>> {
+    fn apply_blocking(&self, entries: Vec<Entry>) -> Result<Vec<BatchResult>, io::Error> {
         let started = Instant::now();
         let n_entries = entries.len();
         let mut n_commands = 0;
@@ -292,7 +292,7 @@ impl Shared {
                     for command in &batch.commands {
                         out.push(
                             apply_command(&mut overlay, &mut scalars, command)
-                                .map_err(|e| sm_err(ErrorVerb::Read, e))?,
+                                .map_err(|e| sm_err("reading", e))?,
                         );
                     }
                     results.push(BatchResult { results: out });
@@ -308,8 +308,8 @@ impl Shared {
         applied.replicas = scalars.replicas;
 
         let mut batch = sled::Batch::default();
-        write_overlay(&mut batch, &overlay).map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        write_meta(&mut batch, &applied).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        write_overlay(&mut batch, &overlay).map_err(|e| sm_err("writing", e))?;
+        write_meta(&mut batch, &applied).map_err(|e| sm_err("writing", e))?;
         let new_leases = (!overlay.leases.is_empty()).then(|| {
             let mut table = (*leases).clone();
             for (id, lease) in &overlay.leases {
@@ -325,7 +325,7 @@ impl Shared {
         {
             // Readers see the whole batch with its revision or none of it.
             let mut st = self.write_state();
-            tree.apply_batch(batch).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            tree.apply_batch(batch).map_err(|e| sm_err("writing", e))?;
             st.applied = applied.clone();
             if let Some(table) = new_leases {
                 st.leases = table;
@@ -414,7 +414,7 @@ impl Shared {
                 return Err(e);
             }
         };
-        let path = self.snapshot_dir.join(snapshot_file_name(&header.meta));
+        let path = self.snapshot_dir.join(snapshot_file_name(&header.meta, self.next_seq()));
         fs::rename(&tmp, &path)?;
         sync_dir(&self.snapshot_dir)?;
         Ok((header, path, bytes))
@@ -424,19 +424,8 @@ impl Shared {
     fn capture(&self) -> (sled::Tree, SnapshotHeader) {
         let st = self.read_state();
         let applied = &st.applied;
-        let meta = SnapshotMeta {
-            last_log_id: applied.last_applied,
-            last_membership: applied.membership.clone(),
-            snapshot_id: format!(
-                "{}-{}-{}",
-                applied.last_applied.map_or(0, |l| l.index),
-                self.next_seq(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis())
-                    .unwrap_or(0)
-            ),
-        };
+        let meta =
+            SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
         let header = SnapshotHeader {
             meta,
             revision: applied.revision,
@@ -686,16 +675,13 @@ fn read_leases(tree: &sled::Tree) -> Result<LeaseTable, SmOpenError> {
     Ok(Arc::new(table))
 }
 
-/// A file name for a snapshot: `snap-<term>-<index>-<sanitised id>.snap`.
-fn snapshot_file_name(meta: &SnapshotMeta) -> String {
+/// A file name for a snapshot: `snap-<term>-<index>-<seq>-<unix ms>.snap`, unique even for
+/// two snapshots of one log position (the sequence number counts this process's snapshots,
+/// the time tells processes apart).
+fn snapshot_file_name(meta: &SnapshotMeta, seq: u64) -> String {
     let (term, index) = meta.last_log_id.map_or((0, 0), |l| (l.leader_id.term, l.index));
-    let id: String = meta
-        .snapshot_id
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
-        .take(64)
-        .collect();
-    format!("snap-{term}-{index}-{id}.snap")
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    format!("snap-{term}-{index}-{seq}-{ms}.snap")
 }
 
 /// The state machine (openraft `RaftStateMachine`). See the module docs for its invariants.
@@ -1071,43 +1057,10 @@ impl SmReader {
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
-        let started = Instant::now();
-        let gate = self.shared.build_gate.clone().read_owned().await;
-        let shared = self.shared.clone();
-        let written = tokio::task::spawn_blocking(move || shared.write_snapshot()).await;
-        drop(gate);
-        let (header, path, bytes) =
-            written.map_err(|e| snap_err(ErrorVerb::Write, e))?.map_err(|e| snap_err(ErrorVerb::Write, e))?;
-
-        // Open before publishing: publishing may remove the file if a newer snapshot was
-        // installed meanwhile, and an open handle stays readable.
-        let file = SnapshotFile::open(path.clone()).await.map_err(|e| snap_err(ErrorVerb::Read, e))?;
-        self.shared.publish(&header.meta, &path);
-        self.shared.observer.snapshot(false, bytes, started.elapsed());
-        tracing::info!(
-            last_log_id = ?header.meta.last_log_id, revision = header.revision, bytes,
-            elapsed_ms = started.elapsed().as_millis() as u64, "built snapshot"
-        );
-        Ok(Snapshot { meta: header.meta, snapshot: Box::new(file) })
-    }
-}
-
-impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotBuilder = SnapshotBuilder;
-
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError<u64>> {
-        let applied = self.shared.read_state().applied.clone();
-        Ok((applied.last_applied, applied.membership))
-    }
-
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchResult>, StorageError<u64>>
-    where
-        I: IntoIterator<Item = Entry> + OptionalSend,
-        I::IntoIter: OptionalSend,
-    {
-        let entries: Vec<Entry> = entries.into_iter().collect();
+impl StateMachine {
+    /// Applies entries and returns their results, one per entry. Small applies of
+    /// single-key commands run inline; the rest on the blocking pool.
+    async fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<Vec<BatchResult>, io::Error> {
         // Small applies of single-key commands are in-memory sled batches: inline saves a
         // thread hop on every write. Anything that may touch many keys (range deletes, Txn,
         // lease revokes) or many commands goes to the blocking pool, off the runtime's threads.
@@ -1125,45 +1078,87 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || shared.apply_blocking(entries))
             .await
-            .map_err(|e| sm_err(ErrorVerb::Write, e))?
+            .map_err(|e| sm_err("writing", e))?
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot<LeaderId, u64, Member, SnapshotFile>, io::Error> {
+        let started = Instant::now();
+        let gate = self.shared.build_gate.clone().read_owned().await;
+        let shared = self.shared.clone();
+        let written = tokio::task::spawn_blocking(move || shared.write_snapshot()).await;
+        drop(gate);
+        let (header, path, bytes) =
+            written.map_err(|e| snap_err("writing", e))?.map_err(|e| snap_err("writing", e))?;
+
+        // Open before publishing: publishing may remove the file if a newer snapshot was
+        // installed meanwhile, and an open handle stays readable.
+        let file = SnapshotFile::open(path.clone()).await.map_err(|e| snap_err("reading", e))?;
+        self.shared.publish(&header.meta, &path);
+        self.shared.observer.snapshot(false, bytes, started.elapsed());
+        tracing::info!(
+            last_log_id = ?header.meta.last_log_id, revision = header.revision, bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64, "built snapshot"
+        );
+        Ok(Snapshot { meta: header.meta, snapshot: file })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let applied = self.shared.read_state().applied.clone();
+        Ok((applied.last_applied, applied.membership))
+    }
+
+    /// Applies a run of committed entries as one sled batch, then answers each entry's waiting
+    /// client (when it has one) with its results.
+    async fn apply<Strm>(&mut self, entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let (entries, responders): (Vec<Entry>, Vec<_>) =
+            entries.try_collect::<Vec<_>>().await?.into_iter().unzip();
+        let results = self.apply_entries(entries).await?;
+        for (responder, result) in responders.into_iter().zip(results) {
+            if let Some(responder) = responder {
+                responder.send(result);
+            }
+        }
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder { shared: self.shared.clone() }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError<u64>> {
-        let path = self.shared.snapshot_dir.join(format!(
-            "recv-{}-{:x}.partial",
-            self.shared.next_seq(),
-            rand::random::<u32>()
-        ));
-        let file = SnapshotFile::create(path).await.map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        Ok(Box::new(file))
-    }
-
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<SnapshotFile>,
-    ) -> Result<(), StorageError<u64>> {
+        snapshot: SnapshotFile,
+    ) -> Result<(), io::Error> {
         let started = Instant::now();
         let _gate = self.shared.build_gate.write().await;
-        let partial = snapshot.finish().await.map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let partial = snapshot.finish().await.map_err(|e| snap_err("writing", e))?;
         let shared = self.shared.clone();
         let meta2 = meta.clone();
         let result = tokio::task::spawn_blocking(move || -> io::Result<(PathBuf, u64)> {
             let versions = shared.install_blocking(&meta2, &partial)?;
-            let path = shared.snapshot_dir.join(snapshot_file_name(&meta2));
+            let path = shared.snapshot_dir.join(snapshot_file_name(&meta2, shared.next_seq()));
             fs::rename(&partial, &path)?;
             sync_dir(&shared.snapshot_dir)?;
             Ok((path, versions))
         })
         .await
-        .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        .map_err(|e| snap_err("writing", e))?;
         let (path, versions) = result.map_err(|e| {
             tracing::error!(error = %e, "installing a snapshot failed");
-            snap_err(ErrorVerb::Write, e)
+            snap_err("writing", e)
         })?;
         self.shared.publish(meta, &path);
         let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -1172,12 +1167,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<LeaderId, u64, Member, SnapshotFile>>, io::Error> {
         let current = lock(&self.shared.current).clone();
         match current {
             Some(c) => {
-                let file = SnapshotFile::open(c.path).await.map_err(|e| snap_err(ErrorVerb::Read, e))?;
-                Ok(Some(Snapshot { meta: c.meta, snapshot: Box::new(file) }))
+                let file = SnapshotFile::open(c.path).await.map_err(|e| snap_err("reading", e))?;
+                Ok(Some(Snapshot { meta: c.meta, snapshot: file }))
             }
             None => Ok(None),
         }

@@ -1,14 +1,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use openraft::CommittedLeaderId;
-
 use super::*;
 use crate::Store;
 use crate::StoreOptions;
 
 fn log_id(index: u64) -> LogId {
-    LogId::new(CommittedLeaderId::new(1, 0), index)
+    crate::log_id(1, 0, index)
 }
 
 fn put(key: &str, value: &str) -> Command {
@@ -49,7 +47,7 @@ async fn every_past_revision_stays_readable_until_compacted() {
     let mut sm = store.state_machine;
     let reader = store.reader;
     // Revisions: 2 a=1, 3 b=1, 4 a=2, 5 del a, 6 a=3 (a new life).
-    sm.apply([
+    sm.apply_entries(vec![
         entry(1, vec![put("a", "1"), put("b", "1"), put("a", "2")]),
         entry(2, vec![del("a"), put("a", "3")]),
     ])
@@ -74,7 +72,7 @@ async fn every_past_revision_stays_readable_until_compacted() {
     assert!(matches!(reader.get(b"a", 7), Err(ReadError::FutureRevision { requested: 7, current: 6 })));
 
     // Compact at 4: revision 4 and later stay readable, 3 and earlier are refused.
-    sm.apply([entry(3, vec![Command::Compact(4)])]).await.unwrap();
+    sm.apply_entries(vec![entry(3, vec![Command::Compact(4)])]).await.unwrap();
     assert!(matches!(reader.get(b"a", 3), Err(ReadError::Compacted { requested: 3, compact_revision: 4 })));
     let q = RangeQuery { revision: 2, ..RangeQuery::new(KeyRange::all()) };
     assert!(matches!(reader.range(&q), Err(ReadError::Compacted { .. })));
@@ -98,7 +96,7 @@ async fn physical_compaction_keeps_exactly_what_reads_at_the_compact_revision_ne
     for i in 0..5 {
         commands.push(put("k", &i.to_string()));
     }
-    sm.apply([entry(1, commands)]).await.unwrap();
+    sm.apply_entries(vec![entry(1, commands)]).await.unwrap();
     let revision = reader.applied().revision;
     assert_eq!(revision, 9);
     let versions = |reader: &SmReader| {
@@ -106,7 +104,7 @@ async fn physical_compaction_keeps_exactly_what_reads_at_the_compact_revision_ne
         tree.range(vec![keys::HISTORY]..vec![keys::HISTORY + 1]).count()
     };
     assert_eq!(versions(&reader), 8);
-    sm.apply([entry(2, vec![Command::Compact(revision)])]).await.unwrap();
+    sm.apply_entries(vec![entry(2, vec![Command::Compact(revision)])]).await.unwrap();
     crate::tests_support::wait_compacted(&reader, revision - 1).await;
     // Left: kept@2 and k@9 (the version at the compact revision). The tombstone of "gone" and
     // every superseded version are gone.
@@ -115,7 +113,7 @@ async fn physical_compaction_keeps_exactly_what_reads_at_the_compact_revision_ne
     let tree = reader.shared.read_state().tree.clone();
     assert_eq!(tree.range(vec![keys::CHANGES]..vec![keys::CHANGES + 1]).count(), 1, "only the change at 9");
     // History goes on after compaction.
-    sm.apply([entry(3, vec![put("k", "after")])]).await.unwrap();
+    sm.apply_entries(vec![entry(3, vec![put("k", "after")])]).await.unwrap();
     let events = reader.events(9, 10, 100).unwrap();
     assert_eq!(events.len(), 2);
     assert_eq!(events[1].events[0].prev.as_ref().map(|p| p.value.clone()), Some(b"4".to_vec()));
@@ -136,7 +134,7 @@ async fn events_from_memory_and_from_the_change_log_are_the_same() {
         success: vec![TxnOp::Put(Put::new("t2", "b")), TxnOp::Put(Put::new("t1", "a"))],
         failure: vec![],
     });
-    sm.apply([entry(1, vec![put("a", "1"), put("a", "2"), txn, del("a")])]).await.unwrap();
+    sm.apply_entries(vec![entry(1, vec![put("a", "1"), put("a", "2"), txn, del("a")])]).await.unwrap();
     // The ring holds revisions 4 and 5 only; 2 and 3 come from the change log.
     let from_log = reader.events(2, 5, 100).unwrap();
     assert_eq!(from_log.iter().map(|r| r.revision).collect::<Vec<_>>(), vec![2, 3, 4, 5]);
@@ -172,7 +170,7 @@ async fn watchers_are_told_of_a_revision_only_once_its_events_are_readable() {
         seen
     });
     for i in 0..3 {
-        sm.apply([entry(i + 1, vec![put("k", &i.to_string())])]).await.unwrap();
+        sm.apply_entries(vec![entry(i + 1, vec![put("k", &i.to_string())])]).await.unwrap();
     }
     let seen = tokio::time::timeout(Duration::from_secs(10), watcher).await.unwrap().unwrap();
     assert_eq!(seen, vec![2, 3, 4]);
@@ -183,8 +181,8 @@ async fn snapshot_build_does_not_block_applies_and_captures_one_instant() {
     let (_dir, store) = new_store();
     let mut sm = store.state_machine;
     let reader = store.reader;
-    sm.apply([entry(1, (0..10).map(|i| put(&format!("k{i}"), "v0")).collect())]).await.unwrap();
-    sm.apply([entry(2, vec![Command::LeaseGrant { id: 9, ttl: 30 }])]).await.unwrap();
+    sm.apply_entries(vec![entry(1, (0..10).map(|i| put(&format!("k{i}"), "v0")).collect())]).await.unwrap();
+    sm.apply_entries(vec![entry(2, vec![Command::LeaseGrant { id: 9, ttl: 30 }])]).await.unwrap();
     let at_capture = everything(&reader);
     let digest_at_capture = reader.digest().unwrap();
 
@@ -205,7 +203,7 @@ async fn snapshot_build_does_not_block_applies_and_captures_one_instant() {
     ];
     let applied = tokio::time::timeout(
         Duration::from_secs(10),
-        sm.apply([entry(3, changes), entry(4, vec![Command::Compact(12)])]),
+        sm.apply_entries(vec![entry(3, changes), entry(4, vec![Command::Compact(12)])]),
     )
     .await;
     assert!(applied.is_ok(), "apply was blocked by a running snapshot build");
@@ -217,8 +215,8 @@ async fn snapshot_build_does_not_block_applies_and_captures_one_instant() {
     let (_d2, other) = new_store();
     let mut osm = other.state_machine;
     let path = reader.current_snapshot().unwrap().1;
-    let mut recv = osm.begin_receiving_snapshot().await.unwrap();
-    tokio::io::copy(&mut tokio::fs::File::open(&path).await.unwrap(), &mut *recv).await.unwrap();
+    let mut recv = SnapshotFile::create_receiving(osm.snapshot_dir()).await.unwrap();
+    tokio::io::copy(&mut tokio::fs::File::open(&path).await.unwrap(), &mut recv).await.unwrap();
     osm.install_snapshot(&snapshot.meta, recv).await.unwrap();
     assert_eq!(everything(&other.reader), at_capture);
     assert_eq!(other.reader.digest().unwrap(), digest_at_capture);
@@ -231,7 +229,7 @@ async fn install_replaces_the_state_keeps_the_history_and_survives_restart() {
     let (_leader_dir, leader) = new_store();
     let mut leader_sm = leader.state_machine;
     leader_sm
-        .apply([
+        .apply_entries(vec![
             entry(1, vec![put("a", "1"), put("b", "2"), Command::LeaseGrant { id: 5, ttl: 60 }]),
             entry(
                 2,
@@ -249,10 +247,10 @@ async fn install_replaces_the_state_keeps_the_history_and_survives_restart() {
     {
         let follower = Store::open_dir(follower_dir.path(), StoreOptions::default()).unwrap();
         let mut sm = follower.state_machine;
-        sm.apply([entry(1, vec![put("stale", "x"), put("a", "old")])]).await.unwrap();
-        let mut recv = sm.begin_receiving_snapshot().await.unwrap();
+        sm.apply_entries(vec![entry(1, vec![put("stale", "x"), put("a", "old")])]).await.unwrap();
+        let mut recv = SnapshotFile::create_receiving(sm.snapshot_dir()).await.unwrap();
         let mut src = tokio::fs::File::open(leader.reader.current_snapshot().unwrap().1).await.unwrap();
-        tokio::io::copy(&mut src, &mut *recv).await.unwrap();
+        tokio::io::copy(&mut src, &mut recv).await.unwrap();
         sm.install_snapshot(&snap.meta, recv).await.unwrap();
         assert_eq!(everything(&follower.reader), want, "the old state is gone, the new one complete");
         assert_eq!(everything_at(&follower.reader, 3), want_at_3, "the history came along");
@@ -261,7 +259,7 @@ async fn install_replaces_the_state_keeps_the_history_and_survives_restart() {
         let (lease, keys) = follower.reader.lease(5).unwrap().unwrap();
         assert_eq!((lease.ttl, keys), (60, vec![b"leased".to_vec()]));
         // Revoking the lease on the follower deletes its key: attachments were rebuilt.
-        sm.apply([entry(3, vec![Command::LeaseRevoke(5)])]).await.unwrap();
+        sm.apply_entries(vec![entry(3, vec![Command::LeaseRevoke(5)])]).await.unwrap();
         assert!(!everything(&follower.reader).contains_key("leased"));
     }
     // Restart: the state and the snapshot are there.
@@ -279,7 +277,10 @@ async fn install_replaces_the_state_keeps_the_history_and_survives_restart() {
 async fn a_corrupt_snapshot_is_refused_and_changes_nothing() {
     let (_leader_dir, leader) = new_store();
     let mut leader_sm = leader.state_machine;
-    leader_sm.apply([entry(1, (0..100).map(|i| put(&format!("k{i}"), "v")).collect())]).await.unwrap();
+    leader_sm
+        .apply_entries(vec![entry(1, (0..100).map(|i| put(&format!("k{i}"), "v")).collect())])
+        .await
+        .unwrap();
     let snap = leader_sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
     let mut bytes = fs::read(leader.reader.current_snapshot().unwrap().1).unwrap();
     let mid = bytes.len() / 2;
@@ -287,10 +288,10 @@ async fn a_corrupt_snapshot_is_refused_and_changes_nothing() {
 
     let (_dir, follower) = new_store();
     let mut sm = follower.state_machine;
-    sm.apply([entry(1, vec![put("mine", "1")])]).await.unwrap();
+    sm.apply_entries(vec![entry(1, vec![put("mine", "1")])]).await.unwrap();
     let before = follower.reader.digest().unwrap();
-    let mut recv = sm.begin_receiving_snapshot().await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut *recv, &bytes).await.unwrap();
+    let mut recv = SnapshotFile::create_receiving(sm.snapshot_dir()).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut recv, &bytes).await.unwrap();
     assert!(sm.install_snapshot(&snap.meta, recv).await.is_err());
     assert_eq!(follower.reader.digest().unwrap(), before);
     assert_eq!(follower.reader.applied().last_applied, Some(log_id(1)));
@@ -303,7 +304,7 @@ async fn applied_state_leases_and_compaction_survive_restart() {
         let store = Store::open_dir(dir.path(), StoreOptions::default()).unwrap();
         let mut sm = store.state_machine;
         let results = sm
-            .apply([
+            .apply_entries(vec![
                 entry(1, vec![put("a", "1"), put("a", "2"), Command::LeaseGrant { id: 3, ttl: 9 }]),
                 entry(2, vec![del("a"), Command::Compact(3)]),
             ])
@@ -331,13 +332,13 @@ async fn hash_kv_agrees_across_physical_compaction_and_sees_every_change() {
     let (_d2, two) = new_store();
     let mut sm1 = one.state_machine;
     let mut sm2 = two.state_machine;
-    sm1.apply([entry(1, commands.clone())]).await.unwrap();
-    sm2.apply([entry(1, commands)]).await.unwrap();
+    sm1.apply_entries(vec![entry(1, commands.clone())]).await.unwrap();
+    sm2.apply_entries(vec![entry(1, commands)]).await.unwrap();
     let (before, compact, revision) = one.reader.hash_kv(0).unwrap();
     assert_eq!((compact, revision), (0, 6));
     assert_eq!(two.reader.hash_kv(0).unwrap().0, before);
 
-    sm1.apply([entry(2, vec![Command::Compact(4)])]).await.unwrap();
+    sm1.apply_entries(vec![entry(2, vec![Command::Compact(4)])]).await.unwrap();
     crate::tests_support::wait_compacted(&one.reader, 3).await;
     let history = |reader: &SmReader| {
         let tree = reader.shared.read_state().tree.clone();
@@ -355,11 +356,13 @@ async fn hash_kv_agrees_across_physical_compaction_and_sees_every_change() {
     assert!(matches!(one.reader.hash_kv(7), Err(ReadError::FutureRevision { .. })));
 
     // Any change changes it; a hash at an earlier revision ignores later changes.
-    sm1.apply([entry(3, vec![put("c", "2")])]).await.unwrap();
+    sm1.apply_entries(vec![entry(3, vec![put("c", "2")])]).await.unwrap();
     assert_ne!(one.reader.hash_kv(0).unwrap().0, h1);
     assert_eq!(one.reader.hash_kv(6).unwrap().0, h1);
     // The same commands and compaction on the second member give the same hash.
-    sm2.apply([entry(2, vec![Command::Compact(4)]), entry(3, vec![put("c", "2")])]).await.unwrap();
+    sm2.apply_entries(vec![entry(2, vec![Command::Compact(4)]), entry(3, vec![put("c", "2")])])
+        .await
+        .unwrap();
     assert_eq!(two.reader.hash_kv(0).unwrap(), one.reader.hash_kv(0).unwrap());
 }
 
@@ -369,9 +372,12 @@ async fn a_backup_is_a_snapshot_another_volume_installs() {
     let path = {
         let store = Store::open_dir(dir.path(), StoreOptions::default()).unwrap();
         let mut sm = store.state_machine;
-        sm.apply([entry(1, vec![put("a", "1"), Command::LeaseGrant { id: 9, ttl: 30 }, put("b", "2")])])
-            .await
-            .unwrap();
+        sm.apply_entries(vec![entry(
+            1,
+            vec![put("a", "1"), Command::LeaseGrant { id: 9, ttl: 30 }, put("b", "2")],
+        )])
+        .await
+        .unwrap();
         let (header, path, bytes) = store.reader.write_backup().unwrap();
         assert_eq!((header.revision, header.leases.len()), (3, 1));
         assert_eq!(fs::metadata(&path).unwrap().len(), bytes);
@@ -379,9 +385,9 @@ async fn a_backup_is_a_snapshot_another_volume_installs() {
 
         let (_other_dir, other) = new_store();
         let mut other_sm = other.state_machine;
-        let mut recv = other_sm.begin_receiving_snapshot().await.unwrap();
+        let mut recv = SnapshotFile::create_receiving(other_sm.snapshot_dir()).await.unwrap();
         let mut src = tokio::fs::File::open(&path).await.unwrap();
-        tokio::io::copy(&mut src, &mut *recv).await.unwrap();
+        tokio::io::copy(&mut src, &mut recv).await.unwrap();
         other_sm.install_snapshot(&header.meta, recv).await.unwrap();
         assert_eq!(everything(&other.reader), everything(&store.reader));
         assert_eq!(other.reader.digest().unwrap(), store.reader.digest().unwrap());

@@ -30,6 +30,13 @@ pub struct Batch {
     pub commands: Vec<Command>,
 }
 
+/// How openraft logs a batch: its size, never its keys or values.
+impl std::fmt::Display for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "batch of {} command(s)", self.commands.len())
+    }
+}
+
 /// The results of one [`Batch`], one per command, in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchResult {

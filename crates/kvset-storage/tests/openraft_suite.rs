@@ -5,8 +5,10 @@ use kvset_storage::StateMachine;
 use kvset_storage::Store;
 use kvset_storage::StoreOptions;
 use kvset_storage::TypeConfig;
-use openraft::testing::StoreBuilder;
-use openraft::testing::Suite;
+use openraft::testing::log::StoreBuilder;
+use openraft::testing::log::Suite;
+use openraft::ErrorSubject;
+use openraft::ErrorVerb;
 use openraft::StorageError;
 use tempfile::TempDir;
 
@@ -14,14 +16,13 @@ use tempfile::TempDir;
 struct SledBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledBuilder {
-    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<u64>> {
-        let dir = tempfile::tempdir().map_err(|e| {
-            StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Write, e)
-        })?;
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
+        let dir = tempfile::tempdir()
+            .map_err(|e| StorageError::from_io_error(ErrorSubject::Store, ErrorVerb::Write, e))?;
         let store = Store::open_dir(dir.path(), StoreOptions::default()).map_err(|e| {
             StorageError::from_io_error(
-                openraft::ErrorSubject::Store,
-                openraft::ErrorVerb::Read,
+                ErrorSubject::Store,
+                ErrorVerb::Read,
                 std::io::Error::other(e.to_string()),
             )
         })?;
@@ -29,8 +30,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for SledBuilder {
     }
 }
 
-/// The suite builds its own Tokio runtime per case, so this is a plain `#[test]`.
-#[test]
-fn openraft_storage_suite() -> Result<(), StorageError<u64>> {
-    Suite::test_all(SledBuilder)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_suite() -> Result<(), StorageError<TypeConfig>> {
+    Suite::test_all(SledBuilder).await
 }

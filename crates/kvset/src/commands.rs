@@ -367,6 +367,33 @@ async fn member(client: &Client, command: MemberCommand, format: Format) -> anyh
             let resp = client.remove(node_id).await?;
             print_members(format, 0, &resp.members);
         }
+        MemberCommand::TransferLeader { to } => {
+            let members = client.member_list().await?.members;
+            let name_of =
+                |id: u64| members.iter().find(|m| m.node_id == id).map_or(String::new(), |m| m.name.clone());
+            let node_id = match to {
+                None => 0,
+                Some(to) => match members.iter().find(|m| m.name == to) {
+                    Some(m) => m.node_id,
+                    None => match to.parse::<u64>() {
+                        Ok(id) if members.iter().any(|m| m.node_id == id) => id,
+                        _ => anyhow::bail!(
+                            "no member named {to:?}; members: {}",
+                            members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                    },
+                },
+            };
+            let resp = client.transfer_leader(node_id).await?;
+            match format {
+                Format::Json => {
+                    print_json(&json!({"leader_id": resp.leader_id, "leader": name_of(resp.leader_id)}))
+                }
+                Format::Human => {
+                    println!("leader is now {} (node {})", name_of(resp.leader_id), resp.leader_id)
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -258,6 +258,13 @@ enum MemberCommand {
     Promote { node_id: u64 },
     /// Remove a member by hand.
     Remove { node_id: u64 },
+    /// Hand leadership to another voter (the leader also does this by itself when it stops).
+    TransferLeader {
+        /// The voter to hand it to, by name (`kvset-1`) or node id; default: the most
+        /// up-to-date voter.
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

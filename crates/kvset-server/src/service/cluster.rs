@@ -14,6 +14,7 @@ use kvset_proto::v1::cluster_client::ClusterClient;
 use kvset_storage::Command;
 use kvset_storage::CommandResult;
 use kvset_storage::Member;
+use kvset_storage::WatchReceiver;
 use openraft::ChangeMembers;
 use openraft::ServerState;
 use tonic::transport::Channel;
@@ -45,6 +46,8 @@ type BackupStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::Back
 
 /// Bytes per backup chunk.
 const BACKUP_CHUNK: usize = 64 * 1024;
+/// Longest a `TransferLeader` call waits for another member to lead.
+const TRANSFER_LEADER_BUDGET: Duration = Duration::from_secs(5);
 
 /// Sends the `total` bytes of a backup file in chunks; stops when the client goes away.
 fn stream_backup(
@@ -356,10 +359,19 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         let ctx = CallContext::of(&req);
+        let msg = req.into_inner();
         observe(self.member.metrics(), "TransferLeader", &ctx, async {
-            Err::<pb::TransferLeaderResponse, _>(KvError::Unimplemented(
-                "leadership transfer: openraft 0.9 offers none; a leader that stops costs about one election timeout".into(),
-            ))
+            let to = (msg.node_id != 0).then_some(msg.node_id);
+            let budget = ctx.remaining().min(TRANSFER_LEADER_BUDGET);
+            self.on_leader(
+                ctx,
+                async || {
+                    let leader_id = self.member.transfer_leadership(to, budget).await?;
+                    Ok(pb::TransferLeaderResponse { leader_id })
+                },
+                async move |mut c| c.transfer_leader(ctx.forward(msg)).await,
+            )
+            .await
         })
         .await
     }
@@ -371,7 +383,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         let ctx = CallContext::of(&req);
         observe(self.member.metrics(), "Snapshot", &ctx, async {
             let raft = self.member.raft();
-            let target = raft.metrics().borrow().last_applied;
+            let target = raft.metrics().borrow_watched().last_applied;
             raft.trigger().snapshot().await.map_err(|e| errors::stopped(&e))?;
             let Some(target) = target else {
                 return Ok(pb::SnapshotResponse { last_log_index: 0 });
@@ -380,12 +392,16 @@ impl pb::cluster_server::Cluster for ClusterService {
             let mut rx = raft.metrics();
             let done = tokio::time::timeout(
                 left,
-                rx.wait_for(|m| m.snapshot.is_some_and(|s| s.index >= target.index)),
+                crate::member::metrics_until(&mut rx, |m| {
+                    m.snapshot.is_some_and(|s| s.index >= target.index)
+                }),
             )
             .await;
             match done {
-                Ok(Ok(m)) => Ok(pb::SnapshotResponse { last_log_index: m.snapshot.map_or(0, |s| s.index) }),
-                Ok(Err(_)) => Err(KvError::Unavailable("raft stopped".into())),
+                Ok(true) => Ok(pb::SnapshotResponse {
+                    last_log_index: rx.borrow_watched().snapshot.map_or(0, |s| s.index),
+                }),
+                Ok(false) => Err(KvError::Unavailable("raft stopped".into())),
                 Err(_) => Err(KvError::DeadlineExceeded("the snapshot was not built in time".into())),
             }
         })

@@ -21,17 +21,16 @@ use kvset_proto::v1 as pb;
 use kvset_proto::v1::raft_client::RaftClient;
 use kvset_storage::codec;
 use kvset_storage::ClusterId;
+use kvset_storage::LogId;
 use kvset_storage::Member;
+use kvset_storage::SnapshotFile;
 use kvset_storage::TypeConfig;
-use openraft::error::InstallSnapshotError;
-use openraft::error::RaftError;
-use openraft::error::SnapshotMismatch;
+use kvset_storage::Vote;
 use openraft::raft::AppendEntriesRequest;
-use openraft::raft::InstallSnapshotRequest;
-use openraft::raft::InstallSnapshotResponse;
+use openraft::raft::TransferLeaderRequest;
 use openraft::raft::VoteRequest;
 use openraft::ServerState;
-use openraft::SnapshotSegmentId;
+use openraft::Snapshot;
 use tonic::metadata::MetadataValue;
 use tonic::Request;
 use tonic::Response;
@@ -41,73 +40,69 @@ use crate::errors;
 use crate::errors::KvError;
 use crate::forward::CallContext;
 use crate::member::LocalMember;
+use crate::network::SnapshotChunk;
+use crate::network::SnapshotChunkReply;
 
 /// The peer gRPC service.
 #[derive(Debug, Clone)]
 pub struct PeerService {
     member: Arc<LocalMember>,
-    /// The snapshot being received, checked chunk by chunk (see `install_snapshot`).
-    receiving: Arc<std::sync::Mutex<Transfers>>,
+    /// The snapshot being received, checked as it arrives (see `install_snapshot`).
+    receiving: Arc<tokio::sync::Mutex<Option<Receiving>>>,
 }
 
-/// Snapshot transfers refused for a damaged checksum before one is let through to openraft's
-/// own check (which stops the member): a leader whose snapshot file itself is damaged must not
-/// resend it forever.
-const SNAPSHOT_REJECTIONS_MAX: u32 = 5;
-
-/// The snapshot transfer being followed, and how often transfers of that snapshot were refused.
-#[derive(Debug, Default)]
-struct Transfers {
-    current: Option<Receiving>,
-    rejected: Option<(String, u32)>,
-}
-
-/// A snapshot transfer in progress: the CRC-32 of its bytes so far, except the last four,
-/// which are the file's own checksum of everything before them (`kvset_storage::snapshot`).
-#[derive(Debug, Clone)]
+/// A snapshot transfer in progress: the file it is written to, and the CRC-32 of its bytes so
+/// far except the last four, which are the file's own checksum of everything before them
+/// (`kvset_storage::snapshot`).
+#[derive(Debug)]
 struct Receiving {
-    id: String,
+    transfer: u64,
+    file: SnapshotFile,
     next_offset: u64,
     crc: crc32fast::Hasher,
     tail: Vec<u8>,
-    /// The state before the last chunk, so that a resent last chunk is taken again.
-    before_last: Option<(u64, crc32fast::Hasher, Vec<u8>)>,
 }
 
 impl Receiving {
-    fn new(id: String) -> Self {
-        Self {
-            id,
-            next_offset: 0,
-            crc: crc32fast::Hasher::new(),
-            tail: Vec::with_capacity(4),
-            before_last: None,
-        }
+    fn new(transfer: u64, file: SnapshotFile) -> Self {
+        Self { transfer, file, next_offset: 0, crc: crc32fast::Hasher::new(), tail: Vec::with_capacity(4) }
     }
 
-    /// Takes the chunk at `offset`: the next one, or the last one again (a resend). Returns
-    /// false for any other offset.
-    fn feed(&mut self, offset: u64, data: &[u8]) -> bool {
-        if offset != self.next_offset {
-            match self.before_last.clone() {
-                Some((last_offset, crc, tail)) if last_offset == offset => {
-                    (self.next_offset, self.crc, self.tail) = (last_offset, crc, tail);
-                }
-                _ => return false,
-            }
-        }
-        self.before_last = Some((self.next_offset, self.crc.clone(), self.tail.clone()));
+    /// Appends the next chunk to the file and to the running checksum.
+    async fn take(&mut self, data: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.file.write_all(data).await?;
         self.next_offset += data.len() as u64;
         self.tail.extend_from_slice(data);
         let keep = self.tail.len().saturating_sub(4);
         self.crc.update(&self.tail[..keep]);
         self.tail.drain(..keep);
-        true
+        Ok(())
     }
 
     /// Whether the whole file's trailing checksum matches its bytes.
-    fn intact(self) -> bool {
-        self.tail.len() == 4 && self.tail[..] == self.crc.finalize().to_le_bytes()[..]
+    fn intact(&self) -> bool {
+        self.tail.len() == 4 && self.tail[..] == self.crc.clone().finalize().to_le_bytes()[..]
+    }
+
+    /// Drops the transfer and its file.
+    fn discard(self) {
+        let path = self.file.path().to_path_buf();
+        drop(self.file);
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Decodes a (pre-)vote request. A member of the previous release (openraft 0.9) sends one
+/// without the trailing `leadership_transfer` flag, which postcard cannot default: that form is
+/// read as a plain vote, so a rolling upgrade keeps elections working across versions.
+fn decode_vote(bytes: &[u8]) -> Result<VoteRequest<TypeConfig>, KvError> {
+    match codec::decode::<VoteRequest<TypeConfig>>("vote", bytes) {
+        Ok(rpc) => Ok(rpc),
+        Err(e) => match codec::decode::<(Vote, Option<LogId>)>("vote", bytes) {
+            Ok((vote, last_log_id)) => Ok(VoteRequest::new(vote, last_log_id)),
+            Err(_) => Err(KvError::InvalidArgument(e.to_string())),
+        },
     }
 }
 
@@ -120,49 +115,56 @@ impl PeerService {
         Self { member, receiving: Arc::default() }
     }
 
-    /// Follows a snapshot transfer chunk by chunk and, on its last chunk, whether the file's
-    /// checksum holds. Chunks that cannot be followed (a transfer that started before this
-    /// member did, an offset out of order) are let through: openraft deals with those. After
-    /// [`SNAPSHOT_REJECTIONS_MAX`] refusals of one snapshot, it is let through as well.
-    fn arrived_intact(&self, rpc: &InstallSnapshotRequest<TypeConfig>) -> bool {
-        let mut transfers = self.receiving.lock().unwrap_or_else(|e| e.into_inner());
-        let id = &rpc.meta.snapshot_id;
-        if rpc.offset == 0 {
-            transfers.current = Some(Receiving::new(id.clone()));
-        }
-        let followed = match transfers.current.as_mut() {
-            Some(r) if r.id == *id => r.feed(rpc.offset, &rpc.data),
-            _ => false,
-        };
-        if !followed {
-            transfers.current = None;
-            return true;
-        }
-        if !rpc.done {
-            return true;
-        }
-        let intact = transfers.current.take().is_none_or(Receiving::intact);
-        if intact {
-            return true;
-        }
-        let refusals = match transfers.rejected.as_mut() {
-            Some((rejected_id, n)) if rejected_id == id => {
-                *n += 1;
-                *n
+    /// Takes one chunk of a snapshot transfer; on the last one, checks the whole file and has
+    /// openraft install it. A damaged file never reaches openraft (whose install would stop
+    /// the member): it is refused, and the leader sends the snapshot again.
+    async fn receive_chunk(&self, chunk: SnapshotChunk) -> SnapshotChunkReply {
+        let mut slot = self.receiving.lock().await;
+        if chunk.offset == 0 {
+            if let Some(old) = slot.take() {
+                old.discard();
             }
-            _ => {
-                transfers.rejected = Some((id.clone(), 1));
-                1
-            }
+            let dir = kvset_storage::snapshot_dir(&self.member.config().data_dir);
+            let file = SnapshotFile::create_receiving(&dir)
+                .await
+                .map_err(|e| format!("cannot create a file for the snapshot in {}: {e}", dir.display()))?;
+            *slot = Some(Receiving::new(chunk.transfer, file));
+        }
+        let expected =
+            slot.as_ref().is_some_and(|r| r.transfer == chunk.transfer && r.next_offset == chunk.offset);
+        let Some(mut receiving) = slot.take().filter(|_| expected) else {
+            return Err(format!(
+                "snapshot chunk at offset {} is not the one expected; start over",
+                chunk.offset
+            ));
         };
-        if refusals > SNAPSHOT_REJECTIONS_MAX {
-            tracing::error!(
-                snapshot_id = %id, refusals,
-                "snapshot failed its checksum on every transfer; letting openraft's install refuse it"
+        if let Err(e) = receiving.take(&chunk.data).await {
+            receiving.discard();
+            return Err(format!("cannot write the snapshot: {e}"));
+        }
+        if !chunk.done {
+            *slot = Some(receiving);
+            return Ok(None);
+        }
+        if !receiving.intact() {
+            receiving.discard();
+            self.member
+                .metrics()
+                .snapshots
+                .get_or_create(&crate::metrics::KindLabel { kind: "rejected" })
+                .inc();
+            tracing::warn!(
+                last_log_id = ?chunk.meta.last_log_id,
+                "a snapshot failed its checksum in transit; refused, the leader sends it again"
             );
-            return true;
+            return Err("the snapshot failed its checksum in transit".into());
         }
-        false
+        let path = receiving.file.path().to_path_buf();
+        let snapshot = Snapshot { meta: chunk.meta, snapshot: receiving.file };
+        let installed = self.member.raft().install_full_snapshot(chunk.vote, snapshot).await;
+        // Installed, the file was renamed; refused (a stale leader), it is left over.
+        let _ = std::fs::remove_file(&path);
+        installed.map(Some).map_err(|fatal| format!("raft stopped: {fatal}"))
     }
 
     /// Refuses a Raft message meant for another node id or another cluster (see the module
@@ -192,6 +194,28 @@ impl PeerService {
                 s.adopt_cluster(theirs).await.map_err(|e| KvError::FailedPrecondition(e.to_string()))
             }
         }
+    }
+
+    /// [`Self::check`], and refuses a (pre-)vote request from a node outside our membership.
+    async fn check_voter(&self, req: &pb::RaftRequest) -> Result<(), KvError> {
+        self.check(req).await?;
+        let known = {
+            let metrics = self.member.raft_metrics();
+            let membership = metrics.membership_config.membership();
+            membership.nodes().next().is_none() || membership.get_node(&req.from).is_some()
+        };
+        if !known {
+            tracing::warn!(
+                from = req.from,
+                "refusing a vote request from node {} which is not a member (removed or replaced)",
+                req.from
+            );
+            return Err(KvError::FailedPrecondition(format!(
+                "node {} is not a member of this cluster",
+                req.from
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses a request that another cluster's member sent.
@@ -297,23 +321,43 @@ impl pb::raft_server::Raft for PeerService {
 
     async fn vote(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         let req = request.into_inner();
-        self.check(&req).await?;
-        let membership = self.member.raft().metrics().borrow().membership_config.clone();
-        let membership = membership.membership();
-        if membership.nodes().next().is_some() && membership.get_node(&req.from).is_none() {
-            tracing::warn!(
-                from = req.from,
-                "refusing a vote request from node {} which is not a member (removed or replaced)",
-                req.from
-            );
-            return Err(KvError::FailedPrecondition(format!(
-                "node {} is not a member of this cluster",
-                req.from
-            ))
-            .into());
-        }
-        let rpc: VoteRequest<u64> = Self::decode("vote", &req.payload)?;
+        self.check_voter(&req).await?;
+        let rpc = decode_vote(&req.payload)?;
         Ok(Self::reply(&self.member.raft().vote(rpc).await)?)
+    }
+
+    async fn pre_vote(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let req = request.into_inner();
+        self.check_voter(&req).await?;
+        let rpc = decode_vote(&req.payload)?;
+        Ok(Self::reply(&self.member.raft().pre_vote(rpc).await)?)
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let req = request.into_inner();
+        self.check(&req).await?;
+        let rpc: TransferLeaderRequest<TypeConfig> = Self::decode("transfer leader", &req.payload)?;
+        if *rpc.to_node_id() == self.member.node_id() {
+            // The new leader must hold all of the old one's log, or it ignores the handover.
+            // The last entries may still be on their way (the handover and the replication
+            // travel separately): wait for them briefly.
+            let needed = rpc.last_log_id().map_or(0, |l| l.index);
+            let wait =
+                std::time::Duration::from_millis(self.member.config().raft.election_timeout_min_ms / 2);
+            let mut rx = self.member.raft().metrics();
+            let _ = tokio::time::timeout(
+                wait,
+                crate::member::metrics_until(&mut rx, |m| m.last_log_index.unwrap_or(0) >= needed),
+            )
+            .await;
+        }
+        let reply = self.member.raft().handle_transfer_leader(rpc).await;
+        let reply: Result<_, openraft::error::RaftError<TypeConfig>> =
+            reply.map_err(openraft::error::RaftError::Fatal);
+        Ok(Self::reply(&reply)?)
     }
 
     async fn install_snapshot(
@@ -322,29 +366,8 @@ impl pb::raft_server::Raft for PeerService {
     ) -> Result<Response<pb::RaftReply>, Status> {
         let req = request.into_inner();
         self.check(&req).await?;
-        let rpc: InstallSnapshotRequest<TypeConfig> = Self::decode("install snapshot", &req.payload)?;
-        if !self.arrived_intact(&rpc) {
-            // Handing it to openraft would fail its install, which openraft treats as fatal
-            // and stops the member. Refused, the leader sends the snapshot again.
-            self.member
-                .metrics()
-                .snapshots
-                .get_or_create(&crate::metrics::KindLabel { kind: "rejected" })
-                .inc();
-            tracing::warn!(
-                from = req.from, snapshot_id = %rpc.meta.snapshot_id,
-                "a snapshot failed its checksum in transit; refused, the leader sends it again"
-            );
-            // A mismatch makes the leader start the transfer over at offset 0.
-            let mismatch = SnapshotMismatch {
-                expect: SnapshotSegmentId { id: rpc.meta.snapshot_id.clone(), offset: 0 },
-                got: SnapshotSegmentId { id: rpc.meta.snapshot_id.clone(), offset: rpc.offset },
-            };
-            let refused: Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>> =
-                Err(RaftError::APIError(InstallSnapshotError::SnapshotMismatch(mismatch)));
-            return Ok(Self::reply(&refused)?);
-        }
-        Ok(Self::reply(&self.member.raft().install_snapshot(rpc).await)?)
+        let chunk: SnapshotChunk = Self::decode("snapshot chunk", &req.payload)?;
+        Ok(Self::reply(&self.receive_chunk(chunk).await)?)
     }
 
     async fn probe(&self, _request: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeReply>, Status> {
@@ -415,6 +438,8 @@ impl pb::raft_server::Raft for PeerService {
 
 #[cfg(test)]
 mod tests {
+    use kvset_storage::SnapshotFile;
+
     use super::Receiving;
 
     fn file(payload: &[u8]) -> Vec<u8> {
@@ -423,36 +448,34 @@ mod tests {
         f
     }
 
-    fn receive(f: &[u8], chunk: usize, resend_each: bool) -> bool {
-        let mut r = Receiving::new("s".into());
-        let mut offset = 0;
+    async fn receive(dir: &std::path::Path, f: &[u8], chunk: usize) -> bool {
+        let mut r = Receiving::new(1, SnapshotFile::create_receiving(dir).await.unwrap());
         for c in f.chunks(chunk) {
-            assert!(r.feed(offset as u64, c));
-            if resend_each {
-                assert!(r.feed(offset as u64, c), "a resent last chunk is taken again");
-            }
-            offset += c.len();
+            r.take(c).await.unwrap();
         }
-        r.intact()
+        assert_eq!(r.next_offset, f.len() as u64);
+        let intact = r.intact();
+        r.discard();
+        intact
     }
 
-    #[test]
-    fn the_trailing_checksum_is_checked_across_any_chunking_and_resends() {
+    #[tokio::test]
+    async fn the_trailing_checksum_is_checked_across_any_chunking() {
+        let dir = tempfile::tempdir().unwrap();
         let f = file(&(0..1000u32).flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>());
         for chunk in [1, 3, 4, 5, 7, 1000, 4003, 4004, 10_000] {
-            assert!(receive(&f, chunk, false), "chunk {chunk}");
-            assert!(receive(&f, chunk, true), "chunk {chunk}, resent");
+            assert!(receive(dir.path(), &f, chunk).await, "chunk {chunk}");
         }
         for i in [0, 500, f.len() - 5, f.len() - 1] {
             let mut bad = f.clone();
             bad[i] ^= 0x10;
             for chunk in [1, 7, 4004] {
-                assert!(!receive(&bad, chunk, false), "flip at {i}, chunk {chunk}");
+                assert!(!receive(dir.path(), &bad, chunk).await, "flip at {i}, chunk {chunk}");
             }
         }
-        let mut r = Receiving::new("s".into());
-        assert!(r.feed(0, &f[..10]));
-        assert!(!r.feed(20, &f[20..30]), "a gap is not followed");
-        assert!(!Receiving::new("s".into()).intact(), "an empty transfer is not intact");
+        let empty = Receiving::new(1, SnapshotFile::create_receiving(dir.path()).await.unwrap());
+        assert!(!empty.intact(), "an empty transfer is not intact");
+        empty.discard();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "discarded transfers leave no file");
     }
 }

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvset_storage::Member;
-use openraft::RaftMetrics;
+use kvset_storage::RaftMetricsRx;
+use kvset_storage::WatchReceiver;
 use openraft::ServerState;
 use tokio::sync::watch;
 
@@ -24,7 +24,7 @@ pub const VOLUME_REFRESH: Duration = Duration::from_secs(5);
 
 /// Runs until `stop` (or until Raft's metrics channel closes).
 pub async fn run(
-    mut rx: watch::Receiver<RaftMetrics<u64, Member>>,
+    mut rx: RaftMetricsRx,
     metrics: Arc<Metrics>,
     leadership: Arc<LeaderClock>,
     data_dir: PathBuf,

@@ -12,29 +12,36 @@ use kvset_storage::Command;
 use kvset_storage::Member;
 use kvset_storage::Put;
 use kvset_storage::SmReader;
+use kvset_storage::SnapshotFile;
+use kvset_storage::StateMachine;
 use kvset_storage::Store;
 use kvset_storage::StoreOptions;
 use kvset_storage::TypeConfig;
-use openraft::error::InstallSnapshotError;
+use kvset_storage::Vote;
 use openraft::error::RPCError;
-use openraft::error::RaftError;
+use openraft::error::ReplicationClosed;
+use openraft::error::StreamingError;
 use openraft::error::Unreachable;
 use openraft::network::RPCOption;
-use openraft::network::RaftNetwork;
 use openraft::network::RaftNetworkFactory;
+use openraft::network::RaftNetworkV2;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
-use openraft::raft::InstallSnapshotRequest;
-use openraft::raft::InstallSnapshotResponse;
+use openraft::raft::SnapshotResponse;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
+use openraft::OptionalSend;
 use openraft::Raft;
+use openraft::Snapshot;
+
+/// The Raft of these tests.
+pub type TestRaft = Raft<TypeConfig, StateMachine>;
 
 /// A network with no peers: a single member never sends anything.
 pub struct NoNetwork;
 
-fn unreachable<E: std::error::Error>() -> RPCError<u64, Member, E> {
-    RPCError::Unreachable(Unreachable::new(&std::io::Error::other("single-member test cluster")))
+fn unreachable() -> Unreachable<TypeConfig> {
+    Unreachable::new(&std::io::Error::other("single-member test cluster"))
 }
 
 impl RaftNetworkFactory<TypeConfig> for NoNetwork {
@@ -45,30 +52,33 @@ impl RaftNetworkFactory<TypeConfig> for NoNetwork {
     }
 }
 
-impl RaftNetwork<TypeConfig> for NoNetwork {
+impl RaftNetworkV2<TypeConfig> for NoNetwork {
+    type SnapshotData = SnapshotFile;
+
     async fn append_entries(
         &mut self,
         _rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Member, RaftError<u64>>> {
-        Err(unreachable())
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, Member, RaftError<u64, InstallSnapshotError>>>
-    {
-        Err(unreachable())
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        Err(RPCError::Unreachable(unreachable()))
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<u64>,
+        _rpc: VoteRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<VoteResponse<u64>, RPCError<u64, Member, RaftError<u64>>> {
-        Err(unreachable())
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        Err(RPCError::Unreachable(unreachable()))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        _vote: Vote,
+        _snapshot: Snapshot<kvset_storage::LeaderId, u64, Member, SnapshotFile>,
+        _cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        Err(StreamingError::Unreachable(unreachable()))
     }
 }
 
@@ -77,7 +87,7 @@ pub const NODE_ID: u64 = 1;
 
 /// Starts a single-member Raft on the store in `dir`, initialising it if new, and waits until
 /// it is leader. `snapshot_every` is the snapshot policy (entries since the last snapshot).
-pub async fn start_single(dir: &Path, snapshot_every: u64) -> (Raft<TypeConfig>, SmReader) {
+pub async fn start_single(dir: &Path, snapshot_every: u64) -> (TestRaft, SmReader) {
     let store = Store::open_dir(dir, StoreOptions::default()).expect("open store");
     let config = openraft::Config {
         heartbeat_interval: 50,

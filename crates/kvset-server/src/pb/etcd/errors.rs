@@ -104,6 +104,16 @@ pub fn auth_not_enabled() -> Status {
     status(Code::FailedPrecondition, "etcdserver: authentication is not enabled")
 }
 
+/// "etcdserver: not leader"
+pub fn not_leader() -> Status {
+    status(Code::FailedPrecondition, "etcdserver: not leader")
+}
+
+/// "etcdserver: bad leader transferee"
+pub fn bad_leader_transferee() -> Status {
+    status(Code::FailedPrecondition, "etcdserver: bad leader transferee")
+}
+
 /// "etcdserver: member not found"
 pub fn member_not_found() -> Status {
     status(Code::NotFound, "etcdserver: member not found")

@@ -202,13 +202,26 @@ impl epb::maintenance_server::Maintenance for EtcdService {
         .await
     }
 
+    /// As etcd: only the leader moves leadership (etcdctl sends the call to it), to a voter.
     async fn move_leader(
         &self,
-        _: Request<epb::MoveLeaderRequest>,
+        req: Request<epb::MoveLeaderRequest>,
     ) -> Result<Response<epb::MoveLeaderResponse>, Status> {
-        Err(errors::unimplemented(
-            "MoveLeader: leadership transfer needs openraft 0.10 (kvset runs on 0.9); stop the leader's pod to move leadership",
-        ))
+        let ctx = CallContext::of(&req);
+        let target = req.get_ref().target_id;
+        observe(self.member.metrics(), "etcd.MoveLeader", &ctx, async {
+            let m = self.member.raft_metrics();
+            if m.current_leader != Some(self.member.node_id()) {
+                return Err(errors::not_leader());
+            }
+            if !m.membership_config.membership().voter_ids().any(|v| v == target) {
+                return Err(errors::bad_leader_transferee());
+            }
+            let budget = ctx.remaining().min(std::time::Duration::from_secs(5));
+            self.member.transfer_leadership(Some(target), budget).await.map_err(errors::from_kv)?;
+            Ok::<_, Status>(epb::MoveLeaderResponse { header: self.header_now() })
+        })
+        .await
     }
 
     async fn downgrade(

@@ -34,7 +34,7 @@ use kvset_proto::v1 as pb;
 use kvset_proto::v1::raft_client::RaftClient;
 use kvset_storage::ClusterId;
 use kvset_storage::Member;
-use openraft::RaftMetrics;
+use kvset_storage::RaftMetrics;
 use openraft::ServerState;
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -161,7 +161,7 @@ async fn step(shared: &Arc<LocalMember>, state: &mut Loop) -> bool {
         // quorum may have been replaced or removed while it was away (openraft 0.9 restores a
         // leadership it had committed for itself at startup): it asks its peers, like a
         // leaderless voter, instead of believing it leads forever.
-        let Some(ms) = shared.quorum_lost_ms(m.millis_since_quorum_ack) else {
+        let Some(ms) = shared.quorum_lost_ms(crate::member::millis_since_quorum_ack(&m)) else {
             state.leaderless_steps = 0;
             return reconcile(shared, state, &m).await;
         };
@@ -339,12 +339,13 @@ async fn loaded_state(shared: &LocalMember) -> Result<Loaded, String> {
         .raft()
         .with_raft_state(|st| {
             let effective = st.membership_state.effective();
-            let last_log_index = [*effective.log_id(), st.committed, st.snapshot_meta.last_log_id]
-                .into_iter()
-                .flatten()
-                .map(|l| l.index)
-                .max()
-                .unwrap_or(0);
+            let last_log_index =
+                [*effective.log_id(), st.local_committed().cloned(), st.snapshot_meta.last_log_id]
+                    .into_iter()
+                    .flatten()
+                    .map(|l| l.index)
+                    .max()
+                    .unwrap_or(0);
             Loaded { has_membership: effective.membership().nodes().next().is_some(), last_log_index }
         })
         .await
@@ -444,7 +445,7 @@ async fn change(shared: &LocalMember, what: String, change: plan::Change, voters
 }
 
 /// The leader's reconciliation step: observe, [`plan::plan`], act.
-async fn reconcile(shared: &Arc<LocalMember>, state: &mut Loop, m: &RaftMetrics<u64, Member>) -> bool {
+async fn reconcile(shared: &Arc<LocalMember>, state: &mut Loop, m: &RaftMetrics) -> bool {
     let (desired, source) = shared.desired_replicas();
     let membership = m.membership_config.membership();
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
