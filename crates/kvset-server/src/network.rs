@@ -28,6 +28,8 @@ use kvset_storage::SnapshotFile;
 use kvset_storage::SnapshotMeta;
 use kvset_storage::TypeConfig;
 use kvset_storage::Vote;
+use openraft::base::BoxFuture;
+use openraft::base::BoxStream;
 use openraft::error::NetworkError;
 use openraft::error::RPCError;
 use openraft::error::RaftError;
@@ -43,6 +45,7 @@ use openraft::network::RaftNetworkV2;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendResult;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
@@ -249,6 +252,27 @@ impl From<SendError> for StreamingError<TypeConfig> {
     }
 }
 
+/// What a gRPC status from a peer means to openraft: a peer that is down or refuses us is
+/// unreachable (openraft backs off), a deadline is a timeout, anything else a network error.
+fn status_error(
+    status: &tonic::Status,
+    addr: &str,
+    target: u64,
+    timeout: impl Fn() -> SendError,
+) -> SendError {
+    match status.code() {
+        tonic::Code::Unavailable => {
+            SendError::Unreachable(unreachable(format!("{addr} unavailable: {}", status.message())))
+        }
+        tonic::Code::FailedPrecondition => {
+            tracing::warn!(target, %addr, reason = status.message(), "peer refused our message");
+            SendError::Unreachable(unreachable(format!("{addr} refused: {}", status.message())))
+        }
+        tonic::Code::DeadlineExceeded => timeout(),
+        _ => SendError::Network(network(format!("{addr}: {status}"))),
+    }
+}
+
 /// Largest AppendEntries payload sent at once when it holds more than one entry (see
 /// `append_entries`).
 pub const APPEND_MAX_BYTES: usize = 1 << 20;
@@ -331,25 +355,7 @@ impl PeerClient {
             || SendError::Timeout(Timeout { action: rpc.openraft(), id: my_id, target, timeout: ttl });
         let reply: RaftReply = match tokio::time::timeout(ttl, call).await {
             Err(_) => return Err(timeout()),
-            Ok(Err(status)) => {
-                return Err(match status.code() {
-                    tonic::Code::Unavailable => SendError::Unreachable(unreachable(format!(
-                        "{} unavailable: {}",
-                        self.addr,
-                        status.message()
-                    ))),
-                    tonic::Code::FailedPrecondition => {
-                        tracing::warn!(target, addr = %self.addr, reason = status.message(), "peer refused our message");
-                        SendError::Unreachable(unreachable(format!(
-                            "{} refused: {}",
-                            self.addr,
-                            status.message()
-                        )))
-                    }
-                    tonic::Code::DeadlineExceeded => timeout(),
-                    _ => SendError::Network(network(format!("{}: {}", self.addr, status))),
-                })
-            }
+            Ok(Err(status)) => return Err(status_error(&status, &self.addr, target, timeout)),
             Ok(Ok(response)) => response.into_inner(),
         };
         codec::decode::<Resp>("raft reply", &reply.payload)
@@ -407,6 +413,134 @@ impl PeerClient {
     }
 }
 
+impl PeerClient {
+    /// See `stream_append`.
+    async fn open_append_stream<'s, S>(
+        &'s mut self,
+        input: S,
+    ) -> Result<
+        BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+        RPCError<TypeConfig>,
+    >
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        use futures::StreamExt;
+        let mut input = input;
+        // openraft applies its backoff (after errors) while it produces the next request: take
+        // the first one before connecting, or a peer that is down would be retried in a hot
+        // loop.
+        let Some(first) = input.next().await else {
+            return Ok(Box::pin(futures::stream::empty()));
+        };
+        let input = futures::stream::iter([first]).chain(input);
+        let (my_id, target) = (self.inner.my_id, self.target);
+        let inner = self.inner.clone();
+        let cut = move || inner.fault.as_ref().is_some_and(|f| f.blocked(my_id, target));
+        let cut_off = move || {
+            SendError::Unreachable(unreachable(format!("link {my_id} -> {target} is cut (fault injection)")))
+        };
+        if cut() {
+            return Err(cut_off().into());
+        }
+        let Some(mut client) = self.client.clone() else {
+            return Err(RPCError::Unreachable(unreachable(format!("invalid peer address {:?}", self.addr))));
+        };
+        let rpc_timeout = self.inner.rpc_timeout;
+        let timeout = move || {
+            SendError::Timeout(Timeout {
+                action: RPCTypes::AppendEntries,
+                id: my_id,
+                target,
+                timeout: rpc_timeout,
+            })
+        };
+        // When each unanswered request went out: answers come in order, so the front is the
+        // oldest, and an answer's latency is the time since its front entry.
+        let sent: Arc<std::sync::Mutex<std::collections::VecDeque<Instant>>> = Arc::default();
+        let requests = {
+            let (sent, cut, cluster_id) = (sent.clone(), cut.clone(), self.inner.cluster.to_wire());
+            input.take_while(move |_| std::future::ready(!cut())).filter_map(move |rpc| {
+                let payload = codec::encode("append entries", &rpc);
+                let (sent, cluster_id) = (sent.clone(), cluster_id.clone());
+                async move {
+                    match payload {
+                        Ok(payload) => {
+                            sent.lock().unwrap_or_else(|e| e.into_inner()).push_back(Instant::now());
+                            Some(RaftRequest { cluster_id, from: my_id, to: target, payload })
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot encode an AppendEntries request; ending the stream");
+                            None
+                        }
+                    }
+                }
+            })
+        };
+        let addr = self.addr.clone();
+        let replies = match tokio::time::timeout(rpc_timeout, client.stream_append(requests)).await {
+            Err(_) => return Err(timeout().into()),
+            Ok(Err(status)) => return Err(status_error(&status, &addr, target, timeout).into()),
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        let metrics = self.inner.metrics.clone();
+        let answers = futures::stream::unfold(Some(replies), move |replies| {
+            let (sent, cut, addr, metrics) = (sent.clone(), cut.clone(), addr.clone(), metrics.clone());
+            async move {
+                let mut replies = replies?;
+                let outcome = loop {
+                    match tokio::time::timeout(rpc_timeout, replies.message()).await {
+                        Err(_) => {
+                            // An idle stream may wait as long as it likes; one whose oldest
+                            // request has gone unanswered for rpc_timeout has stalled.
+                            if cut() {
+                                break Err(cut_off());
+                            }
+                            let oldest = sent.lock().unwrap_or_else(|e| e.into_inner()).front().copied();
+                            if oldest.is_some_and(|t| t.elapsed() >= rpc_timeout) {
+                                break Err(timeout());
+                            }
+                        }
+                        Ok(Ok(None)) => return None,
+                        Ok(Err(status)) => break Err(status_error(&status, &addr, target, timeout)),
+                        Ok(Ok(Some(reply))) => {
+                            if cut() {
+                                break Err(cut_off());
+                            }
+                            let asked = sent.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                            metrics.peer(
+                                "stream_append",
+                                "ok",
+                                asked.map_or(Duration::ZERO, |t| t.elapsed()),
+                            );
+                            break codec::decode::<StreamAppendResult<TypeConfig>>(
+                                "stream append result",
+                                &reply.payload,
+                            )
+                            .map_err(|e| {
+                                SendError::Network(network(format!("undecodable answer from {addr}: {e}")))
+                            });
+                        }
+                    }
+                };
+                match outcome {
+                    Ok(result) => Some((Ok(result), Some(replies))),
+                    Err(e) => {
+                        let label = match &e {
+                            SendError::Unreachable(_) => "unreachable",
+                            SendError::Timeout(_) => "timeout",
+                            SendError::Network(_) => "network_error",
+                        };
+                        metrics.peer("stream_append", label, Duration::ZERO);
+                        Some((Err(e.into()), None))
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(answers))
+    }
+}
+
 fn encode<T: serde::Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, RPCError<TypeConfig>> {
     codec::encode(what, value).map_err(|e| RPCError::Network(network(e.to_string())))
 }
@@ -448,6 +582,27 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             (AppendEntriesResponse::Success, Some(last)) => AppendEntriesResponse::PartialSuccess(Some(last)),
             (reply, _) => reply,
         })
+    }
+
+    /// Pipelined replication over one `StreamAppend` call: requests go out as openraft produces
+    /// them, without waiting for answers; answers come back in order. The stream fails with a
+    /// timeout when the oldest unanswered request has waited `raft.rpc_timeout_ms`, and as
+    /// unreachable as soon as the link is cut (fault injection).
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        _option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        Box::pin(self.open_append_stream(input))
     }
 
     async fn vote(

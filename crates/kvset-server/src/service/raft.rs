@@ -40,6 +40,7 @@ use crate::errors;
 use crate::errors::KvError;
 use crate::forward::CallContext;
 use crate::member::LocalMember;
+use crate::member::Phase;
 use crate::network::SnapshotChunk;
 use crate::network::SnapshotChunkReply;
 
@@ -105,6 +106,9 @@ fn decode_vote(bytes: &[u8]) -> Result<VoteRequest<TypeConfig>, KvError> {
         },
     }
 }
+
+/// AppendEntries requests of one `StreamAppend` call received but not yet taken by openraft.
+const STREAM_APPEND_QUEUE: usize = 64;
 
 /// How long a join forwarded to the leader may take.
 const JOIN_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -307,8 +311,80 @@ impl PeerService {
     }
 }
 
+/// The answers of one `StreamAppend` call.
+type AppendStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::RaftReply, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::raft_server::Raft for PeerService {
+    type StreamAppendStream = AppendStream;
+
+    /// Pipelined replication: every request is checked like a unary one and handed to openraft
+    /// in order; openraft answers each in order. The first message that fails a check ends the
+    /// stream with that check's status, after the answers to the ones before it.
+    async fn stream_append(
+        &self,
+        request: Request<tonic::Streaming<pb::RaftRequest>>,
+    ) -> Result<Response<AppendStream>, Status> {
+        use futures::StreamExt;
+        // The stream lasts as long as the leader's replication session, so it must end when
+        // this member stops: it holds openraft's handle, and with it the volume's database,
+        // which an in-process restart (defragmentation) must be able to open again.
+        let stopping = || {
+            let mut phase = self.member.subscribe_phase();
+            async move {
+                let _ = phase.wait_for(|p| matches!(p, Phase::ShuttingDown | Phase::Stopped)).await;
+            }
+        };
+        let mut incoming = Box::pin(request.into_inner().take_until(stopping()));
+        let refused: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
+        let (tx, rx) = tokio::sync::mpsc::channel::<AppendEntriesRequest<TypeConfig>>(STREAM_APPEND_QUEUE);
+        {
+            let (this, refused) = (self.clone(), refused.clone());
+            tokio::spawn(async move {
+                while let Some(msg) = incoming.next().await {
+                    let checked = match msg {
+                        Ok(req) => match this.check(&req).await {
+                            Ok(()) => Self::decode::<AppendEntriesRequest<TypeConfig>>(
+                                "append entries",
+                                &req.payload,
+                            )
+                            .map_err(Status::from),
+                            Err(e) => Err(Status::from(e)),
+                        },
+                        Err(status) => Err(status),
+                    };
+                    match checked {
+                        Ok(rpc) => {
+                            if tx.send(rpc).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(status) => {
+                            *refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        let answers = self.member.raft().stream_append(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let answers = Box::pin(answers)
+            .take_until(stopping())
+            .map(|answer| match answer {
+                Ok(result) => codec::encode("stream append result", &result)
+                    .map(|payload| pb::RaftReply { payload })
+                    .map_err(|e| Status::internal(e.to_string())),
+                Err(fatal) => Err(Status::unavailable(format!("raft stopped: {fatal}"))),
+            })
+            .chain(
+                futures::stream::once(
+                    async move { refused.lock().unwrap_or_else(|e| e.into_inner()).take() },
+                )
+                .filter_map(|refusal| async move { refusal.map(Err) }),
+            );
+        Ok(Response::new(Box::pin(answers)))
+    }
+
     async fn append_entries(
         &self,
         request: Request<pb::RaftRequest>,
