@@ -37,6 +37,7 @@ use std::fmt::Debug;
 use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::sync::Arc;
+use std::time::Duration;
 use std::time::Instant;
 
 use std::io;
@@ -167,17 +168,34 @@ pub struct LogStore {
     reader: LogReader,
     /// Feeds the flusher thread; dropped first in `Drop` so the thread ends.
     flusher: Option<mpsc::Sender<IOFlushed<TypeConfig>>>,
-    flusher_thread: Option<JoinHandle<()>>,
+    /// The flusher thread, and a channel that closes when it ends.
+    flusher_thread: Option<(JoinHandle<()>, std::sync::Mutex<mpsc::Receiver<()>>)>,
     observer: Arc<dyn StorageObserver>,
 }
 
+/// Longest a dropped `LogStore` waits for its flusher thread to end.
+const FLUSHER_STOP_WAIT: Duration = Duration::from_secs(5);
+
 impl Drop for LogStore {
     /// Stops the flusher thread and waits for it, so that once a `LogStore` is gone its
-    /// database handle is too (an in-process restart can reopen the volume at once).
+    /// database handle is too (an in-process restart can reopen the volume at once). Bounded:
+    /// a flush stuck on a failing disk must not hold up the member's exit (it may run on one of
+    /// the runtime's threads); the thread is then left behind with its handle, and the process
+    /// is about to exit anyway.
     fn drop(&mut self) {
         self.flusher.take();
-        if let Some(thread) = self.flusher_thread.take() {
-            let _ = thread.join();
+        if let Some((thread, ended)) = self.flusher_thread.take() {
+            let ended = ended.into_inner().unwrap_or_else(|e| e.into_inner());
+            match ended.recv_timeout(FLUSHER_STOP_WAIT) {
+                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = thread.join();
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    tracing::error!(
+                        "the log flusher is stuck in a flush (a failing disk?); leaving it behind"
+                    );
+                }
+            }
         }
     }
 }
@@ -194,14 +212,24 @@ impl LogStore {
         let tree = db.open_tree("raft")?;
         let reader = LogReader { tree };
         let (tx, rx) = mpsc::channel();
+        let (ended_tx, ended) = mpsc::channel::<()>();
         let thread = {
             let (db, observer) = (db.clone(), observer.clone());
             std::thread::Builder::new()
                 .name("kvset-log-flush".into())
-                .spawn(move || flusher(db, rx, observer))
+                .spawn(move || {
+                    flusher(db, rx, observer);
+                    drop(ended_tx);
+                })
                 .map_err(sled::Error::Io)?
         };
-        let store = Self { db, reader, flusher: Some(tx), flusher_thread: Some(thread), observer };
+        let store = Self {
+            db,
+            reader,
+            flusher: Some(tx),
+            flusher_thread: Some((thread, std::sync::Mutex::new(ended))),
+            observer,
+        };
         store.remove_purged_leftovers()?;
         Ok(store)
     }
