@@ -273,7 +273,7 @@ async fn etcdctl_runs_every_command() {
         try_ctl(&all, &["member", "add", "extra", "--peer-urls=http://127.0.0.1:1"], None).await;
     assert!(!ok && err.contains("membership follows the StatefulSet"), "{err}");
     let (ok, _, err) = try_ctl(&all, &["move-leader", "1"], None).await;
-    assert!(!ok && err.contains("openraft 0.10"), "{err}");
+    assert!(!ok && err.contains("etcdserver: bad leader transferee"), "{err}");
     assert_eq!(ctl(&all, &["alarm", "list"]).await, "");
     let (ok, _, err) = try_ctl(&all, &["auth", "enable"], None).await;
     assert!(!ok && err.contains("not implemented yet"), "{err}");
@@ -490,7 +490,7 @@ async fn malformed_and_unsupported_requests_get_clear_errors_and_change_nothing(
     info!("--- unknown enum values name the field");
     let sorted = epb::RangeRequest { key: b"k".to_vec(), sort_target: 42, ..Default::default() };
     check(unit(raw.kv.range(sorted).await), Code::InvalidArgument, "sort_target 42");
-    info!("--- membership changes, MoveLeader, Downgrade, auth, alarms");
+    info!("--- membership changes, MoveLeader to a stranger, Downgrade, auth, alarms");
     check(
         unit(raw.cluster.member_add(epb::MemberAddRequest::default()).await),
         Code::FailedPrecondition,
@@ -511,10 +511,11 @@ async fn malformed_and_unsupported_requests_get_clear_errors_and_change_nothing(
         Code::FailedPrecondition,
         "membership follows",
     );
+    // etcd's refusals: "not leader" from a follower, "bad leader transferee" from the leader.
     check(
         unit(raw.maintenance.move_leader(epb::MoveLeaderRequest { target_id: 1 }).await),
-        Code::Unimplemented,
-        "openraft 0.10",
+        Code::FailedPrecondition,
+        "etcdserver: ",
     );
     check(
         unit(raw.maintenance.downgrade(epb::DowngradeRequest::default()).await),
