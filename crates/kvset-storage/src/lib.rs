@@ -219,7 +219,7 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|source| OpenError::Sled { path: db_path.clone(), source })?;
-        let log = LogStore::open(db.clone(), options.observer.clone())
+        let log = LogStore::open(db.clone(), dir, options.observer.clone())
             .map_err(|source| OpenError::Sled { path: db_path.clone(), source })?;
         let state_machine =
             StateMachine::open(db.clone(), snapshot_dir(dir), options.observer, options.events)?;

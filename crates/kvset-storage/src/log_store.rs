@@ -41,6 +41,9 @@ use std::time::Duration;
 use std::time::Instant;
 
 use std::io;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 
 use openraft::storage::IOFlushed;
@@ -207,18 +210,33 @@ impl Debug for LogStore {
 }
 
 impl LogStore {
-    /// Opens the log in `db` and starts its flusher thread.
-    pub(crate) fn open(db: sled::Db, observer: Arc<dyn StorageObserver>) -> Result<Self, sled::Error> {
+    /// Opens the log in `db` and starts its flusher thread, and the watchdog of that thread
+    /// for the volume at `dir` (see [`watch_flushes`]).
+    pub(crate) fn open(
+        db: sled::Db,
+        dir: &Path,
+        observer: Arc<dyn StorageObserver>,
+    ) -> Result<Self, sled::Error> {
         let tree = db.open_tree("raft")?;
         let reader = LogReader { tree };
         let (tx, rx) = mpsc::channel();
         let (ended_tx, ended) = mpsc::channel::<()>();
+        let flushing = Arc::new(AtomicU64::new(0));
+        let (watch_stop, watch_rx) = mpsc::channel::<()>();
+        {
+            let (flushing, dir) = (flushing.clone(), dir.to_path_buf());
+            std::thread::Builder::new()
+                .name("kvset-flush-watch".into())
+                .spawn(move || watch_flushes(&flushing, &dir, &watch_rx))
+                .map_err(sled::Error::Io)?;
+        }
         let thread = {
             let (db, observer) = (db.clone(), observer.clone());
             std::thread::Builder::new()
                 .name("kvset-log-flush".into())
                 .spawn(move || {
-                    flusher(db, rx, observer);
+                    flusher(db, rx, observer, &flushing);
+                    drop(watch_stop);
                     drop(ended_tx);
                 })
                 .map_err(sled::Error::Io)?
@@ -258,10 +276,49 @@ impl LogStore {
     }
 }
 
+/// How long a log flush may run on a full disk before the watchdog ends the process.
+const STUCK_FLUSH: Duration = Duration::from_secs(5);
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The flusher's watchdog. When the disk fills up, sled's flush can wait forever for a write
+/// that failed, and its page cache then blocks every later write, the appends and applies that
+/// run on the runtime's threads included: the member wedges, serving nothing and never
+/// stopping. A flush that has run for [`STUCK_FLUSH`] while the volume has less than
+/// [`crate::MIN_FREE_BYTES`] free is such a wedge (a slow disk with room is left alone):
+/// nothing in the process can stop it any more, so the watchdog logs why and exits the
+/// process non-zero. Nothing acknowledged is lost (the flush never completed, so nothing it
+/// covered was acknowledged); the member starts again once the disk has room. Ends with the
+/// flusher.
+fn watch_flushes(flushing: &AtomicU64, dir: &Path, stop: &mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(Duration::from_secs(1)) {
+        let started = flushing.load(Ordering::Acquire);
+        if started == 0 || unix_ms().saturating_sub(started) < STUCK_FLUSH.as_millis() as u64 {
+            continue;
+        }
+        let free = crate::free_bytes(dir).unwrap_or(u64::MAX);
+        if free < crate::MIN_FREE_BYTES {
+            tracing::error!(
+                dir = %dir.display(), free,
+                "No space left on device: a log flush has been stuck for {} s on a full volume and blocks every write; exiting (expand the volume or free space, then start again)",
+                STUCK_FLUSH.as_secs()
+            );
+            std::process::exit(75);
+        }
+    }
+}
+
 /// The flusher thread: waits for append callbacks, flushes once for all that are pending, then
 /// completes them in order. A thread rather than a task because `flush` is blocking I/O that
 /// can stall for seconds on a slow disk. Ends when the `LogStore` is dropped.
-fn flusher(db: sled::Db, rx: mpsc::Receiver<IOFlushed<TypeConfig>>, observer: Arc<dyn StorageObserver>) {
+fn flusher(
+    db: sled::Db,
+    rx: mpsc::Receiver<IOFlushed<TypeConfig>>,
+    observer: Arc<dyn StorageObserver>,
+    flushing: &AtomicU64,
+) {
     let mut pending = Vec::new();
     while let Ok(first) = rx.recv() {
         pending.push(first);
@@ -269,7 +326,9 @@ fn flusher(db: sled::Db, rx: mpsc::Receiver<IOFlushed<TypeConfig>>, observer: Ar
             pending.push(more);
         }
         let started = Instant::now();
+        flushing.store(unix_ms().max(1), Ordering::Release);
         let result = db.flush();
+        flushing.store(0, Ordering::Release);
         observer.log_flushed(pending.len(), started.elapsed());
         match result {
             Ok(_) => {
