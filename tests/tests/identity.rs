@@ -531,11 +531,13 @@ async fn unreachable_peers_are_awaited_with_a_message_naming_them() {
 }
 
 /// The count of AppendEntries RPCs a member sent that were refused or unreachable.
+/// Appends refused as unreachable, sent alone (heartbeats) or in a replication stream.
 fn unreachable_appends(metrics: &str) -> u64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with("kvset_peer_rpcs_total{rpc=\"append_entries\",result=\"unreachable\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    ["append_entries", "stream_append"]
+        .iter()
+        .filter_map(|rpc| {
+            let series = format!("kvset_peer_rpcs_total{{rpc=\"{rpc}\",result=\"unreachable\"}}");
+            metrics.lines().find(|l| l.starts_with(&series))?.rsplit(' ').next()?.parse::<u64>().ok()
+        })
+        .sum()
 }

@@ -232,6 +232,17 @@ enum SendError {
     Network(NetworkError<TypeConfig>),
 }
 
+impl SendError {
+    /// The `result` label of `kvset_peer_rpcs_total`.
+    fn label(&self) -> &'static str {
+        match self {
+            SendError::Unreachable(_) => "unreachable",
+            SendError::Timeout(_) => "timeout",
+            SendError::Network(_) => "network_error",
+        }
+    }
+}
+
 impl From<SendError> for RPCError<TypeConfig> {
     fn from(e: SendError) -> Self {
         match e {
@@ -295,12 +306,7 @@ impl PeerClient {
     {
         let started = Instant::now();
         let result = self.send_inner(rpc, payload, ttl).await;
-        let label = match &result {
-            Ok(_) => "ok",
-            Err(SendError::Unreachable(_)) => "unreachable",
-            Err(SendError::Timeout(_)) => "timeout",
-            Err(SendError::Network(_)) => "network_error",
-        };
+        let label = result.as_ref().map_or_else(SendError::label, |_| "ok");
         self.inner.metrics.peer(rpc.name(), label, started.elapsed());
         result
     }
@@ -478,12 +484,20 @@ impl PeerClient {
             })
         };
         let addr = self.addr.clone();
-        let replies = match tokio::time::timeout(rpc_timeout, client.stream_append(requests)).await {
-            Err(_) => return Err(timeout().into()),
-            Ok(Err(status)) => return Err(status_error(&status, &addr, target, timeout).into()),
-            Ok(Ok(response)) => response.into_inner(),
-        };
         let metrics = self.inner.metrics.clone();
+        let opened = Instant::now();
+        let replies = match tokio::time::timeout(rpc_timeout, client.stream_append(requests)).await {
+            Ok(Ok(response)) => response.into_inner(),
+            Err(_) => {
+                metrics.peer("stream_append", "timeout", opened.elapsed());
+                return Err(timeout().into());
+            }
+            Ok(Err(status)) => {
+                let e = status_error(&status, &addr, target, timeout);
+                metrics.peer("stream_append", e.label(), opened.elapsed());
+                return Err(e.into());
+            }
+        };
         let answers = futures::stream::unfold(Some(replies), move |replies| {
             let (sent, cut, addr, metrics) = (sent.clone(), cut.clone(), addr.clone(), metrics.clone());
             async move {
@@ -526,12 +540,7 @@ impl PeerClient {
                 match outcome {
                     Ok(result) => Some((Ok(result), Some(replies))),
                     Err(e) => {
-                        let label = match &e {
-                            SendError::Unreachable(_) => "unreachable",
-                            SendError::Timeout(_) => "timeout",
-                            SendError::Network(_) => "network_error",
-                        };
-                        metrics.peer("stream_append", label, Duration::ZERO);
+                        metrics.peer("stream_append", e.label(), Duration::ZERO);
                         Some((Err(e.into()), None))
                     }
                 }
