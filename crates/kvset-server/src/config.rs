@@ -186,7 +186,7 @@ impl Default for Config {
             log_level: "info".into(),
             shutdown_timeout_ms: 10_000,
             leave_timeout_ms: 30_000,
-            cache_bytes: 256 << 20,
+            cache_bytes: 64 << 20,
             raft: RaftConfig::default(),
             limits: Limits::default(),
             batch: BatchConfig::default(),
@@ -336,7 +336,10 @@ pub const KEYS: &[KeyDoc] = &[
               for the cluster to remove it before it stops (a scale-down never takes voters away faster than \
               the cluster removes them). Other shutdowns do not wait.",
     },
-    KeyDoc { key: "cache_bytes", doc: "Bytes of sled page cache." },
+    KeyDoc {
+        key: "cache_bytes",
+        doc: "Bytes of sled page cache: hot log entries, keys and history pages (sled keeps to it roughly; 64 MiB holds a few hundred thousand small keys).",
+    },
     KeyDoc {
         key: "raft.heartbeat_interval_ms",
         doc: "Milliseconds between leader heartbeats.",
