@@ -284,9 +284,27 @@ fn status_error(
     }
 }
 
+/// How long the last chunk of a snapshot may wait for the receiver's install.
+const SNAPSHOT_INSTALL_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Largest AppendEntries payload sent at once when it holds more than one entry (see
 /// `append_entries`).
 pub const APPEND_MAX_BYTES: usize = 1 << 20;
+
+/// A follower that is far behind would be sent `max_payload_entries` entries of up to a batch
+/// each (megabytes of large values), which cannot be encoded, sent and written within one RPC
+/// timeout: it would time out again and again and never catch up. Keeps the prefix that fits
+/// APPEND_MAX_BYTES (always at least one entry); returns the last log id kept when it cut.
+fn cap_entries(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Option<kvset_storage::LogId> {
+    let mut total = 0;
+    let keep = rpc.entries.iter().position(|e| {
+        total += entry_bytes(e);
+        total > APPEND_MAX_BYTES
+    });
+    let keep = keep.map(|k| k.max(1)).filter(|k| *k < rpc.entries.len())?;
+    rpc.entries.truncate(keep);
+    rpc.entries.last().map(|e| e.log_id)
+}
 
 /// Approximate encoded size of a log entry.
 fn entry_bytes(e: &kvset_storage::Entry) -> usize {
@@ -322,6 +340,7 @@ impl PeerClient {
     where
         Resp: DeserializeOwned,
     {
+        let ttl = ttl.min(self.inner.rpc_timeout);
         match self.send::<Result<Resp, RaftError<TypeConfig>>>(rpc, payload, ttl).await? {
             Ok(resp) => Ok(resp),
             Err(e) => Err(RPCError::Unreachable(unreachable(format!("{}: {e}", self.addr)))),
@@ -345,7 +364,6 @@ impl PeerClient {
         };
         let cluster_id = self.inner.cluster.to_wire();
         let request = RaftRequest { cluster_id, from: my_id, to: target, payload };
-        let ttl = ttl.min(self.inner.rpc_timeout);
         let mut request = tonic::Request::new(request);
         request.set_timeout(ttl);
         let call = async {
@@ -397,8 +415,10 @@ impl PeerClient {
             let chunk = SnapshotChunk { vote, meta: meta.clone(), transfer, offset, data, done };
             let payload = codec::encode("snapshot chunk", &chunk)
                 .map_err(|e| StreamingError::Network(network(e.to_string())))?;
-            let reply: SnapshotChunkReply =
-                self.send(Rpc::InstallSnapshot, payload, option.hard_ttl()).await?;
+            // The last chunk's answer waits for the install, which takes longer than a chunk.
+            let ttl =
+                if done { SNAPSHOT_INSTALL_TIMEOUT } else { option.hard_ttl().min(self.inner.rpc_timeout) };
+            let reply: SnapshotChunkReply = self.send(Rpc::InstallSnapshot, payload, ttl).await?;
             match reply {
                 Ok(Some(resp)) if done => return Ok(resp),
                 Ok(None) if !done => offset += len as u64,
@@ -464,24 +484,34 @@ impl PeerClient {
         // When each unanswered request went out: answers come in order, so the front is the
         // oldest, and an answer's latency is the time since its front entry.
         let sent: Arc<std::sync::Mutex<std::collections::VecDeque<Instant>>> = Arc::default();
+        // The requests end with the answers: hyper sends them from a task of its own, which
+        // would otherwise keep taking openraft's requests after openraft gave up on this
+        // session (and take the next session's).
+        let (alive, answers_gone) = tokio::sync::oneshot::channel::<()>();
         let requests = {
             let (sent, cut, cluster_id) = (sent.clone(), cut.clone(), self.inner.cluster.to_wire());
-            input.take_while(move |_| std::future::ready(!cut())).filter_map(move |rpc| {
-                let payload = codec::encode("append entries", &rpc);
-                let (sent, cluster_id) = (sent.clone(), cluster_id.clone());
+            futures::stream::unfold((input, false), move |(mut input, last)| {
+                let (sent, cut, cluster_id) = (sent.clone(), cut.clone(), cluster_id.clone());
                 async move {
-                    match payload {
-                        Ok(payload) => {
-                            sent.lock().unwrap_or_else(|e| e.into_inner()).push_back(Instant::now());
-                            Some(RaftRequest { cluster_id, from: my_id, to: target, payload })
-                        }
+                    if last || cut() {
+                        return None;
+                    }
+                    let mut rpc = input.next().await?;
+                    // A request cut to APPEND_MAX_BYTES is the session's last: the follower
+                    // answers up to its last entry and openraft continues from there.
+                    let capped = cap_entries(&mut rpc).is_some();
+                    let payload = match codec::encode("append entries", &rpc) {
+                        Ok(payload) => payload,
                         Err(e) => {
                             tracing::error!(error = %e, "cannot encode an AppendEntries request; ending the stream");
-                            None
+                            return None;
                         }
-                    }
+                    };
+                    sent.lock().unwrap_or_else(|e| e.into_inner()).push_back(Instant::now());
+                    Some((RaftRequest { cluster_id, from: my_id, to: target, payload }, (input, capped)))
                 }
             })
+            .take_until(answers_gone)
         };
         let addr = self.addr.clone();
         let metrics = self.inner.metrics.clone();
@@ -498,10 +528,10 @@ impl PeerClient {
                 return Err(e.into());
             }
         };
-        let answers = futures::stream::unfold(Some(replies), move |replies| {
+        let answers = futures::stream::unfold(Some((replies, alive)), move |state| {
             let (sent, cut, addr, metrics) = (sent.clone(), cut.clone(), addr.clone(), metrics.clone());
             async move {
-                let mut replies = replies?;
+                let (mut replies, alive) = state?;
                 let outcome = loop {
                     match tokio::time::timeout(rpc_timeout, replies.message()).await {
                         Err(_) => {
@@ -515,6 +545,7 @@ impl PeerClient {
                                 break Err(timeout());
                             }
                         }
+                        Ok(Ok(None)) if cut() => break Err(cut_off()),
                         Ok(Ok(None)) => return None,
                         Ok(Err(status)) => break Err(status_error(&status, &addr, target, timeout)),
                         Ok(Ok(Some(reply))) => {
@@ -538,7 +569,7 @@ impl PeerClient {
                     }
                 };
                 match outcome {
-                    Ok(result) => Some((Ok(result), Some(replies))),
+                    Ok(result) => Some((Ok(result), Some((replies, alive)))),
                     Err(e) => {
                         metrics.peer("stream_append", e.label(), Duration::ZERO);
                         Some((Err(e.into()), None))
@@ -563,21 +594,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let mut rpc = rpc;
-        // A follower that is far behind would be sent `max_payload_entries` entries of up to a
-        // batch each (megabytes of large values), which cannot be encoded, sent and written
-        // within one RPC timeout: it would time out again and again and never catch up. Send
-        // the prefix that fits APPEND_MAX_BYTES (always at least one entry) and report how far
-        // it got.
-        let mut sent_up_to = None;
-        let mut total = 0;
-        let keep = rpc.entries.iter().position(|e| {
-            total += entry_bytes(e);
-            total > APPEND_MAX_BYTES
-        });
-        if let Some(keep) = keep.map(|k| k.max(1)).filter(|k| *k < rpc.entries.len()) {
-            rpc.entries.truncate(keep);
-            sent_up_to = rpc.entries.last().map(|e| e.log_id);
-        }
+        let sent_up_to = cap_entries(&mut rpc);
         // openraft gives every AppendEntries one heartbeat interval. That suits a heartbeat, but
         // entries wait for the follower's fsync, which stalls for a second or more on busy disks:
         // cancelling and resending them would not make the follower faster, only add traffic.

@@ -279,8 +279,10 @@ impl LogStore {
 /// How long a log flush may run on a full disk before the watchdog ends the process.
 const STUCK_FLUSH: Duration = Duration::from_secs(5);
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+/// Milliseconds on a monotonic clock (from the first call), for the flush watchdog.
+fn mono_ms() -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// The flusher's watchdog. When the disk fills up, sled's flush can wait forever for a write
@@ -295,7 +297,7 @@ fn unix_ms() -> u64 {
 fn watch_flushes(flushing: &AtomicU64, dir: &Path, stop: &mpsc::Receiver<()>) {
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(Duration::from_secs(1)) {
         let started = flushing.load(Ordering::Acquire);
-        if started == 0 || unix_ms().saturating_sub(started) < STUCK_FLUSH.as_millis() as u64 {
+        if started == 0 || mono_ms().saturating_sub(started) < STUCK_FLUSH.as_millis() as u64 {
             continue;
         }
         let free = crate::free_bytes(dir).unwrap_or(u64::MAX);
@@ -326,7 +328,7 @@ fn flusher(
             pending.push(more);
         }
         let started = Instant::now();
-        flushing.store(unix_ms().max(1), Ordering::Release);
+        flushing.store(mono_ms().max(1), Ordering::Release);
         let result = db.flush();
         flushing.store(0, Ordering::Release);
         observer.log_flushed(pending.len(), started.elapsed());

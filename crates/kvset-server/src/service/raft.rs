@@ -134,13 +134,17 @@ impl PeerService {
                 .map_err(|e| format!("cannot create a file for the snapshot in {}: {e}", dir.display()))?;
             *slot = Some(Receiving::new(chunk.transfer, file));
         }
-        let expected =
-            slot.as_ref().is_some_and(|r| r.transfer == chunk.transfer && r.next_offset == chunk.offset);
-        let Some(mut receiving) = slot.take().filter(|_| expected) else {
-            return Err(format!(
-                "snapshot chunk at offset {} is not the one expected; start over",
-                chunk.offset
-            ));
+        let mut receiving = match slot.take() {
+            Some(r) if r.transfer == chunk.transfer && r.next_offset == chunk.offset => r,
+            other => {
+                if let Some(stale) = other {
+                    stale.discard();
+                }
+                return Err(format!(
+                    "snapshot chunk at offset {} is not the one expected; start over",
+                    chunk.offset
+                ));
+            }
         };
         if let Err(e) = receiving.take(&chunk.data).await {
             receiving.discard();
@@ -341,7 +345,13 @@ impl pb::raft_server::Raft for PeerService {
         {
             let (this, refused) = (self.clone(), refused.clone());
             tokio::spawn(async move {
-                while let Some(msg) = incoming.next().await {
+                loop {
+                    // Ends when the leader ends the stream, or once openraft dropped the answers.
+                    let msg = tokio::select! {
+                        msg = incoming.next() => msg,
+                        _ = tx.closed() => None,
+                    };
+                    let Some(msg) = msg else { return };
                     let checked = match msg {
                         Ok(req) => match this.check(&req).await {
                             Ok(()) => Self::decode::<AppendEntriesRequest<TypeConfig>>(
