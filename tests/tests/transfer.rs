@@ -3,6 +3,7 @@
 //! the handover saves under load; these tests pin the behaviour.
 
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use std::time::Instant;
 use kvset_client::Error;
 use kvset_tests::cluster::Cluster;
 use kvset_tests::etcd;
+use kvset_tests::eventually;
 
 const SETTLE: Duration = Duration::from_secs(60);
 
@@ -85,8 +87,9 @@ async fn a_leader_that_stops_hands_over_before_an_election_timeout() {
 
     // A writer that records the longest time between two acknowledged writes.
     let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
     let writer = {
-        let (client, stop) = (c.client(), stop.clone());
+        let (client, stop, acked) = (c.client(), stop.clone(), acked.clone());
         tokio::spawn(async move {
             let mut last = Instant::now();
             let mut longest = Duration::ZERO;
@@ -95,13 +98,18 @@ async fn a_leader_that_stops_hands_over_before_an_election_timeout() {
                 i += 1;
                 if client.put(format!("k{}", i % 50), i.to_string()).await.is_ok() {
                     longest = longest.max(last.elapsed());
+                    acked.fetch_add(1, Ordering::Release);
                     last = Instant::now();
                 }
             }
             longest
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await; // writes flow before the stop
+    // Writes flow before the stop.
+    eventually("the writer's first acknowledged writes", SETTLE, || async {
+        (acked.load(Ordering::Acquire) >= 20).then_some(())
+    })
+    .await;
     c.stop(leader).await;
     let new_leader = c.wait_leader(SETTLE).await;
     assert_ne!(new_leader, leader);

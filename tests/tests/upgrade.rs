@@ -15,8 +15,9 @@ use kvset_tests::cluster::Cluster;
 const NODE_ID: u64 = 5707025419865895467;
 const CLUSTER_ID: &str = "86a99c6c3b90ab0a53a963c354662c89";
 const LEASE_ID: i64 = 1357194556683566474;
-/// The store revision when the fixture was written (78 writes after the initial revision 1,
-/// less nothing: a delete and each put are one revision each; the lease grant is none).
+/// The store revision when the fixture was written: the initial revision 1, then one revision
+/// per write (60 puts, 10 overwrites, 1 delete, the leased put, 5 puts after the snapshot = 77;
+/// the compaction and the lease grant take none).
 const REVISION: i64 = 78;
 
 fn unpack_fixture(into: &std::path::Path) {
