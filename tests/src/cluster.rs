@@ -258,7 +258,7 @@ impl Cluster {
                 ops: TcpListener::bind(("127.0.0.1", p.ops)).await.expect("rebind"),
             },
         };
-        let options = NodeOptions { fault: Some(self.partition.clone()) };
+        let options = NodeOptions { fault: Some(self.partition.clone()), ..Default::default() };
         let node = Node::start(self.config(ordinal), listeners, std::future::pending(), options).await?;
         self.nodes.insert(ordinal, node);
         self.publish(ordinal);

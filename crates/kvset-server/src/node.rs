@@ -59,6 +59,8 @@ use crate::tasks::replicas::StatefulSetRef;
 pub struct NodeOptions {
     /// Cuts peer links on the sending side (partitions).
     pub fault: Option<Arc<dyn PeerFault>>,
+    /// Stalls the log's fsyncs (slow disks).
+    pub disk_fault: Option<Arc<dyn kvset_storage::DiskFault>>,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -173,6 +175,7 @@ impl Node {
                     max_revisions: config.watch.event_cache_revisions as usize,
                     max_bytes: config.watch.event_cache_bytes as usize,
                 },
+                disk_fault: options.disk_fault.clone(),
             },
         )?;
         tracing::info!(

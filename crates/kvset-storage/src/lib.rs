@@ -51,6 +51,7 @@
 mod apply;
 pub mod codec;
 pub mod defrag;
+mod entry_cache;
 pub mod events;
 mod history;
 mod keys;
@@ -70,6 +71,7 @@ pub use events::EventLog;
 pub use events::EventLogLimits;
 pub use log_store::LogReader;
 pub use log_store::LogStore;
+pub use observer::DiskFault;
 pub use observer::NoopObserver;
 pub use observer::StorageObserver;
 pub use snapshot::SnapshotFile;
@@ -171,6 +173,8 @@ pub struct StoreOptions {
     pub observer: Arc<dyn StorageObserver>,
     /// Bounds of the in-memory ring of recent events watchers read from.
     pub events: EventLogLimits,
+    /// Slows the disk down (tests only).
+    pub disk_fault: Option<Arc<dyn DiskFault>>,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -181,7 +185,12 @@ impl std::fmt::Debug for StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { cache_bytes: 256 << 20, observer: Arc::new(NoopObserver), events: EventLogLimits::default() }
+        Self {
+            cache_bytes: 256 << 20,
+            observer: Arc::new(NoopObserver),
+            events: EventLogLimits::default(),
+            disk_fault: None,
+        }
     }
 }
 
@@ -219,7 +228,7 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|source| OpenError::Sled { path: db_path.clone(), source })?;
-        let log = LogStore::open(db.clone(), dir, options.observer.clone())
+        let log = LogStore::open(db.clone(), dir, options.observer.clone(), options.disk_fault)
             .map_err(|source| OpenError::Sled { path: db_path.clone(), source })?;
         let state_machine =
             StateMachine::open(db.clone(), snapshot_dir(dir), options.observer, options.events)?;

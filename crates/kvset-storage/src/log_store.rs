@@ -54,6 +54,8 @@ use openraft::RaftLogReader;
 use std::thread::JoinHandle;
 
 use crate::codec;
+use crate::entry_cache::EntryCache;
+use crate::observer::DiskFault;
 use crate::observer::StorageObserver;
 use crate::Entry;
 use crate::LogId;
@@ -87,10 +89,12 @@ async fn blocking(work: impl FnOnce() -> Result<(), io::Error> + Send + 'static)
     tokio::task::spawn_blocking(work).await.map_err(|e| io_err("Raft log task", e))?
 }
 
-/// Reads log entries; cloned for openraft's replication streams.
+/// Reads log entries; cloned for openraft's replication streams and its apply task. Recent
+/// entries come from the shared [`EntryCache`], older ones from sled.
 #[derive(Clone)]
 pub struct LogReader {
     tree: sled::Tree,
+    cache: Arc<EntryCache>,
 }
 
 impl Debug for LogReader {
@@ -153,8 +157,23 @@ impl RaftLogReader<TypeConfig> for LogReader {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
-        let this = self.clone();
         let (start, end) = (range.start_bound().cloned(), range.end_bound().cloned());
+        let first = match start {
+            Bound::Included(i) => Some(i),
+            Bound::Excluded(i) => i.checked_add(1),
+            Bound::Unbounded => Some(0),
+        };
+        let last = match end {
+            Bound::Included(i) => i.checked_add(1).map(Some),
+            Bound::Excluded(i) => Some(Some(i)),
+            Bound::Unbounded => Some(None),
+        };
+        if let (Some(first), Some(last)) = (first, last) {
+            if let Some(entries) = self.cache.get(first, last) {
+                return Ok(entries);
+            }
+        }
+        let this = self.clone();
         tokio::task::spawn_blocking(move || this.read_range((start, end)))
             .await
             .map_err(|e| io_err("reading the Raft log", e))?
@@ -216,9 +235,10 @@ impl LogStore {
         db: sled::Db,
         dir: &Path,
         observer: Arc<dyn StorageObserver>,
+        disk_fault: Option<Arc<dyn DiskFault>>,
     ) -> Result<Self, sled::Error> {
         let tree = db.open_tree("raft")?;
-        let reader = LogReader { tree };
+        let reader = LogReader { tree, cache: Arc::new(EntryCache::new()) };
         let (tx, rx) = mpsc::channel();
         let (ended_tx, ended) = mpsc::channel::<()>();
         let flushing = Arc::new(AtomicU64::new(0));
@@ -235,7 +255,7 @@ impl LogStore {
             std::thread::Builder::new()
                 .name("kvset-log-flush".into())
                 .spawn(move || {
-                    flusher(db, rx, observer, &flushing);
+                    flusher(db, rx, observer, disk_fault, &flushing);
                     drop(watch_stop);
                     drop(ended_tx);
                 })
@@ -319,6 +339,7 @@ fn flusher(
     db: sled::Db,
     rx: mpsc::Receiver<IOFlushed<TypeConfig>>,
     observer: Arc<dyn StorageObserver>,
+    disk_fault: Option<Arc<dyn DiskFault>>,
     flushing: &AtomicU64,
 ) {
     let mut pending = Vec::new();
@@ -328,6 +349,9 @@ fn flusher(
             pending.push(more);
         }
         let started = Instant::now();
+        if let Some(stall) = disk_fault.as_ref().map(|f| f.flush_stall()).filter(|d| !d.is_zero()) {
+            std::thread::sleep(stall);
+        }
         flushing.store(mono_ms().max(1), Ordering::Release);
         let result = db.flush();
         flushing.store(0, Ordering::Release);
@@ -406,15 +430,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
+        let mut decoded = Vec::new();
         for entry in entries {
             let log_id = entry.log_id;
             let bytes = codec::encode("log entry", &entry)
                 .map_err(|e| io_err(format_args!("encoding log entry {}", log_id.index), e))?;
+            decoded.push((entry, bytes.len()));
             batch.insert(&entry_key(log_id.index), bytes);
         }
         // An in-memory insert into sled's page cache (the disk is touched by the flush): cheap
         // enough to do inline, which saves a thread hop on every append.
         self.reader.tree.apply_batch(batch).map_err(|e| io_err("writing the Raft log", e))?;
+        // Cached only once in sled, so the cache never holds an entry sled does not.
+        for (entry, size) in decoded {
+            self.reader.cache.push(entry, size);
+        }
         let stopped = || io_err("writing the Raft log", "the log flusher stopped");
         let flusher = self.flusher.as_ref().ok_or_else(stopped)?;
         // Never blocks: the queue is unbounded, as a blocked send would stall the Raft core.
@@ -430,6 +460,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let tree = self.reader.tree.clone();
         let first = last_log_id.map_or(0, |l| l.index + 1);
+        // Out of the cache first: a reader must not be served a removed entry from memory.
+        self.reader.cache.truncate_from(first);
         blocking(move || {
             let mut batch = sled::Batch::default();
             for item in tree.range(entry_key(first)..=entry_key(u64::MAX)) {
@@ -445,6 +477,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// on the blocking pool (it scans the prefix).
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         let tree = self.reader.tree.clone();
+        self.reader.cache.purge_upto(log_id.index);
         blocking(move || {
             let mut batch = sled::Batch::default();
             let marker =

@@ -31,3 +31,12 @@ pub trait StorageObserver: Send + Sync + 'static {
 pub struct NoopObserver;
 
 impl StorageObserver for NoopObserver {}
+
+/// Makes the disk misbehave, for tests; production runs without one.
+pub trait DiskFault: Send + Sync + 'static {
+    /// Called by the log flusher before each fsync: how long that fsync stalls (a slow or
+    /// congested disk), during which no append it covers is acknowledged.
+    fn flush_stall(&self) -> Duration {
+        Duration::ZERO
+    }
+}
