@@ -232,9 +232,9 @@ impl Default for CompactionConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         Self {
-            heartbeat_interval_ms: 250,
-            election_timeout_min_ms: 2500,
-            election_timeout_max_ms: 5000,
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
             rpc_timeout_ms: 2000,
             snapshot_every_entries: 10_000,
             keep_entries_after_snapshot: 1000,
@@ -346,7 +346,7 @@ pub const KEYS: &[KeyDoc] = &[
     },
     KeyDoc {
         key: "raft.election_timeout_min_ms",
-        doc: "Lower bound, in milliseconds, of the randomised election timeout. Above the 1-2 s disk stalls seen on shared disks.",
+        doc: "Lower bound, in milliseconds, of the randomised election timeout (etcd's default). fsyncs run off the Raft core, so a disk stall longer than this causes no election; CPU starvation of the member for this long does.",
     },
     KeyDoc { key: "raft.election_timeout_max_ms", doc: "Upper bound, in milliseconds, of the election timeout." },
     KeyDoc { key: "raft.rpc_timeout_ms", doc: "Milliseconds a peer RPC (append, vote, snapshot chunk) may take." },
