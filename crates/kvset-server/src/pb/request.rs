@@ -89,17 +89,17 @@ fn check_revision(what: &str, revision: i64) -> Result<Revision> {
     Ok(revision)
 }
 
-/// A Put request → its domain form.
-pub fn put(req: &pb::PutRequest, limits: &Limits) -> Result<Put> {
+/// A Put request → its domain form (the key and value move, no copy).
+pub fn put(req: pb::PutRequest, limits: &Limits) -> Result<Put> {
     check_key(&req.key, limits)?;
     check_value(&req.value, limits)?;
     check_lease(req.lease)?;
-    Ok(Put { lease: req.lease, prev_kv: req.prev_kv, ..Put::new(req.key.clone(), req.value.clone()) })
+    Ok(Put { lease: req.lease, prev_kv: req.prev_kv, ..Put::new(req.key, req.value) })
 }
 
 /// A Put request → a command.
-pub fn put_command(req: &pb::PutRequest, limits: &Limits) -> Result<Command> {
-    check_size(req, limits)?;
+pub fn put_command(req: pb::PutRequest, limits: &Limits) -> Result<Command> {
+    check_size(&req, limits)?;
     Ok(Command::Put(put(req, limits)?))
 }
 
@@ -292,7 +292,7 @@ fn ops(list: &[pb::RequestOp], branch: &str, limits: &Limits) -> Result<Vec<TxnO
     for op in list {
         out.push(match &op.request {
             Some(pb::request_op::Request::RequestPut(p)) => {
-                let p = put(p, limits)?;
+                let p = put(p.clone(), limits)?;
                 if !put_keys.insert(p.key.clone()) {
                     return Err(KvError::InvalidArgument(format!("txn {branch} writes the same key twice")));
                 }
@@ -348,30 +348,30 @@ mod tests {
     fn empty_and_oversized_keys_are_refused_naming_the_limit() {
         let l = limits();
         let empty = pb::PutRequest { key: vec![], value: b"v".to_vec(), ..Default::default() };
-        assert!(msg(put_command(&empty, &l).unwrap_err()).contains("key is empty"));
+        assert!(msg(put_command(empty, &l).unwrap_err()).contains("key is empty"));
         let long = pb::PutRequest { key: vec![b'k'; 4097], ..Default::default() };
-        let m = msg(put_command(&long, &l).unwrap_err());
+        let m = msg(put_command(long, &l).unwrap_err());
         assert!(m.contains("limits.key_max_bytes") && m.contains("4097"), "{m}");
         let ok = pb::PutRequest { key: vec![b'k'; 4096], ..Default::default() };
-        assert!(put_command(&ok, &l).is_ok());
+        assert!(put_command(ok, &l).is_ok());
     }
 
     #[test]
     fn oversized_values_and_requests_are_refused() {
         let l = limits();
         let big = pb::PutRequest { key: b"k".to_vec(), value: vec![0; (1 << 20) + 1], ..Default::default() };
-        assert!(msg(put_command(&big, &l).unwrap_err()).contains("limits.value_max_bytes"));
+        assert!(msg(put_command(big, &l).unwrap_err()).contains("limits.value_max_bytes"));
         let small = Limits { request_max_bytes: 100, ..limits() };
         let req = pb::PutRequest { key: b"k".to_vec(), value: vec![0; 200], ..Default::default() };
-        assert!(msg(put_command(&req, &small).unwrap_err()).contains("limits.request_max_bytes"));
+        assert!(msg(put_command(req, &small).unwrap_err()).contains("limits.request_max_bytes"));
     }
 
     #[test]
     fn leases_must_be_positive_and_ttls_within_bounds() {
         let req = pb::PutRequest { key: b"k".to_vec(), lease: 5, ..Default::default() };
-        assert!(put_command(&req, &limits()).is_ok());
+        assert!(put_command(req, &limits()).is_ok());
         let req = pb::PutRequest { key: b"k".to_vec(), lease: -5, ..Default::default() };
-        assert!(msg(put_command(&req, &limits()).unwrap_err()).contains("positive"));
+        assert!(msg(put_command(req, &limits()).unwrap_err()).contains("positive"));
         let config = LeaseConfig::default();
         assert!(msg(lease_ttl(1, &config).unwrap_err()).contains("lease.min_ttl_seconds = 5"));
         assert!(msg(lease_ttl(9_000_000_001, &config).unwrap_err()).contains("lease.max_ttl_seconds"));

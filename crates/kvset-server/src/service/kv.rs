@@ -105,7 +105,7 @@ impl pb::kv_server::Kv for KvService {
         let ctx = CallContext::of(&req);
         let msg = req.into_inner();
         observe(self.member.metrics(), "Put", &ctx, async {
-            let command = request::put_command(&msg, &self.member.config().limits)?;
+            let command = request::put_command(msg, &self.member.config().limits)?;
             self.write(ctx, command, response::put).await
         })
         .await

@@ -141,8 +141,8 @@ fn unknown(field: &str, value: i32) -> Status {
     Status::new(Code::InvalidArgument, format!("kvset: {field} {value} is not a known value"))
 }
 
-/// A Put request → its domain form.
-pub fn put(r: &epb::PutRequest, limits: &Limits) -> Result<Put> {
+/// A Put request → its domain form (the key and value move, no copy).
+pub fn put(r: epb::PutRequest, limits: &Limits) -> Result<Put> {
     if r.key.is_empty() {
         return Err(errors::empty_key());
     }
@@ -162,8 +162,8 @@ pub fn put(r: &epb::PutRequest, limits: &Limits) -> Result<Put> {
         ));
     }
     Ok(Put {
-        key: r.key.clone(),
-        value: r.value.clone(),
+        key: r.key,
+        value: r.value,
         lease: r.lease,
         prev_kv: r.prev_kv,
         ignore_value: r.ignore_value,
@@ -288,7 +288,7 @@ fn txn_op(op: &epb::RequestOp, limits: &Limits) -> Result<TxnOp> {
     use epb::request_op::Request as R;
     Ok(match &op.request {
         Some(R::RequestRange(q)) => TxnOp::Range(range(q, limits)?.0),
-        Some(R::RequestPut(p)) => TxnOp::Put(put(p, limits)?),
+        Some(R::RequestPut(p)) => TxnOp::Put(put(p.clone(), limits)?),
         Some(R::RequestDeleteRange(d)) => TxnOp::Delete(delete(d, limits)?),
         Some(R::RequestTxn(t)) => TxnOp::Txn(convert_txn(t, limits)?),
         None => return Err(errors::key_not_found()),
@@ -499,7 +499,7 @@ mod tests {
         let p = |f: &dyn Fn(&mut epb::PutRequest)| {
             let mut r = epb::PutRequest { key: b"k".to_vec(), ..Default::default() };
             f(&mut r);
-            put(&r, &l)
+            put(r, &l)
         };
         assert_eq!(message(p(&|r| r.key.clear())), "etcdserver: key is not provided");
         assert_eq!(

@@ -41,7 +41,7 @@ impl epb::kv_server::Kv for EtcdService {
         observe(self.member.metrics(), "etcd.Put", &ctx, async {
             let limits = &self.member.config().limits;
             request::check_size(&r, limits)?;
-            let command = Command::Put(request::put(&r, limits)?);
+            let command = Command::Put(request::put(r, limits)?);
             Ok::<_, Status>(response::put(self.execute(command, &ctx).await?, &self.info()))
         })
         .await
