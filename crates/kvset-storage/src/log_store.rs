@@ -90,7 +90,7 @@ async fn blocking(work: impl FnOnce() -> Result<(), io::Error> + Send + 'static)
 }
 
 /// Reads log entries; cloned for openraft's replication streams and its apply task. Recent
-/// entries come from the shared [`EntryCache`], older ones from sled.
+/// entries come from the shared entry cache (`entry_cache.rs`), older ones from sled.
 #[derive(Clone)]
 pub struct LogReader {
     tree: sled::Tree,
