@@ -29,7 +29,6 @@ struct Inner {
 }
 
 /// See the module docs.
-#[derive(Default)]
 pub struct EntryCache {
     inner: Mutex<Inner>,
     max_entries: usize,
@@ -43,6 +42,12 @@ impl std::fmt::Debug for EntryCache {
             .field("entries", &inner.entries.len())
             .field("bytes", &inner.bytes)
             .finish()
+    }
+}
+
+impl Default for EntryCache {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -60,16 +65,19 @@ impl EntryCache {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records an appended entry of `size` encoded bytes. An entry that does not follow the
-    /// newest cached one (the log restarted after a snapshot install) empties the cache first.
-    pub fn push(&self, entry: Entry, size: usize) {
+    /// Records appended entries, each with its encoded size, in log order. An entry that does
+    /// not follow the newest cached one (the log restarted after a snapshot install) empties
+    /// the cache first.
+    pub fn extend(&self, appended: impl IntoIterator<Item = (Entry, usize)>) {
         let mut inner = self.lock();
-        if inner.entries.back().is_some_and(|(last, _)| last.log_id.index + 1 != entry.log_id.index) {
-            inner.entries.clear();
-            inner.bytes = 0;
+        for (entry, size) in appended {
+            if inner.entries.back().is_some_and(|(last, _)| last.log_id.index + 1 != entry.log_id.index) {
+                inner.entries.clear();
+                inner.bytes = 0;
+            }
+            inner.bytes += size;
+            inner.entries.push_back((entry, size));
         }
-        inner.bytes += size;
-        inner.entries.push_back((entry, size));
         while inner.entries.len() > self.max_entries
             || (inner.bytes > self.max_bytes && inner.entries.len() > 1)
         {
@@ -77,6 +85,11 @@ impl EntryCache {
                 inner.bytes -= size;
             }
         }
+    }
+
+    #[cfg(test)]
+    fn push(&self, entry: Entry, size: usize) {
+        self.extend([(entry, size)]);
     }
 
     /// Forgets entries at index `first` and after (the log's suffix was removed).

@@ -442,9 +442,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // enough to do inline, which saves a thread hop on every append.
         self.reader.tree.apply_batch(batch).map_err(|e| io_err("writing the Raft log", e))?;
         // Cached only once in sled, so the cache never holds an entry sled does not.
-        for (entry, size) in decoded {
-            self.reader.cache.push(entry, size);
-        }
+        self.reader.cache.extend(decoded);
         let stopped = || io_err("writing the Raft log", "the log flusher stopped");
         let flusher = self.flusher.as_ref().ok_or_else(stopped)?;
         // Never blocks: the queue is unbounded, as a blocked send would stall the Raft core.
@@ -490,5 +488,51 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             tree.apply_batch(batch).map_err(|e| io_err("removing Raft log entries", e))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::entry::RaftEntry;
+
+    use super::*;
+    use crate::log_id;
+    use crate::NoopObserver;
+
+    fn entries(term: u64, indexes: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
+        indexes.map(|i| Entry::new_blank(log_id(term, 0, i))).collect()
+    }
+
+    fn ids(entries: &[Entry]) -> Vec<(u64, u64)> {
+        entries.iter().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect()
+    }
+
+    #[tokio::test]
+    async fn recent_entries_come_from_memory_and_match_sled_after_truncate_and_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path().join("db")).open().unwrap();
+        let mut log = LogStore::open(db, dir.path(), Arc::new(NoopObserver), None).unwrap();
+        let mut reader = log.get_log_reader().await;
+
+        // A conflicting suffix replaced, then a prefix purged: what the reader answers is what
+        // sled holds, entry for entry.
+        log.append(entries(1, 1..=10), IOFlushed::noop()).await.unwrap();
+        log.truncate_after(Some(log_id(1, 0, 5))).await.unwrap();
+        assert_eq!(ids(&reader.try_get_log_entries(4..).await.unwrap()), [(1, 4), (1, 5)], "truncated");
+        log.append(entries(2, 6..=8), IOFlushed::noop()).await.unwrap();
+        log.purge(log_id(1, 0, 3)).await.unwrap();
+        let want = [(1, 4), (1, 5), (2, 6), (2, 7), (2, 8)];
+        assert_eq!(ids(&reader.read_range(0..).unwrap()), want);
+        assert_eq!(ids(&reader.try_get_log_entries(4..=8).await.unwrap()), want);
+        assert_eq!(ids(&reader.try_get_log_entries(..).await.unwrap()), want, "from before the cache: sled");
+        assert_eq!(ids(&reader.try_get_log_entries(7..100).await.unwrap()), [(2, 7), (2, 8)]);
+
+        // Served from memory: with sled's copies removed behind the cache's back, the recent
+        // range is still answered, and only a range the cache does not cover goes to sled.
+        for i in 4..=8 {
+            reader.tree.remove(entry_key(i)).unwrap();
+        }
+        assert_eq!(ids(&reader.try_get_log_entries(4..=8).await.unwrap()), want);
+        assert!(reader.try_get_log_entries(0..=8).await.unwrap().is_empty(), "read from sled");
     }
 }
