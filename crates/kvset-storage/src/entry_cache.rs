@@ -17,8 +17,8 @@ use crate::Entry;
 
 /// Most entries kept (each is one batch of up to `batch.max_commands` commands).
 pub const MAX_ENTRIES: usize = 4096;
-/// Most encoded bytes kept. Large enough for every follower's in-flight window and apply's lag
-/// at full speed on this kind of machine, small against the member's memory budget.
+/// Most encoded bytes kept: many times a follower's in-flight window (a few 1 MiB-capped
+/// AppendEntries), small against a member's memory. How often reads miss is not measured yet.
 pub const MAX_BYTES: usize = 16 << 20;
 
 #[derive(Default)]
