@@ -45,6 +45,10 @@ use std::time::Instant;
 
 use kvset_proto::is_connect_error;
 use kvset_proto::metadata;
+pub use kvset_proto::tls::client_tls_from_files;
+use kvset_proto::tls::ChannelOptions;
+pub use kvset_proto::tls::ClientTls;
+pub use kvset_proto::tls::TlsError;
 pub use kvset_proto::v1 as pb;
 use kvset_proto::v1::cluster_client::ClusterClient;
 use kvset_proto::v1::kv_client::KvClient;
@@ -65,6 +69,12 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Follow leader hints and send requests straight to the leader.
     pub prefer_leader: bool,
+    /// Dial every endpoint through TLS with this configuration (see
+    /// [`kvset_proto::tls::client_tls_from_files`]); the server's certificate must name the
+    /// endpoint's host, or `tls_server_name` when set.
+    pub tls: Option<Arc<ClientTls>>,
+    /// The name the servers' certificates are checked against instead of each endpoint's host.
+    pub tls_server_name: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -73,6 +83,8 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(1),
             prefer_leader: true,
+            tls: None,
+            tls_server_name: None,
         }
     }
 }
@@ -179,8 +191,24 @@ fn header(status: &Status, key: &str) -> Option<String> {
     status.metadata().get(key).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
+/// The status's message followed by its chain of causes (a transport error's TLS or
+/// connection failure is only there).
+fn describe(status: &Status) -> String {
+    use std::error::Error as _;
+    let mut message = status.message().to_string();
+    let mut source = status.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        source = e.source();
+    }
+    message
+}
+
 pub(crate) fn final_error(status: &Status, kind: Kind) -> Error {
-    let message = status.message().to_string();
+    let message = describe(status);
     match status.code() {
         Code::InvalidArgument => Error::InvalidArgument(message),
         Code::NotFound => Error::NotFound(message),
@@ -235,11 +263,13 @@ impl Client {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let c = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|_| Error::BadEndpoint(addr.to_string()))?
-            .connect_timeout(self.inner.options.connect_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let options = &self.inner.options;
+        let channel_options = ChannelOptions { connect_timeout: options.connect_timeout, keep_alive: None };
+        let server_name =
+            options.tls_server_name.clone().unwrap_or_else(|| kvset_proto::tls::host_of(addr).to_string());
+        let tls = options.tls.as_ref().map(|t| (t, server_name.as_str()));
+        let c = kvset_proto::tls::lazy_channel(addr, tls, channel_options)
+            .map_err(|_| Error::BadEndpoint(addr.to_string()))?;
         channels.insert(addr.to_string(), c.clone());
         Ok(c)
     }

@@ -59,6 +59,8 @@ pub mod service_names {
     pub const RAFT: &str = "kvset.v1.Raft";
 }
 
+pub mod tls;
+
 /// gRPC metadata keys that are part of the wire contract.
 pub mod metadata {
     /// On `UNAVAILABLE`: client address (host:port) of the leader, when one is known.
@@ -79,6 +81,14 @@ pub mod metadata {
 /// the client and by members forwarding to the leader.
 pub fn is_connect_error(status: &tonic::Status) -> bool {
     use std::error::Error;
+    // kvset's own connector (TLS) says so explicitly, whatever code tonic gave the failure.
+    let mut source = status.source();
+    while let Some(e) = source {
+        if e.downcast_ref::<tls::ConnectError>().is_some() {
+            return true;
+        }
+        source = e.source();
+    }
     if status.code() != tonic::Code::Unavailable {
         return false;
     }
