@@ -17,6 +17,7 @@ pub mod history;
 pub mod k8s_stub;
 pub mod linearizability;
 pub mod manifests;
+pub mod pki;
 pub mod statefulset;
 pub mod watch_check;
 

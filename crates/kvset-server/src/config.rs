@@ -56,6 +56,7 @@ pub struct Config {
     pub watch: WatchConfig,
     pub lease: LeaseConfig,
     pub compaction: CompactionConfig,
+    pub tls: TlsConfig,
 }
 
 /// Where the desired replica count comes from.
@@ -161,6 +162,40 @@ pub struct BatchConfig {
     pub queue: u64,
 }
 
+/// TLS on the client and peer ports (`[tls]`); off while `cert_file` is empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: String,
+    pub key_file: String,
+    pub ca_file: String,
+    pub client_cert_auth: bool,
+    pub client_ca_file: String,
+    pub member_dns_name: String,
+    pub reload_interval_ms: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: String::new(),
+            key_file: String::new(),
+            ca_file: String::new(),
+            client_cert_auth: false,
+            client_ca_file: String::new(),
+            member_dns_name: "{set}-{ordinal}.{service}.{namespace}.svc.cluster.local".into(),
+            reload_interval_ms: 5_000,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether TLS is on.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty()
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -193,6 +228,7 @@ impl Default for Config {
             watch: WatchConfig::default(),
             lease: LeaseConfig::default(),
             compaction: CompactionConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -423,6 +459,42 @@ pub const KEYS: &[KeyDoc] = &[
               set, history is kept while either asks for it; with both 0, nothing is compacted automatically.",
     },
     KeyDoc { key: "compaction.check_interval_ms", doc: "Milliseconds between the leader's automatic compaction checks." },
+    KeyDoc {
+        key: "tls.cert_file",
+        doc: "PEM certificate (chain, leaf first) of this member. Empty: no TLS on any port. When set, the client \
+              and peer ports speak only TLS (no plaintext fallback), the certificate is served on both and \
+              presented to the members this one dials; it must name this member's tls.member_dns_name (and the \
+              names clients dial). `{name}` is replaced by the member name, so one Secret per pod can be mounted \
+              side by side.",
+    },
+    KeyDoc { key: "tls.key_file", doc: "PEM private key of tls.cert_file (PKCS#8, PKCS#1 or SEC1); `{name}` as there." },
+    KeyDoc {
+        key: "tls.ca_file",
+        doc: "PEM CA bundle of the members' certificates: a member accepts a peer, and trusts a member it dials, \
+              only if its certificate chains to this bundle and names that member's tls.member_dns_name. \
+              `{name}` as in tls.cert_file.",
+    },
+    KeyDoc {
+        key: "tls.client_cert_auth",
+        doc: "Require a client certificate on the client port that chains to tls.client_ca_file (etcd's \
+              --client-cert-auth). false: any client that completes the TLS handshake may call.",
+    },
+    KeyDoc {
+        key: "tls.client_ca_file",
+        doc: "PEM CA bundle for client certificates (with tls.client_cert_auth). Empty: tls.ca_file. Members' own \
+              certificates are accepted on the client port too (members call each other's client port).",
+    },
+    KeyDoc {
+        key: "tls.member_dns_name",
+        doc: "The DNS name the certificate of member N must carry as a subject alternative name; placeholders as \
+              in advertise_host. Members are verified by this name whatever address they are dialled at.",
+    },
+    KeyDoc {
+        key: "tls.reload_interval_ms",
+        doc: "Milliseconds between checks of the certificate, key and CA files for changes (cert-manager renewals, \
+              updated Secrets). A change applies to new connections without a restart; files that fail to load \
+              are logged and the previous material stays in use.",
+    },
 ];
 
 /// A configuration problem, naming the key.
@@ -747,6 +819,40 @@ impl Config {
         if self.shutdown_timeout_ms == 0 {
             return bad("shutdown_timeout_ms", "must be at least 1".into());
         }
+        self.validate_tls()
+    }
+
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, reason: &str| Err(ConfigError::Invalid { key, reason: reason.into() });
+        let t = &self.tls;
+        if !t.enabled() {
+            for (key, set) in [
+                ("tls.key_file", !t.key_file.is_empty()),
+                ("tls.ca_file", !t.ca_file.is_empty()),
+                ("tls.client_ca_file", !t.client_ca_file.is_empty()),
+                ("tls.client_cert_auth", t.client_cert_auth),
+            ] {
+                if set {
+                    return bad(key, "needs tls.cert_file (TLS is off while tls.cert_file is empty)");
+                }
+            }
+            return Ok(());
+        }
+        if t.key_file.is_empty() {
+            return bad("tls.key_file", "must be set with tls.cert_file");
+        }
+        if t.ca_file.is_empty() {
+            return bad(
+                "tls.ca_file",
+                "must be set with tls.cert_file (members verify each other against it)",
+            );
+        }
+        if !t.member_dns_name.contains("{ordinal}") {
+            return bad("tls.member_dns_name", "must contain {ordinal}: every member has its own name");
+        }
+        if t.reload_interval_ms < 100 {
+            return bad("tls.reload_interval_ms", "must be at least 100");
+        }
         Ok(())
     }
 
@@ -931,6 +1037,34 @@ mod tests {
         assert!(err.to_string().contains("log_format") && err.to_string().contains("`json`"), "{err}");
         let err = Config::load(None, &env(&[("KVSET_CACHE_BYTES", "-1")]), &[]).unwrap_err();
         assert!(err.to_string().contains("KVSET_CACHE_BYTES"), "{err}");
+    }
+
+    #[test]
+    fn tls_keys_are_checked_together() {
+        let load = |pairs: &[(&str, &str)]| {
+            let flags: Vec<(String, String)> =
+                pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            Config::load(None, &BTreeMap::new(), &flags)
+        };
+        let full = [("tls.cert_file", "c.pem"), ("tls.key_file", "k.pem"), ("tls.ca_file", "ca.pem")];
+        let c = load(&full).unwrap();
+        assert!(c.tls.enabled());
+        assert!(!Config::default().tls.enabled());
+        for (pairs, key) in [
+            (vec![("tls.cert_file", "c.pem"), ("tls.ca_file", "ca.pem")], "tls.key_file"),
+            (vec![("tls.cert_file", "c.pem"), ("tls.key_file", "k.pem")], "tls.ca_file"),
+            (vec![("tls.key_file", "k.pem")], "tls.key_file"),
+            (vec![("tls.ca_file", "ca.pem")], "tls.ca_file"),
+            (vec![("tls.client_cert_auth", "true")], "tls.client_cert_auth"),
+            (vec![("tls.client_ca_file", "x.pem")], "tls.client_ca_file"),
+            ([&full[..], &[("tls.member_dns_name", "kvset.example.com")]].concat(), "tls.member_dns_name"),
+            ([&full[..], &[("tls.reload_interval_ms", "10")]].concat(), "tls.reload_interval_ms"),
+        ] {
+            let err = load(&pairs).unwrap_err().to_string();
+            assert!(err.contains(key), "{pairs:?}: the error should name {key}: {err}");
+        }
+        let err = load(&[("tls.client_cert_auth", "maybe")]).unwrap_err().to_string();
+        assert!(err.contains("boolean"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! | [`KvError::DeadlineExceeded`] | `DEADLINE_EXCEEDED` | — |
 //! | [`KvError::Unimplemented`] | `UNIMPLEMENTED` | — |
 //! | [`KvError::FailedPrecondition`] | `FAILED_PRECONDITION` | — |
+//! | [`KvError::PermissionDenied`] | `PERMISSION_DENIED` | — |
 //! | [`KvError::NotFound`] | `NOT_FOUND` | — |
 //! | [`KvError::OutOfRange`] | `OUT_OF_RANGE` | — |
 //! | [`KvError::Internal`] | `INTERNAL` | — |
@@ -82,6 +83,10 @@ pub enum KvError {
     /// The cluster is not in a state that allows the request; nothing was applied.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller may not make this request (a peer whose certificate names another member);
+    /// nothing was applied.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// What the request names does not exist (a lease); nothing was applied.
     #[error("{0}")]
     NotFound(String),
@@ -113,6 +118,7 @@ impl KvError {
                 | KvError::LimitReached(_)
                 | KvError::NoSpace(_)
                 | KvError::FailedPrecondition(_)
+                | KvError::PermissionDenied(_)
                 | KvError::NotFound(_)
                 | KvError::OutOfRange(_)
                 | KvError::Unimplemented(_)
@@ -227,6 +233,7 @@ pub fn from_status(status: Status) -> KvError {
         Code::DeadlineExceeded => KvError::DeadlineExceeded(strip("deadline exceeded: ")),
         Code::Unimplemented => KvError::Unimplemented(strip("not implemented: ")),
         Code::FailedPrecondition => KvError::FailedPrecondition(message.to_string()),
+        Code::PermissionDenied => KvError::PermissionDenied(strip("permission denied: ")),
         Code::NotFound => KvError::NotFound(message.to_string()),
         Code::OutOfRange => KvError::OutOfRange(message.to_string()),
         Code::Internal => KvError::Internal(strip("internal error: ")),
@@ -276,6 +283,7 @@ impl From<KvError> for Status {
             KvError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             KvError::Unimplemented(_) => Code::Unimplemented,
             KvError::FailedPrecondition(_) => Code::FailedPrecondition,
+            KvError::PermissionDenied(_) => Code::PermissionDenied,
             KvError::NotFound(_) => Code::NotFound,
             KvError::OutOfRange(_) => Code::OutOfRange,
             KvError::Internal(_) => Code::Internal,

@@ -96,20 +96,20 @@ impl Forwarder {
         Self { channels }
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, KvError> {
-        self.channels.get(addr).map_err(|e| KvError::Unavailable(format!("leader {e}")))
+    fn channel(&self, name: &str, addr: &str) -> Result<Channel, KvError> {
+        self.channels.get(name, addr).map_err(|e| KvError::Unavailable(format!("member {name}: {e}")))
     }
 
-    /// A Kv client for the member at `addr`.
-    pub fn kv(&self, addr: &str) -> Result<KvClient<Channel>, KvError> {
-        Ok(KvClient::new(self.channel(addr)?)
+    /// A Kv client for the member `name` at `addr`.
+    pub fn kv(&self, name: &str, addr: &str) -> Result<KvClient<Channel>, KvError> {
+        Ok(KvClient::new(self.channel(name, addr)?)
             .max_decoding_message_size(CLIENT_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES))
     }
 
-    /// A Cluster client for the member at `addr`.
-    pub fn cluster(&self, addr: &str) -> Result<ClusterClient<Channel>, KvError> {
-        Ok(ClusterClient::new(self.channel(addr)?)
+    /// A Cluster client for the member `name` at `addr`.
+    pub fn cluster(&self, name: &str, addr: &str) -> Result<ClusterClient<Channel>, KvError> {
+        Ok(ClusterClient::new(self.channel(name, addr)?)
             .max_decoding_message_size(CLIENT_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES))
     }

@@ -72,6 +72,7 @@ pub struct AddressBook {
     service: String,
     namespace: String,
     host_template: String,
+    tls_name_template: String,
     client_port: u16,
     peer_port: u16,
     ops_port: u16,
@@ -88,6 +89,7 @@ impl AddressBook {
             service: config.service.clone(),
             namespace: config.namespace.clone(),
             host_template: config.advertise_host.clone(),
+            tls_name_template: config.tls.member_dns_name.clone(),
             client_port: config.client_port,
             peer_port: config.peer_port,
             ops_port: config.ops_port,
@@ -97,13 +99,33 @@ impl AddressBook {
         }
     }
 
-    /// The host of `ordinal`.
-    pub fn host(&self, ordinal: u32) -> String {
-        self.host_template
+    fn render(&self, template: &str, ordinal: u32) -> String {
+        template
             .replace("{set}", &self.set)
             .replace("{ordinal}", &ordinal.to_string())
             .replace("{service}", &self.service)
             .replace("{namespace}", &self.namespace)
+    }
+
+    /// The host of `ordinal`.
+    pub fn host(&self, ordinal: u32) -> String {
+        self.render(&self.host_template, ordinal)
+    }
+
+    /// The DNS name `ordinal`'s TLS certificate must carry (`tls.member_dns_name`).
+    pub fn tls_name(&self, ordinal: u32) -> String {
+        self.render(&self.tls_name_template, ordinal)
+    }
+
+    /// The ordinal whose `tls_name` is `dns_name` (compared without case, as DNS names are).
+    pub fn ordinal_of_tls_name(&self, dns_name: &str) -> Option<u32> {
+        let (before, after) = self.tls_name_template.split_once("{ordinal}")?;
+        let none = |t: &str| self.render(t, 0);
+        let (prefix, suffix) = (none(before).to_ascii_lowercase(), none(after).to_ascii_lowercase());
+        let name = dns_name.to_ascii_lowercase();
+        let digits = name.strip_prefix(&prefix)?.strip_suffix(&suffix)?;
+        let identity = Identity::from_name(&format!("{}-{digits}", self.set)).ok()?;
+        (self.tls_name(identity.ordinal).eq_ignore_ascii_case(dns_name)).then_some(identity.ordinal)
     }
 
     fn port(&self, base: u16, ordinal: u32) -> u16 {
@@ -195,6 +217,27 @@ mod tests {
         assert_eq!(book.peer_addr(1), "127.0.0.1:2390");
         assert_eq!(book.client_addr(2), "127.0.0.1:2399");
         assert_eq!(book.ops_listen_port(2), 2401);
+    }
+
+    #[test]
+    fn tls_names_of_ordinals_round_trip() {
+        let c = Config { namespace: "prod".into(), ..Default::default() };
+        let book = AddressBook::new(&c, "kvset");
+        assert_eq!(book.tls_name(2), "kvset-2.kvset-peers.prod.svc.cluster.local");
+        assert_eq!(book.ordinal_of_tls_name("kvset-2.kvset-peers.prod.svc.cluster.local"), Some(2));
+        assert_eq!(book.ordinal_of_tls_name("KVSET-12.kvset-peers.prod.svc.cluster.local"), Some(12));
+        for other in [
+            "kvset-2.kvset-peers.dev.svc.cluster.local",
+            "kvset-02.kvset-peers.prod.svc.cluster.local",
+            "kvset-.kvset-peers.prod.svc.cluster.local",
+            "kvset-x.kvset-peers.prod.svc.cluster.local",
+            "other-2.kvset-peers.prod.svc.cluster.local",
+            "kvset-2.kvset-peers.prod.svc.cluster.local.evil.example",
+            "kvset-1000.kvset-peers.prod.svc.cluster.local",
+            "*.kvset-peers.prod.svc.cluster.local",
+        ] {
+            assert_eq!(book.ordinal_of_tls_name(other), None, "{other}");
+        }
     }
 
     #[test]

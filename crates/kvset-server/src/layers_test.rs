@@ -13,6 +13,8 @@ use std::path::Path;
 /// Each unit and its layer, bottom (1) to top (6).
 const LAYERS: &[(&str, u8)] = &[
     ("channels", 1),
+    ("devcerts", 1),
+    ("tls", 2),
     ("cluster_id", 1),
     ("config", 1),
     ("errors", 1),

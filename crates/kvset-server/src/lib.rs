@@ -40,8 +40,8 @@
 //! | 4 services | [`service::kv`], [`service::etcd`], [`service::cluster`], [`service::raft`], [`service::ops`] | one file per gRPC service (etcd's six under `service::etcd`), and the ops HTTP endpoints |
 //! | 4 tasks | [`tasks::membership`], [`tasks::replicas`], [`tasks::raft_metrics`], [`tasks::leases`], [`tasks::compactor`], [`tasks::quota`] | background work, each given only what it uses |
 //! | 3 member | [`member`] | this member's shared state: identity, Raft, routing, the write and read entry points, lifecycle |
-//! | 2 transport and pipeline | [`network`], [`forward`], [`batcher`], [`read_index`], [`watch_hub`], [`lessor`], [`recovery`] | peer RPCs out, forwarding to the leader, write batching, shared ReadIndex rounds, watch streams, lease deadlines, restore and quorum-loss recovery of the volume before Raft starts |
-//! | 1 leaves | [`config`], [`identity`], [`errors`], [`metrics`], [`logging`], [`pb`], [`query`], [`watch_types`], [`cluster_id`], [`channels`] | configuration, identity, errors and their one mapping, observability, wire conversions, the domain form of reads and watch messages, the cluster id cell, the peer-channel cache |
+//! | 2 transport and pipeline | [`network`], [`forward`], [`batcher`], [`read_index`], [`watch_hub`], [`lessor`], [`recovery`], [`tls`] | peer RPCs out, forwarding to the leader, write batching, shared ReadIndex rounds, watch streams, lease deadlines, restore and quorum-loss recovery of the volume before Raft starts, TLS on the listeners and its rotation |
+//! | 1 leaves | [`config`], [`identity`], [`errors`], [`metrics`], [`logging`], [`pb`], [`query`], [`watch_types`], [`cluster_id`], [`channels`], [`devcerts`] | configuration, identity, errors and their one mapping, observability, wire conversions, the domain form of reads and watch messages, the cluster id cell, the peer-channel cache, throwaway certificates for local clusters and tests |
 //!
 //! # Caveats
 //!
@@ -58,6 +58,7 @@
 pub mod channels;
 pub mod cluster_id;
 pub mod config;
+pub mod devcerts;
 pub mod errors;
 pub mod identity;
 pub mod logging;
@@ -72,6 +73,7 @@ pub mod lessor;
 pub mod network;
 pub mod read_index;
 pub mod recovery;
+pub mod tls;
 pub mod watch_hub;
 // Layer 3: the member's shared state.
 pub mod member;

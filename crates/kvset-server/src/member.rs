@@ -594,7 +594,7 @@ impl LocalMember {
                 .collect()
         };
         for (name, addr) in others {
-            let serving = match self.forwarder().cluster(&addr) {
+            let serving = match self.forwarder().cluster(&name, &addr) {
                 Ok(mut client) => {
                     let reply = tokio::time::timeout(
                         Duration::from_secs(2),
@@ -739,21 +739,27 @@ impl LocalMember {
         &self.lessor
     }
 
+    /// The name (`<set>-<N>`) of the member with Raft id `node_id`, if it is in the membership.
+    pub fn member_name(&self, node_id: u64) -> Option<String> {
+        self.raft_metrics().membership_config.membership().get_node(&node_id).map(|n| n.name.clone())
+    }
+
     /// A peer-service client for the leader `leader_id`, with its peer address.
     fn leader_peer(
         &self,
         leader_id: u64,
     ) -> Result<(String, RaftClient<tonic::transport::Channel>), KvError> {
-        let peer = self
+        let (name, peer) = self
             .raft_metrics()
             .membership_config
             .membership()
             .get_node(&leader_id)
-            .map(|n| n.peer_addr.clone())
+            .map(|n| (n.name.clone(), n.peer_addr.clone()))
             .ok_or_else(|| {
                 KvError::Unavailable(format!("the peer address of leader {leader_id} is unknown"))
             })?;
-        let channel = self.channels.get(&peer).map_err(|e| KvError::Unavailable(format!("leader {e}")))?;
+        let channel =
+            self.channels.get(&name, &peer).map_err(|e| KvError::Unavailable(format!("leader {e}")))?;
         Ok((
             peer,
             RaftClient::new(channel).max_decoding_message_size(crate::forward::CLIENT_MAX_MESSAGE_BYTES),

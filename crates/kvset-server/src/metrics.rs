@@ -53,6 +53,13 @@ pub struct PeerLabels {
     pub result: &'static str,
 }
 
+/// Label set of refused TLS connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub port: &'static str,
+    pub reason: &'static str,
+}
+
 /// Label set of a Raft server state.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
@@ -112,6 +119,7 @@ pub struct Metrics {
     pub watch_events: Counter,
     pub leases_expired: Counter,
     pub compactions: Counter,
+    pub tls_refused: Family<RefusedLabels, Counter>,
 }
 
 impl Metrics {
@@ -152,6 +160,7 @@ impl Metrics {
             watch_events: Counter::default(),
             leases_expired: Counter::default(),
             compactions: Counter::default(),
+            tls_refused: Family::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -161,6 +170,11 @@ impl Metrics {
         );
         r.register("grpc_request_duration_seconds", "Client gRPC request latency", m.grpc_duration.clone());
         r.register("peer_rpcs", "Peer Raft RPCs sent, by RPC and result", m.peer_rpcs.clone());
+        r.register(
+            "tls_connections_refused",
+            "Connections closed before any request: not TLS, a certificate refused, or no handshake in time",
+            m.tls_refused.clone(),
+        );
         r.register("peer_rpc_duration_seconds", "Peer Raft RPC latency", m.peer_duration.clone());
         r.register("batch_commands", "Client commands per Raft entry", m.batch_commands.clone());
         r.register("batch_bytes", "Bytes of client commands per Raft entry", m.batch_bytes.clone());
@@ -251,6 +265,11 @@ impl Metrics {
     pub fn grpc(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
         self.grpc_requests.get_or_create(&GrpcLabels { method, code: code_name(code) }).inc();
         self.grpc_duration.get_or_create(&MethodLabel { method }).observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one connection refused at the TLS handshake.
+    pub fn tls_refused(&self, port: &'static str, reason: &'static str) {
+        self.tls_refused.get_or_create(&RefusedLabels { port, reason }).inc();
     }
 
     /// Records one peer RPC sent.

@@ -125,8 +125,8 @@ impl PeerNetwork {
         }
     }
 
-    fn channel(&self, addr: &str) -> Option<Channel> {
-        match self.inner.channels.get(addr) {
+    fn channel(&self, name: &str, addr: &str) -> Option<Channel> {
+        match self.inner.channels.get(name, addr) {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::warn!(error = %e, "invalid peer address");
@@ -140,7 +140,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &Member) -> PeerClient {
-        let client = self.channel(&node.peer_addr).map(|c| {
+        let client = self.channel(&node.name, &node.peer_addr).map(|c| {
             RaftClient::new(c)
                 .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES)

@@ -36,6 +36,7 @@ use kvset_storage::WatchReceiver;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::channels::DialTls;
 use crate::channels::PeerChannels;
 use crate::cluster_id::ClusterIdCell;
 use crate::config::Config;
@@ -53,6 +54,7 @@ use crate::network::PeerNetwork;
 pub use crate::server::ListenError;
 pub use crate::server::Listeners;
 use crate::tasks::replicas::StatefulSetRef;
+use crate::tls::MemberTls;
 
 /// Extra knobs for tests; production uses the default.
 #[derive(Default, Clone)]
@@ -82,6 +84,8 @@ pub enum StartError {
     Volume(#[from] kvset_storage::VolumeError),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error("TLS: {0}")]
+    Tls(#[from] kvset_proto::tls::TlsError),
     #[error("a listener has no local address: {0}")]
     Listener(std::io::Error),
     #[error("raft config: {0}")]
@@ -141,6 +145,7 @@ impl Node {
         config.validate()?;
         let identity = Identity::from_name(&config.name)?;
         let book = AddressBook::new(&config, &identity.set);
+        let tls = MemberTls::from_config(&config, book.clone())?;
         let expected = if config.cluster_id.is_empty() {
             None
         } else {
@@ -217,7 +222,8 @@ impl Node {
             ..Default::default()
         }
         .validate()?;
-        let channels = Arc::new(PeerChannels::new(Duration::from_millis(config.raft.rpc_timeout_ms)));
+        let dial = tls.as_ref().map(|t| DialTls { config: t.dial().clone(), book: book.clone() });
+        let channels = Arc::new(PeerChannels::new(Duration::from_millis(config.raft.rpc_timeout_ms), dial));
         let network = PeerNetwork::new(
             node_id,
             cluster.clone(),
@@ -254,7 +260,8 @@ impl Node {
         let (stop, stop_rx) = watch::channel(false);
         let (request, mut request_rx) = watch::channel(false);
         let (done_tx, done) = watch::channel(None);
-        let servers = crate::server::spawn_servers(member.clone(), listeners, stop_rx.clone()).await?;
+        let servers =
+            crate::server::spawn_servers(member.clone(), listeners, tls.clone(), stop_rx.clone()).await?;
         let config = member.config();
         let mut tasks = vec![
             tokio::spawn(crate::tasks::membership::run(member.clone(), stop_rx.clone())),
@@ -269,6 +276,10 @@ impl Node {
                 stop_rx.clone(),
             )),
         ];
+        if let Some(tls) = tls {
+            let interval = Duration::from_millis(config.tls.reload_interval_ms);
+            tasks.push(tokio::spawn(crate::tls::watch_files(tls, interval, stop_rx.clone())));
+        }
         if config.replicas_source == ReplicasSource::Kubernetes {
             tasks.push(tokio::spawn(crate::tasks::replicas::run(
                 statefulset(&member),

@@ -3,7 +3,10 @@
 //! * peer port: the `Raft` service only (so a NetworkPolicy can keep it pod-to-pod);
 //! * client port: kvset.v1 `Kv` and `Cluster`, etcd's v3 services (`etcdserverpb`), gRPC health
 //!   (`grpc.health.v1`) and server reflection (`v1` and `v1alpha`, listing only these services);
-//! * ops port: HTTP `/metrics`, `/healthz`, `/readyz`.
+//! * ops port: HTTP `/metrics`, `/healthz`, `/readyz` (plain HTTP, as etcd's
+//!   `--listen-metrics-urls`: probes and scrapers need no certificate).
+//!
+//! With TLS configured (`crate::tls`), the client and peer ports accept only TLS connections.
 
 use std::sync::Arc;
 
@@ -13,7 +16,6 @@ use kvset_proto::v1::raft_server::RaftServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
@@ -26,6 +28,9 @@ use crate::service::cluster::ClusterService;
 use crate::service::etcd::EtcdService;
 use crate::service::kv::KvService;
 use crate::service::raft::PeerService;
+use crate::tls::incoming;
+use crate::tls::MemberTls;
+use crate::tls::Port;
 
 /// The three listeners a member serves on, bound by the caller (tests bind port 0).
 #[derive(Debug)]
@@ -68,21 +73,6 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Accepted connections with Nagle's algorithm off: the builder's `tcp_nodelay` does not reach
-/// connections from a custom incoming stream, and Nagle plus delayed ACKs adds ~40 ms stalls
-/// to small Raft and client messages.
-fn incoming(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(stream) = &conn {
-            let _ = stream.set_nodelay(true);
-        }
-        conn
-    })
-}
-
 async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
@@ -91,6 +81,7 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 pub async fn spawn_servers(
     member: Arc<LocalMember>,
     listeners: Listeners,
+    tls: Option<Arc<MemberTls>>,
     stop: watch::Receiver<bool>,
 ) -> Result<Vec<JoinHandle<()>>, ServerError> {
     let mut tasks = Vec::new();
@@ -99,7 +90,7 @@ pub async fn spawn_servers(
     let peer = RaftServer::new(PeerService::new(member.clone()))
         .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
         .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES);
-    let incoming_peer = incoming(listeners.peer);
+    let incoming_peer = incoming(listeners.peer, tls.clone(), Port::Peer, member.metrics().clone());
     let stop_peer = stop.clone();
     tasks.push(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
@@ -140,7 +131,7 @@ pub async fn spawn_servers(
         .max_decoding_message_size(decode_limit)
         .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);
     let etcd = EtcdService::servers(member.clone(), decode_limit, CLIENT_MAX_MESSAGE_BYTES);
-    let incoming_client = incoming(listeners.client);
+    let incoming_client = incoming(listeners.client, tls, Port::Client, member.metrics().clone());
     let stop_client = stop.clone();
     let reporter = health_reporter.clone();
     tasks.push(tokio::spawn(async move {

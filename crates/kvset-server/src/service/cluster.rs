@@ -157,8 +157,9 @@ impl ClusterService {
     ) -> Result<T, KvError> {
         match self.member.route(ctx.forwarded)? {
             Route::Local => local().await,
-            Route::Forward { addr, .. } => {
-                let client = self.member.forwarder().cluster(&addr)?;
+            Route::Forward { leader_id, addr } => {
+                let name = self.member.member_name(leader_id).unwrap_or_default();
+                let client = self.member.forwarder().cluster(&name, &addr)?;
                 forward(client).await.map(Response::into_inner).map_err(|s| forwarded_error(s, &addr, true))
             }
         }

@@ -7,6 +7,9 @@
 //! * the cluster id must be ours. A member with no cluster id yet (fresh volume) adopts the
 //!   cluster of the first message addressed to its own, randomly minted, node id: only a
 //!   cluster that probed this very member can know that id.
+//! * with TLS, the sender must be the member its certificate names: a certificate lets a
+//!   member speak for itself only (the peer port already refused certificates naming no
+//!   member of this set);
 //! * a vote request from a node outside our membership is refused: a removed or replaced
 //!   member must not disrupt the cluster with ever higher terms (the classic removed-server
 //!   problem, Raft §6).
@@ -175,10 +178,33 @@ impl PeerService {
         installed.map(Some).map_err(|fatal| format!("raft stopped: {fatal}"))
     }
 
-    /// Refuses a Raft message meant for another node id or another cluster (see the module
-    /// docs); a member with no cluster yet adopts the sender's.
-    async fn check(&self, req: &pb::RaftRequest) -> Result<(), KvError> {
+    /// The ordinal the caller's TLS certificate proves (`None` without TLS).
+    fn certified<T>(&self, request: &Request<T>) -> Option<u32> {
+        request.extensions().get::<crate::tls::ConnInfo>().and_then(|c| c.member)
+    }
+
+    /// Refuses a message whose claimed sender is a member other than the one its TLS
+    /// certificate names: a member's certificate lets it speak for itself only. A sender not
+    /// in our membership (yet) is left to the other checks.
+    fn check_sender(&self, certified: Option<u32>, from: u64) -> Result<(), KvError> {
+        let Some(ordinal) = certified else { return Ok(()) };
+        let Some(name) = self.member.member_name(from) else { return Ok(()) };
+        let proven = self.member.identity().sibling(ordinal);
+        if name == proven {
+            return Ok(());
+        }
+        tracing::warn!(from, claimed = %name, certificate = %proven, "refusing a peer message: its certificate names another member");
+        Err(KvError::PermissionDenied(format!(
+            "the message claims to come from {name} (node {from}) but the connection's certificate names {proven}"
+        )))
+    }
+
+    /// Refuses a Raft message meant for another node id or another cluster, or sent by a
+    /// member other than the one its certificate names (see the module docs); a member with no
+    /// cluster yet adopts the sender's.
+    async fn check(&self, req: &pb::RaftRequest, certified: Option<u32>) -> Result<(), KvError> {
         let s = &self.member;
+        self.check_sender(certified, req.from)?;
         if req.to != s.node_id() {
             return Err(KvError::FailedPrecondition(format!(
                 "message for node {} reached node {} ({}): the member at this address was replaced",
@@ -205,8 +231,8 @@ impl PeerService {
     }
 
     /// [`Self::check`], and refuses a (pre-)vote request from a node outside our membership.
-    async fn check_voter(&self, req: &pb::RaftRequest) -> Result<(), KvError> {
-        self.check(req).await?;
+    async fn check_voter(&self, req: &pb::RaftRequest, certified: Option<u32>) -> Result<(), KvError> {
+        self.check(req, certified).await?;
         let known = {
             let metrics = self.member.raft_metrics();
             let membership = metrics.membership_config.membership();
@@ -275,13 +301,14 @@ impl PeerService {
                     reason: "forwarded join reached a member that is not the leader".into(),
                 });
             }
-            let addr = m
+            let (name, addr) = m
                 .membership_config
                 .membership()
                 .get_node(&leader)
-                .map(|n| n.peer_addr.clone())
+                .map(|n| (n.name.clone(), n.peer_addr.clone()))
                 .ok_or_else(|| KvError::Unavailable("the leader's address is unknown".into()))?;
-            let channel = s.channels().get(&addr).map_err(|e| KvError::Unavailable(format!("leader {e}")))?;
+            let channel =
+                s.channels().get(&name, &addr).map_err(|e| KvError::Unavailable(format!("leader {e}")))?;
             let mut forward = Request::new(req);
             forward.metadata_mut().insert(metadata::FORWARDED, MetadataValue::from_static("true"));
             forward.set_timeout(JOIN_FORWARD_TIMEOUT);
@@ -339,6 +366,7 @@ impl pb::raft_server::Raft for PeerService {
                 let _ = phase.wait_for(|p| matches!(p, Phase::ShuttingDown | Phase::Stopped)).await;
             }
         };
+        let certified = self.certified(&request);
         let mut incoming = Box::pin(request.into_inner().take_until(stopping()));
         let refused: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
         let (tx, rx) = tokio::sync::mpsc::channel::<AppendEntriesRequest<TypeConfig>>(STREAM_APPEND_QUEUE);
@@ -353,7 +381,7 @@ impl pb::raft_server::Raft for PeerService {
                     };
                     let Some(msg) = msg else { return };
                     let checked = match msg {
-                        Ok(req) => match this.check(&req).await {
+                        Ok(req) => match this.check(&req, certified).await {
                             Ok(()) => Self::decode::<AppendEntriesRequest<TypeConfig>>(
                                 "append entries",
                                 &req.payload,
@@ -399,22 +427,25 @@ impl pb::raft_server::Raft for PeerService {
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
+        let certified = self.certified(&request);
         let req = request.into_inner();
-        self.check(&req).await?;
+        self.check(&req, certified).await?;
         let rpc: AppendEntriesRequest<TypeConfig> = Self::decode("append entries", &req.payload)?;
         Ok(Self::reply(&self.member.raft().append_entries(rpc).await)?)
     }
 
     async fn vote(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let certified = self.certified(&request);
         let req = request.into_inner();
-        self.check_voter(&req).await?;
+        self.check_voter(&req, certified).await?;
         let rpc = decode_vote(&req.payload)?;
         Ok(Self::reply(&self.member.raft().vote(rpc).await)?)
     }
 
     async fn pre_vote(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let certified = self.certified(&request);
         let req = request.into_inner();
-        self.check_voter(&req).await?;
+        self.check_voter(&req, certified).await?;
         let rpc = decode_vote(&req.payload)?;
         Ok(Self::reply(&self.member.raft().pre_vote(rpc).await)?)
     }
@@ -423,8 +454,9 @@ impl pb::raft_server::Raft for PeerService {
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
+        let certified = self.certified(&request);
         let req = request.into_inner();
-        self.check(&req).await?;
+        self.check(&req, certified).await?;
         let rpc: TransferLeaderRequest<TypeConfig> = Self::decode("transfer leader", &req.payload)?;
         if *rpc.to_node_id() == self.member.node_id() {
             // The new leader must hold all of the old one's log, or it ignores the handover.
@@ -450,8 +482,9 @@ impl pb::raft_server::Raft for PeerService {
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
+        let certified = self.certified(&request);
         let req = request.into_inner();
-        self.check(&req).await?;
+        self.check(&req, certified).await?;
         let chunk: SnapshotChunk = Self::decode("snapshot chunk", &req.payload)?;
         Ok(Self::reply(&self.receive_chunk(chunk).await)?)
     }
@@ -518,6 +551,19 @@ impl pb::raft_server::Raft for PeerService {
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
         let forwarded = request.metadata().get(metadata::FORWARDED).is_some();
+        // A member joins as itself: the first hop checks the joiner's certificate (a forwarded
+        // join arrives over the forwarding member's connection).
+        if let (Some(ordinal), false) = (self.certified(&request), forwarded) {
+            if request.get_ref().ordinal != ordinal {
+                let claimed = request.get_ref().name.clone();
+                tracing::warn!(%claimed, certificate = ordinal, "refusing a join: its certificate names another member");
+                return Err(KvError::PermissionDenied(format!(
+                    "the join claims to come from {claimed} but the connection's certificate names {}",
+                    self.member.identity().sibling(ordinal)
+                ))
+                .into());
+            }
+        }
         Ok(Response::new(self.join_inner(forwarded, request.into_inner()).await?))
     }
 }

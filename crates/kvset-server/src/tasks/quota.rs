@@ -47,7 +47,7 @@ pub async fn run(member: Arc<LocalMember>, mut stop: watch::Receiver<bool>) {
                 .collect();
             known.retain(|id, _| *id == member.node_id() || nodes.iter().any(|(n, _, _)| n == id));
             for (node_id, name, addr) in nodes {
-                if let Some(bytes) = ask(&member, &addr).await {
+                if let Some(bytes) = ask(&member, &name, &addr).await {
                     set(&mut known, SpaceAlarm { node_id, name, bytes, quota }, bytes >= quota);
                 }
             }
@@ -71,8 +71,8 @@ fn set(known: &mut BTreeMap<u64, SpaceAlarm>, alarm: SpaceAlarm, raised: bool) {
 }
 
 /// The volume size another member reports, if it answers in time.
-async fn ask(member: &LocalMember, addr: &str) -> Option<u64> {
-    let mut client = member.forwarder().cluster(addr).ok()?;
+async fn ask(member: &LocalMember, name: &str, addr: &str) -> Option<u64> {
+    let mut client = member.forwarder().cluster(name, addr).ok()?;
     let reply = tokio::time::timeout(ASK_TIMEOUT, client.status(pb::StatusRequest { digest: false })).await;
     Some(reply.ok()?.ok()?.into_inner().db_size_bytes)
 }

@@ -58,8 +58,8 @@ struct Loop {
 }
 
 /// A peer-service client for `addr`, over the member's shared channels.
-fn client(shared: &LocalMember, addr: &str) -> Result<RaftClient<Channel>, String> {
-    shared.channels().get(addr).map(RaftClient::new).map_err(|e| e.to_string())
+fn client(shared: &LocalMember, name: &str, addr: &str) -> Result<RaftClient<Channel>, String> {
+    shared.channels().get(name, addr).map(RaftClient::new).map_err(|e| e.to_string())
 }
 
 impl Loop {
@@ -72,7 +72,7 @@ impl Loop {
         let mut calls = Vec::new();
         for ordinal in ordinals {
             let addr = shared.book().peer_addr(ordinal);
-            let client = client(shared, &addr);
+            let client = client(shared, &shared.identity().sibling(ordinal), &addr);
             let req = pb::ProbeRequest {
                 from_name: shared.identity().name.clone(),
                 cluster_id: shared.cluster().to_wire(),
@@ -377,7 +377,7 @@ async fn join(shared: &Arc<LocalMember>, ordinal: u32, reply: &pb::ProbeReply) -
         return false;
     }
     let addr = shared.book().peer_addr(ordinal);
-    let mut client = match client(shared, &addr) {
+    let mut client = match client(shared, &shared.identity().sibling(ordinal), &addr) {
         Ok(c) => c,
         Err(e) => {
             shared.set_reconciler_status(e);

@@ -1,0 +1,471 @@
+//! A member's TLS (DESIGN.md §6, Security): its certificate on the client and peer ports,
+//! mutual TLS between members, and certificate rotation without a restart.
+//!
+//! * **Peer port**: mutual TLS only. A connecting member must present a certificate that chains
+//!   to `tls.ca_file` *and* names some ordinal's `tls.member_dns_name`; a member dialling
+//!   ordinal N accepts only a certificate naming N's name (whatever address N is reached at),
+//!   so a pod cannot pose as another ordinal with its own certificate.
+//! * **Client port**: TLS, with client certificates required when `tls.client_cert_auth` (they
+//!   must chain to `tls.client_ca_file`, or to `tls.ca_file` for members calling each other).
+//! * **Rotation**: [`watch_files`] re-reads the files every `tls.reload_interval_ms`; when any
+//!   byte changed and the new set loads, new handshakes (both directions) use it. Established
+//!   connections keep the session they negotiated, as in etcd. A set that fails to load (a
+//!   half-written Secret) is logged and the previous one stays in use.
+//! * **Refusals** (no TLS, unknown CA, expired, wrong name) are logged with the remote address
+//!   and counted; the connection is closed before any request is read.
+
+use std::path::Path;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::RwLock;
+use std::task::Context;
+use std::task::Poll;
+use std::time::Duration;
+
+use kvset_proto::tls as wire;
+use kvset_proto::tls::rustls;
+use kvset_proto::tls::ClientTls;
+use kvset_proto::tls::TlsError;
+use rustls::pki_types::CertificateDer;
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use rustls::ServerConfig;
+use tokio::io::AsyncRead;
+use tokio::io::AsyncWrite;
+use tokio::io::ReadBuf;
+use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::config::Config;
+use crate::identity::AddressBook;
+use crate::metrics::Metrics;
+
+/// How long a client has to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The files a member's TLS is read from (`{name}` already replaced).
+#[derive(Debug, Clone)]
+struct Paths {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+impl Paths {
+    fn all(&self) -> Vec<&Path> {
+        let mut all = vec![self.cert.as_path(), self.key.as_path(), self.ca.as_path()];
+        all.extend(self.client_ca.as_deref());
+        all
+    }
+}
+
+/// What one load of the files produced.
+#[derive(Debug)]
+struct Loaded {
+    /// The bytes read, to tell whether anything changed.
+    bytes: Vec<Vec<u8>>,
+    peer: Arc<ServerConfig>,
+    client: Arc<ServerConfig>,
+}
+
+/// The TLS material of a member, replaced as a whole on rotation.
+#[derive(Debug)]
+pub struct MemberTls {
+    paths: Paths,
+    /// The DNS name this member's own certificate must prove.
+    own_name: String,
+    client_cert_auth: bool,
+    book: AddressBook,
+    loaded: RwLock<Arc<Loaded>>,
+    /// What this member presents and trusts when it dials other members.
+    dial: Arc<ClientTls>,
+}
+
+impl MemberTls {
+    /// The member's TLS, or `None` when `tls.cert_file` is empty. Every file must load.
+    pub fn from_config(config: &Config, book: AddressBook) -> Result<Option<Arc<Self>>, TlsError> {
+        let t = &config.tls;
+        if !t.enabled() {
+            return Ok(None);
+        }
+        let path = |p: &str| PathBuf::from(p.replace("{name}", &config.name));
+        let paths = Paths {
+            cert: path(&t.cert_file),
+            key: path(&t.key_file),
+            ca: path(&t.ca_file),
+            client_ca: (!t.client_ca_file.is_empty()).then(|| path(&t.client_ca_file)),
+        };
+        let own_name = crate::identity::Identity::from_name(&config.name)
+            .map(|id| book.tls_name(id.ordinal))
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let bytes = read_all(&paths)?;
+        let (loaded, dial) = build(&paths, &own_name, t.client_cert_auth, bytes)?;
+        Ok(Some(Arc::new(Self {
+            paths,
+            own_name,
+            client_cert_auth: t.client_cert_auth,
+            book,
+            loaded: RwLock::new(Arc::new(loaded)),
+            dial: ClientTls::new(dial),
+        })))
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        self.loaded.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Re-reads the files; `Ok(true)` when they changed and the new material is in use.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let bytes = read_all(&self.paths)?;
+        if bytes == self.current().bytes {
+            return Ok(false);
+        }
+        let (loaded, dial) = build(&self.paths, &self.own_name, self.client_cert_auth, bytes)?;
+        *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
+        self.dial.replace(dial);
+        Ok(true)
+    }
+
+    /// The client configuration for dialling other members (their peer and client ports).
+    pub fn dial(&self) -> &Arc<ClientTls> {
+        &self.dial
+    }
+
+    /// The DNS name the member called `name` (`<set>-<N>`) must prove.
+    pub fn member_dns_name(&self, name: &str) -> Option<String> {
+        crate::identity::Identity::from_name(name).ok().map(|id| self.book.tls_name(id.ordinal))
+    }
+
+    /// The ordinal a peer's (already verified) certificate names, or why it names none.
+    fn peer_ordinal(&self, certs: Option<&[CertificateDer<'static>]>) -> Result<u32, String> {
+        let leaf = certs.and_then(|c| c.first()).ok_or("no client certificate")?;
+        let cert =
+            webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("unparsable certificate: {e}"))?;
+        let names: Vec<&str> = cert.valid_dns_names().collect();
+        names.iter().find_map(|n| self.book.ordinal_of_tls_name(n)).ok_or_else(|| {
+            format!(
+                "its certificate names no member of this set (expected e.g. {}, got {names:?})",
+                self.book.tls_name(0)
+            )
+        })
+    }
+}
+
+fn read_all(paths: &Paths) -> Result<Vec<Vec<u8>>, TlsError> {
+    paths.all().into_iter().map(wire::read_file).collect()
+}
+
+/// The server configurations of both ports and the dialling configuration, from file bytes
+/// (in the order of [`Paths::all`]). The member's own certificate must be one its peers will
+/// accept: chaining to the CA bundle, valid now, naming `own_name`.
+fn build(
+    paths: &Paths,
+    own_name: &str,
+    client_cert_auth: bool,
+    bytes: Vec<Vec<u8>>,
+) -> Result<(Loaded, rustls::ClientConfig), TlsError> {
+    let (certs, key) = wire::parse_identity((&paths.cert, &bytes[0]), (&paths.key, &bytes[1]))?;
+    let members = wire::parse_roots(&paths.ca, &bytes[2])?;
+    check_own(&certs, &members, own_name).map_err(|reason| {
+        TlsError::Config(format!(
+            "{} is not a certificate the other members will accept: {reason} (checked against {} for the name {own_name})",
+            paths.cert.display(),
+            paths.ca.display()
+        ))
+    })?;
+    let config = |e: rustls::Error| TlsError::Config(e.to_string());
+    let verifier = |roots: RootCertStore| {
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), wire::provider())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))
+    };
+    let server = || {
+        ServerConfig::builder_with_provider(wire::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(config)
+    };
+    let h2 = |mut c: ServerConfig| {
+        c.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(c)
+    };
+
+    let peer = server()?
+        .with_client_cert_verifier(verifier(members.clone())?)
+        .with_single_cert(certs.clone(), key.clone_key())
+        .map_err(config)?;
+    let client = if client_cert_auth {
+        let mut roots = match (&paths.client_ca, bytes.get(3)) {
+            (Some(path), Some(b)) => wire::parse_roots(path, b)?,
+            _ => RootCertStore::empty(),
+        };
+        roots.roots.extend(members.roots.iter().cloned());
+        server()?.with_client_cert_verifier(verifier(roots)?)
+    } else {
+        server()?.with_no_client_auth()
+    }
+    .with_single_cert(certs.clone(), key.clone_key())
+    .map_err(config)?;
+    let dial = wire::client_config(members, Some((certs, key)))?;
+    Ok((Loaded { bytes, peer: h2(peer), client: h2(client) }, dial))
+}
+
+/// Verifies a member's own chain as its peers will: against `roots`, now, for `name`.
+fn check_own(certs: &[CertificateDer<'static>], roots: &RootCertStore, name: &str) -> Result<(), String> {
+    use rustls::client::danger::ServerCertVerifier;
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots.clone()),
+        wire::provider(),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
+    let (leaf, intermediates) = certs.split_first().ok_or("no certificate")?;
+    verifier
+        .verify_server_cert(leaf, intermediates, &server_name, &[], rustls::pki_types::UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Re-reads `tls`'s files every `interval` until `stop`; logs what changed or failed.
+pub async fn watch_files(tls: Arc<MemberTls>, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let t = tls.clone();
+        match tokio::task::spawn_blocking(move || t.reload()).await {
+            Ok(Ok(true)) => {
+                failing = false;
+                tracing::info!(cert = %tls.paths.cert.display(), "TLS certificates reloaded: new connections use them");
+            }
+            Ok(Ok(false)) => failing = false,
+            Ok(Err(e)) => {
+                if !failing {
+                    tracing::error!(error = %e, "TLS files changed but do not load; the previous certificates stay in use");
+                }
+                failing = true;
+            }
+            Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
+        }
+    }
+}
+
+/// Which listener a connection arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    Client,
+    Peer,
+}
+
+impl Port {
+    fn name(self) -> &'static str {
+        match self {
+            Port::Client => "client",
+            Port::Peer => "peer",
+        }
+    }
+}
+
+/// An accepted connection: plain TCP, or TLS over it.
+#[derive(Debug)]
+pub enum Conn {
+    Plain(TcpStream),
+    /// With the member ordinal its certificate names (on the peer port).
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Option<u32>),
+}
+
+/// What a handler can learn about its connection (a request extension).
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub remote_addr: Option<std::net::SocketAddr>,
+    /// The client's verified certificate chain, leaf first, when it presented one.
+    pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// On the peer port: the member ordinal the certificate names.
+    pub member: Option<u32>,
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        match self {
+            Conn::Plain(s) => ConnInfo { remote_addr: s.peer_addr().ok(), peer_certs: None, member: None },
+            Conn::Tls(s, member) => {
+                let (tcp, session) = s.get_ref();
+                ConnInfo {
+                    remote_addr: tcp.peer_addr().ok(),
+                    peer_certs: session.peer_certificates().map(|c| Arc::new(c.to_vec())),
+                    member: *member,
+                }
+            }
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s, _) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Accepts connections on `listener` until the returned stream is dropped: plain TCP when
+/// `tls` is `None`, else only completed TLS handshakes (and, on the peer port, only members of
+/// this set). Nagle is off on every connection: the builder's `tcp_nodelay` does not reach
+/// connections from a custom incoming stream, and Nagle plus delayed ACKs adds ~40 ms stalls
+/// to small Raft and client messages.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<Arc<MemberTls>>,
+    port: Port,
+    metrics: Arc<Metrics>,
+) -> ReceiverStream<std::io::Result<Conn>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => return,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: the server decides (it logs and goes on).
+                    if tx.send(Err(e)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let Some(tls) = tls.clone() else {
+                if tx.send(Ok(Conn::Plain(tcp))).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let tx = tx.clone();
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&tls, tcp, port)).await {
+                    Ok(Ok(conn)) => {
+                        let _ = tx.send(Ok(conn)).await;
+                    }
+                    Ok(Err(refusal)) => {
+                        metrics.tls_refused(port.name(), refusal.reason);
+                        tracing::warn!(port = port.name(), %remote, reason = refusal.reason, detail = %refusal.detail,
+                            "TLS connection refused");
+                    }
+                    Err(_) => {
+                        metrics.tls_refused(port.name(), "timeout");
+                        tracing::warn!(port = port.name(), %remote, "TLS connection refused: no handshake within 10 s");
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Why a connection was refused: a short reason (a metric label) and the detail (logged).
+#[derive(Debug)]
+struct Refusal {
+    reason: &'static str,
+    detail: String,
+}
+
+async fn handshake(tls: &MemberTls, tcp: TcpStream, port: Port) -> Result<Conn, Refusal> {
+    // A TLS connection opens with a handshake record (content type 22); anything else is a
+    // plaintext client (an HTTP/2 preface starts with "PRI").
+    let mut first = [0u8; 1];
+    match tcp.peek(&mut first).await {
+        Ok(1) if first[0] == 0x16 => {}
+        Ok(0) => return Err(Refusal { reason: "closed", detail: "closed before the handshake".into() }),
+        Ok(_) => {
+            return Err(Refusal {
+                reason: "plaintext",
+                detail: "a plaintext (non-TLS) client: this port serves TLS only".into(),
+            })
+        }
+        Err(e) => return Err(Refusal { reason: "io", detail: e.to_string() }),
+    }
+    let loaded = tls.current();
+    let config = match port {
+        Port::Client => loaded.client.clone(),
+        Port::Peer => loaded.peer.clone(),
+    };
+    let stream = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await.map_err(|e| {
+        let reason = match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            // Ours to judge: their certificate is missing, unknown, expired or unfit.
+            Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => {
+                "certificate"
+            }
+            // Theirs: they refused ours (unknown CA, wrong name) or gave up.
+            Some(rustls::Error::AlertReceived(_)) => "alert",
+            _ => "handshake",
+        };
+        Refusal { reason, detail: e.to_string() }
+    })?;
+    let member = match port {
+        Port::Client => None,
+        Port::Peer => {
+            let certs = stream.get_ref().1.peer_certificates();
+            Some(tls.peer_ordinal(certs).map_err(|detail| Refusal { reason: "not_a_member", detail })?)
+        }
+    };
+    Ok(Conn::Tls(Box::new(stream), member))
+}
