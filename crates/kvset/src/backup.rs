@@ -25,17 +25,17 @@ pub async fn run(
     command: SnapshotCommand,
     endpoints: &[String],
     format: Format,
-    timeout: Duration,
+    options: &ClientOptions,
 ) -> anyhow::Result<()> {
     match command {
-        SnapshotCommand::Save { file: Some(file), .. } => save(endpoints, &file, format, timeout).await,
+        SnapshotCommand::Save { file: Some(file), .. } => save(endpoints, &file, format, options).await,
         SnapshotCommand::Save { file: None, dir: Some(dir), keep } => {
             let ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis())
                 .unwrap_or(0);
             std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-            save(endpoints, &dir.join(format!("{BACKUP_PREFIX}{ms:013}.snap")), format, timeout).await?;
+            save(endpoints, &dir.join(format!("{BACKUP_PREFIX}{ms:013}.snap")), format, options).await?;
             if let Some(keep) = keep {
                 prune(&dir, keep as usize)?;
             }
@@ -44,18 +44,23 @@ pub async fn run(
         SnapshotCommand::Save { file: None, dir: None, .. } => bail!("give a FILE or --dir"),
         SnapshotCommand::Status { file } => status(&file, format),
         SnapshotCommand::Restore { file, data_dir, name } => restore(&file, &data_dir, &name, format),
-        SnapshotCommand::Trigger => trigger(endpoints, format, timeout).await,
+        SnapshotCommand::Trigger => trigger(endpoints, format, options).await,
     }
 }
 
 /// Streams a backup from the first endpoint into `FILE.part`, checks it, then renames it to
 /// `file`: a backup under its final name is always whole and checked.
-async fn save(endpoints: &[String], file: &Path, format: Format, timeout: Duration) -> anyhow::Result<()> {
+async fn save(
+    endpoints: &[String],
+    file: &Path,
+    format: Format,
+    options: &ClientOptions,
+) -> anyhow::Result<()> {
     let endpoint = endpoints.first().cloned().unwrap_or_default();
     if file.exists() {
         bail!("{}: already exists; refusing to overwrite a backup", file.display());
     }
-    let client = Client::new([endpoint.clone()], ClientOptions { timeout, ..Default::default() })?;
+    let client = Client::new([endpoint.clone()], options.clone())?;
     let part = PathBuf::from(format!("{}.part", file.display()));
     let mut out = std::io::BufWriter::new(
         std::fs::File::create(&part).with_context(|| format!("{}: cannot create", part.display()))?,
@@ -268,7 +273,7 @@ pub async fn defrag(
     data_dir: Option<PathBuf>,
     endpoints: &[String],
     format: Format,
-    timeout: Duration,
+    options: &ClientOptions,
 ) -> anyhow::Result<()> {
     if let Some(dir) = data_dir {
         if !dir.join("kvset-volume.json").is_file() {
@@ -292,7 +297,7 @@ pub async fn defrag(
         }
         return Ok(());
     }
-    let client = Client::new(endpoints.iter().cloned(), ClientOptions { timeout, ..Default::default() })?;
+    let client = Client::new(endpoints.iter().cloned(), options.clone())?;
     for endpoint in endpoints {
         let started = Instant::now();
         let incarnation = client.status_of(endpoint).await?.started_unix_ms;
@@ -326,9 +331,9 @@ pub async fn defrag(
 }
 
 /// Makes the first endpoint's member build a Raft snapshot now (log compaction).
-async fn trigger(endpoints: &[String], format: Format, timeout: Duration) -> anyhow::Result<()> {
+async fn trigger(endpoints: &[String], format: Format, options: &ClientOptions) -> anyhow::Result<()> {
     let endpoint = endpoints.first().cloned().unwrap_or_default();
-    let client = Client::new([endpoint.clone()], ClientOptions { timeout, ..Default::default() })?;
+    let client = Client::new([endpoint.clone()], options.clone())?;
     let resp = client.snapshot(&endpoint).await?;
     match format {
         Format::Json => print_json(&json!({"endpoint": endpoint, "last_log_index": resp.last_log_index})),

@@ -60,7 +60,7 @@ pub async fn run(
     args: BenchArgs,
     endpoints: &[String],
     format: Format,
-    timeout: Duration,
+    options: &ClientOptions,
 ) -> anyhow::Result<()> {
     let workload = if args.workload == "watch" {
         Workload::Watch { watchers: args.watchers, rate: args.rate }
@@ -82,10 +82,7 @@ pub async fn run(
         seed: args.seed,
     };
     let target = match args.target.as_str() {
-        "kvset" => Target::Kvset(Client::new(
-            endpoints.iter().cloned(),
-            ClientOptions { timeout, ..Default::default() },
-        )?),
+        "kvset" => Target::Kvset(Client::new(endpoints.iter().cloned(), options.clone())?),
         #[cfg(feature = "etcd")]
         "etcd" => Target::etcd(endpoints).await.map_err(anyhow::Error::msg)?,
         #[cfg(not(feature = "etcd"))]

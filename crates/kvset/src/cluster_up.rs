@@ -11,6 +11,7 @@
 //! themselves if the supervisor disappears.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::path::PathBuf;
 use std::time::Duration;
 use std::time::Instant;
@@ -33,6 +34,59 @@ pub struct UpArgs {
     /// Client port of kvset-0; its peer port is +1 and ops port +2; member N adds 10·N.
     #[arg(long, default_value_t = 2379)]
     base_port: u16,
+    /// TLS everywhere: mutual TLS between members and for clients, with a throwaway CA and
+    /// certificates generated under `<dir>/tls` (kept across runs; delete the directory for new
+    /// ones).
+    #[arg(long)]
+    tls: bool,
+}
+
+/// The most members `cluster up` runs (and issues certificates for).
+const MAX_NODES: u32 = 9;
+
+/// The DNS name members' certificates carry locally (`tls.member_dns_name`).
+const LOCAL_DNS_NAME: &str = "{set}-{ordinal}.kvset.local";
+
+/// Where `cluster up --tls` keeps its certificates.
+fn tls_dir(args: &UpArgs) -> PathBuf {
+    args.dir.join("tls")
+}
+
+/// Creates the CA, a certificate per ordinal and a client certificate for `root`, unless they
+/// exist. The CA's key is not kept: more certificates mean a new directory.
+fn ensure_certificates(dir: &Path) -> anyhow::Result<()> {
+    use kvset_server::devcerts::Authority;
+    use kvset_server::devcerts::Request;
+    if dir.join("ca.pem").exists() {
+        return Ok(());
+    }
+    let staging = dir.with_extension("new");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+    let ca = Authority::new("kvset local CA")?;
+    let write = |name: &str, text: &str| -> anyhow::Result<()> {
+        let path = staging.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        #[cfg(unix)]
+        if name.ends_with("-key.pem") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(())
+    };
+    for ordinal in 0..MAX_NODES {
+        let name = format!("kvset-{ordinal}");
+        let dns = LOCAL_DNS_NAME.replace("{set}", "kvset").replace("{ordinal}", &ordinal.to_string());
+        let issued = ca.issue(&Request::member(&name, &dns))?;
+        write(&format!("{name}.pem"), &issued.cert_pem)?;
+        write(&format!("{name}-key.pem"), &issued.key_pem)?;
+    }
+    let client = ca.issue(&Request::client("root"))?;
+    write("client.pem", &client.cert_pem)?;
+    write("client-key.pem", &client.key_pem)?;
+    write("ca.pem", &ca.cert_pem())?;
+    std::fs::rename(&staging, dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(())
 }
 
 struct Pod {
@@ -74,8 +128,18 @@ impl Supervisor {
             .args(["--client-port", &self.port(0, 0).to_string()])
             .args(["--peer-port", &self.port(0, 1).to_string()])
             .args(["--ops-port", &self.port(0, 2).to_string()])
-            .args(["--initial-replicas", &self.args.nodes.to_string(), "--log-format", "text"])
-            .env(crate::config_flags::PARENT_PID_ENV, std::process::id().to_string())
+            .args(["--initial-replicas", &self.args.nodes.to_string(), "--log-format", "text"]);
+        if self.args.tls {
+            let tls = tls_dir(&self.args);
+            cmd.arg("--tls-cert-file")
+                .arg(tls.join("{name}.pem"))
+                .arg("--tls-key-file")
+                .arg(tls.join("{name}-key.pem"))
+                .arg("--tls-ca-file")
+                .arg(tls.join("ca.pem"))
+                .args(["--tls-client-cert-auth", "true", "--tls-member-dns-name", LOCAL_DNS_NAME]);
+        }
+        cmd.env(crate::config_flags::PARENT_PID_ENV, std::process::id().to_string())
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -110,13 +174,21 @@ async fn stop(pod: &mut Pod, grace: Duration) {
 
 /// Runs the local cluster until Ctrl-C.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    if args.nodes == 0 || args.nodes > 9 {
-        bail!("--nodes must be between 1 and 9");
+    if args.nodes == 0 || args.nodes > MAX_NODES {
+        bail!("--nodes must be between 1 and {MAX_NODES}");
     }
     if args.base_port as u32 + 10 * 9 + 2 > u16::MAX as u32 {
         bail!("--base-port is too high");
     }
     std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let client_tls = if args.tls {
+        let dir = tls_dir(&args);
+        ensure_certificates(&dir)?;
+        let (ca, cert, key) = (dir.join("ca.pem"), dir.join("client.pem"), dir.join("client-key.pem"));
+        Some(kvset_client::client_tls_from_files(&ca, Some((&cert, &key)))?)
+    } else {
+        None
+    };
     let exe = std::env::current_exe().context("cannot find the kvset binary")?;
     let mut sup = Supervisor { args, exe, pods: BTreeMap::new() };
     for ordinal in 0..sup.args.nodes {
@@ -140,6 +212,24 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     println!("\nTry, from another terminal:");
     println!("  export KVSET_ENDPOINTS={}", endpoints.join(","));
+    if sup.args.tls {
+        let dir = tls_dir(&sup.args);
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        let (ca, cert, key) = (dir.join("ca.pem"), dir.join("client.pem"), dir.join("client-key.pem"));
+        println!(
+            "  export KVSET_CACERT={} KVSET_CERT={} KVSET_KEY={}",
+            ca.display(),
+            cert.display(),
+            key.display()
+        );
+        println!(
+            "  # etcdctl: etcdctl --endpoints {} --cacert {} --cert {} --key {} get --prefix ''",
+            endpoints.join(","),
+            ca.display(),
+            cert.display(),
+            key.display()
+        );
+    }
     println!("  kvset put greeting hello && kvset get greeting && kvset status");
     println!("  kvset member scale 5      # ordinals 3 and 4 start, join and are promoted in order");
     println!("Ctrl-C stops every member.\n");
@@ -176,7 +266,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let addrs: Vec<String> = sup.running().iter().map(|o| sup.client_addr(*o)).collect();
         let client = Client::new(
             addrs.clone(),
-            ClientOptions { timeout: Duration::from_secs(2), ..Default::default() },
+            ClientOptions { timeout: Duration::from_secs(2), tls: client_tls.clone(), ..Default::default() },
         )?;
         let mut seen = None;
         for addr in &addrs {

@@ -1,7 +1,5 @@
 //! The client subcommands.
 
-use std::time::Duration;
-
 use anyhow::bail;
 use kvset_client::pb;
 use kvset_client::Client;
@@ -21,9 +19,9 @@ pub async fn run(
     command: Command,
     endpoints: &[String],
     format: Format,
-    timeout: Duration,
+    options: &ClientOptions,
 ) -> anyhow::Result<()> {
-    let client = Client::new(endpoints.iter().cloned(), ClientOptions { timeout, ..Default::default() })?;
+    let client = Client::new(endpoints.iter().cloned(), options.clone())?;
     match command {
         Command::Get { key, serializable, rev } => {
             let consistency = if serializable {

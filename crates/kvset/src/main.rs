@@ -8,10 +8,14 @@ mod commands;
 mod config_flags;
 mod output;
 
+use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 use clap::Subcommand;
+
+use kvset_client::ClientOptions;
 
 use crate::output::Format;
 
@@ -40,6 +44,15 @@ struct Cli {
     /// Deadline of each client call, in seconds.
     #[arg(long, global = true, default_value_t = 10.0)]
     timeout: f64,
+    /// Speak TLS to the endpoints, trusting this PEM CA bundle (etcdctl's --cacert).
+    #[arg(long, global = true, env = "KVSET_CACERT")]
+    cacert: Option<PathBuf>,
+    /// Client certificate (PEM) to present, with --key; needs --cacert.
+    #[arg(long = "cert", id = "tls_cert", global = true, env = "KVSET_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long = "key", id = "tls_key", global = true, env = "KVSET_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -273,6 +286,23 @@ enum ClusterCommand {
     Up(cluster_up::UpArgs),
 }
 
+/// The client settings of the global flags.
+fn client_options(
+    timeout: Duration,
+    cacert: Option<&Path>,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> anyhow::Result<ClientOptions> {
+    let tls = match (cacert, cert.zip(key)) {
+        (Some(ca), identity) => Some(kvset_client::client_tls_from_files(ca, identity)?),
+        (None, Some(_)) => {
+            anyhow::bail!("--cert and --key need --cacert (the CA the servers' certificates chain to)")
+        }
+        (None, None) => None,
+    };
+    Ok(ClientOptions { timeout, tls, ..Default::default() })
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -285,16 +315,19 @@ fn main() -> std::process::ExitCode {
     let timeout = Duration::from_secs_f64(cli.timeout.max(0.001));
     let serving = matches!(cli.command, Command::Serve(_));
     let result = runtime.block_on(async move {
+        let options = || {
+            client_options(timeout, cli.cacert.as_deref(), cli.tls_cert.as_deref(), cli.tls_key.as_deref())
+        };
         match cli.command {
             Command::Serve(args) => config_flags::serve(args).await,
             Command::Cluster(ClusterCommand::Up(args)) => cluster_up::run(args).await,
-            Command::Bench(args) => bench::run(args, &cli.endpoints, cli.output, timeout).await,
+            Command::Bench(args) => bench::run(args, &cli.endpoints, cli.output, &options()?).await,
             Command::BenchCompare(args) => bench::compare(args).await,
-            Command::Snapshot(c) => backup::run(c, &cli.endpoints, cli.output, timeout).await,
+            Command::Snapshot(c) => backup::run(c, &cli.endpoints, cli.output, &options()?).await,
             Command::Defrag { data_dir } => {
-                backup::defrag(data_dir, &cli.endpoints, cli.output, timeout).await
+                backup::defrag(data_dir, &cli.endpoints, cli.output, &options()?).await
             }
-            other => commands::run(other, &cli.endpoints, cli.output, timeout).await,
+            other => commands::run(other, &cli.endpoints, cli.output, &options()?).await,
         }
     });
     let code = match result {
