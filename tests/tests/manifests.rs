@@ -317,3 +317,113 @@ fn the_backup_cronjob_reaches_the_cluster_and_writes_to_its_own_volume() {
         "{endpoints}: not the client port of Service {host}"
     );
 }
+
+/// The TLS overlay: every member of the initial set has a cert-manager Certificate of its own,
+/// issued by a CA Issuer whose CA is itself issued in the rendering, naming the DNS name the
+/// members verify it by (`tls.member_dns_name` as the overlay sets it) and usable both ways;
+/// the files the members are told to read are mounted from exactly those secrets, at the
+/// paths their `{name}` resolves to; a client certificate exists; the base has no TLS.
+#[test]
+fn the_tls_overlay_gives_every_member_a_certificate_of_its_own_mounted_where_it_reads_it() {
+    use serde_json::Value;
+    let r = render("deploy/k8s/overlays/tls").unwrap_or_else(|e| panic!("{e}"));
+    let certificates: Vec<Value> = r.all("Certificate");
+    let issuers: Vec<Value> = r.all("Issuer");
+    let named = |list: &[Value], name: &str| -> Value {
+        list.iter()
+            .find(|o| o["metadata"]["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no object named {name}"))
+    };
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+            .unwrap_or_default()
+    };
+    // Issuer chain: member certificates -> CA issuer -> CA certificate -> self-signed issuer.
+    let issuer_of = |cert: &Value| -> Value {
+        assert_eq!(cert["spec"]["issuerRef"]["kind"], "Issuer", "{cert}");
+        named(&issuers, cert["spec"]["issuerRef"]["name"].as_str().expect("issuerRef.name"))
+    };
+
+    let vars = env(&r);
+    let value =
+        |name: &str| vars.get(name).and_then(|e| e.value.clone()).unwrap_or_else(|| panic!("{name} unset"));
+    for key in ["KVSET_TLS_CERT_FILE", "KVSET_TLS_KEY_FILE", "KVSET_TLS_CA_FILE", "KVSET_TLS_MEMBER_DNS_NAME"]
+    {
+        assert!(KEYS.iter().any(|k| env_var(k.key) == key), "{key} is not a configuration key");
+    }
+    assert_eq!(value("KVSET_TLS_CLIENT_CERT_AUTH"), "true");
+    let sts = r.statefulset();
+    let spec = sts.spec.clone().expect("spec");
+    let service = spec.service_name.clone().expect("serviceName");
+    let pod = spec.template.spec.clone().expect("pod spec");
+    let replicas = spec.replicas.expect("replicas") as u32;
+    let mounts = r.container().volume_mounts.unwrap_or_default();
+
+    for ordinal in 0..replicas {
+        let member = format!("kvset-{ordinal}");
+        // Its certificate: its own secret, its verification name, both usages, the CA chain.
+        let cert = certificates
+            .iter()
+            .find(|c| c["spec"]["secretName"] == format!("{member}-tls"))
+            .unwrap_or_else(|| panic!("no Certificate for {member}"));
+        let dns = strings(&cert["spec"]["dnsNames"]);
+        let verified_as = value("KVSET_TLS_MEMBER_DNS_NAME")
+            .replace("{set}", "kvset")
+            .replace("{ordinal}", &ordinal.to_string())
+            .replace("{service}", &service);
+        assert!(dns.contains(&verified_as), "{member}: its certificate must name {verified_as}: {dns:?}");
+        assert!(
+            dns.iter().any(|d| d == "kvset" || d.starts_with("kvset.")),
+            "{member}: the client Service name"
+        );
+        let usages = strings(&cert["spec"]["usages"]);
+        for usage in ["server auth", "client auth"] {
+            assert!(usages.iter().any(|u| u == usage), "{member}: usage {usage} missing: {usages:?}");
+        }
+        let ca_issuer = issuer_of(cert);
+        let ca_secret = ca_issuer["spec"]["ca"]["secretName"].as_str().expect("a CA issuer");
+        let ca_cert =
+            certificates.iter().find(|c| c["spec"]["secretName"] == ca_secret).expect("the CA certificate");
+        assert_eq!(ca_cert["spec"]["isCA"], true);
+        assert!(issuer_of(ca_cert)["spec"].get("selfSigned").is_some(), "the CA is bootstrapped self-signed");
+
+        // The files this member reads are that secret's keys, mounted where `{name}` points.
+        for (variable, key) in [
+            ("KVSET_TLS_CERT_FILE", "tls.crt"),
+            ("KVSET_TLS_KEY_FILE", "tls.key"),
+            ("KVSET_TLS_CA_FILE", "ca.crt"),
+        ] {
+            let file = value(variable).replace("{name}", &member);
+            let mount = mounts
+                .iter()
+                .find(|m| file.starts_with(&format!("{}/", m.mount_path)))
+                .unwrap_or_else(|| panic!("{variable} = {file} is not under a mounted volume"));
+            assert_eq!(mount.read_only, Some(true), "the TLS volume is mounted read-only");
+            let rel = &file[mount.mount_path.len() + 1..];
+            let volume = pod
+                .volumes
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .find(|v| v.name == mount.name)
+                .expect("volume");
+            let projected = volume.projected.expect("a projected volume of the members' secrets");
+            let from =
+                projected.sources.unwrap_or_default().into_iter().filter_map(|s| s.secret).find(|s| {
+                    s.items.clone().unwrap_or_default().iter().any(|i| i.path == rel && i.key == key)
+                });
+            let secret = from.unwrap_or_else(|| panic!("{member}: nothing mounts {key} at {file}"));
+            assert_eq!(secret.name, format!("{member}-tls"), "{member} reads its own secret");
+        }
+    }
+    let client = named(&certificates, "kvset-client-root");
+    assert!(strings(&client["spec"]["usages"]).iter().any(|u| u == "client auth"));
+    assert_eq!(client["spec"]["commonName"], "root");
+
+    // The base and the other overlays run without TLS (no cert-manager needed).
+    let base = render("deploy/k8s").unwrap_or_else(|e| panic!("{e}"));
+    assert!(!env(&base).contains_key("KVSET_TLS_CERT_FILE"));
+    assert!(base.all::<Value>("Certificate").is_empty());
+}
