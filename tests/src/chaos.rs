@@ -103,7 +103,13 @@ where
     let endpoints: Vec<String> =
         h.endpoints().read().unwrap_or_else(|e| e.into_inner()).client.values().cloned().collect();
     for endpoint in &endpoints {
-        let events = watch_check::reference(endpoint, final_revision, Duration::from_secs(60)).await?;
+        let channel = h
+            .endpoints()
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .channel(endpoint, Duration::from_secs(5))?;
+        let events =
+            watch_check::reference(endpoint, channel, final_revision, Duration::from_secs(60)).await?;
         match &reference {
             Some(r) if *r != events => {
                 return Err(format!("{endpoint} serves another event history than the first member"));
@@ -380,14 +386,16 @@ impl KeptLease {
             let mut version = u64::MAX;
             let mut client = None;
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                let (now, list) = {
+                let (now, list, options) = {
                     let e = endpoints.read().unwrap_or_else(|e| e.into_inner());
-                    (e.version, e.client.values().cloned().collect::<Vec<_>>())
+                    (
+                        e.version,
+                        e.client.values().cloned().collect::<Vec<_>>(),
+                        e.options(Duration::from_secs(2), true),
+                    )
                 };
                 if now != version {
                     version = now;
-                    let options =
-                        kvset_client::ClientOptions { timeout: Duration::from_secs(2), ..Default::default() };
                     client = kvset_client::Client::new(list, options).ok();
                 }
                 if let Some(c) = &client {
@@ -473,18 +481,17 @@ pub async fn leases<H: Harness>(h: &mut H, hist: &History, rng: &mut StdRng) -> 
     let bound = Duration::from_secs(ttl as u64)
         + Duration::from_millis(config.raft.election_timeout_max_ms)
         + Duration::from_secs(1);
-    let endpoints: Vec<String> =
-        h.endpoints().read().unwrap_or_else(|e| e.into_inner()).client.values().cloned().collect();
+    let (endpoints, options): (Vec<String>, _) = {
+        let e = h.endpoints();
+        let e = e.read().unwrap_or_else(|e| e.into_inner());
+        (e.client.values().cloned().collect(), e.options(Duration::from_secs(10), false))
+    };
     poll_until(
         &format!("{key} gone on every member within {bound:?}"),
         bound + Duration::from_secs(30),
         || async {
             for e in &endpoints {
-                let member = kvset_client::Client::new(
-                    [e.clone()],
-                    kvset_client::ClientOptions { prefer_leader: false, ..Default::default() },
-                )
-                .ok()?;
+                let member = kvset_client::Client::new([e.clone()], options.clone()).ok()?;
                 crate::member_get(&member, key).await.ok()?.is_none().then_some(())?;
             }
             Some(())

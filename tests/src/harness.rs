@@ -26,9 +26,35 @@ use crate::poll_until;
 pub struct Endpoints {
     pub version: u64,
     pub client: BTreeMap<u32, String>,
+    /// How clients reach the members when they serve TLS: this configuration, verifying the
+    /// name every member's certificate carries for clients (like a client of the Service).
+    pub tls: Option<(Arc<kvset_client::ClientTls>, String)>,
 }
 
 impl Endpoints {
+    /// Client options for these members: `timeout`, leader following as given, TLS if on.
+    pub fn options(&self, timeout: Duration, prefer_leader: bool) -> ClientOptions {
+        ClientOptions {
+            timeout,
+            prefer_leader,
+            tls: self.tls.as_ref().map(|(t, _)| t.clone()),
+            tls_server_name: self.tls.as_ref().map(|(_, n)| n.clone()),
+            ..Default::default()
+        }
+    }
+
+    /// A gRPC channel to `endpoint` (one of these members), through TLS if on; it connects on
+    /// first use.
+    pub fn channel(
+        &self,
+        endpoint: &str,
+        connect_timeout: Duration,
+    ) -> Result<tonic::transport::Channel, String> {
+        let tls = self.tls.as_ref().map(|(t, n)| (t, n.as_str()));
+        let options = kvset_proto::tls::ChannelOptions { connect_timeout, keep_alive: None };
+        kvset_proto::tls::lazy_channel(endpoint, tls, options).map_err(|e| e.to_string())
+    }
+
     /// Records that `ordinal` now answers at `addr` (or no longer answers).
     pub fn set(&mut self, ordinal: u32, addr: Option<String>) {
         match addr {
@@ -89,9 +115,9 @@ pub trait Harness {
 
 /// A client over the running members' endpoints (no leader preference: like a user's).
 pub fn client<H: Harness>(h: &H, timeout: Duration) -> Client {
-    let endpoints: Vec<String> =
-        h.endpoints().read().unwrap_or_else(|e| e.into_inner()).client.values().cloned().collect();
-    Client::new(endpoints, ClientOptions { timeout, prefer_leader: false, ..Default::default() })
+    let endpoints = h.endpoints();
+    let e = endpoints.read().unwrap_or_else(|e| e.into_inner());
+    Client::new(e.client.values().cloned(), e.options(timeout, false))
         .expect("a client for the running members")
 }
 

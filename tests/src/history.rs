@@ -27,7 +27,6 @@ use std::time::Instant;
 
 use kvset_client::pb;
 use kvset_client::Client;
-use kvset_client::ClientOptions;
 use rand::rngs::StdRng;
 use rand::Rng;
 use rand::SeedableRng;
@@ -134,8 +133,7 @@ impl History {
 fn client_for(endpoints: &RwLock<Endpoints>, timeout: Duration) -> Option<(u64, Client)> {
     let e = endpoints.read().unwrap_or_else(|e| e.into_inner());
     let list: Vec<String> = e.client.values().cloned().collect();
-    let client =
-        Client::new(list, ClientOptions { timeout, prefer_leader: false, ..Default::default() }).ok()?;
+    let client = Client::new(list, e.options(timeout, false)).ok()?;
     Some((e.version, client))
 }
 

@@ -54,6 +54,101 @@ struct Pod {
     ip: String,
 }
 
+/// Plays cert-manager and the kubelet for a rendering with cert-manager `Certificate`s: one CA
+/// (the `isCA` Certificate), every other Certificate issued by it with its names, each
+/// projected Secret item of the pod's volumes written where the kubelet would put it. Returns
+/// those volume directories and, when a client certificate (`client auth` only) exists, the
+/// client TLS the harness uses, verifying a name every member certificate carries (the client
+/// Service's). Nothing for a rendering without Certificates.
+#[allow(clippy::type_complexity)]
+fn cert_manager(
+    rendered: &Rendered,
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+) -> Result<(BTreeMap<String, tempfile::TempDir>, Option<(Arc<kvset_client::ClientTls>, String)>), String> {
+    use kvset_server::devcerts::Authority;
+    use kvset_server::devcerts::Issued;
+    use kvset_server::devcerts::Request;
+    use serde_json::Value;
+    let certificates: Vec<Value> = rendered.all("Certificate");
+    if certificates.is_empty() {
+        return Ok((BTreeMap::new(), None));
+    }
+    let ca = Authority::new("chaos cert-manager CA").map_err(err)?;
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+            .unwrap_or_default()
+    };
+    let mut secrets: BTreeMap<String, (Issued, Vec<String>)> = BTreeMap::new();
+    for c in certificates.iter().filter(|c| c["spec"]["isCA"] != true) {
+        let spec = &c["spec"];
+        let request = Request::named(
+            spec["commonName"].as_str().unwrap_or_default(),
+            strings(&spec["dnsNames"]),
+            strings(&spec["ipAddresses"]).iter().filter_map(|ip| ip.parse().ok()).collect(),
+        );
+        let secret = spec["secretName"].as_str().ok_or("a Certificate without secretName")?.to_string();
+        secrets.insert(secret, (ca.issue(&request).map_err(err)?, strings(&spec["usages"])));
+    }
+    let mut dirs = BTreeMap::new();
+    for volume in pod.volumes.clone().unwrap_or_default() {
+        let Some(projected) = volume.projected else { continue };
+        let dir = tempfile::tempdir().map_err(err)?;
+        for source in projected.sources.unwrap_or_default().into_iter().filter_map(|s| s.secret) {
+            let Some((issued, _)) = secrets.get(&source.name) else {
+                if source.optional == Some(true) {
+                    continue;
+                }
+                return Err(format!("volume {}: no Certificate makes secret {}", volume.name, source.name));
+            };
+            for item in source.items.unwrap_or_default() {
+                let text = match item.key.as_str() {
+                    "tls.crt" => issued.cert_pem.clone(),
+                    "tls.key" => issued.key_pem.clone(),
+                    "ca.crt" => ca.cert_pem(),
+                    other => return Err(format!("secret {}: no key {other}", source.name)),
+                };
+                let path = dir.path().join(&item.path);
+                std::fs::create_dir_all(path.parent().ok_or("an item path without a directory")?)
+                    .map_err(err)?;
+                std::fs::write(&path, text).map_err(err)?;
+            }
+        }
+        // The container runs as a non-root user (the kubelet would set the group via fsGroup).
+        let _ = std::process::Command::new("chmod").args(["-R", "a+rX"]).arg(dir.path()).status();
+        dirs.insert(volume.name.clone(), dir);
+    }
+    let client = secrets.values().find(|(_, usages)| usages.iter().all(|u| u != "server auth"));
+    let tls = match client {
+        None => None,
+        Some((issued, _)) => {
+            let roots = kvset_proto::tls::parse_roots(std::path::Path::new("CA"), ca.cert_pem().as_bytes())
+                .map_err(err)?;
+            let path = std::path::Path::new("client certificate");
+            let identity = kvset_proto::tls::parse_identity(
+                (path, issued.cert_pem.as_bytes()),
+                (path, issued.key_pem.as_bytes()),
+            )
+            .map_err(err)?;
+            let config = kvset_proto::tls::client_config(roots, Some(identity)).map_err(err)?;
+            // The client Service's name: in every member (server) certificate.
+            let services: Vec<String> =
+                rendered.services().iter().filter_map(|s| s.metadata.name.clone()).collect();
+            let name = services
+                .into_iter()
+                .find(|n| {
+                    certificates
+                        .iter()
+                        .filter(|c| strings(&c["spec"]["usages"]).iter().any(|u| u == "server auth"))
+                        .all(|c| strings(&c["spec"]["dnsNames"]).contains(n))
+                })
+                .ok_or("no Service name is in every member certificate")?;
+            Some((kvset_proto::tls::ClientTls::new(config), name))
+        }
+    };
+    Ok((dirs, tls))
+}
+
 /// Runs one StatefulSet on Docker.
 pub struct Emulator {
     pub docker: Docker,
@@ -68,6 +163,8 @@ pub struct Emulator {
     control_net: String,
     raft_net: String,
     config_dir: tempfile::TempDir,
+    /// Other mounted volumes (projected Secrets), by volume name, as the kubelet lays them out.
+    volume_dirs: BTreeMap<String, tempfile::TempDir>,
     pub stub: K8sStub,
     pods: BTreeMap<u32, Pod>,
     pub replicas: u32,
@@ -170,6 +267,8 @@ impl Emulator {
             .filter_map(|e| e.value.map(|v| (e.name, v)))
             .collect();
         let member_config = kvset_server::Config::load(file.as_deref(), &env, &[]).map_err(err)?;
+        let (volume_dirs, tls) = cert_manager(rendered, &pod)?;
+        let endpoints = Arc::new(RwLock::new(Endpoints { tls, ..Default::default() }));
 
         Ok(Self {
             docker,
@@ -184,11 +283,12 @@ impl Emulator {
             control_net,
             raft_net,
             config_dir,
+            volume_dirs,
             stub,
             pods: BTreeMap::new(),
             replicas,
             image: (name.to_string(), tag.to_string()),
-            endpoints: Arc::default(),
+            endpoints,
             grace,
             member_config,
         })
@@ -258,6 +358,11 @@ impl Emulator {
         for m in self.container.volume_mounts.clone().unwrap_or_default() {
             if m.name == "data" {
                 req = req.with_mount(Mount::volume_mount(self.volume_name(ordinal), m.mount_path.clone()));
+            } else if let Some(dir) = self.volume_dirs.get(&m.name) {
+                let dir = dir.path().display().to_string();
+                req = req.with_mount(
+                    Mount::bind_mount(dir, m.mount_path.clone()).with_access_mode(AccessMode::ReadOnly),
+                );
             } else {
                 let dir = self.config_dir.path().display().to_string();
                 req = req.with_mount(

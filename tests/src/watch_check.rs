@@ -157,13 +157,10 @@ async fn watcher(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        let channel =
+            endpoints.read().unwrap_or_else(|e| e.into_inner()).channel(&endpoint, Duration::from_secs(1));
         let outcome = async {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
-                .map_err(|e| e.to_string())?
-                .connect_timeout(Duration::from_secs(1))
-                .connect()
-                .await
-                .map_err(|e| e.to_string())?;
+            let channel = channel?;
             let (tx, rx) = tokio::sync::mpsc::channel(8);
             tx.send(create(next)).await.map_err(|e| e.to_string())?;
             let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -216,12 +213,12 @@ async fn watcher(
 }
 
 /// The full event history (from revision 1 to at least `to`) as one member serves it.
-pub async fn reference(endpoint: &str, to: i64, timeout: Duration) -> Result<Vec<Ev>, String> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("{endpoint}: {e}"))?;
+pub async fn reference(
+    endpoint: &str,
+    channel: tonic::transport::Channel,
+    to: i64,
+    timeout: Duration,
+) -> Result<Vec<Ev>, String> {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(create(1)).await.map_err(|e| e.to_string())?;
     let mut kv = kvset_proto::v1::kv_client::KvClient::new(channel);

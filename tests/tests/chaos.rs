@@ -50,6 +50,14 @@ async fn scenario<F>(name: &str, fault: F)
 where
     F: AsyncFnOnce(&mut Emulator, &History, &mut StdRng) -> Result<(), String>,
 {
+    scenario_on("deploy/k8s", name, fault).await
+}
+
+/// [`scenario`] on the rendering of `dir` (an overlay).
+async fn scenario_on<F>(dir: &str, name: &str, fault: F)
+where
+    F: AsyncFnOnce(&mut Emulator, &History, &mut StdRng) -> Result<(), String>,
+{
     let _one = ONE_AT_A_TIME.lock().await;
     kvset_tests::init_logging();
     let docker = match engine().await {
@@ -62,7 +70,7 @@ where
     let seed = chaos::seed();
     println!("chaos {name}: seed {seed} (replay with KVSET_CHAOS_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
-    let rendered = render("deploy/k8s").unwrap_or_else(|e| panic!("{e}"));
+    let rendered = render(dir).unwrap_or_else(|e| panic!("{e}"));
     let mut em = Emulator::new(docker, &rendered, IMAGE).await.unwrap_or_else(|e| panic!("{name}: {e}"));
     let outcome = chaos::run(name, seed, &mut em, &mut rng, fault).await;
     em.teardown().await;
@@ -120,4 +128,16 @@ async fn i_leases_through_faults_and_on_time_expiry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h_random_mix_from_a_seed() {
     scenario("h-random-mix", chaos::random_mix).await;
+}
+
+/// The TLS overlay (cert-manager's certificates, mutual TLS between members, client
+/// certificates): a killed leader and a lost volume, with every check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn k_tls_kill_the_leader_and_reschedule() {
+    scenario_on("deploy/k8s/overlays/tls", "k-tls-kill-leader", chaos::kill_leader).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn l_tls_volume_loss_means_replacement() {
+    scenario_on("deploy/k8s/overlays/tls", "l-tls-volume-loss", chaos::volume_loss).await;
 }

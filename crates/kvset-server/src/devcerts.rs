@@ -48,6 +48,17 @@ pub struct Request {
 }
 
 impl Request {
+    /// A certificate for `common_name` with these names, valid for a year from an hour ago.
+    pub fn named(common_name: &str, dns_names: Vec<String>, ips: Vec<IpAddr>) -> Self {
+        Self {
+            common_name: common_name.to_string(),
+            dns_names,
+            ips,
+            not_before: -time::Duration::hours(1),
+            valid_for: Duration::from_secs(365 * 24 * 3600),
+        }
+    }
+
     /// A member's certificate (server and client authentication) naming `dns_name`,
     /// `localhost` and 127.0.0.1, valid for a year.
     pub fn member(common_name: &str, dns_name: &str) -> Self {
