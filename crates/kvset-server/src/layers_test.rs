@@ -47,6 +47,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("tasks::replicas", 4),
     ("server", 5),
     ("node", 6),
+    // Tests only: decoders of every layer under property tests.
+    ("fuzz_test", 6),
 ];
 
 /// Modules whose children are units of their own.

@@ -87,6 +87,9 @@ pub mod server;
 #[cfg(test)]
 mod layers_test;
 
+#[cfg(test)]
+mod fuzz_test;
+
 pub use config::Config;
 pub use node::Listeners;
 pub use node::Node;

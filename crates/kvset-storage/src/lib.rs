@@ -262,6 +262,9 @@ pub fn dir_size(dir: &Path) -> u64 {
 }
 
 #[cfg(test)]
+mod fuzz_test;
+
+#[cfg(test)]
 pub(crate) mod tests_support {
     use std::time::Duration;
     use std::time::Instant;
