@@ -91,8 +91,10 @@ impl Client {
     pub async fn keep_alive_stream(&self, id: i64) -> Result<KeepAliveStream, Error> {
         let channel = self.channel(&self.pick())?;
         let (tx, req_rx) = mpsc::channel(4);
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(req_rx));
+        self.authorize(&mut request).await?;
         let rx = kv(channel)
-            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+            .lease_keep_alive(request)
             .await
             .map_err(|s| crate::final_error(&s, crate::Kind::Read))?
             .into_inner();
@@ -108,7 +110,9 @@ impl Client {
             let endpoint = self.pick();
             let attempt = async {
                 let channel = self.channel(&endpoint)?;
-                let request = futures::stream::iter([pb::LeaseKeepAliveRequest { id }]);
+                let mut request =
+                    tonic::Request::new(futures::stream::iter([pb::LeaseKeepAliveRequest { id }]));
+                self.authorize(&mut request).await?;
                 let mut answers = kv(channel)
                     .lease_keep_alive(request)
                     .await
@@ -143,8 +147,10 @@ async fn run(client: Client, id: i64, ttl: Arc<AtomicI64>, tx: mpsc::Sender<Resu
         let result = async {
             let channel = client.channel(&endpoint)?;
             let (req_tx, req_rx) = mpsc::channel(4);
+            let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(req_rx));
+            client.authorize(&mut request).await?;
             let mut responses = kv(channel)
-                .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+                .lease_keep_alive(request)
                 .await
                 .map_err(|s| crate::final_error(&s, crate::Kind::Read))?
                 .into_inner();

@@ -75,6 +75,10 @@ pub struct ClientOptions {
     pub tls: Option<Arc<ClientTls>>,
     /// The name the servers' certificates are checked against instead of each endpoint's host.
     pub tls_server_name: Option<String>,
+    /// Log in as this user with this password (access control): the client exchanges them
+    /// for a token with `Authenticate` and sends it with every call, logging in again when it
+    /// expires.
+    pub user: Option<(String, String)>,
 }
 
 impl Default for ClientOptions {
@@ -85,6 +89,7 @@ impl Default for ClientOptions {
             prefer_leader: true,
             tls: None,
             tls_server_name: None,
+            user: None,
         }
     }
 }
@@ -168,6 +173,8 @@ pub(crate) enum Kind {
 }
 
 struct Inner {
+    /// The token of `options.user`, once logged in.
+    token: Mutex<Option<String>>,
     endpoints: Vec<String>,
     channels: Mutex<HashMap<String, Channel>>,
     leader: Mutex<Option<String>>,
@@ -244,6 +251,7 @@ impl Client {
         let start = rand::random::<usize>() % endpoints.len();
         Ok(Self {
             inner: Arc::new(Inner {
+                token: Mutex::default(),
                 endpoints,
                 channels: Mutex::default(),
                 leader: Mutex::default(),
@@ -297,6 +305,40 @@ impl Client {
         self.inner.endpoints[i % self.inner.endpoints.len()].clone()
     }
 
+    /// The token to send, logging in first when a user is configured and none is held.
+    pub(crate) async fn token(&self) -> Result<Option<String>, Error> {
+        let Some((user, password)) = &self.inner.options.user else { return Ok(None) };
+        if let Some(t) = self.inner.token.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(Some(t));
+        }
+        let addr = self.pick();
+        let mut auth = kvset_proto::etcdserverpb::auth_client::AuthClient::new(self.channel(&addr)?);
+        let mut request = tonic::Request::new(kvset_proto::etcdserverpb::AuthenticateRequest {
+            name: user.clone(),
+            password: password.clone(),
+        });
+        request.set_timeout(self.inner.options.timeout);
+        let token =
+            auth.authenticate(request).await.map_err(|s| final_error(&s, Kind::Read))?.into_inner().token;
+        *self.inner.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
+        Ok(Some(token))
+    }
+
+    /// Forgets the token (it expired or the password changed): the next call logs in again.
+    pub(crate) fn forget_token(&self) {
+        *self.inner.token.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Adds the token, if any, to a request's metadata.
+    pub(crate) async fn authorize<T>(&self, request: &mut tonic::Request<T>) -> Result<(), Error> {
+        if let Some(token) = self.token().await? {
+            let value = tonic::metadata::MetadataValue::try_from(token.as_str())
+                .map_err(|_| Error::Io("the server sent a token that is not valid metadata".into()))?;
+            request.metadata_mut().insert("token", value);
+        }
+        Ok(())
+    }
+
     /// Runs `call` with the retry rules of the module docs.
     async fn run<Req: Clone, Resp>(
         &self,
@@ -307,6 +349,7 @@ impl Client {
         let deadline = Instant::now() + self.inner.options.timeout;
         let mut backoff = Duration::from_millis(25);
         let mut last: Option<Status> = None;
+        let mut relogged = false;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -325,6 +368,7 @@ impl Client {
             let channel = self.channel(&addr)?;
             let mut request = tonic::Request::new(req.clone());
             request.set_timeout(left);
+            self.authorize(&mut request).await?;
             let status = match tokio::time::timeout(left, call(channel, request)).await {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(status)) => status,
@@ -332,6 +376,12 @@ impl Client {
             };
             let not_applied = header(&status, metadata::NOT_APPLIED).is_some();
             let connect = is_connect_error(&status);
+            if status.code() == Code::Unauthenticated && self.inner.options.user.is_some() && !relogged {
+                // The token expired or was revoked: log in again, once.
+                self.forget_token();
+                relogged = true;
+                continue;
+            }
             let retry = match status.code() {
                 Code::Unavailable if not_applied || connect => true,
                 Code::ResourceExhausted => not_applied,
@@ -538,7 +588,8 @@ impl Client {
         let mut c = self.cluster_client(endpoint)?;
         // No deadline on the stream: a large backup takes as long as it takes; the client
         // timeout bounds the call's start.
-        let r = tonic::Request::new(pb::BackupRequest {});
+        let mut r = tonic::Request::new(pb::BackupRequest {});
+        self.authorize(&mut r).await?;
         let mut stream = tokio::time::timeout(self.inner.options.timeout, c.backup(r))
             .await
             .map_err(|_| Error::DeadlineExceeded(format!("{endpoint}: the backup did not start in time")))?
@@ -566,6 +617,7 @@ impl Client {
     pub async fn defragment(&self, endpoint: &str) -> Result<pb::DefragmentResponse, Error> {
         let mut c = self.cluster_client(endpoint)?;
         let mut r = tonic::Request::new(pb::DefragmentRequest {});
+        self.authorize(&mut r).await?;
         r.set_timeout(self.inner.options.timeout);
         c.defragment(r).await.map(tonic::Response::into_inner).map_err(|s| final_error(&s, Kind::Read))
     }
@@ -574,6 +626,7 @@ impl Client {
     pub async fn snapshot(&self, endpoint: &str) -> Result<pb::SnapshotResponse, Error> {
         let mut c = self.cluster_client(endpoint)?;
         let mut r = tonic::Request::new(pb::SnapshotRequest {});
+        self.authorize(&mut r).await?;
         r.set_timeout(self.inner.options.timeout);
         c.snapshot(r).await.map(tonic::Response::into_inner).map_err(|s| final_error(&s, Kind::Read))
     }

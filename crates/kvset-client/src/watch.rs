@@ -159,6 +159,9 @@ async fn stream_once(
         return Ended::Broken("request channel closed".into());
     }
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(req_rx));
+    if let Err(e) = client.authorize(&mut request).await {
+        return Ended::Broken(format!("logging in: {e}"));
+    }
     if !options.allow_leaderless {
         request.metadata_mut().insert("hasleader", tonic::metadata::MetadataValue::from_static("true"));
     }

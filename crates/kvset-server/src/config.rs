@@ -57,6 +57,7 @@ pub struct Config {
     pub lease: LeaseConfig,
     pub compaction: CompactionConfig,
     pub tls: TlsConfig,
+    pub auth: AuthConfig,
 }
 
 /// Where the desired replica count comes from.
@@ -162,6 +163,21 @@ pub struct BatchConfig {
     pub queue: u64,
 }
 
+/// Access control (`[auth]`): users and roles themselves are replicated data, managed through
+/// etcd's Auth API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub token_ttl_seconds: u64,
+    pub bcrypt_cost: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { token_ttl_seconds: 300, bcrypt_cost: 10 }
+    }
+}
+
 /// TLS on the client and peer ports (`[tls]`); off while `cert_file` is empty.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -229,6 +245,7 @@ impl Default for Config {
             lease: LeaseConfig::default(),
             compaction: CompactionConfig::default(),
             tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -459,6 +476,16 @@ pub const KEYS: &[KeyDoc] = &[
               set, history is kept while either asks for it; with both 0, nothing is compacted automatically.",
     },
     KeyDoc { key: "compaction.check_interval_ms", doc: "Milliseconds between the leader's automatic compaction checks." },
+    KeyDoc {
+        key: "auth.token_ttl_seconds",
+        doc: "Seconds a token from Authenticate stays valid (etcd's --auth-token-ttl). Tokens work on every member; \
+              a password change or the user's deletion ends them at once.",
+    },
+    KeyDoc {
+        key: "auth.bcrypt_cost",
+        doc: "bcrypt cost of password hashes (etcd's --bcrypt-cost): 4..31; each step doubles the time to hash \
+              and to check a password.",
+    },
     KeyDoc {
         key: "tls.cert_file",
         doc: "PEM certificate (chain, leaf first) of this member. Empty: no TLS on any port. When set, the client \
@@ -818,6 +845,12 @@ impl Config {
         }
         if self.shutdown_timeout_ms == 0 {
             return bad("shutdown_timeout_ms", "must be at least 1".into());
+        }
+        if !(4..=31).contains(&self.auth.bcrypt_cost) {
+            return bad("auth.bcrypt_cost", "must be between 4 and 31".into());
+        }
+        if self.auth.token_ttl_seconds == 0 {
+            return bad("auth.token_ttl_seconds", "must be at least 1".into());
         }
         self.validate_tls()
     }

@@ -14,6 +14,7 @@
 //! | [`KvError::Unimplemented`] | `UNIMPLEMENTED` | — |
 //! | [`KvError::FailedPrecondition`] | `FAILED_PRECONDITION` | — |
 //! | [`KvError::PermissionDenied`] | `PERMISSION_DENIED` | — |
+//! | [`KvError::Unauthenticated`] | `UNAUTHENTICATED` | — (log in again) |
 //! | [`KvError::NotFound`] | `NOT_FOUND` | — |
 //! | [`KvError::OutOfRange`] | `OUT_OF_RANGE` | — |
 //! | [`KvError::Internal`] | `INTERNAL` | — |
@@ -87,6 +88,9 @@ pub enum KvError {
     /// nothing was applied.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The caller's credentials are not (or no longer) valid; nothing was applied.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
     /// What the request names does not exist (a lease); nothing was applied.
     #[error("{0}")]
     NotFound(String),
@@ -119,6 +123,7 @@ impl KvError {
                 | KvError::NoSpace(_)
                 | KvError::FailedPrecondition(_)
                 | KvError::PermissionDenied(_)
+                | KvError::Unauthenticated(_)
                 | KvError::NotFound(_)
                 | KvError::OutOfRange(_)
                 | KvError::Unimplemented(_)
@@ -185,6 +190,16 @@ pub fn rejected(e: &kvset_storage::ApplyError) -> KvError {
         A::LeaseNotFound(_) => KvError::NotFound(e.to_string()),
         A::LeaseExists(_) | A::KeyNotFound => KvError::FailedPrecondition(e.to_string()),
         A::Compacted { .. } | A::FutureRevision { .. } => KvError::OutOfRange(e.to_string()),
+        A::Auth(a) => auth_rejected(a),
+    }
+}
+
+/// An access control change the state machine refused.
+pub fn auth_rejected(e: &kvset_storage::auth::AuthError) -> KvError {
+    use kvset_storage::auth::AuthError as E;
+    match e {
+        E::UserEmpty | E::RoleEmpty | E::InvalidAuthMgmt => KvError::InvalidArgument(e.to_string()),
+        _ => KvError::FailedPrecondition(e.to_string()),
     }
 }
 
@@ -234,6 +249,7 @@ pub fn from_status(status: Status) -> KvError {
         Code::Unimplemented => KvError::Unimplemented(strip("not implemented: ")),
         Code::FailedPrecondition => KvError::FailedPrecondition(message.to_string()),
         Code::PermissionDenied => KvError::PermissionDenied(strip("permission denied: ")),
+        Code::Unauthenticated => KvError::Unauthenticated(strip("unauthenticated: ")),
         Code::NotFound => KvError::NotFound(message.to_string()),
         Code::OutOfRange => KvError::OutOfRange(message.to_string()),
         Code::Internal => KvError::Internal(strip("internal error: ")),
@@ -284,6 +300,7 @@ impl From<KvError> for Status {
             KvError::Unimplemented(_) => Code::Unimplemented,
             KvError::FailedPrecondition(_) => Code::FailedPrecondition,
             KvError::PermissionDenied(_) => Code::PermissionDenied,
+            KvError::Unauthenticated(_) => Code::Unauthenticated,
             KvError::NotFound(_) => Code::NotFound,
             KvError::OutOfRange(_) => Code::OutOfRange,
             KvError::Internal(_) => Code::Internal,

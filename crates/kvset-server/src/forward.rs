@@ -17,6 +17,7 @@ use kvset_proto::v1::kv_client::KvClient;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
+use crate::auth::Credentials;
 use crate::channels::PeerChannels;
 use crate::errors::KvError;
 
@@ -27,12 +28,18 @@ pub const CLIENT_MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 
 /// What a handler needs to know about the incoming call.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CallContext {
     /// The request was forwarded by another member.
     pub forwarded: bool,
     /// When the caller stops waiting.
     pub deadline: Instant,
+    /// Who the caller says it is (checked by `crate::auth`).
+    pub credentials: Credentials,
+    /// The member that forwarded the request already checked its caller: it came over the
+    /// peer port, or marked forwarded over a connection with a member's TLS certificate. A
+    /// client's own `kvset-forwarded` entry never skips the check.
+    pub vouched: bool,
 }
 
 impl CallContext {
@@ -44,12 +51,21 @@ impl CallContext {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
             .unwrap_or(DEFAULT_DEADLINE);
-        Self { forwarded: md.get(metadata::FORWARDED).is_some(), deadline: Instant::now() + timeout }
+        let forwarded = md.get(metadata::FORWARDED).is_some();
+        let from_member =
+            request.extensions().get::<crate::tls::ConnInfo>().is_some_and(|c| c.member.is_some());
+        Self {
+            forwarded,
+            deadline: Instant::now() + timeout,
+            credentials: Credentials::of(request),
+            vouched: forwarded && from_member,
+        }
     }
 
-    /// The same call, marked as forwarded by another member (it is never forwarded again).
+    /// The same call, received from another member on the peer port: never forwarded again,
+    /// its caller already checked there.
     pub fn forwarded(self) -> Self {
-        Self { forwarded: true, ..self }
+        Self { forwarded: true, vouched: true, ..self }
     }
 
     /// Time left before the deadline.
@@ -61,6 +77,10 @@ impl CallContext {
     pub fn forward<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.metadata_mut().insert(metadata::FORWARDED, MetadataValue::from_static("true"));
+        // The receiver checks the caller again unless it can tell this member vouches.
+        if let Some(token) = self.credentials.token.as_deref().and_then(|t| MetadataValue::try_from(t).ok()) {
+            request.metadata_mut().insert("token", token);
+        }
         request.set_timeout(self.remaining());
         request
     }

@@ -15,6 +15,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("channels", 1),
     ("devcerts", 1),
     ("tls", 2),
+    ("auth", 2),
     ("cluster_id", 1),
     ("config", 1),
     ("errors", 1),

@@ -40,7 +40,7 @@
 //! | 4 services | [`service::kv`], [`service::etcd`], [`service::cluster`], [`service::raft`], [`service::ops`] | one file per gRPC service (etcd's six under `service::etcd`), and the ops HTTP endpoints |
 //! | 4 tasks | [`tasks::membership`], [`tasks::replicas`], [`tasks::raft_metrics`], [`tasks::leases`], [`tasks::compactor`], [`tasks::quota`] | background work, each given only what it uses |
 //! | 3 member | [`member`] | this member's shared state: identity, Raft, routing, the write and read entry points, lifecycle |
-//! | 2 transport and pipeline | [`network`], [`forward`], [`batcher`], [`read_index`], [`watch_hub`], [`lessor`], [`recovery`], [`tls`] | peer RPCs out, forwarding to the leader, write batching, shared ReadIndex rounds, watch streams, lease deadlines, restore and quorum-loss recovery of the volume before Raft starts, TLS on the listeners and its rotation |
+//! | 2 transport and pipeline | [`network`], [`forward`], [`batcher`], [`read_index`], [`watch_hub`], [`lessor`], [`recovery`], [`tls`], [`auth`] | peer RPCs out, forwarding to the leader, write batching, shared ReadIndex rounds, watch streams, lease deadlines, restore and quorum-loss recovery of the volume before Raft starts, TLS on the listeners and its rotation, who a caller is and what it may do |
 //! | 1 leaves | [`config`], [`identity`], [`errors`], [`metrics`], [`logging`], [`pb`], [`query`], [`watch_types`], [`cluster_id`], [`channels`], [`devcerts`] | configuration, identity, errors and their one mapping, observability, wire conversions, the domain form of reads and watch messages, the cluster id cell, the peer-channel cache, throwaway certificates for local clusters and tests |
 //!
 //! # Caveats
@@ -67,6 +67,7 @@ pub mod pb;
 pub mod query;
 pub mod watch_types;
 // Layer 2: transport and pipeline.
+pub mod auth;
 pub mod batcher;
 pub mod forward;
 pub mod lessor;

@@ -41,6 +41,7 @@ use kvset_storage::SmReader;
 use kvset_storage::WatchReceiver;
 use tokio::sync::watch;
 
+use crate::auth::Needs;
 use crate::batcher::Batcher;
 use crate::channels::PeerChannels;
 use crate::cluster_id::AdoptError;
@@ -62,6 +63,7 @@ use crate::query::Query;
 use crate::query::QueryError;
 use crate::read_index::ReadIndex;
 use crate::watch_hub::WatchHub;
+use crate::watch_types::StreamRequest;
 
 /// Lifecycle of a member, as readiness sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -739,6 +741,43 @@ impl LocalMember {
         &self.lessor
     }
 
+    /// The caller of a request, by this member's applied users and roles: `None` while
+    /// authentication is disabled.
+    pub fn caller(&self, ctx: &CallContext) -> Result<Option<String>, KvError> {
+        crate::auth::caller(&self.reader.auth(), &ctx.credentials)
+    }
+
+    /// Refuses the request unless its caller has what `needs` asks (`crate::auth`); requests a
+    /// member vouches for were checked there. `what` names the request.
+    pub fn authorize(&self, ctx: &CallContext, needs: &Needs, what: &str) -> Result<(), KvError> {
+        let state = self.reader.auth();
+        if ctx.vouched || !state.enabled {
+            return Ok(());
+        }
+        let user = crate::auth::caller(&state, &ctx.credentials)?;
+        crate::auth::check(&state, user.as_deref(), needs, what)
+    }
+
+    /// A watch request as the caller may make it: a create on a range it may not read is
+    /// answered canceled ("permission denied"), as etcd does.
+    pub fn guard_watch(&self, ctx: &CallContext, request: StreamRequest) -> StreamRequest {
+        match request {
+            StreamRequest::Create(spec) => {
+                match self.authorize(ctx, &Needs::read(&spec.range), "watch this range") {
+                    Ok(()) => StreamRequest::Create(spec),
+                    Err(e) => StreamRequest::Refuse {
+                        watch_id: spec.watch_id.unwrap_or(-1),
+                        reason: match e {
+                            KvError::PermissionDenied(_) => "etcdserver: permission denied".into(),
+                            other => other.to_string(),
+                        },
+                    },
+                }
+            }
+            other => other,
+        }
+    }
+
     /// The name (`<set>-<N>`) of the member with Raft id `node_id`, if it is in the membership.
     pub fn member_name(&self, node_id: u64) -> Option<String> {
         self.raft_metrics().membership_config.membership().get_node(&node_id).map(|n| n.name.clone())
@@ -797,6 +836,12 @@ impl LocalMember {
     /// until `ctx.deadline`. A command refused by the state machine is an `Ok` result
     /// ([`CommandResult::Rejected`]), for each API to word.
     pub async fn execute(&self, command: Command, ctx: &CallContext) -> Result<CommandResult, KvError> {
+        if !ctx.vouched {
+            let needs = Needs::of_command(&command, |id| {
+                self.reader.lease(id).ok().flatten().map(|(_, keys)| keys).unwrap_or_default()
+            });
+            self.authorize(ctx, &needs, command_name(&command))?;
+        }
         let leader_id = match self.route(ctx.forwarded)? {
             Route::Local => {
                 let prepared = self.on_leader(command.clone())?;
@@ -873,6 +918,9 @@ impl LocalMember {
         consistency: Consistency,
         ctx: &CallContext,
     ) -> Result<Result<Answer, QueryError>, KvError> {
+        if !ctx.vouched {
+            self.authorize(ctx, &Needs::of_query(&query), "read")?;
+        }
         if consistency == Consistency::Serializable && !query.needs_leader() {
             return self.answer_here(query).await;
         }
@@ -1017,4 +1065,18 @@ pub fn commit_index(m: &RaftMetrics) -> Option<u64> {
     }
     matched.sort_unstable_by(|a, b| b.cmp(a));
     Some(matched[voters.len() / 2])
+}
+
+/// A command's name in refusals and logs.
+fn command_name(command: &Command) -> &'static str {
+    match command {
+        Command::Put(_) => "put",
+        Command::Delete(_) => "delete",
+        Command::Txn(_) => "run this transaction",
+        Command::SetReplicas(_) => "set replicas",
+        Command::Compact(_) => "compact",
+        Command::LeaseGrant { .. } => "grant a lease",
+        Command::LeaseRevoke(_) => "revoke this lease",
+        Command::Auth(_) => "manage users and roles",
+    }
 }

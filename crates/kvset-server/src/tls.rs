@@ -71,6 +71,9 @@ struct Loaded {
     bytes: Vec<Vec<u8>>,
     peer: Arc<ServerConfig>,
     client: Arc<ServerConfig>,
+    /// Checks that a certificate shown on the client port is a member's (chains to the
+    /// members' CA), not merely a client's that names a member.
+    members: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
 
 /// The TLS material of a member, replaced as a whole on rotation.
@@ -210,8 +213,9 @@ fn build(
     }
     .with_single_cert(certs.clone(), key.clone_key())
     .map_err(config)?;
+    let members_verifier = verifier(members.clone())?;
     let dial = wire::client_config(members, Some((certs, key)))?;
-    Ok((Loaded { bytes, peer: h2(peer), client: h2(client) }, dial))
+    Ok((Loaded { bytes, peer: h2(peer), client: h2(client), members: members_verifier }, dial))
 }
 
 /// Verifies a member's own chain as its peers will: against `roots`, now, for `name`.
@@ -287,7 +291,7 @@ pub struct ConnInfo {
     pub remote_addr: Option<std::net::SocketAddr>,
     /// The client's verified certificate chain, leaf first, when it presented one.
     pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
-    /// On the peer port: the member ordinal the certificate names.
+    /// The member ordinal the certificate names (on the client port, `None` for clients).
     pub member: Option<u32>,
 }
 
@@ -461,7 +465,19 @@ async fn handshake(tls: &MemberTls, tcp: TcpStream, port: Port) -> Result<Conn, 
         Refusal { reason, detail: e.to_string() }
     })?;
     let member = match port {
-        Port::Client => None,
+        // A member calling another's client port (administrative forwards) shows its own
+        // certificate; a client's certificate names no member.
+        Port::Client => {
+            let certs = stream.get_ref().1.peer_certificates();
+            let member_ca = certs.and_then(|c| c.split_first()).is_some_and(|(leaf, rest)| {
+                loaded.members.verify_client_cert(leaf, rest, rustls::pki_types::UnixTime::now()).is_ok()
+            });
+            if member_ca {
+                tls.peer_ordinal(certs).ok()
+            } else {
+                None
+            }
+        }
         Port::Peer => {
             let certs = stream.get_ref().1.peer_certificates();
             Some(tls.peer_ordinal(certs).map_err(|detail| Refusal { reason: "not_a_member", detail })?)

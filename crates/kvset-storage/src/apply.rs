@@ -63,6 +63,9 @@ pub(crate) struct Overlay<'t> {
     pub(crate) leases: BTreeMap<LeaseId, Option<Lease>>,
     /// Lease attachments to add (`true`) or remove (`false`).
     pub(crate) attachments: BTreeMap<(LeaseId, Vec<u8>), bool>,
+    /// The access control state as this overlay's commands left it, when one changed it.
+    pub(crate) auth: Option<crate::auth::AuthState>,
+    auth_before: Option<&'t crate::auth::AuthState>,
 }
 
 /// The revision one command writes at.
@@ -103,7 +106,14 @@ impl<'t> Overlay<'t> {
             events: Vec::new(),
             leases: BTreeMap::new(),
             attachments: BTreeMap::new(),
+            auth: None,
+            auth_before: None,
         }
+    }
+
+    /// The overlay over access control state `auth` (what `Command::Auth` changes).
+    pub(crate) fn with_auth(self, auth: &'t crate::auth::AuthState) -> Self {
+        Self { auth_before: Some(auth), ..self }
     }
 
     /// Reads a user key through the overlay.
@@ -323,6 +333,19 @@ pub(crate) fn apply_command(
             }
             overlay.leases.insert(*id, Some(Lease { id: *id, ttl: *ttl }));
             Ok(CommandResult::LeaseGrant { revision: scalars.revision, id: *id, ttl: *ttl })
+        }
+        Command::Auth(change) => {
+            let mut auth = match (&overlay.auth, overlay.auth_before) {
+                (Some(a), _) => a.clone(),
+                (None, Some(a)) => a.clone(),
+                (None, None) => crate::auth::AuthState::default(),
+            };
+            if let Err(e) = auth.apply(change) {
+                return Ok(rejected(scalars, ApplyError::Auth(e)));
+            }
+            let auth_revision = auth.revision;
+            overlay.auth = Some(auth);
+            Ok(CommandResult::Auth { revision: scalars.revision, auth_revision })
         }
         Command::LeaseRevoke(id) => {
             if overlay.lease(*id).is_none() {

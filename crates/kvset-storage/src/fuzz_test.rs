@@ -44,6 +44,8 @@ fn decode_all(bytes: &[u8]) {
     let _ = codec::decode::<Lease>("lease", bytes);
     let _ = codec::decode::<SnapshotHeader>("snapshot header", bytes);
     let _ = codec::decode::<crate::Vote>("vote", bytes);
+    let _ = codec::decode::<crate::auth::AuthCommand>("auth command", bytes);
+    let _ = codec::decode::<crate::auth::AuthState>("auth state", bytes);
 }
 
 /// Applies `edits` (position, byte) to a copy of `good`, and cuts it to `len` if shorter.
@@ -95,6 +97,7 @@ proptest! {
             compact_revision: 2,
             replicas: Some(3),
             leases: vec![Lease { id: 7, ttl: 30 }],
+            auth: crate::auth::AuthState::default(),
         };
         let mut w = SnapshotWriter::create(&path, &header).unwrap();
         for (k, v) in &records {

@@ -49,6 +49,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod apply;
+pub mod auth;
 pub mod codec;
 pub mod defrag;
 mod entry_cache;

@@ -3,9 +3,11 @@
 //! A snapshot is one file under `<data dir>/snapshots/`:
 //!
 //! ```text
-//! "KVSETSNAP2\n"                      magic (11 bytes)
+//! "KVSETSNAP3\n"                      magic (11 bytes; "KVSETSNAP2\n" files, from before access
+//!                                     control, are still read: no users or roles)
 //! u32 LE n, n bytes                   postcard(SnapshotHeader): openraft meta, store revision,
-//!                                     compact revision, desired replicas, the lease table
+//!                                     compact revision, desired replicas, the lease table,
+//!                                     users, roles and permissions
 //! repeated, in (key, revision) order:
 //!   u32 LE klen, key bytes            a history key: escaped user key, revision, sub-revision
 //!                                     (`crate::keys`, without its prefix byte)
@@ -39,11 +41,14 @@ use tokio::io::AsyncSeek;
 use tokio::io::AsyncWrite;
 use tokio::io::ReadBuf;
 
+use crate::auth::AuthState;
 use crate::codec;
 use crate::types::Lease;
 use crate::SnapshotMeta;
 
-const MAGIC: &[u8] = b"KVSETSNAP2\n";
+const MAGIC: &[u8] = b"KVSETSNAP3\n";
+/// Files written before access control: read, never written.
+const MAGIC_V2: &[u8] = b"KVSETSNAP2\n";
 const END: u32 = u32::MAX;
 /// Largest header or record field accepted when reading (a corrupt length must not allocate
 /// gigabytes): well above the server's key and value limits.
@@ -61,6 +66,18 @@ pub struct SnapshotHeader {
     pub replicas: Option<u32>,
     /// Every lease.
     pub leases: Vec<Lease>,
+    /// Users, roles and permissions (format 3 on; empty in a format 2 file).
+    pub auth: AuthState,
+}
+
+/// The header of format 2 files (written before access control existed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SnapshotHeaderV2 {
+    meta: SnapshotMeta,
+    revision: i64,
+    compact_revision: i64,
+    replicas: Option<u32>,
+    leases: Vec<Lease>,
 }
 
 /// A snapshot file being read or written, as openraft's `SnapshotData`.
@@ -239,6 +256,7 @@ impl SnapshotReader {
                 compact_revision: 0,
                 replicas: None,
                 leases: Vec::new(),
+                auth: AuthState::default(),
             },
             done: false,
             consumed: 0,
@@ -246,12 +264,25 @@ impl SnapshotReader {
         };
         let mut magic = [0u8; MAGIC.len()];
         r.take(&mut magic)?;
-        if magic != MAGIC {
+        if magic != MAGIC && magic != MAGIC_V2 {
             return Err(corrupt(format!("{}: not a kvset snapshot (bad magic)", path.display())));
         }
         let len = r.take_u32()?;
         let header = r.take_field(len)?;
-        r.header = codec::decode("snapshot header", &header).map_err(|e| corrupt(e.to_string()))?;
+        r.header = if magic == MAGIC {
+            codec::decode("snapshot header", &header).map_err(|e| corrupt(e.to_string()))?
+        } else {
+            let v2: SnapshotHeaderV2 =
+                codec::decode("snapshot header", &header).map_err(|e| corrupt(e.to_string()))?;
+            SnapshotHeader {
+                meta: v2.meta,
+                revision: v2.revision,
+                compact_revision: v2.compact_revision,
+                replicas: v2.replicas,
+                leases: v2.leases,
+                auth: AuthState::default(),
+            }
+        };
         Ok(r)
     }
 
@@ -407,6 +438,7 @@ mod tests {
             compact_revision: 7,
             replicas: Some(3),
             leases: vec![Lease { id: 5, ttl: 60 }],
+            auth: AuthState::default(),
         };
         let mut w = SnapshotWriter::create(path, &header).unwrap();
         for i in 0..n {
@@ -414,6 +446,33 @@ mod tests {
         }
         w.finish().unwrap();
         header
+    }
+
+    #[test]
+    fn files_of_format_2_are_read_with_no_users() {
+        // A format 2 file as the previous release wrote it: its magic, its header, no records.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.snap");
+        let v2 = SnapshotHeaderV2 {
+            meta: SnapshotMeta::default(),
+            revision: 42,
+            compact_revision: 7,
+            replicas: Some(3),
+            leases: vec![Lease { id: 5, ttl: 60 }],
+        };
+        let header = codec::encode("header", &v2).unwrap();
+        let mut bytes = MAGIC_V2.to_vec();
+        bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(&END.to_le_bytes());
+        bytes.extend_from_slice(&0u64.to_le_bytes());
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        fs::write(&path, &bytes).unwrap();
+        let (read, count) = inspect(&path).unwrap();
+        assert_eq!((read.revision, read.compact_revision, read.replicas, count), (42, 7, Some(3), 0));
+        assert_eq!(read.leases, v2.leases);
+        assert_eq!(read.auth, AuthState::default());
     }
 
     #[test]

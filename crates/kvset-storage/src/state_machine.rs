@@ -69,6 +69,7 @@ use crate::apply::range_at;
 use crate::apply::Overlay;
 use crate::apply::ReadError;
 use crate::apply::Scalars;
+use crate::auth::AuthState;
 use crate::codec;
 use crate::events::EventLog;
 use crate::events::EventLogLimits;
@@ -97,6 +98,7 @@ const META_REVISION: &str = "revision";
 const META_COMPACT: &str = "compact";
 const META_COMPACTED_TO: &str = "compacted_to";
 const META_REPLICAS: &str = "replicas";
+const META_AUTH: &str = "auth";
 const SLOT_KEY: &[u8] = b"active";
 const SLOT_NAMES: [&str; 2] = ["sm0", "sm1"];
 /// Applies of at most this many single-key commands run inline on the state machine task.
@@ -140,6 +142,8 @@ pub struct AppliedState {
     pub compact_revision: Revision,
     /// Desired voter count last set with `Command::SetReplicas`, if ever.
     pub replicas: Option<u32>,
+    /// Users, roles and permissions (`Command::Auth`).
+    pub auth: Arc<AuthState>,
 }
 
 impl AppliedState {
@@ -280,7 +284,8 @@ impl Shared {
         };
         let compact_before = applied.compact_revision;
         let mut scalars = applied.scalars();
-        let mut overlay = Overlay::new(&tree, applied.revision, &leases);
+        let auth_before = applied.auth.clone();
+        let mut overlay = Overlay::new(&tree, applied.revision, &leases).with_auth(&auth_before);
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
@@ -309,6 +314,10 @@ impl Shared {
 
         let mut batch = sled::Batch::default();
         write_overlay(&mut batch, &overlay).map_err(|e| sm_err("writing", e))?;
+        if let Some(auth) = overlay.auth.take() {
+            applied.auth = Arc::new(auth);
+            write_auth(&mut batch, &applied.auth).map_err(|e| sm_err("writing", e))?;
+        }
         write_meta(&mut batch, &applied).map_err(|e| sm_err("writing", e))?;
         let new_leases = (!overlay.leases.is_empty()).then(|| {
             let mut table = (*leases).clone();
@@ -432,6 +441,7 @@ impl Shared {
             compact_revision: applied.compact_revision,
             replicas: applied.replicas,
             leases: st.leases.values().copied().collect(),
+            auth: (*applied.auth).clone(),
         };
         (st.tree.clone(), header)
     }
@@ -580,8 +590,10 @@ impl Shared {
                 revision: header.revision,
                 compact_revision: header.compact_revision,
                 replicas: header.replicas,
+                auth: Arc::new(header.auth.clone()),
             };
             write_meta(&mut batch, &applied).map_err(io::Error::other)?;
+            write_auth(&mut batch, &applied.auth).map_err(io::Error::other)?;
             tree.apply_batch(batch).map_err(io::Error::other)?;
             self.db.flush().map_err(io::Error::other)?;
             Ok::<_, io::Error>((applied, versions))
@@ -644,6 +656,13 @@ fn write_meta(batch: &mut sled::Batch, applied: &AppliedState) -> Result<(), cod
     Ok(())
 }
 
+/// The access control state is written only when it changes (it can be a few kilobytes, and
+/// most batches do not touch it).
+fn write_auth(batch: &mut sled::Batch, auth: &AuthState) -> Result<(), codec::CodecError> {
+    batch.insert(keys::meta(META_AUTH), codec::encode("auth", auth)?);
+    Ok(())
+}
+
 fn read_meta<T: serde::de::DeserializeOwned>(
     tree: &sled::Tree,
     name: &'static str,
@@ -662,6 +681,7 @@ fn read_applied(tree: &sled::Tree) -> Result<AppliedState, SmOpenError> {
         revision: read_meta(tree, META_REVISION, INITIAL_REVISION)?,
         compact_revision: read_meta(tree, META_COMPACT, 0)?,
         replicas: read_meta(tree, META_REPLICAS, None)?,
+        auth: Arc::new(read_meta(tree, META_AUTH, AuthState::default())?),
     })
 }
 
@@ -943,6 +963,11 @@ impl SmReader {
         self.shared.events.subscribe()
     }
 
+    /// Users, roles and permissions as applied.
+    pub fn auth(&self) -> Arc<AuthState> {
+        self.shared.read_state().applied.auth.clone()
+    }
+
     /// The lease table.
     pub fn leases(&self) -> LeaseTable {
         self.shared.read_state().leases.clone()
@@ -993,6 +1018,7 @@ impl SmReader {
             crc.update(&lease.id.to_le_bytes());
             crc.update(&lease.ttl.to_le_bytes());
         }
+        crc.update(&codec::encode("auth", &*st.applied.auth).map_err(|e| ReadError::Corrupt(e.to_string()))?);
         Ok(StateDigest { revision: st.applied.revision, keys, crc: crc.finalize() })
     }
 

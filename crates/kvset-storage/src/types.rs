@@ -62,13 +62,16 @@ pub enum Command {
     LeaseGrant { id: LeaseId, ttl: i64 },
     /// Ends lease `id` and deletes every key attached to it, at one revision.
     LeaseRevoke(LeaseId),
+    /// Changes users, roles or permissions (`crate::auth`). Does not change the revision.
+    /// (Last, so that logs written before it existed still decode.)
+    Auth(crate::auth::AuthCommand),
 }
 
 impl Command {
     /// Whether applying it touches at most one key (so its cost is bounded).
     pub fn is_single_key(&self) -> bool {
         match self {
-            Command::Put(_) | Command::SetReplicas(_) | Command::LeaseGrant { .. } => true,
+            Command::Put(_) | Command::SetReplicas(_) | Command::LeaseGrant { .. } | Command::Auth(_) => true,
             Command::Delete(d) => d.range.end == RangeEnd::Single,
             Command::Txn(_) | Command::Compact(_) | Command::LeaseRevoke(_) => false,
         }
@@ -88,9 +91,11 @@ impl Command {
         match self {
             Command::Put(_) | Command::LeaseGrant { .. } => true,
             Command::Txn(t) => txn(t),
-            Command::Delete(_) | Command::SetReplicas(_) | Command::Compact(_) | Command::LeaseRevoke(_) => {
-                false
-            }
+            Command::Delete(_)
+            | Command::SetReplicas(_)
+            | Command::Compact(_)
+            | Command::LeaseRevoke(_)
+            | Command::Auth(_) => false,
         }
     }
 
@@ -115,6 +120,7 @@ impl Command {
             | Command::Compact(_)
             | Command::LeaseGrant { .. }
             | Command::LeaseRevoke(_) => 16,
+            Command::Auth(_) => 256,
         }
     }
 }
@@ -394,6 +400,8 @@ pub enum ApplyError {
     Compacted { requested: Revision, compact_revision: Revision },
     #[error("revision {requested} is a future revision (the current revision is {current})")]
     FutureRevision { requested: Revision, current: Revision },
+    #[error("{0}")]
+    Auth(crate::auth::AuthError),
 }
 
 /// The result of one [`Command`]. `revision` is the store revision after the command.
@@ -434,6 +442,11 @@ pub enum CommandResult {
         revision: Revision,
         error: ApplyError,
     },
+    /// An access control change applied; `auth_revision` is the auth state's new revision.
+    Auth {
+        revision: Revision,
+        auth_revision: u64,
+    },
 }
 
 impl CommandResult {
@@ -447,7 +460,8 @@ impl CommandResult {
             | CommandResult::Compact { revision }
             | CommandResult::LeaseGrant { revision, .. }
             | CommandResult::LeaseRevoke { revision, .. }
-            | CommandResult::Rejected { revision, .. } => *revision,
+            | CommandResult::Rejected { revision, .. }
+            | CommandResult::Auth { revision, .. } => *revision,
         }
     }
 }

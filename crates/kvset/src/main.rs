@@ -50,6 +50,9 @@ struct Cli {
     /// Client certificate (PEM) to present, with --key; needs --cacert.
     #[arg(long = "cert", id = "tls_cert", global = true, env = "KVSET_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
+    /// Log in as USER:PASSWORD when access control is on (etcdctl's --user).
+    #[arg(long, global = true, env = "KVSET_USER", value_name = "USER:PASSWORD")]
+    user: Option<String>,
     /// Private key (PEM) of --cert.
     #[arg(long = "key", id = "tls_key", global = true, env = "KVSET_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
@@ -316,7 +319,18 @@ fn main() -> std::process::ExitCode {
     let serving = matches!(cli.command, Command::Serve(_));
     let result = runtime.block_on(async move {
         let options = || {
-            client_options(timeout, cli.cacert.as_deref(), cli.tls_cert.as_deref(), cli.tls_key.as_deref())
+            let mut options = client_options(
+                timeout,
+                cli.cacert.as_deref(),
+                cli.tls_cert.as_deref(),
+                cli.tls_key.as_deref(),
+            )?;
+            if let Some(user) = &cli.user {
+                let (name, password) =
+                    user.split_once(':').ok_or_else(|| anyhow::anyhow!("--user takes USER:PASSWORD"))?;
+                options.user = Some((name.to_string(), password.to_string()));
+            }
+            Ok::<_, anyhow::Error>(options)
         };
         match cli.command {
             Command::Serve(args) => config_flags::serve(args).await,

@@ -22,6 +22,7 @@ use tonic::Request;
 use tonic::Response;
 use tonic::Status;
 
+use crate::auth::Needs;
 use crate::config::ReplicasSource;
 use crate::errors;
 use crate::errors::KvError;
@@ -151,7 +152,7 @@ impl ClusterService {
     /// Runs `local` on the leader (here, or by forwarding with `forward`).
     async fn on_leader<T>(
         &self,
-        ctx: CallContext,
+        ctx: &CallContext,
         local: impl AsyncFnOnce() -> Result<T, KvError>,
         forward: impl AsyncFnOnce(ClusterClient<Channel>) -> Result<Response<T>, Status>,
     ) -> Result<T, KvError> {
@@ -192,10 +193,11 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::MemberListRequest>,
     ) -> Result<Response<pb::MemberListResponse>, Status> {
         let ctx = CallContext::of(&req);
+        let fwd = ctx.clone();
         let msg = req.into_inner();
         observe(self.member.metrics(), "MemberList", &ctx, async {
             self.on_leader(
-                ctx,
+                &ctx,
                 async || {
                     self.member.read_barrier(ctx.deadline).await?;
                     Ok(pb::MemberListResponse {
@@ -204,7 +206,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                         members: member_list(&self.member),
                     })
                 },
-                async move |mut c| c.member_list(ctx.forward(msg)).await,
+                async move |mut c| c.member_list(fwd.forward(msg)).await,
             )
             .await
         })
@@ -216,6 +218,8 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::SetReplicasRequest>,
     ) -> Result<Response<pb::SetReplicasResponse>, Status> {
         let ctx = CallContext::of(&req);
+        let fwd = ctx.clone();
+        self.member.authorize(&ctx, &Needs::admin(), "Cluster.SetReplicas")?;
         let msg = req.into_inner();
         observe(self.member.metrics(), "SetReplicas", &ctx, async {
             if msg.replicas == 0 || msg.replicas > MAX_REPLICAS {
@@ -232,12 +236,12 @@ impl pb::cluster_server::Cluster for ClusterService {
             }
             let n = msg.replicas;
             self.on_leader(
-                ctx,
+                &ctx,
                 async || match self.member.submit(Command::SetReplicas(n), ctx.deadline).await? {
                     CommandResult::SetReplicas { replicas, .. } => Ok(pb::SetReplicasResponse { replicas }),
                     other => Err(KvError::Internal(format!("unexpected result {other:?}"))),
                 },
-                async move |mut c| c.set_replicas(ctx.forward(msg)).await,
+                async move |mut c| c.set_replicas(fwd.forward(msg)).await,
             )
             .await
         })
@@ -249,6 +253,8 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::AddLearnerRequest>,
     ) -> Result<Response<pb::AddLearnerResponse>, Status> {
         let ctx = CallContext::of(&req);
+        let fwd = ctx.clone();
+        self.member.authorize(&ctx, &Needs::admin(), "Cluster.AddLearner")?;
         let msg = req.into_inner();
         observe(self.member.metrics(), "AddLearner", &ctx, async {
             if msg.node_id == 0 || msg.peer_addr.is_empty() || msg.client_addr.is_empty() {
@@ -264,7 +270,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             };
             let id = msg.node_id;
             self.on_leader(
-                ctx,
+                &ctx,
                 async || {
                     self.member
                         .raft()
@@ -273,7 +279,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                         .map_err(|e| errors::membership_change(&e))?;
                     Ok(pb::AddLearnerResponse { members: member_list(&self.member) })
                 },
-                async move |mut c| c.add_learner(ctx.forward(msg)).await,
+                async move |mut c| c.add_learner(fwd.forward(msg)).await,
             )
             .await
         })
@@ -285,11 +291,13 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::PromoteRequest>,
     ) -> Result<Response<pb::PromoteResponse>, Status> {
         let ctx = CallContext::of(&req);
+        let fwd = ctx.clone();
+        self.member.authorize(&ctx, &Needs::admin(), "Cluster.Promote")?;
         let msg = req.into_inner();
         observe(self.member.metrics(), "Promote", &ctx, async {
             let id = msg.node_id;
             self.on_leader(
-                ctx,
+                &ctx,
                 async || {
                     let m = self.member.raft_metrics();
                     let membership = m.membership_config.membership();
@@ -308,7 +316,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                         .map_err(|e| errors::membership_change(&e))?;
                     Ok(pb::PromoteResponse { members: member_list(&self.member) })
                 },
-                async move |mut c| c.promote(ctx.forward(msg)).await,
+                async move |mut c| c.promote(fwd.forward(msg)).await,
             )
             .await
         })
@@ -317,11 +325,13 @@ impl pb::cluster_server::Cluster for ClusterService {
 
     async fn remove(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveResponse>, Status> {
         let ctx = CallContext::of(&req);
+        let fwd = ctx.clone();
+        self.member.authorize(&ctx, &Needs::admin(), "Cluster.Remove")?;
         let msg = req.into_inner();
         observe(self.member.metrics(), "Remove", &ctx, async {
             let id = msg.node_id;
             self.on_leader(
-                ctx,
+                &ctx,
                 async || {
                     let m = self.member.raft_metrics();
                     let membership = m.membership_config.membership();
@@ -348,7 +358,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                         .map_err(|e| errors::membership_change(&e))?;
                     Ok(pb::RemoveResponse { members: member_list(&self.member) })
                 },
-                async move |mut c| c.remove(ctx.forward(msg)).await,
+                async move |mut c| c.remove(fwd.forward(msg)).await,
             )
             .await
         })
@@ -360,17 +370,19 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         let ctx = CallContext::of(&req);
+        let fwd = ctx.clone();
+        self.member.authorize(&ctx, &Needs::admin(), "Cluster.TransferLeader")?;
         let msg = req.into_inner();
         observe(self.member.metrics(), "TransferLeader", &ctx, async {
             let to = (msg.node_id != 0).then_some(msg.node_id);
             let budget = ctx.remaining().min(TRANSFER_LEADER_BUDGET);
             self.on_leader(
-                ctx,
+                &ctx,
                 async || {
                     let leader_id = self.member.transfer_leadership(to, budget).await?;
                     Ok(pb::TransferLeaderResponse { leader_id })
                 },
-                async move |mut c| c.transfer_leader(ctx.forward(msg)).await,
+                async move |mut c| c.transfer_leader(fwd.forward(msg)).await,
             )
             .await
         })
@@ -382,6 +394,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
         let ctx = CallContext::of(&req);
+        self.member.authorize(&ctx, &Needs::admin(), "Cluster.Snapshot")?;
         observe(self.member.metrics(), "Snapshot", &ctx, async {
             let raft = self.member.raft();
             let target = raft.metrics().borrow_watched().last_applied;
@@ -414,6 +427,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
         let ctx = CallContext::of(&req);
+        self.member.authorize(&ctx, &Needs::admin(), "Cluster.Defragment")?;
         observe(self.member.metrics(), "Defragment", &ctx, async {
             self.member.request_defrag(ctx.remaining()).await?;
             Ok::<_, KvError>(pb::DefragmentResponse {
@@ -427,6 +441,7 @@ impl pb::cluster_server::Cluster for ClusterService {
 
     async fn backup(&self, req: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
         let ctx = CallContext::of(&req);
+        self.member.authorize(&ctx, &Needs::admin(), "Cluster.Backup")?;
         observe(self.member.metrics(), "Backup", &ctx, async {
             let reader = self.member.reader().clone();
             let (header, path, total) = tokio::task::spawn_blocking(move || reader.write_backup())

@@ -73,23 +73,23 @@ impl KvService {
     /// Runs a write and converts its result.
     async fn write<T>(
         &self,
-        ctx: CallContext,
+        ctx: &CallContext,
         command: Command,
         to_response: impl FnOnce(CommandResult, &HeaderInfo) -> T,
     ) -> Result<T, KvError> {
-        let result = accepted(self.member.execute(command, &ctx).await?)?;
+        let result = accepted(self.member.execute(command, ctx).await?)?;
         Ok(to_response(result, &self.member.header_info()))
     }
 
     /// Runs a read and converts its answer.
     async fn read<T>(
         &self,
-        ctx: CallContext,
+        ctx: &CallContext,
         consistency: Consistency,
         query: Query,
         to_response: impl FnOnce(Answer, &HeaderInfo) -> Result<T, KvError>,
     ) -> Result<T, KvError> {
-        let answer = self.member.read(query, consistency, &ctx).await??;
+        let answer = self.member.read(query, consistency, ctx).await??;
         to_response(answer, &self.member.header_info())
     }
 }
@@ -106,7 +106,7 @@ impl pb::kv_server::Kv for KvService {
         let msg = req.into_inner();
         observe(self.member.metrics(), "Put", &ctx, async {
             let command = request::put_command(msg, &self.member.config().limits)?;
-            self.write(ctx, command, response::put).await
+            self.write(&ctx, command, response::put).await
         })
         .await
     }
@@ -116,7 +116,7 @@ impl pb::kv_server::Kv for KvService {
         let msg = req.into_inner();
         observe(self.member.metrics(), "Get", &ctx, async {
             let (key, revision) = request::get(&msg, &self.member.config().limits)?;
-            self.read(ctx, consistency(msg.consistency)?, Query::Get { key, revision }, |answer, info| {
+            self.read(&ctx, consistency(msg.consistency)?, Query::Get { key, revision }, |answer, info| {
                 match answer {
                     Answer::Get { kv, revision } => {
                         Ok(pb::GetResponse { header: info.at(revision), kv: kv.map(response::kv) })
@@ -134,7 +134,7 @@ impl pb::kv_server::Kv for KvService {
         let msg = req.into_inner();
         observe(self.member.metrics(), "Delete", &ctx, async {
             let command = request::delete_command(&msg, &self.member.config().limits)?;
-            self.write(ctx, command, response::delete).await
+            self.write(&ctx, command, response::delete).await
         })
         .await
     }
@@ -145,7 +145,7 @@ impl pb::kv_server::Kv for KvService {
         observe(self.member.metrics(), "Range", &ctx, async {
             request::check_size(&msg, &self.member.config().limits)?;
             let query = request::range(&msg, &self.member.config().limits)?;
-            self.read(ctx, consistency(msg.consistency)?, Query::Range(query), |answer, info| match answer {
+            self.read(&ctx, consistency(msg.consistency)?, Query::Range(query), |answer, info| match answer {
                 Answer::Range { result, revision } => Ok(response::range(result, info.at(revision))),
                 other => Err(mismatched(&other)),
             })
@@ -159,7 +159,7 @@ impl pb::kv_server::Kv for KvService {
         let msg = req.into_inner();
         observe(self.member.metrics(), "Txn", &ctx, async {
             let command = request::txn_command(&msg, &self.member.config().limits)?;
-            self.write(ctx, command, response::txn).await
+            self.write(&ctx, command, response::txn).await
         })
         .await
     }
@@ -172,7 +172,7 @@ impl pb::kv_server::Kv for KvService {
         let msg = req.into_inner();
         observe(self.member.metrics(), "Compact", &ctx, async {
             let command = request::compact(&msg)?;
-            self.write(ctx, command, |r, info| pb::CompactResponse { header: info.at(r.revision()) }).await
+            self.write(&ctx, command, |r, info| pb::CompactResponse { header: info.at(r.revision()) }).await
         })
         .await
     }
@@ -184,9 +184,11 @@ impl pb::kv_server::Kv for KvService {
         req: Request<tonic::Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let require_leader = requires_leader(req.metadata());
+        let ctx = CallContext::of(&req);
         let limits = self.member.config().limits.clone();
+        let guard = self.member.clone();
         let requests = req.into_inner().map(move |r| match r {
-            Ok(msg) => request::watch(msg, &limits),
+            Ok(msg) => request::watch(msg, &limits).map(|w| guard.guard_watch(&ctx, w)),
             Err(status) => Err(KvError::Remote(status)),
         });
         let responses = self.member.watch_hub().open(requests, require_leader);
@@ -212,7 +214,7 @@ impl pb::kv_server::Kv for KvService {
                 )));
             }
             // Id 0: the leader picks one.
-            self.write(ctx, Command::LeaseGrant { id: msg.id, ttl }, |r, info| match r {
+            self.write(&ctx, Command::LeaseGrant { id: msg.id, ttl }, |r, info| match r {
                 CommandResult::LeaseGrant { revision, id, ttl } => {
                     pb::LeaseGrantResponse { header: info.at(revision), id, ttl_seconds: ttl }
                 }
@@ -231,7 +233,7 @@ impl pb::kv_server::Kv for KvService {
         let msg = req.into_inner();
         observe(self.member.metrics(), "LeaseRevoke", &ctx, async {
             let id = request::lease_id(msg.id)?;
-            self.write(ctx, Command::LeaseRevoke(id), |r, info| pb::LeaseRevokeResponse {
+            self.write(&ctx, Command::LeaseRevoke(id), |r, info| pb::LeaseRevokeResponse {
                 header: info.at(r.revision()),
             })
             .await
@@ -245,6 +247,7 @@ impl pb::kv_server::Kv for KvService {
         &self,
         req: Request<tonic::Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        self.member.authorize(&CallContext::of(&req), &crate::auth::Needs::default(), "keep leases alive")?;
         let member = self.member.clone();
         // The stream lives as long as its lease: it must end when the member shuts down, or
         // it would hold up the drain.
@@ -278,7 +281,7 @@ impl pb::kv_server::Kv for KvService {
         observe(self.member.metrics(), "LeaseTimeToLive", &ctx, async {
             let (id, keys) = (msg.id, msg.keys);
             let query = Query::Lease { id, keys };
-            self.read(ctx, Consistency::Linearizable, query, |answer, info| match answer {
+            self.read(&ctx, Consistency::Linearizable, query, |answer, info| match answer {
                 Answer::Lease { status: Some(s), revision } => Ok(pb::LeaseTimeToLiveResponse {
                     header: info.at(revision),
                     id,
@@ -305,7 +308,7 @@ impl pb::kv_server::Kv for KvService {
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
         let ctx = CallContext::of(&req);
         observe(self.member.metrics(), "LeaseLeases", &ctx, async {
-            self.read(ctx, Consistency::Linearizable, Query::Leases, |answer, info| match answer {
+            self.read(&ctx, Consistency::Linearizable, Query::Leases, |answer, info| match answer {
                 Answer::Leases { leases, revision } => Ok(pb::LeaseLeasesResponse {
                     header: info.at(revision),
                     leases: leases

@@ -144,7 +144,23 @@ pub fn rejected(e: &ApplyError) -> Status {
         ApplyError::KeyNotFound => key_not_found(),
         ApplyError::Compacted { .. } => compacted(),
         ApplyError::FutureRevision { .. } => future_revision(),
+        ApplyError::Auth(a) => Status::from(crate::errors::auth_rejected(a)),
     }
+}
+
+/// etcd's `ErrGRPCPermissionDenied`.
+pub fn permission_denied() -> Status {
+    status(Code::PermissionDenied, "etcdserver: permission denied")
+}
+
+/// etcd's `ErrGRPCInvalidAuthToken`.
+pub fn invalid_auth_token() -> Status {
+    status(Code::Unauthenticated, "etcdserver: invalid auth token")
+}
+
+/// etcd's `ErrGRPCAuthFailed`.
+pub fn auth_failed() -> Status {
+    status(Code::InvalidArgument, "etcdserver: authentication failed, invalid user ID or password")
 }
 
 /// A failed read of the state machine.
@@ -179,6 +195,8 @@ pub fn from_kv(e: KvError) -> Status {
         KvError::OutOfRange(m) if m.contains("future") => future_revision(),
         KvError::OutOfRange(_) => compacted(),
         KvError::NotFound(_) => lease_not_found(),
+        KvError::PermissionDenied(_) => permission_denied(),
+        KvError::Unauthenticated(_) => invalid_auth_token(),
         KvError::Remote(s) => s,
         // Limits and other refusals keep kvset's message, which names the limit.
         other => Status::from(other),

@@ -78,6 +78,10 @@ impl epb::lease_server::Lease for EtcdService {
         &self,
         req: Request<tonic::Streaming<epb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let ctx = crate::forward::CallContext::of(&req);
+        self.member
+            .authorize(&ctx, &crate::auth::Needs::default(), "keep leases alive")
+            .map_err(errors::from_kv)?;
         let member = self.member.clone();
         // The stream lives as long as its lease: it ends when the member shuts down, or it
         // would hold up the drain.

@@ -10,6 +10,7 @@ use tonic::Response;
 use tonic::Status;
 
 use super::EtcdService;
+use crate::auth::Needs;
 use crate::forward::CallContext;
 use crate::pb::etcd::errors;
 use crate::pb::etcd::response;
@@ -74,6 +75,9 @@ fn stream_snapshot(
 #[tonic::async_trait]
 impl epb::maintenance_server::Maintenance for EtcdService {
     async fn alarm(&self, req: Request<epb::AlarmRequest>) -> Result<Response<epb::AlarmResponse>, Status> {
+        self.member
+            .authorize(&CallContext::of(&req), &Needs::admin(), "Maintenance.Alarm")
+            .map_err(errors::from_kv)?;
         use epb::alarm_request::AlarmAction;
         let r = req.into_inner();
         // kvset raises NOSPACE alarms by itself (the quota task) and clears them once the
@@ -136,6 +140,7 @@ impl epb::maintenance_server::Maintenance for EtcdService {
         req: Request<epb::DefragmentRequest>,
     ) -> Result<Response<epb::DefragmentResponse>, Status> {
         let ctx = CallContext::of(&req);
+        self.member.authorize(&ctx, &Needs::admin(), "Maintenance.Defragment").map_err(errors::from_kv)?;
         observe(self.member.metrics(), "etcd.Defragment", &ctx, async {
             // Unlike etcd, which answers after its rewrite, the member answers, then stops,
             // rewrites its database and serves again (see kvset.v1 Cluster.Defragment).
@@ -147,6 +152,7 @@ impl epb::maintenance_server::Maintenance for EtcdService {
 
     async fn hash(&self, req: Request<epb::HashRequest>) -> Result<Response<epb::HashResponse>, Status> {
         let ctx = CallContext::of(&req);
+        self.member.authorize(&ctx, &Needs::admin(), "Maintenance.Hash").map_err(errors::from_kv)?;
         observe(self.member.metrics(), "etcd.Hash", &ctx, async {
             // The whole logical state (live keys, leases, compact revision) of this member.
             let reader = self.member.reader().clone();
@@ -164,6 +170,7 @@ impl epb::maintenance_server::Maintenance for EtcdService {
         req: Request<epb::HashKvRequest>,
     ) -> Result<Response<epb::HashKvResponse>, Status> {
         let ctx = CallContext::of(&req);
+        self.member.authorize(&ctx, &Needs::admin(), "Maintenance.HashKV").map_err(errors::from_kv)?;
         let revision = req.get_ref().revision.max(0);
         observe(self.member.metrics(), "etcd.HashKV", &ctx, async {
             let reader = self.member.reader().clone();
@@ -184,6 +191,7 @@ impl epb::maintenance_server::Maintenance for EtcdService {
         req: Request<epb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         let ctx = CallContext::of(&req);
+        self.member.authorize(&ctx, &Needs::admin(), "Maintenance.Snapshot").map_err(errors::from_kv)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<epb::SnapshotResponse, Status>>(4);
         let member = self.member.clone();
         let header = self.header_now();
@@ -208,6 +216,7 @@ impl epb::maintenance_server::Maintenance for EtcdService {
         req: Request<epb::MoveLeaderRequest>,
     ) -> Result<Response<epb::MoveLeaderResponse>, Status> {
         let ctx = CallContext::of(&req);
+        self.member.authorize(&ctx, &Needs::admin(), "Maintenance.MoveLeader").map_err(errors::from_kv)?;
         let target = req.get_ref().target_id;
         observe(self.member.metrics(), "etcd.MoveLeader", &ctx, async {
             let m = self.member.raft_metrics();

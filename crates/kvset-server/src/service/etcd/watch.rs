@@ -26,10 +26,12 @@ impl epb::watch_server::Watch for EtcdService {
         req: Request<tonic::Streaming<epb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let require_leader = requires_leader(req.metadata());
+        let ctx = crate::forward::CallContext::of(&req);
         let limits = self.member.config().limits.clone();
+        let guard = self.member.clone();
         let requests = req.into_inner().filter_map(move |r| {
             let next = match r {
-                Ok(msg) => request::watch(msg, &limits).map(Ok),
+                Ok(msg) => request::watch(msg, &limits).map(|w| Ok(guard.guard_watch(&ctx, w))),
                 Err(status) => Some(Err(KvError::Remote(status))),
             };
             std::future::ready(next)

@@ -1,0 +1,410 @@
+//! Access control at the door (DESIGN.md §6, Security): who the caller is, and whether it may
+//! do what it asks, against the replicated users, roles and permissions
+//! (`kvset_storage::auth`). One check for both client APIs: `LocalMember::execute` and
+//! `::read` call it on the domain command or query, so no handler of kvset.v1 or of the etcd
+//! API can forget it; watches and administrative calls check their own needs the same way.
+//!
+//! * **Identity**: a token from `Authenticate` in the `token` (or `authorization`) metadata
+//!   entry, as etcd's clients send it; else the common name of the client's verified TLS
+//!   certificate (etcd's `--client-cert-auth`); else none, which is refused while
+//!   authentication is enabled (etcd's "user name is empty").
+//! * **Tokens** are stateless and work on every member: user, expiry and the user's password
+//!   epoch, signed with HMAC-SHA-256 under the key minted when authentication was enabled
+//!   (replicated with the rest of the state). A password change or the user's deletion ends
+//!   its tokens at once; a token expires after `auth.token_ttl_seconds`.
+//! * **Passwords** are hashed with bcrypt (`auth.bcrypt_cost`, etcd's default 10) by the
+//!   member that receives them, before anything is proposed: the log and snapshots hold hashes
+//!   only.
+//! * **What is checked**: reads need read permission on every key of the range; puts and
+//!   deletes write permission; a transaction needs permission for every compare and every op
+//!   of both branches (etcd's rule); revoking a lease needs write permission on its keys;
+//!   compaction, membership, snapshots, defragmentation and user/role management need the
+//!   `root` role. Grants and keep-alives of leases need an authenticated caller only.
+//!
+//! A revocation takes effect on a member once it has applied it; a request already checked
+//! there is not checked again on the leader.
+
+use std::time::SystemTime;
+use std::time::UNIX_EPOCH;
+
+use kvset_storage::auth::Access;
+use kvset_storage::auth::AuthState;
+use kvset_storage::Command;
+use kvset_storage::KeyRange;
+use kvset_storage::RangeEnd;
+use kvset_storage::Txn;
+use kvset_storage::TxnOp;
+use ring::hmac;
+
+use crate::errors::KvError;
+use crate::query::Query;
+
+/// The metadata entries a token arrives in (etcd's clients use `token`).
+const TOKEN_KEYS: [&str; 2] = ["token", "authorization"];
+
+/// What a request says about its caller, before it is checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    pub token: Option<String>,
+    /// The common name of the verified client certificate, if one was presented.
+    pub cert_user: Option<String>,
+}
+
+impl Credentials {
+    /// The credentials of `request`.
+    pub fn of<T>(request: &tonic::Request<T>) -> Self {
+        let token = TOKEN_KEYS
+            .iter()
+            .find_map(|k| request.metadata().get(*k))
+            .and_then(|v| v.to_str().ok())
+            .map(|t| t.trim_start_matches("Bearer ").to_string());
+        let cert_user = request
+            .extensions()
+            .get::<crate::tls::ConnInfo>()
+            .and_then(|c| c.peer_certs.as_ref())
+            .and_then(|certs| certs.first())
+            .and_then(|leaf| common_name(leaf.as_ref()));
+        Self { token, cert_user }
+    }
+}
+
+/// Why a caller is refused.
+fn user_empty() -> KvError {
+    KvError::InvalidArgument("etcdserver: user name is empty".into())
+}
+
+fn denied(user: &str, what: &str) -> KvError {
+    tracing::warn!(user, what, "permission denied");
+    KvError::PermissionDenied(format!("etcdserver: permission denied ({user} may not {what})"))
+}
+
+/// The caller of a request under `state`: `None` while authentication is disabled (everyone
+/// may do everything), else the user, or why there is none.
+pub fn caller(state: &AuthState, credentials: &Credentials) -> Result<Option<String>, KvError> {
+    if !state.enabled {
+        return Ok(None);
+    }
+    if let Some(token) = &credentials.token {
+        return verify_token(state, token, now_ms()).map(Some);
+    }
+    match &credentials.cert_user {
+        Some(user) if state.users.contains_key(user) => Ok(Some(user.clone())),
+        Some(user) => Err(denied(user, "log in: no such user (certificate common name)")),
+        None => Err(user_empty()),
+    }
+}
+
+/// What a command or query needs: administrative rights, or access to key ranges.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub admin: bool,
+    pub ranges: Vec<(Access, Vec<u8>, Vec<u8>)>,
+}
+
+impl Needs {
+    /// Administrative rights (the `root` role).
+    pub fn admin() -> Self {
+        Self { admin: true, ranges: Vec::new() }
+    }
+
+    /// Read access to `range`.
+    pub fn read(range: &KeyRange) -> Self {
+        let mut n = Self::default();
+        n.add(Access::Read, range);
+        n
+    }
+
+    fn add(&mut self, access: Access, range: &KeyRange) {
+        let end = match &range.end {
+            RangeEnd::Single => Vec::new(),
+            RangeEnd::Unbounded => vec![0],
+            RangeEnd::Before(end) => end.clone(),
+        };
+        self.ranges.push((access, range.start.clone(), end));
+    }
+
+    fn txn(&mut self, t: &Txn) {
+        for c in &t.compares {
+            self.add(Access::Read, &c.range);
+        }
+        for op in t.success.iter().chain(&t.failure) {
+            match op {
+                TxnOp::Range(r) => self.add(Access::Read, &r.range),
+                TxnOp::Put(p) => self.add(Access::Write, &KeyRange::single(p.key.clone())),
+                TxnOp::Delete(d) => self.add(Access::Write, &d.range),
+                TxnOp::Txn(t) => self.txn(t),
+            }
+        }
+    }
+
+    /// What applying `command` needs; `lease_keys` lists the keys attached to a lease.
+    pub fn of_command(command: &Command, lease_keys: impl Fn(i64) -> Vec<Vec<u8>>) -> Self {
+        let mut n = Self::default();
+        match command {
+            Command::Put(p) => n.add(Access::Write, &KeyRange::single(p.key.clone())),
+            Command::Delete(d) => n.add(Access::Write, &d.range),
+            Command::Txn(t) => n.txn(t),
+            Command::LeaseGrant { .. } => {}
+            Command::LeaseRevoke(id) => {
+                for key in lease_keys(*id) {
+                    n.add(Access::Write, &KeyRange::single(key));
+                }
+            }
+            Command::SetReplicas(_) | Command::Compact(_) | Command::Auth(_) => n.admin = true,
+        }
+        n
+    }
+
+    /// What answering `query` needs.
+    pub fn of_query(query: &Query) -> Self {
+        match query {
+            Query::Get { key, .. } => Self::read(&KeyRange::single(key.clone())),
+            Query::Range(r) => Self::read(&r.range),
+            Query::Lease { .. } | Query::Leases => Self::default(),
+        }
+    }
+}
+
+/// Checks that `user` (from [`caller`]) has what `needs` asks; `what` names the request in
+/// the refusal and the log.
+pub fn check(state: &AuthState, user: Option<&str>, needs: &Needs, what: &str) -> Result<(), KvError> {
+    let Some(user) = user else { return Ok(()) };
+    if state.is_root(user) {
+        return Ok(());
+    }
+    if needs.admin {
+        return Err(denied(user, what));
+    }
+    for (access, key, end) in &needs.ranges {
+        if !state.permitted(user, *access, key, end) {
+            return Err(denied(user, what));
+        }
+    }
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) || text.len() > 2048 {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+}
+
+fn sign(state: &AuthState, payload: &str) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, &state.token_key);
+    hex(hmac::sign(&key, payload.as_bytes()).as_ref())
+}
+
+/// A token for `user`, valid for `ttl_ms` from `now_ms`.
+pub fn issue_token(state: &AuthState, user: &str, now_ms: u64, ttl_ms: u64) -> Result<String, KvError> {
+    let epoch =
+        state.users.get(user).map(|u| u.epoch).ok_or_else(|| KvError::Internal("no such user".into()))?;
+    let payload = format!("{}.{}.{epoch}", hex(user.as_bytes()), now_ms.saturating_add(ttl_ms));
+    Ok(format!("{payload}.{}", sign(state, &payload)))
+}
+
+/// The user a token names, if it is genuine, unexpired and still current.
+pub fn verify_token(state: &AuthState, token: &str, now_ms: u64) -> Result<String, KvError> {
+    let invalid = |why: &str| {
+        tracing::debug!(why, "invalid auth token");
+        KvError::Unauthenticated("etcdserver: invalid auth token".into())
+    };
+    let (payload, signature) = token.rsplit_once('.').ok_or_else(|| invalid("malformed"))?;
+    let key = hmac::Key::new(hmac::HMAC_SHA256, &state.token_key);
+    let signature = unhex(signature).ok_or_else(|| invalid("malformed signature"))?;
+    hmac::verify(&key, payload.as_bytes(), &signature).map_err(|_| invalid("bad signature"))?;
+    let mut parts = payload.split('.');
+    let (Some(user), Some(expiry), Some(epoch), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(invalid("malformed payload"));
+    };
+    let user =
+        unhex(user).and_then(|u| String::from_utf8(u).ok()).ok_or_else(|| invalid("malformed user"))?;
+    let expiry: u64 = expiry.parse().map_err(|_| invalid("malformed expiry"))?;
+    let epoch: u64 = epoch.parse().map_err(|_| invalid("malformed epoch"))?;
+    if now_ms >= expiry {
+        return Err(invalid("expired"));
+    }
+    match state.users.get(&user) {
+        Some(u) if u.epoch == epoch => Ok(user),
+        Some(_) => Err(invalid("the password changed")),
+        None => Err(invalid("the user was deleted")),
+    }
+}
+
+/// Hashes `password` with bcrypt at `cost` (slow on purpose: run it on the blocking pool).
+pub fn hash_password(password: &str, cost: u32) -> Result<String, KvError> {
+    if password.is_empty() {
+        return Err(KvError::InvalidArgument(
+            "kvset: the password is empty; give one, or add the user with no password (certificate login only)".into(),
+        ));
+    }
+    if password.len() > 72 {
+        return Err(KvError::InvalidArgument("kvset: passwords are at most 72 bytes (bcrypt)".into()));
+    }
+    bcrypt::hash(password, cost).map_err(|e| KvError::Internal(format!("hashing the password: {e}")))
+}
+
+/// Whether `password` matches `hash` (slow on purpose: run it on the blocking pool).
+pub fn password_matches(password: &str, hash: &str) -> bool {
+    password.len() <= 72 && bcrypt::verify(password, hash).unwrap_or(false)
+}
+
+/// The common name (OID 2.5.4.3) in a certificate's subject, read with a small DER walk
+/// (webpki, which verified the chain, exposes the subject only as bytes).
+pub fn common_name(cert_der: &[u8]) -> Option<String> {
+    let der = kvset_proto::tls::rustls::pki_types::CertificateDer::from(cert_der);
+    let cert = webpki::EndEntityCert::try_from(&der).ok()?;
+    subject_common_name(cert.subject())
+}
+
+/// One DER element: (tag, contents, rest).
+fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The common name in a DER `Name` (the contents of its SEQUENCE, as webpki gives it).
+pub fn subject_common_name(mut name: &[u8]) -> Option<String> {
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    while !name.is_empty() {
+        let (set_tag, set, rest) = der(name)?;
+        name = rest;
+        if set_tag != 0x31 {
+            return None;
+        }
+        let mut atvs = set;
+        while !atvs.is_empty() {
+            let (seq_tag, atv, more) = der(atvs)?;
+            atvs = more;
+            if seq_tag != 0x30 {
+                return None;
+            }
+            let (oid_tag, oid, value) = der(atv)?;
+            if oid_tag == 0x06 && oid == CN {
+                let (string_tag, text, _) = der(value)?;
+                // UTF8String, PrintableString, IA5String, T61String.
+                if matches!(string_tag, 0x0c | 0x13 | 0x16 | 0x14) {
+                    return String::from_utf8(text.to_vec()).ok();
+                }
+                return None;
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use kvset_storage::auth::AuthCommand;
+    use kvset_storage::auth::PermKind;
+    use kvset_storage::auth::Permission;
+
+    use super::*;
+
+    fn state() -> AuthState {
+        let mut s = AuthState::default();
+        for c in [
+            AuthCommand::UserAdd { name: "root".into(), password_hash: None },
+            AuthCommand::UserGrantRole { user: "root".into(), role: "root".into() },
+            AuthCommand::UserAdd { name: "app".into(), password_hash: None },
+            AuthCommand::RoleAdd { name: "apps".into() },
+            AuthCommand::RoleGrantPermission {
+                role: "apps".into(),
+                permission: Permission {
+                    kind: PermKind::ReadWrite,
+                    key: b"/app/".to_vec(),
+                    range_end: b"/app0".to_vec(),
+                },
+            },
+            AuthCommand::UserGrantRole { user: "app".into(), role: "apps".into() },
+            AuthCommand::Enable { token_key: vec![7; 32] },
+        ] {
+            s.apply(&c).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn tokens_are_checked_for_signature_expiry_and_password_epoch() {
+        let mut s = state();
+        let t = issue_token(&s, "app", 1_000, 500).unwrap();
+        assert_eq!(verify_token(&s, &t, 1_200).unwrap(), "app");
+        assert!(verify_token(&s, &t, 1_500).is_err(), "expired");
+        // Tampering: another user in the payload, or another key.
+        let forged = t.replacen(&hex(b"app"), &hex(b"root"), 1);
+        assert!(verify_token(&s, &forged, 1_200).is_err(), "a forged user");
+        let mut other = s.clone();
+        other.token_key = vec![8; 32];
+        assert!(verify_token(&other, &t, 1_200).is_err(), "another cluster's key");
+        for garbage in ["", ".", "a.b", "zz.zz.zz.zz", &format!("{t}x"), "...."] {
+            assert!(verify_token(&s, garbage, 1_200).is_err(), "{garbage:?}");
+        }
+        s.apply(&AuthCommand::UserChangePassword { name: "app".into(), password_hash: None }).unwrap();
+        assert!(verify_token(&s, &t, 1_200).is_err(), "the password changed");
+        let t = issue_token(&s, "app", 1_000, 500).unwrap();
+        s.apply(&AuthCommand::UserDelete { name: "app".into() }).unwrap();
+        assert!(verify_token(&s, &t, 1_200).is_err(), "the user was deleted");
+    }
+
+    #[test]
+    fn callers_and_needs() {
+        let s = state();
+        let none = Credentials::default();
+        assert!(
+            matches!(caller(&s, &none), Err(KvError::InvalidArgument(m)) if m.contains("user name is empty"))
+        );
+        assert_eq!(caller(&AuthState::default(), &none).unwrap(), None, "auth disabled: no caller needed");
+        let cert = Credentials { token: None, cert_user: Some("app".into()) };
+        assert_eq!(caller(&s, &cert).unwrap().as_deref(), Some("app"));
+        let stranger = Credentials { token: None, cert_user: Some("stranger".into()) };
+        assert!(caller(&s, &stranger).is_err());
+
+        let put = |k: &[u8]| Command::Put(kvset_storage::Put::new(k.to_vec(), b"v".to_vec()));
+        let ok = |c: &Command| check(&s, Some("app"), &Needs::of_command(c, |_| Vec::new()), "test");
+        assert!(ok(&put(b"/app/x")).is_ok());
+        assert!(matches!(ok(&put(b"/other")), Err(KvError::PermissionDenied(_))));
+        assert!(ok(&Command::Compact(3)).is_err(), "compaction is administrative");
+        assert!(ok(&Command::LeaseGrant { id: 1, ttl: 10 }).is_ok());
+        let revoke =
+            Needs::of_command(&Command::LeaseRevoke(1), |_| vec![b"/app/a".to_vec(), b"/etc".to_vec()]);
+        assert!(
+            check(&s, Some("app"), &revoke, "revoke").is_err(),
+            "a lease holding a key outside the grant"
+        );
+        assert!(check(&s, Some("root"), &Needs::admin(), "admin").is_ok());
+        assert!(check(&s, None, &Needs::admin(), "auth off").is_ok());
+    }
+
+    #[test]
+    fn the_common_name_is_read_from_real_certificates_and_garbage_is_none() {
+        let ca = crate::devcerts::Authority::new("CA").unwrap();
+        let issued = ca.issue(&crate::devcerts::Request::client("alice")).unwrap();
+        let path = std::path::Path::new("cert");
+        let der = kvset_proto::tls::parse_certs(path, issued.cert_pem.as_bytes()).unwrap().remove(0);
+        assert_eq!(common_name(der.as_ref()).as_deref(), Some("alice"));
+        assert_eq!(subject_common_name(&[]), None);
+        assert_eq!(subject_common_name(&[0x31, 0x05, 0x30, 0x03, 0x06, 0x01]), None);
+        assert_eq!(common_name(b"not a certificate"), None);
+    }
+}

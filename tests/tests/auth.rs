@@ -1,0 +1,281 @@
+//! Access control, driven the way operators drive etcd's: the real `etcdctl` adds users and
+//! roles, grants permissions and enables authentication; then every API refuses what a caller
+//! may not do, with etcd's errors, and applies nothing of it. Identity comes from a password
+//! (a token valid on every member) or from a client certificate's common name.
+
+use std::time::Duration;
+
+use kvset_client::pb;
+use kvset_client::Client;
+use kvset_client::ClientOptions;
+use kvset_proto::etcdserverpb as epb;
+use kvset_tests::cluster::Cluster;
+use kvset_tests::etcd::run_etcdctl;
+use kvset_tests::pki::client_with;
+use kvset_tests::pki::Pki;
+
+/// Runs etcdctl against `endpoint`; panics with its output unless it succeeds.
+fn ok(endpoint: &str, args: &[&str]) -> String {
+    let (success, out, err) = run_etcdctl(endpoint, args, None);
+    assert!(success, "etcdctl {args:?} failed: {out} {err}");
+    out
+}
+
+/// Runs etcdctl against `endpoint`; panics unless it fails; returns its error output.
+fn refused(endpoint: &str, args: &[&str]) -> String {
+    let (success, out, err) = run_etcdctl(endpoint, args, None);
+    assert!(!success, "etcdctl {args:?} should have been refused, printed: {out}");
+    err
+}
+
+/// root (role root), role `app` with read-write on the prefix /app/, user alice with it;
+/// then authentication on.
+fn set_up_users(endpoint: &str) {
+    for args in [
+        &["user", "add", "root", "--new-user-password=rootpw", "--interactive=false"][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "app"],
+        &["role", "grant-permission", "app", "readwrite", "/app/", "--prefix"],
+        &["user", "add", "alice", "--new-user-password=alicepw", "--interactive=false"],
+        &["user", "grant-role", "alice", "app"],
+        &["auth", "enable"],
+    ] {
+        ok(endpoint, args);
+    }
+}
+
+fn user_client(endpoints: &[String], user: &str, password: &str) -> Client {
+    Client::new(
+        endpoints.to_vec(),
+        ClientOptions {
+            timeout: Duration::from_secs(5),
+            prefer_leader: false,
+            user: Some((user.to_string(), password.to_string())),
+            ..Default::default()
+        },
+    )
+    .expect("client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcdctl_sets_up_access_control_and_every_api_enforces_it() {
+    let c = Cluster::start_with(3, |config| config.auth.bcrypt_cost = 4).await;
+    let leader = c.wait_leader(Duration::from_secs(20)).await;
+    let follower = c.running().into_iter().find(|o| *o != leader).expect("follower");
+    let e = c.endpoint(follower);
+    set_up_users(&e);
+    let as_alice = ["--user", "alice:alicepw"];
+    let as_root = ["--user", "root:rootpw"];
+    let with = |who: &[&'static str], args: &[&'static str]| -> Vec<&'static str> { [who, args].concat() };
+
+    // Without credentials, nothing; with a wrong password, nothing.
+    assert!(refused(&e, &["put", "/app/anon", "x"]).contains("user name is empty"));
+    assert!(refused(&e, &["--user", "alice:wrong", "put", "/app/k", "x"]).contains("authentication failed"));
+    // alice: her prefix, read and write, and nothing else.
+    ok(&e, &with(&as_alice, &["put", "/app/k", "v1"]));
+    assert_eq!(ok(&e, &with(&as_alice, &["get", "/app/k", "--print-value-only"])).trim(), "v1");
+    for args in [
+        &["put", "/other", "x"][..],
+        &["get", "/other"],
+        &["del", "/app/", "/b"],
+        &["get", "/app/", "/b"],
+        &["user", "list"],
+        &["role", "add", "intruders"],
+        &["auth", "disable"],
+        &["compaction", "1"],
+        &["defrag"],
+    ] {
+        let err = refused(&e, &with(&as_alice, args));
+        assert!(err.contains("permission denied"), "{args:?}: {err}");
+    }
+    // A transaction that touches a key outside the grant in either branch is refused whole.
+    let txn = "mod(\"/app/k\") > \"0\"\n\nput /app/k v2\n\nput /other x\n\n";
+    let (success, out, err) = run_etcdctl(&e, &with(&as_alice, &["txn", "--interactive=false"]), Some(txn));
+    assert!(!success && err.contains("permission denied"), "{out} {err}");
+    // root may do everything; nothing any refusal touched was applied.
+    assert_eq!(ok(&e, &with(&as_root, &["get", "/app/k", "--print-value-only"])).trim(), "v1");
+    assert!(ok(&e, &with(&as_root, &["get", "/other"])).trim().is_empty());
+    assert!(ok(&e, &with(&as_root, &["get", "/app/anon"])).trim().is_empty());
+    assert!(ok(&e, &with(&as_root, &["user", "list"])).contains("alice"));
+    assert!(ok(&e, &with(&as_root, &["role", "get", "app"])).contains("[/app/, /app0)"));
+
+    // The kvset API enforces the same rules, with a token from any member valid on all.
+    let endpoints: Vec<String> = c.running().into_iter().map(|o| c.endpoint(o)).collect();
+    let alice = user_client(&endpoints, "alice", "alicepw");
+    alice.put("/app/kvset", "yes").await.expect("alice writes her prefix through kvset.v1");
+    let err = alice.put("/etc/passwd", "no").await.expect_err("outside her prefix").to_string();
+    assert!(err.contains("permission denied"), "{err}");
+    let anonymous = client_with(&endpoints, None);
+    let err = anonymous.get("/app/kvset").await.expect_err("no credentials").to_string();
+    assert!(err.contains("user name is empty"), "{err}");
+    // A client that marks its own request as forwarded by a member is still checked.
+    let mut kv = kvset_proto::v1::kv_client::KvClient::connect(format!("http://{}", c.endpoint(leader)))
+        .await
+        .unwrap();
+    let mut forged = tonic::Request::new(pb::PutRequest {
+        key: b"/forged".to_vec(),
+        value: b"x".to_vec(),
+        ..Default::default()
+    });
+    forged.metadata_mut().insert(kvset_proto::metadata::FORWARDED, "true".parse().unwrap());
+    let status = kv.put(forged).await.expect_err("a forged forwarding marker");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    // Watches: a range alice may not read is canceled with etcd's reason.
+    let mut watch = alice.watch(b"/other".to_vec(), Default::default()).await.expect("watch stream");
+    let refusal = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.expect("an answer");
+    assert!(format!("{refusal:?}").contains("permission denied"), "{refusal:?}");
+
+    // A token dies with its password: the old one is refused at once, on every member.
+    let mut auth = epb::auth_client::AuthClient::connect(format!("http://{}", endpoints[0])).await.unwrap();
+    let token = auth
+        .authenticate(epb::AuthenticateRequest { name: "alice".into(), password: "alicepw".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let get_with = |token: &str, endpoint: &str| {
+        let token = token.to_string();
+        let endpoint = endpoint.to_string();
+        async move {
+            let mut kv =
+                kvset_proto::v1::kv_client::KvClient::connect(format!("http://{endpoint}")).await.unwrap();
+            let mut r = tonic::Request::new(pb::GetRequest { key: b"/app/k".to_vec(), ..Default::default() });
+            r.metadata_mut().insert("token", token.parse().unwrap());
+            kv.get(r).await
+        }
+    };
+    for endpoint in &endpoints {
+        get_with(&token, endpoint).await.expect("a token from one member works on every member");
+    }
+    let (success, out, err) = run_etcdctl(
+        &e,
+        &with(&as_root, &["user", "passwd", "alice", "--interactive=false"]),
+        Some("changed\n"),
+    );
+    assert!(success, "etcdctl user passwd: {out} {err}");
+    kvset_tests::eventually("every member refuses the old token", Duration::from_secs(10), || async {
+        let mut all = true;
+        for endpoint in &endpoints {
+            all &= get_with(&token, endpoint).await.is_err_and(|s| s.code() == tonic::Code::Unauthenticated);
+        }
+        all.then_some(())
+    })
+    .await;
+    assert!(refused(&e, &["--user", "alice:alicepw", "get", "/app/k"]).contains("authentication failed"));
+    ok(&e, &["--user", "alice:changed", "get", "/app/k"]);
+
+    // While enabled, root stays root; then root turns authentication off for everyone.
+    assert!(refused(&e, &with(&as_root, &["user", "revoke-role", "root", "root"]))
+        .contains("invalid auth management"));
+    assert!(refused(&e, &with(&as_root, &["user", "delete", "root"])).contains("invalid auth management"));
+    ok(&e, &with(&as_root, &["auth", "disable"]));
+    ok(&e, &["put", "/anyone", "again"]);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_and_roles_survive_restarts_and_reach_new_members_by_snapshot() {
+    let mut c = Cluster::start_with(3, |config| {
+        config.auth.bcrypt_cost = 4;
+        config.raft.snapshot_every_entries = 20;
+        config.raft.keep_entries_after_snapshot = 5;
+    })
+    .await;
+    let e = c.endpoint(0);
+    set_up_users(&e);
+    let root = user_client(std::slice::from_ref(&e), "root", "rootpw");
+    for i in 0..60 {
+        root.put(format!("/fill/{i}"), "x").await.expect("put");
+    }
+    // A member whose volume is lost comes back as a new member: it gets everything, users
+    // included, from a snapshot (the log before it is purged).
+    let victim = c.running().into_iter().find(|o| *o != 0).expect("a member");
+    c.stop(victim).await;
+    c.wipe(victim);
+    c.start_node(victim).await;
+    c.wait_voters(3, Duration::from_secs(60)).await;
+    c.wait_converged(Duration::from_secs(30)).await;
+    let state = c.node(victim).member().reader().auth();
+    assert!(
+        state.enabled && state.users.contains_key("alice") && state.roles.contains_key("app"),
+        "{state:?}"
+    );
+    // And every member restarted with its volume still enforces them.
+    for o in c.running() {
+        c.stop(o).await;
+        c.start_node(o).await;
+    }
+    c.wait_voters(3, Duration::from_secs(60)).await;
+    let victim_endpoint = c.endpoint(victim);
+    assert!(refused(&victim_endpoint, &["put", "/app/x", "y"]).contains("user name is empty"));
+    ok(&victim_endpoint, &["--user", "alice:alicepw", "put", "/app/x", "y"]);
+    assert!(refused(&victim_endpoint, &["--user", "alice:alicepw", "put", "/fill/0", "y"])
+        .contains("permission denied"));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_certificate_names_the_user() {
+    let pki = Pki::new();
+    let tweak = pki.tweak();
+    let c = Cluster::start_with(1, move |config| {
+        tweak(config);
+        config.auth.bcrypt_cost = 4;
+    })
+    .await;
+    let at = [c.endpoint(0)];
+    // Set up as root with root's certificate (auth is still off), then enable.
+    let root = client_with(&at, Some(pki.client_tls(&[&pki.ca], Some(&pki.user("root")))));
+    let channel = || {
+        kvset_proto::tls::lazy_channel(
+            &at[0],
+            Some((&pki.client_tls(&[&pki.ca], Some(&pki.user("root"))), "127.0.0.1")),
+            kvset_proto::tls::ChannelOptions { connect_timeout: Duration::from_secs(2), keep_alive: None },
+        )
+        .unwrap()
+    };
+    let mut auth = epb::auth_client::AuthClient::new(channel());
+    for name in ["root", "alice"] {
+        auth.user_add(epb::AuthUserAddRequest {
+            name: name.into(),
+            options: Some(kvset_proto::authpb::UserAddOptions { no_password: true }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    auth.user_grant_role(epb::AuthUserGrantRoleRequest { user: "root".into(), role: "root".into() })
+        .await
+        .unwrap();
+    auth.role_add(epb::AuthRoleAddRequest { name: "app".into() }).await.unwrap();
+    auth.role_grant_permission(epb::AuthRoleGrantPermissionRequest {
+        name: "app".into(),
+        perm: Some(kvset_proto::authpb::Permission {
+            perm_type: 2,
+            key: b"/app/".to_vec(),
+            range_end: b"/app0".to_vec(),
+        }),
+    })
+    .await
+    .unwrap();
+    auth.user_grant_role(epb::AuthUserGrantRoleRequest { user: "alice".into(), role: "app".into() })
+        .await
+        .unwrap();
+    auth.auth_enable(epb::AuthEnableRequest {}).await.unwrap();
+
+    let alice = client_with(&at, Some(pki.client_tls(&[&pki.ca], Some(&pki.user("alice")))));
+    alice.put("/app/by-cert", "yes").await.expect("alice by her certificate");
+    let err = alice.put("/other", "no").await.expect_err("outside her grant").to_string();
+    assert!(err.contains("permission denied"), "{err}");
+    let stranger = client_with(&at, Some(pki.client_tls(&[&pki.ca], Some(&pki.user("mallory")))));
+    let err = stranger.get("/app/by-cert").await.expect_err("a certificate of no user").to_string();
+    assert!(err.contains("permission denied"), "{err}");
+    // A user with no password cannot log in with one.
+    let status = auth
+        .authenticate(epb::AuthenticateRequest { name: "alice".into(), password: "".into() })
+        .await
+        .expect_err("no password login for a certificate-only user");
+    assert!(status.message().contains("authentication failed"), "{status:?}");
+    assert!(root.get("/other").await.expect("root reads everything").is_none());
+    c.shutdown().await;
+}
