@@ -279,3 +279,76 @@ async fn a_client_certificate_names_the_user() {
     assert!(root.get("/other").await.expect("root reads everything").is_none());
     c.shutdown().await;
 }
+
+/// The same etcdctl session against a real etcd and against kvset: user and role management,
+/// enabling auth, allowed and refused calls, etcd's refusals of bad management. Every step
+/// must succeed or fail alike and print the same (etcdctl's output, or its error line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_etcdctl_auth_session_matches_a_real_etcd_step_by_step() {
+    let etcd = kvset_tests::etcd::EtcdServer::start().await;
+    let c = Cluster::start_with(1, |config| config.auth.bcrypt_cost = 4).await;
+    let kvset = c.endpoint(0);
+    let root = "--user=root:rootpw";
+    let alice = "--user=alice:alicepw";
+    let session: Vec<Vec<&str>> = vec![
+        vec!["auth", "enable"],
+        vec!["user", "add", "root", "--new-user-password=rootpw", "--interactive=false"],
+        vec!["user", "add", "root", "--new-user-password=again", "--interactive=false"],
+        vec!["user", "grant-role", "root", "root"],
+        vec!["role", "add", "app"],
+        vec!["role", "add", "app"],
+        vec!["role", "grant-permission", "app", "readwrite", "/app/", "--prefix"],
+        vec!["role", "grant-permission", "app", "read", "/shared"],
+        vec!["role", "grant-permission", "nope", "read", "/x"],
+        vec!["user", "add", "alice", "--new-user-password=alicepw", "--interactive=false"],
+        vec!["user", "grant-role", "alice", "app"],
+        vec!["user", "grant-role", "alice", "nope"],
+        vec!["user", "grant-role", "bob", "app"],
+        vec!["role", "get", "app"],
+        vec!["user", "get", "alice"],
+        vec!["user", "list"],
+        vec!["role", "list"],
+        vec!["auth", "enable"],
+        vec!["put", "/app/a", "1"],
+        vec![alice, "put", "/app/a", "1"],
+        vec![alice, "get", "/app/a"],
+        vec![alice, "put", "/shared", "x"],
+        vec![alice, "get", "/shared"],
+        vec![alice, "put", "/etc/x", "x"],
+        vec![alice, "get", "", "--prefix"],
+        vec![alice, "del", "/app/a"],
+        vec!["--user=alice:wrong", "get", "/app/a"],
+        vec![alice, "user", "list"],
+        vec![alice, "role", "add", "mine"],
+        vec![root, "user", "revoke-role", "root", "root"],
+        vec![root, "user", "delete", "root"],
+        vec![root, "role", "delete", "root"],
+        vec![root, "user", "revoke-role", "alice", "nope"],
+        vec![root, "role", "revoke-permission", "app", "/nothing"],
+        vec![root, "role", "revoke-permission", "app", "/shared"],
+        vec![alice, "get", "/shared"],
+        vec![root, "user", "revoke-role", "alice", "app"],
+        vec![alice, "get", "/app/a"],
+        vec![root, "user", "delete", "alice"],
+        vec![alice, "get", "/app/a"],
+        vec![root, "auth", "disable"],
+        vec!["put", "/open", "again"],
+        vec!["get", "/app/a"],
+    ];
+    // The last line etcdctl prints on stderr ("Error: …"), or its stdout.
+    let outcome = |endpoint: &str, args: &[&str]| {
+        let (success, out, err) = run_etcdctl(endpoint, args, None);
+        let err_line = err.lines().rev().find(|l| l.starts_with("Error:")).unwrap_or("").to_string();
+        (success, if success { out } else { err_line })
+    };
+    let mut differences = Vec::new();
+    for args in &session {
+        let theirs = outcome(&etcd.endpoint, args);
+        let ours = outcome(&kvset, args);
+        if theirs != ours {
+            differences.push(format!("etcdctl {args:?}\n  etcd:  {theirs:?}\n  kvset: {ours:?}"));
+        }
+    }
+    assert!(differences.is_empty(), "kvset differs from etcd:\n{}", differences.join("\n"));
+    c.shutdown().await;
+}

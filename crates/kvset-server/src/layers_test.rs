@@ -49,7 +49,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("server", 5),
     ("node", 6),
     // Tests only: decoders of every layer under property tests.
-    ("fuzz_test", 6),
+    ("fuzz", 6),
 ];
 
 /// Modules whose children are units of their own.
