@@ -1,6 +1,7 @@
 //! Property tests of every decoder the member runs on outside input: client requests of both
 //! APIs (protobuf from any bytes, and structured transactions nested at random) into commands,
-//! queries and watch requests; and the payloads of peer messages. On garbage each returns a
+//! queries and watch requests; the payloads of peer messages; and credentials (tokens, the
+//! subject of a client certificate). On garbage each returns a
 //! clear error, never panics; whatever a conversion accepts respects every limit, so nothing
 //! over a limit can reach Raft.
 //!
@@ -252,6 +253,21 @@ proptest! {
         // The same transaction through the wire: decoding what a client sends changes nothing.
         let bytes = txn.encode_to_vec();
         prop_assert_eq!(epb::TxnRequest::decode(bytes.as_slice()).ok(), Some(txn));
+    }
+
+    #[test]
+    fn credentials_from_any_bytes_are_refused_not_panics(
+        bytes in proptest::collection::vec(any::<u8>(), 0..512),
+        token in "[0-9a-f.]{0,200}",
+    ) {
+        // A client certificate's subject, and a token: both come from the caller.
+        let _ = crate::auth::subject_common_name(&bytes);
+        let _ = crate::auth::common_name(&bytes);
+        let mut state = kvset_storage::auth::AuthState::default();
+        state.apply(&kvset_storage::auth::AuthCommand::UserAdd { name: "root".into(), password_hash: None }).unwrap();
+        state.token_key = vec![1; 32];
+        prop_assert!(crate::auth::verify_token(&state, &token, 0).is_err(), "a made-up token was accepted");
+        prop_assert!(crate::auth::verify_token(&state, &String::from_utf8_lossy(&bytes), 0).is_err());
     }
 
     #[test]
