@@ -473,3 +473,56 @@ async fn bad_tls_files_stop_a_member_at_start_with_the_file_named() {
         c.shutdown().await;
     }
 }
+
+/// A GET over TLS trusting `ca` (PEM): the response's text.
+async fn https_get(addr: &str, ca: &str, path: &str) -> std::io::Result<String> {
+    use kvset_proto::tls::rustls;
+    use tokio::io::AsyncReadExt;
+    use tokio::io::AsyncWriteExt;
+    let roots = kvset_proto::tls::parse_roots(std::path::Path::new("CA"), ca.as_bytes())
+        .map_err(std::io::Error::other)?;
+    let config = rustls::ClientConfig::builder_with_provider(kvset_proto::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").map_err(std::io::Error::other)?;
+    let mut tls =
+        kvset_proto::tls::tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    let _ = tls.read_to_string(&mut out).await;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// (Plain by default: the other tests read the ops port of TLS members in plain HTTP.)
+async fn the_ops_port_serves_tls_when_asked() {
+    let pki = Pki::new();
+    let tweak = pki.tweak();
+    let c = Cluster::start_with(1, move |config| {
+        tweak(config);
+        config.tls.ops = true;
+    })
+    .await;
+    let ops = c.ops_endpoint(0);
+    let ready = https_get(&ops, &pki.ca.cert_pem(), "/readyz").await.expect("/readyz over TLS");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let metrics = https_get(&ops, &pki.ca.cert_pem(), "/metrics").await.expect("/metrics over TLS");
+    assert!(metrics.contains("kvset_"), "{metrics}");
+    let plain = kvset_tests::http_get(&ops, "/readyz").await;
+    assert!(!plain.as_deref().unwrap_or("").starts_with("HTTP/1.1 200"), "plain HTTP is refused: {plain:?}");
+    let counted = refusals_over_tls(&ops, &pki).await;
+    assert!(counted.contains("port=\"ops\",reason=\"plaintext\""), "{counted}");
+    c.shutdown().await;
+}
+
+async fn refusals_over_tls(ops: &str, pki: &Pki) -> String {
+    let text = https_get(ops, &pki.ca.cert_pem(), "/metrics").await.expect("metrics");
+    text.lines()
+        .filter(|l| l.starts_with("kvset_tls_connections_refused_total"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

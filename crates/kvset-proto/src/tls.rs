@@ -25,6 +25,7 @@ use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use rustls::RootCertStore;
 use tokio::net::TcpStream;
+pub use tokio_rustls;
 use tonic::codegen::http::Uri;
 use tonic::transport::Channel;
 use tonic::transport::Endpoint;

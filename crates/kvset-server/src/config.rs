@@ -189,6 +189,7 @@ pub struct TlsConfig {
     pub client_ca_file: String,
     pub member_dns_name: String,
     pub reload_interval_ms: u64,
+    pub ops: bool,
 }
 
 impl Default for TlsConfig {
@@ -201,6 +202,7 @@ impl Default for TlsConfig {
             client_ca_file: String::new(),
             member_dns_name: "{set}-{ordinal}.{service}.{namespace}.svc.cluster.local".into(),
             reload_interval_ms: 5_000,
+            ops: false,
         }
     }
 }
@@ -515,6 +517,12 @@ pub const KEYS: &[KeyDoc] = &[
         key: "tls.member_dns_name",
         doc: "The DNS name the certificate of member N must carry as a subject alternative name; placeholders as \
               in advertise_host. Members are verified by this name whatever address they are dialled at.",
+    },
+    KeyDoc {
+        key: "tls.ops",
+        doc: "Serve the ops port (/metrics, /healthz, /readyz) over TLS too, with the member's certificate and no \
+              client certificate (probes then need `scheme: HTTPS`). false: plain HTTP, as etcd's \
+              --listen-metrics-urls.",
     },
     KeyDoc {
         key: "tls.reload_interval_ms",
@@ -864,6 +872,7 @@ impl Config {
                 ("tls.ca_file", !t.ca_file.is_empty()),
                 ("tls.client_ca_file", !t.client_ca_file.is_empty()),
                 ("tls.client_cert_auth", t.client_cert_auth),
+                ("tls.ops", t.ops),
             ] {
                 if set {
                     return bad(key, "needs tls.cert_file (TLS is off while tls.cert_file is empty)");
@@ -1090,6 +1099,7 @@ mod tests {
             (vec![("tls.ca_file", "ca.pem")], "tls.ca_file"),
             (vec![("tls.client_cert_auth", "true")], "tls.client_cert_auth"),
             (vec![("tls.client_ca_file", "x.pem")], "tls.client_ca_file"),
+            (vec![("tls.ops", "true")], "tls.ops"),
             ([&full[..], &[("tls.member_dns_name", "kvset.example.com")]].concat(), "tls.member_dns_name"),
             ([&full[..], &[("tls.reload_interval_ms", "10")]].concat(), "tls.reload_interval_ms"),
         ] {

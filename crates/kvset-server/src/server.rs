@@ -6,7 +6,8 @@
 //! * ops port: HTTP `/metrics`, `/healthz`, `/readyz` (plain HTTP, as etcd's
 //!   `--listen-metrics-urls`: probes and scrapers need no certificate).
 //!
-//! With TLS configured (`crate::tls`), the client and peer ports accept only TLS connections.
+//! With TLS configured (`crate::tls`), the client and peer ports accept only TLS connections,
+//! and the ops port too when `tls.ops` is set.
 
 use std::sync::Arc;
 
@@ -30,6 +31,7 @@ use crate::service::kv::KvService;
 use crate::service::raft::PeerService;
 use crate::tls::incoming;
 use crate::tls::MemberTls;
+use crate::tls::OpsListener;
 use crate::tls::Port;
 
 /// The three listeners a member serves on, bound by the caller (tests bind port 0).
@@ -131,7 +133,7 @@ pub async fn spawn_servers(
         .max_decoding_message_size(decode_limit)
         .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);
     let etcd = EtcdService::servers(member.clone(), decode_limit, CLIENT_MAX_MESSAGE_BYTES);
-    let incoming_client = incoming(listeners.client, tls, Port::Client, member.metrics().clone());
+    let incoming_client = incoming(listeners.client, tls.clone(), Port::Client, member.metrics().clone());
     let stop_client = stop.clone();
     let reporter = health_reporter.clone();
     tasks.push(tokio::spawn(async move {
@@ -165,10 +167,19 @@ pub async fn spawn_servers(
 
     // Ops server.
     let app = crate::service::ops::router(member.subscribe_phase(), member.metrics().clone());
+    let metrics = member.metrics().clone();
     let ops_listener = listeners.ops;
     let stop_ops = stop.clone();
+    let ops_tls = tls.filter(|_| member.config().tls.ops);
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(ops_listener, app).with_graceful_shutdown(stopped(stop_ops)).await {
+        let served = match ops_tls {
+            None => axum::serve(ops_listener, app).with_graceful_shutdown(stopped(stop_ops)).await,
+            Some(tls) => match OpsListener::new(ops_listener, tls, metrics) {
+                Ok(listener) => axum::serve(listener, app).with_graceful_shutdown(stopped(stop_ops)).await,
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "ops server failed");
         }
     }));

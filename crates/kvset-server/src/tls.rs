@@ -71,6 +71,8 @@ struct Loaded {
     bytes: Vec<Vec<u8>>,
     peer: Arc<ServerConfig>,
     client: Arc<ServerConfig>,
+    /// The ops port's (HTTP/1.1, no client certificate).
+    ops: Arc<ServerConfig>,
     /// Checks that a certificate shown on the client port is a member's (chains to the
     /// members' CA), not merely a client's that names a member.
     members: Arc<dyn rustls::server::danger::ClientCertVerifier>,
@@ -213,9 +215,15 @@ fn build(
     }
     .with_single_cert(certs.clone(), key.clone_key())
     .map_err(config)?;
+    let mut ops =
+        server()?.with_no_client_auth().with_single_cert(certs.clone(), key.clone_key()).map_err(config)?;
+    ops.alpn_protocols = vec![b"http/1.1".to_vec()];
     let members_verifier = verifier(members.clone())?;
     let dial = wire::client_config(members, Some((certs, key)))?;
-    Ok((Loaded { bytes, peer: h2(peer), client: h2(client), members: members_verifier }, dial))
+    Ok((
+        Loaded { bytes, peer: h2(peer), client: h2(client), ops: Arc::new(ops), members: members_verifier },
+        dial,
+    ))
 }
 
 /// Verifies a member's own chain as its peers will: against `roots`, now, for `name`.
@@ -266,6 +274,7 @@ pub async fn watch_files(tls: Arc<MemberTls>, interval: Duration, mut stop: watc
 pub enum Port {
     Client,
     Peer,
+    Ops,
 }
 
 impl Port {
@@ -273,6 +282,7 @@ impl Port {
         match self {
             Port::Client => "client",
             Port::Peer => "peer",
+            Port::Ops => "ops",
         }
     }
 }
@@ -451,6 +461,7 @@ async fn handshake(tls: &MemberTls, tcp: TcpStream, port: Port) -> Result<Conn, 
     let config = match port {
         Port::Client => loaded.client.clone(),
         Port::Peer => loaded.peer.clone(),
+        Port::Ops => loaded.ops.clone(),
     };
     let stream = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await.map_err(|e| {
         let reason = match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
@@ -465,6 +476,7 @@ async fn handshake(tls: &MemberTls, tcp: TcpStream, port: Port) -> Result<Conn, 
         Refusal { reason, detail: e.to_string() }
     })?;
     let member = match port {
+        Port::Ops => None,
         // A member calling another's client port (administrative forwards) shows its own
         // certificate; a client's certificate names no member.
         Port::Client => {
@@ -484,4 +496,52 @@ async fn handshake(tls: &MemberTls, tcp: TcpStream, port: Port) -> Result<Conn, 
         }
     };
     Ok(Conn::Tls(Box::new(stream), member))
+}
+
+/// The ops port's listener when `tls.ops` is on: the same concurrent handshakes as the gRPC
+/// ports (refusals logged and counted), for axum.
+#[derive(Debug)]
+pub struct OpsListener {
+    connections: ReceiverStream<std::io::Result<Conn>>,
+    local: std::net::SocketAddr,
+}
+
+impl OpsListener {
+    /// TLS on `listener` with `tls`'s certificate.
+    pub fn new(listener: TcpListener, tls: Arc<MemberTls>, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        Ok(Self { connections: incoming(listener, Some(tls), Port::Ops, metrics), local })
+    }
+}
+
+impl axum::serve::Listener for OpsListener {
+    type Io = Conn;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Conn, std::net::SocketAddr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.connections.next().await {
+                Some(Ok(conn)) => {
+                    let remote = match &conn {
+                        Conn::Plain(s) => s.peer_addr(),
+                        Conn::Tls(s, _) => s.get_ref().0.peer_addr(),
+                    };
+                    if let Ok(remote) = remote {
+                        return (conn, remote);
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "ops port: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // The accept task is gone: nothing more will come.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        Ok(self.local)
+    }
 }
