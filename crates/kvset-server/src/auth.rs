@@ -155,12 +155,20 @@ impl Needs {
         n
     }
 
-    /// What answering `query` needs.
-    pub fn of_query(query: &Query) -> Self {
+    /// What answering `query` needs; `lease_keys` lists the keys attached to a lease (a
+    /// lease's time-to-live with its keys names them: reading their names needs read access).
+    pub fn of_query(query: &Query, lease_keys: impl Fn(i64) -> Vec<Vec<u8>>) -> Self {
         match query {
             Query::Get { key, .. } => Self::read(&KeyRange::single(key.clone())),
             Query::Range(r) => Self::read(&r.range),
-            Query::Lease { .. } | Query::Leases => Self::default(),
+            Query::Lease { id, keys: true } => {
+                let mut n = Self::default();
+                for key in lease_keys(*id) {
+                    n.add(Access::Read, &KeyRange::single(key));
+                }
+                n
+            }
+            Query::Lease { keys: false, .. } | Query::Leases => Self::default(),
         }
     }
 }
@@ -393,6 +401,9 @@ mod tests {
             "a lease holding a key outside the grant"
         );
         assert!(check(&s, Some("root"), &Needs::admin(), "admin").is_ok());
+        let ttl = |keys| Needs::of_query(&Query::Lease { id: 1, keys }, |_| vec![b"/etc".to_vec()]);
+        assert!(check(&s, Some("app"), &ttl(true), "ttl").is_err(), "the names of keys outside the grant");
+        assert!(check(&s, Some("app"), &ttl(false), "ttl").is_ok());
         assert!(check(&s, None, &Needs::admin(), "auth off").is_ok());
     }
 

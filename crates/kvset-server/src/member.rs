@@ -919,7 +919,10 @@ impl LocalMember {
         ctx: &CallContext,
     ) -> Result<Result<Answer, QueryError>, KvError> {
         if !ctx.vouched {
-            self.authorize(ctx, &Needs::of_query(&query), "read")?;
+            let needs = Needs::of_query(&query, |id| {
+                self.reader.lease(id).ok().flatten().map(|(_, keys)| keys).unwrap_or_default()
+            });
+            self.authorize(ctx, &needs, "read")?;
         }
         if consistency == Consistency::Serializable && !query.needs_leader() {
             return self.answer_here(query).await;
