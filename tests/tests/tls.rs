@@ -190,6 +190,30 @@ async fn a_member_must_prove_its_own_ordinal_and_rejoins_when_its_certificate_is
     // garbage payload).
     let own = as_other.vote(vote(other_id)).await.expect_err("garbage payload");
     assert_eq!(own.code(), tonic::Code::InvalidArgument, "{own:?}");
+    // Nor may it carry another node's vote inside a message sent under its own name.
+    let leader_vote = kvset_storage::Vote::new_committed(term(&c, leader), leader_id);
+    let append = openraft::raft::AppendEntriesRequest::<kvset_storage::TypeConfig> {
+        vote: leader_vote,
+        prev_log_id: None,
+        entries: Vec::new(),
+        leader_commit: None,
+    };
+    let payload = kvset_storage::codec::encode("append", &append).unwrap();
+    let smuggled = pb::RaftRequest { cluster_id: cluster_id.clone(), from: other_id, to: leader_id, payload };
+    let refused =
+        as_other_to(&c, &pki, other, leader).append_entries(smuggled).await.expect_err("another node's vote");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("carries the vote of node"), "{refused:?}");
+    // A join whose name is not its ordinal's is malformed.
+    let bad_join = kvset_proto::v1::JoinRequest {
+        cluster_id: cluster_id.clone(),
+        node_id: 43,
+        ordinal: other,
+        name: format!("kvset-{victim}"),
+        ..Default::default()
+    };
+    let refused = as_other.join(bad_join).await.expect_err("a join naming another ordinal");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     // A certificate of the right CA that names no member (a client's) does not get in at all.
     let before = refusals(&c, leader).await;
     let mut as_client = peer_client(&c, leader, pki.client_tls(&[&pki.ca], Some(&pki.user("root"))));
@@ -354,6 +378,16 @@ async fn certificates_rotate_to_a_new_ca_under_writes_and_the_old_ones_are_refus
     let check = pki.client_tls(&[&new_ca], Some(&new_user));
     assert_eq!(keys(&client_with(&[c.endpoint(leader)], Some(check)), "old/").await, Vec::<String>::new());
     c.shutdown().await;
+}
+
+/// A raw peer-service client of `to`'s peer port presenting member `as_ordinal`'s certificate.
+fn as_other_to(
+    c: &Cluster,
+    pki: &Pki,
+    as_ordinal: u32,
+    to: u32,
+) -> kvset_proto::v1::raft_client::RaftClient<tonic::transport::Channel> {
+    peer_client(c, to, pki.client_tls(&[&pki.ca], Some(&member_cert(&pki.ca, as_ordinal))))
 }
 
 /// A raw peer-service client of `ordinal`'s peer port, through `tls`.

@@ -123,6 +123,23 @@ impl Needs {
         self.ranges.push((access, range.start.clone(), end));
     }
 
+    /// A put needs write access, and read access too when it returns the previous value.
+    fn put(&mut self, p: &kvset_storage::Put) {
+        let range = KeyRange::single(p.key.clone());
+        self.add(Access::Write, &range);
+        if p.prev_kv {
+            self.add(Access::Read, &range);
+        }
+    }
+
+    /// A delete needs write access, and read access too when it returns the deleted values.
+    fn delete(&mut self, d: &kvset_storage::Delete) {
+        self.add(Access::Write, &d.range);
+        if d.prev_kv {
+            self.add(Access::Read, &d.range);
+        }
+    }
+
     fn txn(&mut self, t: &Txn) {
         for c in &t.compares {
             self.add(Access::Read, &c.range);
@@ -130,8 +147,8 @@ impl Needs {
         for op in t.success.iter().chain(&t.failure) {
             match op {
                 TxnOp::Range(r) => self.add(Access::Read, &r.range),
-                TxnOp::Put(p) => self.add(Access::Write, &KeyRange::single(p.key.clone())),
-                TxnOp::Delete(d) => self.add(Access::Write, &d.range),
+                TxnOp::Put(p) => self.put(p),
+                TxnOp::Delete(d) => self.delete(d),
                 TxnOp::Txn(t) => self.txn(t),
             }
         }
@@ -141,8 +158,8 @@ impl Needs {
     pub fn of_command(command: &Command, lease_keys: impl Fn(i64) -> Vec<Vec<u8>>) -> Self {
         let mut n = Self::default();
         match command {
-            Command::Put(p) => n.add(Access::Write, &KeyRange::single(p.key.clone())),
-            Command::Delete(d) => n.add(Access::Write, &d.range),
+            Command::Put(p) => n.put(p),
+            Command::Delete(d) => n.delete(d),
             Command::Txn(t) => n.txn(t),
             Command::LeaseGrant { .. } => {}
             Command::LeaseRevoke(id) => {
@@ -262,6 +279,18 @@ pub fn hash_password(password: &str, cost: u32) -> Result<String, KvError> {
     bcrypt::hash(password, cost).map_err(|e| KvError::Internal(format!("hashing the password: {e}")))
 }
 
+/// A fixed bcrypt hash at `cost`, checked against for unknown users (computed once per cost).
+pub fn dummy_hash(cost: u32) -> String {
+    static CACHE: std::sync::Mutex<Vec<(u32, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, h)) = cache.iter().find(|(c, _)| *c == cost) {
+        return h.clone();
+    }
+    let h = bcrypt::hash("kvset: no such user", cost).unwrap_or_default();
+    cache.push((cost, h.clone()));
+    h
+}
+
 /// Whether `password` matches `hash` (slow on purpose: run it on the blocking pool).
 pub fn password_matches(password: &str, hash: &str) -> bool {
     password.len() <= 72 && bcrypt::verify(password, hash).unwrap_or(false)
@@ -292,9 +321,12 @@ fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
 }
 
-/// The common name in a DER `Name` (the contents of its SEQUENCE, as webpki gives it).
+/// The common name in a DER `Name` (the contents of its SEQUENCE, as webpki gives it); `None`
+/// when there is none, or more than one (Go, and so etcd, would take the last: refusing is
+/// safer than picking).
 pub fn subject_common_name(mut name: &[u8]) -> Option<String> {
     const CN: &[u8] = &[0x55, 0x04, 0x03];
+    let mut found: Option<String> = None;
     while !name.is_empty() {
         let (set_tag, set, rest) = der(name)?;
         name = rest;
@@ -312,14 +344,14 @@ pub fn subject_common_name(mut name: &[u8]) -> Option<String> {
             if oid_tag == 0x06 && oid == CN {
                 let (string_tag, text, _) = der(value)?;
                 // UTF8String, PrintableString, IA5String, T61String.
-                if matches!(string_tag, 0x0c | 0x13 | 0x16 | 0x14) {
-                    return String::from_utf8(text.to_vec()).ok();
+                if !matches!(string_tag, 0x0c | 0x13 | 0x16 | 0x14) || found.is_some() {
+                    return None;
                 }
-                return None;
+                found = Some(String::from_utf8(text.to_vec()).ok()?);
             }
         }
     }
-    None
+    found
 }
 
 #[cfg(test)]
@@ -393,6 +425,27 @@ mod tests {
         assert!(ok(&put(b"/app/x")).is_ok());
         assert!(matches!(ok(&put(b"/other")), Err(KvError::PermissionDenied(_))));
         assert!(ok(&Command::Compact(3)).is_err(), "compaction is administrative");
+        // Returning the previous value is a read: a write-only grant does not give it.
+        let mut s = s.clone();
+        s.apply(&kvset_storage::auth::AuthCommand::RoleGrantPermission {
+            role: "apps".into(),
+            permission: Permission {
+                kind: PermKind::Write,
+                key: b"/wo/".to_vec(),
+                range_end: b"/wo0".to_vec(),
+            },
+        })
+        .unwrap();
+        let ok = |c: &Command| check(&s, Some("app"), &Needs::of_command(c, |_| Vec::new()), "test");
+        assert!(ok(&put(b"/wo/x")).is_ok());
+        let mut with_prev = kvset_storage::Put::new(b"/wo/x".to_vec(), b"v".to_vec());
+        with_prev.prev_kv = true;
+        assert!(ok(&Command::Put(with_prev)).is_err(), "prev_kv on a write-only key");
+        let delete = |prev_kv| {
+            Command::Delete(kvset_storage::Delete { range: KeyRange::single(b"/wo/x".to_vec()), prev_kv })
+        };
+        assert!(ok(&delete(false)).is_ok());
+        assert!(ok(&delete(true)).is_err(), "prev_kv on a write-only delete");
         assert!(ok(&Command::LeaseGrant { id: 1, ttl: 10 }).is_ok());
         let revoke =
             Needs::of_command(&Command::LeaseRevoke(1), |_| vec![b"/app/a".to_vec(), b"/etc".to_vec()]);

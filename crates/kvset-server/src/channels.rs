@@ -39,12 +39,13 @@ pub struct DialTls {
     pub book: AddressBook,
 }
 
-/// Channels by `host:port`, created on first use.
+/// Channels by member and `host:port`, created on first use.
 #[derive(Debug)]
 pub struct PeerChannels {
     connect_timeout: Duration,
     tls: Option<DialTls>,
-    channels: Mutex<HashMap<String, Channel>>,
+    /// By (member name, address): the name decides which certificate the channel accepts.
+    channels: Mutex<HashMap<(String, String), Channel>>,
 }
 
 /// An address (or member name) a channel cannot be opened for.
@@ -71,7 +72,8 @@ impl PeerChannels {
     /// The channel to member `name` (`<set>-<N>`) at `addr`.
     pub fn get(&self, name: &str, addr: &str) -> Result<Channel, BadAddress> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = channels.get(addr) {
+        let key = (name.to_string(), addr.to_string());
+        if let Some(c) = channels.get(&key) {
             return Ok(c.clone());
         }
         let c = match &self.tls {
@@ -88,7 +90,7 @@ impl PeerChannels {
                 )?
             }
         };
-        channels.insert(addr.to_string(), c.clone());
+        channels.insert(key, c.clone());
         Ok(c)
     }
 }

@@ -36,10 +36,12 @@ pub struct CallContext {
     pub deadline: Instant,
     /// Who the caller says it is (checked by `crate::auth`).
     pub credentials: Credentials,
-    /// The member that forwarded the request already checked its caller: it came over the
-    /// peer port, or marked forwarded over a connection with a member's TLS certificate. A
-    /// client's own `kvset-forwarded` entry never skips the check.
-    pub vouched: bool,
+    /// The request came over the peer port (from another member).
+    pub from_peer_port: bool,
+    /// The member ordinal the connection's TLS certificate names, if any: with the forwarding
+    /// marker (or on the peer port) a current member vouches for the caller, which it checked
+    /// (see `LocalMember::authorize`). A client's own `kvset-forwarded` entry never does.
+    pub member: Option<u32>,
 }
 
 impl CallContext {
@@ -51,21 +53,19 @@ impl CallContext {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
             .unwrap_or(DEFAULT_DEADLINE);
-        let forwarded = md.get(metadata::FORWARDED).is_some();
-        let from_member =
-            request.extensions().get::<crate::tls::ConnInfo>().is_some_and(|c| c.member.is_some());
         Self {
-            forwarded,
+            forwarded: md.get(metadata::FORWARDED).is_some(),
             deadline: Instant::now() + timeout,
             credentials: Credentials::of(request),
-            vouched: forwarded && from_member,
+            from_peer_port: false,
+            member: request.extensions().get::<crate::tls::ConnInfo>().and_then(|c| c.member),
         }
     }
 
     /// The same call, received from another member on the peer port: never forwarded again,
     /// its caller already checked there.
     pub fn forwarded(self) -> Self {
-        Self { forwarded: true, vouched: true, ..self }
+        Self { forwarded: true, from_peer_port: true, ..self }
     }
 
     /// Time left before the deadline.

@@ -750,12 +750,41 @@ impl LocalMember {
     /// Refuses the request unless its caller has what `needs` asks (`crate::auth`); requests a
     /// member vouches for were checked there. `what` names the request.
     pub fn authorize(&self, ctx: &CallContext, needs: &Needs, what: &str) -> Result<(), KvError> {
+        self.authorize_with(ctx, what, || Needs { admin: needs.admin, ranges: needs.ranges.clone() })
+    }
+
+    /// Whether another member checked this request's caller: it came over the peer port (from
+    /// a current member when TLS says who; without TLS on the peer port there is nothing to
+    /// tell), or was forwarded over a connection with a current member's certificate.
+    fn vouched(&self, ctx: &CallContext) -> bool {
+        match (ctx.from_peer_port, ctx.forwarded, ctx.member) {
+            (true, _, None) => true,
+            (_, true, Some(ordinal)) => self.is_current_ordinal(ordinal),
+            _ => false,
+        }
+    }
+
+    /// Whether ordinal `ordinal` is in the membership now (a retired ordinal's certificate
+    /// vouches for nothing).
+    pub fn is_current_ordinal(&self, ordinal: u32) -> bool {
+        let name = self.identity.sibling(ordinal);
+        self.raft_metrics().membership_config.membership().nodes().any(|(_, n)| n.name == name)
+    }
+
+    /// [`Self::authorize`] with the needs computed only when access control is on.
+    fn authorize_with(
+        &self,
+        ctx: &CallContext,
+        what: &str,
+        needs: impl FnOnce() -> Needs,
+    ) -> Result<(), KvError> {
         let state = self.reader.auth();
-        if ctx.vouched || !state.enabled {
+        if !state.enabled || self.vouched(ctx) {
             return Ok(());
         }
+        let needs = needs();
         let user = crate::auth::caller(&state, &ctx.credentials)?;
-        crate::auth::check(&state, user.as_deref(), needs, what)
+        crate::auth::check(&state, user.as_deref(), &needs, what)
     }
 
     /// A watch request as the caller may make it: a create on a range it may not read is
@@ -836,12 +865,11 @@ impl LocalMember {
     /// until `ctx.deadline`. A command refused by the state machine is an `Ok` result
     /// ([`CommandResult::Rejected`]), for each API to word.
     pub async fn execute(&self, command: Command, ctx: &CallContext) -> Result<CommandResult, KvError> {
-        if !ctx.vouched {
-            let needs = Needs::of_command(&command, |id| {
+        self.authorize_with(ctx, command_name(&command), || {
+            Needs::of_command(&command, |id| {
                 self.reader.lease(id).ok().flatten().map(|(_, keys)| keys).unwrap_or_default()
-            });
-            self.authorize(ctx, &needs, command_name(&command))?;
-        }
+            })
+        })?;
         let leader_id = match self.route(ctx.forwarded)? {
             Route::Local => {
                 let prepared = self.on_leader(command.clone())?;
@@ -918,12 +946,11 @@ impl LocalMember {
         consistency: Consistency,
         ctx: &CallContext,
     ) -> Result<Result<Answer, QueryError>, KvError> {
-        if !ctx.vouched {
-            let needs = Needs::of_query(&query, |id| {
+        self.authorize_with(ctx, "read", || {
+            Needs::of_query(&query, |id| {
                 self.reader.lease(id).ok().flatten().map(|(_, keys)| keys).unwrap_or_default()
-            });
-            self.authorize(ctx, &needs, "read")?;
-        }
+            })
+        })?;
         if consistency == Consistency::Serializable && !query.needs_leader() {
             return self.answer_here(query).await;
         }

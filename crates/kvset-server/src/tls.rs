@@ -219,6 +219,15 @@ fn build(
         server()?.with_no_client_auth().with_single_cert(certs.clone(), key.clone_key()).map_err(config)?;
     ops.alpn_protocols = vec![b"http/1.1".to_vec()];
     let members_verifier = verifier(members.clone())?;
+    // Peers also check it as a client certificate (client-auth usage) when this member dials.
+    if let Some((leaf, rest)) = certs.split_first() {
+        members_verifier.verify_client_cert(leaf, rest, rustls::pki_types::UnixTime::now()).map_err(|e| {
+            TlsError::Config(format!(
+                "{} is not a certificate the other members will accept from this member as a client: {e}",
+                paths.cert.display()
+            ))
+        })?;
+    }
     let dial = wire::client_config(members, Some((certs, key)))?;
     Ok((
         Loaded { bytes, peer: h2(peer), client: h2(client), ops: Arc::new(ops), members: members_verifier },

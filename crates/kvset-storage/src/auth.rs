@@ -151,10 +151,12 @@ impl AuthState {
                 if !root.roles.contains(ROOT) {
                     return Err(AuthError::RootRoleNotExist);
                 }
-                self.enabled = true;
-                if self.token_key.is_empty() {
+                // A new key each time authentication is turned on: tokens from before a
+                // Disable do not come back.
+                if !self.enabled {
                     self.token_key = token_key.clone();
                 }
+                self.enabled = true;
             }
             C::Disable => self.enabled = false,
             C::UserAdd { name, password_hash } => {
@@ -164,8 +166,11 @@ impl AuthState {
                 if self.users.contains_key(name) {
                     return Err(AuthError::UserAlreadyExist);
                 }
-                self.users
-                    .insert(name.clone(), User { password_hash: password_hash.clone(), ..User::default() });
+                // The epoch is the auth revision (which only grows): tokens of an earlier user
+                // of the same name stay dead.
+                let epoch = self.revision + 1;
+                let user = User { password_hash: password_hash.clone(), roles: BTreeSet::new(), epoch };
+                self.users.insert(name.clone(), user);
             }
             C::UserDelete { name } => {
                 if self.enabled && name == ROOT {
@@ -174,9 +179,10 @@ impl AuthState {
                 self.users.remove(name).ok_or(AuthError::UserNotFound)?;
             }
             C::UserChangePassword { name, password_hash } => {
+                let epoch = self.revision + 1;
                 let user = self.user_mut(name)?;
                 user.password_hash = password_hash.clone();
-                user.epoch += 1;
+                user.epoch = epoch;
             }
             C::UserGrantRole { user, role } => {
                 if role != ROOT && !self.roles.contains_key(role) {
@@ -334,6 +340,12 @@ mod tests {
         let before = s.revision;
         s.apply(&enable).unwrap();
         assert!(s.enabled && s.revision == before + 1 && s.token_key == vec![1; 32]);
+        // Enabling again keeps the key; enabling after a disable mints a new one.
+        s.apply(&AuthCommand::Enable { token_key: vec![2; 32] }).unwrap();
+        assert_eq!(s.token_key, vec![1; 32]);
+        s.apply(&AuthCommand::Disable).unwrap();
+        s.apply(&AuthCommand::Enable { token_key: vec![3; 32] }).unwrap();
+        assert_eq!(s.token_key, vec![3; 32], "tokens from before the disable die");
         // While enabled, root cannot be removed or demoted.
         for c in [
             AuthCommand::UserDelete { name: "root".into() },
@@ -396,7 +408,12 @@ mod tests {
         let epoch = s.users["app"].epoch;
         s.apply(&AuthCommand::UserChangePassword { name: "app".into(), password_hash: Some("h2".into()) })
             .unwrap();
-        assert_eq!(s.users["app"].epoch, epoch + 1);
+        assert!(s.users["app"].epoch > epoch);
+        // A user deleted and added again under the same name does not get its old epoch back.
+        let epoch = s.users["app"].epoch;
+        s.apply(&AuthCommand::UserDelete { name: "app".into() }).unwrap();
+        s.apply(&AuthCommand::UserAdd { name: "app".into(), password_hash: None }).unwrap();
+        assert!(s.users["app"].epoch > epoch, "old tokens of that name stay dead");
     }
 
     #[test]

@@ -188,8 +188,18 @@ impl PeerService {
     /// in our membership (yet) is left to the other checks.
     fn check_sender(&self, certified: Option<u32>, from: u64) -> Result<(), KvError> {
         let Some(ordinal) = certified else { return Ok(()) };
-        let Some(name) = self.member.member_name(from) else { return Ok(()) };
         let proven = self.member.identity().sibling(ordinal);
+        let Some(name) = self.member.member_name(from) else {
+            // Raft messages come from members; a member with no membership yet (a new one)
+            // cannot tell, and the other checks apply.
+            if self.member.raft_metrics().membership_config.membership().nodes().next().is_none() {
+                return Ok(());
+            }
+            tracing::warn!(from, certificate = %proven, "refusing a peer message from a node outside the membership");
+            return Err(KvError::PermissionDenied(format!(
+                "node {from} is not a member; the connection's certificate names {proven}"
+            )));
+        };
         if name == proven {
             return Ok(());
         }
@@ -197,6 +207,19 @@ impl PeerService {
         Err(KvError::PermissionDenied(format!(
             "the message claims to come from {name} (node {from}) but the connection's certificate names {proven}"
         )))
+    }
+
+    /// Refuses a message whose inner vote (the leader or candidate it speaks for) is another
+    /// node's than its envelope's sender, when TLS tells who sent it.
+    fn check_vote_sender(certified: Option<u32>, from: u64, vote: &Vote) -> Result<(), KvError> {
+        let voter = vote.leader_id().node_id;
+        if certified.is_some() && voter != from {
+            tracing::warn!(from, voter, "refusing a peer message that speaks for another node");
+            return Err(KvError::PermissionDenied(format!(
+                "the message from node {from} carries the vote of node {voter}"
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses a Raft message meant for another node id or another cluster, or sent by a
@@ -386,6 +409,9 @@ impl pb::raft_server::Raft for PeerService {
                                 "append entries",
                                 &req.payload,
                             )
+                            .and_then(|rpc| {
+                                Self::check_vote_sender(certified, req.from, &rpc.vote).map(|_| rpc)
+                            })
                             .map_err(Status::from),
                             Err(e) => Err(Status::from(e)),
                         },
@@ -431,6 +457,7 @@ impl pb::raft_server::Raft for PeerService {
         let req = request.into_inner();
         self.check(&req, certified).await?;
         let rpc: AppendEntriesRequest<TypeConfig> = Self::decode("append entries", &req.payload)?;
+        Self::check_vote_sender(certified, req.from, &rpc.vote)?;
         Ok(Self::reply(&self.member.raft().append_entries(rpc).await)?)
     }
 
@@ -439,6 +466,7 @@ impl pb::raft_server::Raft for PeerService {
         let req = request.into_inner();
         self.check_voter(&req, certified).await?;
         let rpc = decode_vote(&req.payload)?;
+        Self::check_vote_sender(certified, req.from, &rpc.vote)?;
         Ok(Self::reply(&self.member.raft().vote(rpc).await)?)
     }
 
@@ -447,6 +475,7 @@ impl pb::raft_server::Raft for PeerService {
         let req = request.into_inner();
         self.check_voter(&req, certified).await?;
         let rpc = decode_vote(&req.payload)?;
+        Self::check_vote_sender(certified, req.from, &rpc.vote)?;
         Ok(Self::reply(&self.member.raft().pre_vote(rpc).await)?)
     }
 
@@ -458,6 +487,7 @@ impl pb::raft_server::Raft for PeerService {
         let req = request.into_inner();
         self.check(&req, certified).await?;
         let rpc: TransferLeaderRequest<TypeConfig> = Self::decode("transfer leader", &req.payload)?;
+        Self::check_vote_sender(certified, req.from, rpc.from_leader())?;
         if *rpc.to_node_id() == self.member.node_id() {
             // The new leader must hold all of the old one's log, or it ignores the handover.
             // The last entries may still be on their way (the handover and the replication
@@ -486,6 +516,7 @@ impl pb::raft_server::Raft for PeerService {
         let req = request.into_inner();
         self.check(&req, certified).await?;
         let chunk: SnapshotChunk = Self::decode("snapshot chunk", &req.payload)?;
+        Self::check_vote_sender(certified, req.from, &chunk.vote)?;
         Ok(Self::reply(&self.receive_chunk(chunk).await)?)
     }
 
@@ -553,6 +584,24 @@ impl pb::raft_server::Raft for PeerService {
         let forwarded = request.metadata().get(metadata::FORWARDED).is_some();
         // A member joins as itself: the first hop checks the joiner's certificate (a forwarded
         // join arrives over the forwarding member's connection).
+        let claimed = request.get_ref();
+        if claimed.name != self.member.identity().sibling(claimed.ordinal) {
+            return Err(KvError::InvalidArgument(format!(
+                "the join names {} but ordinal {}",
+                claimed.name, claimed.ordinal
+            ))
+            .into());
+        }
+        if let (Some(ordinal), true) = (self.certified(&request), forwarded) {
+            // Only a current member forwards joins.
+            if !self.member.is_current_ordinal(ordinal) {
+                return Err(KvError::PermissionDenied(format!(
+                    "a forwarded join from {}, which is not a member",
+                    self.member.identity().sibling(ordinal)
+                ))
+                .into());
+            }
+        }
         if let (Some(ordinal), false) = (self.certified(&request), forwarded) {
             if request.get_ref().ordinal != ordinal {
                 let claimed = request.get_ref().name.clone();

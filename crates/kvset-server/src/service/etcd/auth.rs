@@ -114,14 +114,18 @@ impl epb::auth_server::Auth for EtcdService {
         }
         let hash = state.users.get(&r.name).and_then(|u| u.password_hash.clone());
         let password = r.password;
-        let matches = match hash {
-            Some(hash) => {
-                tokio::task::spawn_blocking(move || crate::auth::password_matches(&password, &hash))
-                    .await
-                    .unwrap_or(false)
+        // An unknown user costs the same bcrypt check as a known one: the answer's timing does
+        // not tell which user names exist.
+        let cost = self.member.config().auth.bcrypt_cost as u32;
+        let matches = tokio::task::spawn_blocking(move || match hash {
+            Some(hash) => crate::auth::password_matches(&password, &hash),
+            None => {
+                let _ = crate::auth::password_matches(&password, &crate::auth::dummy_hash(cost));
+                false
             }
-            None => false,
-        };
+        })
+        .await
+        .unwrap_or(false);
         if !matches {
             tracing::warn!(user = %r.name, remote = ?remote, "authentication failed: unknown user or wrong password");
             return Err(errors::auth_failed());
