@@ -193,19 +193,27 @@ async fn users_and_roles_survive_restarts_and_reach_new_members_by_snapshot() {
     c.stop(victim).await;
     c.wipe(victim);
     c.start_node(victim).await;
-    c.wait_voters(3, Duration::from_secs(60)).await;
+    // The replacement is complete once the voters are exactly the running members.
+    kvset_tests::eventually("the replacement completes", Duration::from_secs(60), || async {
+        let leader = c.leader()?;
+        let voters: std::collections::BTreeSet<u64> =
+            c.node(leader).member().raft_metrics().membership_config.membership().voter_ids().collect();
+        (voters == c.node_ids().into_iter().collect()).then_some(())
+    })
+    .await;
     c.wait_converged(Duration::from_secs(30)).await;
     let state = c.node(victim).member().reader().auth();
     assert!(
         state.enabled && state.users.contains_key("alice") && state.roles.contains_key("app"),
         "{state:?}"
     );
-    // And every member restarted with its volume still enforces them.
+    // And every member restarted with its volume (one at a time, as a StatefulSet rolls) still
+    // enforces them.
     for o in c.running() {
         c.stop(o).await;
         c.start_node(o).await;
+        c.wait_voters(3, Duration::from_secs(60)).await;
     }
-    c.wait_voters(3, Duration::from_secs(60)).await;
     let victim_endpoint = c.endpoint(victim);
     assert!(refused(&victim_endpoint, &["put", "/app/x", "y"]).contains("user name is empty"));
     ok(&victim_endpoint, &["--user", "alice:alicepw", "put", "/app/x", "y"]);
