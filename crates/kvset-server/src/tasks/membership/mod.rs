@@ -469,7 +469,8 @@ async fn reconcile(shared: &Arc<LocalMember>, state: &mut Loop, m: &RaftMetrics)
         desired_source: source.to_string(),
         leader_id: shared.node_id(),
         leader_ordinal: shared.identity().ordinal,
-        joint: membership.get_joint_config().len() > 1,
+        joint: (membership.get_joint_config().len() > 1)
+            .then(|| membership.get_joint_config().last().cloned().unwrap_or_default()),
         voters,
         nodes,
         leader_last_log: m.last_log_index.unwrap_or(0),

@@ -5,7 +5,10 @@
 //! the observation (Raft metrics, probes) and carries the change out; everything that decides
 //! lives here, table-tested below. The rules, in order:
 //!
-//! 1. **A membership change is in progress** (joint configuration): wait.
+//! 1. **A membership change was left half done** (a joint configuration, whose leader lost
+//!    leadership between openraft's two steps): finish it, to the configuration it was going to.
+//!    openraft does not finish it by itself, and every other change waits for it. (The leader
+//!    that is carrying a change out is inside that change, not planning.)
 //! 2. **Stale or surplus learners** are removed: another incarnation answers at their ordinal,
 //!    or their ordinal is beyond the desired count.
 //! 3. **Replacement**: a voter whose ordinal now answers with another node id (its volume was
@@ -45,8 +48,8 @@ pub struct Observation {
     /// The membership: voters and every node (voters and learners) with its ordinal.
     pub voters: BTreeSet<u64>,
     pub nodes: BTreeMap<u64, Member>,
-    /// A joint configuration is in effect (a change is under way).
-    pub joint: bool,
+    /// A joint configuration is in effect: the voters it is going to (its last configuration).
+    pub joint: Option<BTreeSet<u64>>,
     /// The leader's last log index.
     pub leader_last_log: u64,
     /// How far behind a learner may be and still count as caught up.
@@ -66,6 +69,8 @@ pub enum Change {
     },
     Promote(u64),
     RemoveVoter(u64),
+    /// Leave a joint configuration for its last configuration, these voters.
+    Finish(BTreeSet<u64>),
 }
 
 /// What the reconciler does this step.
@@ -92,6 +97,7 @@ impl Change {
             }
             Change::Promote(id) => ChangeMembers::AddVoterIds(BTreeSet::from([*id])),
             Change::RemoveVoter(id) => ChangeMembers::RemoveVoters(BTreeSet::from([*id])),
+            Change::Finish(target) => ChangeMembers::ReplaceAllVoters(target.clone()),
         }
     }
 }
@@ -131,8 +137,12 @@ impl Observation {
 
 /// Decides the next step. See the module docs for the rules.
 pub fn plan(o: &Observation) -> Plan {
-    if o.joint {
-        return Plan::Wait("a membership change is in progress".into());
+    if let Some(target) = &o.joint {
+        let names: Vec<String> = target.iter().map(|id| o.name(*id)).collect();
+        return Plan::Change {
+            change: Change::Finish(target.clone()),
+            what: format!("finish an interrupted membership change: voters {names:?}"),
+        };
     }
     let desired = o.desired;
 
@@ -276,7 +286,7 @@ mod tests {
             leader_ordinal: 0,
             voters: voters.iter().map(|(id, _)| *id).collect(),
             nodes,
-            joint: false,
+            joint: None,
             leader_last_log: 1000,
             catchup_lag: 100,
             answers: answers
@@ -306,10 +316,17 @@ mod tests {
     }
 
     #[test]
-    fn nothing_happens_during_a_joint_change() {
+    fn a_joint_change_left_half_done_is_finished_first() {
+        // A replacement of 101 by 103 whose leader died after the joint step: nothing else
+        // happens until the configuration is {100, 102, 103}.
         let mut o = obs(5, THREE, &[(103, 3)], &[(1, 101), (2, 102), (3, 103)]);
-        o.joint = true;
-        assert!(waits(&plan(&o), "in progress"));
+        let target = BTreeSet::from([100, 102, 103]);
+        o.joint = Some(target.clone());
+        assert_eq!(change(plan(&o)), Change::Finish(target.clone()));
+        assert_eq!(
+            Change::Finish(target.clone()).to_openraft(&o.voters),
+            ChangeMembers::ReplaceAllVoters(target)
+        );
     }
 
     #[test]
