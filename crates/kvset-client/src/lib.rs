@@ -175,6 +175,9 @@ pub(crate) enum Kind {
 struct Inner {
     /// The token of `options.user`, once logged in.
     token: Mutex<Option<String>>,
+    /// Held while logging in: concurrent calls wait for one login instead of each running one
+    /// (a password check is slow on purpose).
+    login: tokio::sync::Mutex<()>,
     endpoints: Vec<String>,
     channels: Mutex<HashMap<String, Channel>>,
     leader: Mutex<Option<String>>,
@@ -252,6 +255,7 @@ impl Client {
         Ok(Self {
             inner: Arc::new(Inner {
                 token: Mutex::default(),
+                login: tokio::sync::Mutex::new(()),
                 endpoints,
                 channels: Mutex::default(),
                 leader: Mutex::default(),
@@ -308,7 +312,12 @@ impl Client {
     /// The token to send, logging in first when a user is configured and none is held.
     pub(crate) async fn token(&self) -> Result<Option<String>, Error> {
         let Some((user, password)) = &self.inner.options.user else { return Ok(None) };
-        if let Some(t) = self.inner.token.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        let cached = || self.inner.token.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(t) = cached() {
+            return Ok(Some(t));
+        }
+        let _login = self.inner.login.lock().await;
+        if let Some(t) = cached() {
             return Ok(Some(t));
         }
         let addr = self.pick();
