@@ -58,12 +58,12 @@ impl Credentials {
             .find_map(|k| request.metadata().get(*k))
             .and_then(|v| v.to_str().ok())
             .map(|t| t.trim_start_matches("Bearer ").to_string());
+        // Read from the certificate once, at the handshake.
         let cert_user = request
             .extensions()
             .get::<crate::tls::ConnInfo>()
-            .and_then(|c| c.peer_certs.as_ref())
-            .and_then(|certs| certs.first())
-            .and_then(|leaf| common_name(leaf.as_ref()));
+            .and_then(|c| c.common_name.as_deref())
+            .map(str::to_string);
         Self { token, cert_user }
     }
 }
@@ -296,64 +296,6 @@ pub fn password_matches(password: &str, hash: &str) -> bool {
     password.len() <= 72 && bcrypt::verify(password, hash).unwrap_or(false)
 }
 
-/// The common name (OID 2.5.4.3) in a certificate's subject, read with a small DER walk
-/// (webpki, which verified the chain, exposes the subject only as bytes).
-pub fn common_name(cert_der: &[u8]) -> Option<String> {
-    let der = kvset_proto::tls::rustls::pki_types::CertificateDer::from(cert_der);
-    let cert = webpki::EndEntityCert::try_from(&der).ok()?;
-    subject_common_name(cert.subject())
-}
-
-/// One DER element: (tag, contents, rest).
-fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (first as usize, rest)
-    } else {
-        let n = (first & 0x7f) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
-        (len, &rest[n..])
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
-
-/// The common name in a DER `Name` (the contents of its SEQUENCE, as webpki gives it); `None`
-/// when there is none, or more than one (Go, and so etcd, would take the last: refusing is
-/// safer than picking).
-pub fn subject_common_name(mut name: &[u8]) -> Option<String> {
-    const CN: &[u8] = &[0x55, 0x04, 0x03];
-    let mut found: Option<String> = None;
-    while !name.is_empty() {
-        let (set_tag, set, rest) = der(name)?;
-        name = rest;
-        if set_tag != 0x31 {
-            return None;
-        }
-        let mut atvs = set;
-        while !atvs.is_empty() {
-            let (seq_tag, atv, more) = der(atvs)?;
-            atvs = more;
-            if seq_tag != 0x30 {
-                return None;
-            }
-            let (oid_tag, oid, value) = der(atv)?;
-            if oid_tag == 0x06 && oid == CN {
-                let (string_tag, text, _) = der(value)?;
-                // UTF8String, PrintableString, IA5String, T61String.
-                if !matches!(string_tag, 0x0c | 0x13 | 0x16 | 0x14) || found.is_some() {
-                    return None;
-                }
-                found = Some(String::from_utf8(text.to_vec()).ok()?);
-            }
-        }
-    }
-    found
-}
-
 #[cfg(test)]
 mod tests {
     use kvset_storage::auth::AuthCommand;
@@ -466,9 +408,9 @@ mod tests {
         let issued = ca.issue(&crate::devcerts::Request::client("alice")).unwrap();
         let path = std::path::Path::new("cert");
         let der = kvset_proto::tls::parse_certs(path, issued.cert_pem.as_bytes()).unwrap().remove(0);
-        assert_eq!(common_name(der.as_ref()).as_deref(), Some("alice"));
-        assert_eq!(subject_common_name(&[]), None);
-        assert_eq!(subject_common_name(&[0x31, 0x05, 0x30, 0x03, 0x06, 0x01]), None);
-        assert_eq!(common_name(b"not a certificate"), None);
+        assert_eq!(crate::tls::common_name(der.as_ref()).as_deref(), Some("alice"));
+        assert_eq!(crate::tls::subject_common_name(&[]), None);
+        assert_eq!(crate::tls::subject_common_name(&[0x31, 0x05, 0x30, 0x03, 0x06, 0x01]), None);
+        assert_eq!(crate::tls::common_name(b"not a certificate"), None);
     }
 }

@@ -261,8 +261,8 @@ proptest! {
         token in "[0-9a-f.]{0,200}",
     ) {
         // A client certificate's subject, and a token: both come from the caller.
-        let _ = crate::auth::subject_common_name(&bytes);
-        let _ = crate::auth::common_name(&bytes);
+        let _ = crate::tls::subject_common_name(&bytes);
+        let _ = crate::tls::common_name(&bytes);
         let mut state = kvset_storage::auth::AuthState::default();
         state.apply(&kvset_storage::auth::AuthCommand::UserAdd { name: "root".into(), password_hash: None }).unwrap();
         state.token_key = vec![1; 32];

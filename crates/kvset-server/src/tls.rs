@@ -300,16 +300,25 @@ impl Port {
 #[derive(Debug)]
 pub enum Conn {
     Plain(TcpStream),
-    /// With the member ordinal its certificate names (on the peer port).
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Option<u32>),
+    /// With what its verified certificate says, read once at the handshake.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Verified),
+}
+
+/// What a connection's verified client certificate says.
+#[derive(Debug, Clone, Default)]
+pub struct Verified {
+    /// The member ordinal it names (a member's certificate).
+    pub member: Option<u32>,
+    /// Its subject's common name (the user, once access control is on).
+    pub common_name: Option<Arc<str>>,
 }
 
 /// What a handler can learn about its connection (a request extension).
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote_addr: Option<std::net::SocketAddr>,
-    /// The client's verified certificate chain, leaf first, when it presented one.
-    pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The common name of the client's verified certificate, when it presented one.
+    pub common_name: Option<Arc<str>>,
     /// The member ordinal the certificate names (on the client port, `None` for clients).
     pub member: Option<u32>,
 }
@@ -319,15 +328,12 @@ impl tonic::transport::server::Connected for Conn {
 
     fn connect_info(&self) -> ConnInfo {
         match self {
-            Conn::Plain(s) => ConnInfo { remote_addr: s.peer_addr().ok(), peer_certs: None, member: None },
-            Conn::Tls(s, member) => {
-                let (tcp, session) = s.get_ref();
-                ConnInfo {
-                    remote_addr: tcp.peer_addr().ok(),
-                    peer_certs: session.peer_certificates().map(|c| Arc::new(c.to_vec())),
-                    member: *member,
-                }
-            }
+            Conn::Plain(s) => ConnInfo { remote_addr: s.peer_addr().ok(), common_name: None, member: None },
+            Conn::Tls(s, verified) => ConnInfo {
+                remote_addr: s.get_ref().0.peer_addr().ok(),
+                common_name: verified.common_name.clone(),
+                member: verified.member,
+            },
         }
     }
 }
@@ -340,7 +346,7 @@ impl AsyncRead for Conn {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Tls(s, ..) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -349,7 +355,7 @@ impl AsyncWrite for Conn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Tls(s, ..) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -360,28 +366,28 @@ impl AsyncWrite for Conn {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Conn::Tls(s, ..) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             Conn::Plain(s) => s.is_write_vectored(),
-            Conn::Tls(s, _) => s.is_write_vectored(),
+            Conn::Tls(s, ..) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Tls(s, ..) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Tls(s, ..) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -504,7 +510,14 @@ async fn handshake(tls: &MemberTls, tcp: TcpStream, port: Port) -> Result<Conn, 
             Some(tls.peer_ordinal(certs).map_err(|detail| Refusal { reason: "not_a_member", detail })?)
         }
     };
-    Ok(Conn::Tls(Box::new(stream), member))
+    let common_name = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| common_name(leaf.as_ref()))
+        .map(Arc::from);
+    Ok(Conn::Tls(Box::new(stream), Verified { member, common_name }))
 }
 
 /// The ops port's listener when `tls.ops` is on: the same concurrent handshakes as the gRPC
@@ -534,7 +547,7 @@ impl axum::serve::Listener for OpsListener {
                 Some(Ok(conn)) => {
                     let remote = match &conn {
                         Conn::Plain(s) => s.peer_addr(),
-                        Conn::Tls(s, _) => s.get_ref().0.peer_addr(),
+                        Conn::Tls(s, ..) => s.get_ref().0.peer_addr(),
                     };
                     if let Ok(remote) = remote {
                         return (conn, remote);
@@ -553,4 +566,62 @@ impl axum::serve::Listener for OpsListener {
     fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         Ok(self.local)
     }
+}
+
+/// The common name (OID 2.5.4.3) in a certificate's subject, read with a small DER walk
+/// (webpki, which verified the chain, exposes the subject only as bytes).
+pub fn common_name(cert_der: &[u8]) -> Option<String> {
+    let der = kvset_proto::tls::rustls::pki_types::CertificateDer::from(cert_der);
+    let cert = webpki::EndEntityCert::try_from(&der).ok()?;
+    subject_common_name(cert.subject())
+}
+
+/// One DER element: (tag, contents, rest).
+fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The common name in a DER `Name` (the contents of its SEQUENCE, as webpki gives it); `None`
+/// when there is none, or more than one (Go, and so etcd, would take the last: refusing is
+/// safer than picking).
+pub fn subject_common_name(mut name: &[u8]) -> Option<String> {
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    let mut found: Option<String> = None;
+    while !name.is_empty() {
+        let (set_tag, set, rest) = der(name)?;
+        name = rest;
+        if set_tag != 0x31 {
+            return None;
+        }
+        let mut atvs = set;
+        while !atvs.is_empty() {
+            let (seq_tag, atv, more) = der(atvs)?;
+            atvs = more;
+            if seq_tag != 0x30 {
+                return None;
+            }
+            let (oid_tag, oid, value) = der(atv)?;
+            if oid_tag == 0x06 && oid == CN {
+                let (string_tag, text, _) = der(value)?;
+                // UTF8String, PrintableString, IA5String, T61String.
+                if !matches!(string_tag, 0x0c | 0x13 | 0x16 | 0x14) || found.is_some() {
+                    return None;
+                }
+                found = Some(String::from_utf8(text.to_vec()).ok()?);
+            }
+        }
+    }
+    found
 }
