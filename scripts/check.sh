@@ -37,6 +37,9 @@ missing=()
 for tool in etcdctl:etcd-client etcd:etcd-server protoc:protobuf-compiler; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
 done
+# protoc needs the well-known types (google/protobuf/*.proto), which protobuf-compiler only
+# recommends.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo -n"
