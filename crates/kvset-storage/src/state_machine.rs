@@ -393,6 +393,14 @@ impl Shared {
             if superseded || tombstone {
                 batch.remove(this);
             }
+            // Every older version of the key is superseded by this one, which is below the
+            // compact revision. Most were removed when their own change-log entry was handled;
+            // the one that was the key's visible version at an earlier compaction was kept
+            // then, and its change-log entry is gone: it must go now, or it would become the
+            // key's newest version once this one (a tombstone) is removed.
+            for older in tree.range(keys::history(&key, 0, 0)..keys::history(&key, revision, sub)) {
+                batch.remove(older?.0);
+            }
             batch.remove(k);
         }
         // A chunk may stop inside a revision: its handled entries are gone from the change log,

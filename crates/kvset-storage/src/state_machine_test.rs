@@ -398,3 +398,55 @@ async fn a_backup_is_a_snapshot_another_volume_installs() {
     let _again = Store::open_dir(dir.path(), StoreOptions::default()).unwrap();
     assert!(!path.exists(), "the stray backup file was removed at open");
 }
+
+/// Installs `reader`'s current Raft snapshot into a fresh store and returns that store.
+async fn installed_copy(reader: &SmReader, meta: &SnapshotMeta) -> (tempfile::TempDir, Store) {
+    let (dir, other) = new_store();
+    let mut sm = other.state_machine;
+    let mut recv = SnapshotFile::create_receiving(sm.snapshot_dir()).await.unwrap();
+    let path = reader.current_snapshot().unwrap().1;
+    tokio::io::copy(&mut tokio::fs::File::open(&path).await.unwrap(), &mut recv).await.unwrap();
+    sm.install_snapshot(meta, recv).await.unwrap();
+    let reader = other.reader.clone();
+    (dir, Store { state_machine: sm, reader, ..other })
+}
+
+/// The resurrection of issue 23: a version live at one compaction lost its change-log entry,
+/// so when the key was deleted and a second compaction removed the tombstone, the old version
+/// became the key's newest again — in reads at a revision, and as a live key in every
+/// snapshot built from the history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_key_stays_deleted_through_two_compactions_and_a_snapshot() {
+    let (_dir, store) = new_store();
+    let mut sm = store.state_machine;
+    let reader = store.reader;
+    // put k a (2); put x 1 (3); compact 3; del k (4); put x 2 (5); compact 5; put y 1 (6).
+    sm.apply_entries(vec![entry(1, vec![put("k", "a"), put("x", "1")]), entry(2, vec![Command::Compact(3)])])
+        .await
+        .unwrap();
+    crate::tests_support::wait_compacted(&reader, 2).await;
+    sm.apply_entries(vec![entry(3, vec![del("k"), put("x", "2")]), entry(4, vec![Command::Compact(5)])])
+        .await
+        .unwrap();
+    crate::tests_support::wait_compacted(&reader, 4).await;
+    sm.apply_entries(vec![entry(5, vec![put("y", "1")])]).await.unwrap();
+
+    let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    };
+    assert_eq!(reader.get(b"k", 5).unwrap().0, None, "k was deleted at revision 4");
+    assert_eq!(everything_at(&reader, 5), map(&[("x", "2")]));
+    assert_eq!(everything_at(&reader, 6), map(&[("x", "2"), ("y", "1")]));
+    assert_eq!(everything(&reader), map(&[("x", "2"), ("y", "1")]));
+    let tree = reader.shared.read_state().tree.clone();
+    let versions_of_k = tree.scan_prefix(keys::history_prefix(b"k")).count();
+    assert_eq!(versions_of_k, 0, "nothing of k is reachable at or after the compact revision");
+
+    // A snapshot built now and installed into a fresh store: k stays deleted there too.
+    let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let (_d2, copy) = installed_copy(&reader, &snapshot.meta).await;
+    assert_eq!(everything(&copy.reader), map(&[("x", "2"), ("y", "1")]));
+    assert_eq!(copy.reader.get(b"k", 5).unwrap().0, None);
+    assert_eq!(everything_at(&copy.reader, 5), map(&[("x", "2")]));
+    assert_eq!(copy.reader.digest().unwrap(), reader.digest().unwrap());
+}
