@@ -176,6 +176,9 @@ pub struct StoreOptions {
     pub events: EventLogLimits,
     /// Slows the disk down (tests only).
     pub disk_fault: Option<Arc<dyn DiskFault>>,
+    /// Tests: no compaction thread; physical compaction runs only when a test asks.
+    #[cfg(test)]
+    pub(crate) manual_compaction: bool,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -191,6 +194,8 @@ impl Default for StoreOptions {
             observer: Arc::new(NoopObserver),
             events: EventLogLimits::default(),
             disk_fault: None,
+            #[cfg(test)]
+            manual_compaction: false,
         }
     }
 }
@@ -231,8 +236,17 @@ impl Store {
             .map_err(|source| OpenError::Sled { path: db_path.clone(), source })?;
         let log = LogStore::open(db.clone(), dir, options.observer.clone(), options.disk_fault)
             .map_err(|source| OpenError::Sled { path: db_path.clone(), source })?;
-        let state_machine =
-            StateMachine::open(db.clone(), snapshot_dir(dir), options.observer, options.events)?;
+        #[cfg(test)]
+        let background_compaction = !options.manual_compaction;
+        #[cfg(not(test))]
+        let background_compaction = true;
+        let state_machine = StateMachine::open(
+            db.clone(),
+            snapshot_dir(dir),
+            options.observer,
+            options.events,
+            background_compaction,
+        )?;
         let reader = state_machine.reader();
         Ok(Self { log, state_machine, reader, db })
     }
@@ -264,6 +278,7 @@ pub fn dir_size(dir: &Path) -> u64 {
 
 #[cfg(test)]
 mod fuzz_test;
+
 
 #[cfg(test)]
 pub(crate) mod tests_support {

@@ -759,6 +759,7 @@ impl StateMachine {
         snapshot_dir: PathBuf,
         observer: Arc<dyn StorageObserver>,
         event_limits: EventLogLimits,
+        background_compaction: bool,
     ) -> Result<Self, SmOpenError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -830,12 +831,16 @@ impl StateMachine {
             #[cfg(test)]
             build_pause: Mutex::new(None),
         });
-        let weak = Arc::downgrade(&shared);
-        let compactor_thread = std::thread::Builder::new()
-            .name("kvset-compact".into())
-            .spawn(move || compactor(weak, woken))
-            .map_err(SmOpenError::Thread)?;
-        *lock(&shared.compactor_thread) = Some(compactor_thread);
+        if background_compaction {
+            let weak = Arc::downgrade(&shared);
+            let compactor_thread = std::thread::Builder::new()
+                .name("kvset-compact".into())
+                .spawn(move || compactor(weak, woken))
+                .map_err(SmOpenError::Thread)?;
+            *lock(&shared.compactor_thread) = Some(compactor_thread);
+        } else {
+            drop(lock(&shared.compactor).take());
+        }
         let state_machine = Self { shared: shared.clone() };
 
         // A snapshot is only published after the state it captured was flushed, so it can be
@@ -958,12 +963,26 @@ impl SmReader {
         if from < applied.compact_revision {
             return Err(ReadError::Compacted { requested: from, compact_revision: applied.compact_revision });
         }
-        if let Some(recent) = self.shared.events.get(from, to, max_events) {
-            return Ok(recent);
+        let events = match self.shared.events.get(from, to, max_events) {
+            Some(recent) => recent,
+            None => history::events_between(&tree, from, to.min(applied.revision), max_events)?,
+        };
+        let compact = self.shared.read_state().applied.compact_revision;
+        if from < compact {
+            return Err(ReadError::Compacted { requested: from, compact_revision: compact });
         }
-        let events = history::events_between(&tree, from, to.min(applied.revision), max_events)?;
-        self.still_readable(from)?;
-        Ok(events)
+        // As etcd, a previous value is the key at the revision before the event: none when that
+        // revision is compacted (whether or not physical compaction has removed it yet).
+        Ok(events
+            .into_iter()
+            .map(|r| {
+                if r.revision > compact || r.events.iter().all(|e| e.prev.is_none()) {
+                    return r;
+                }
+                let events = r.events.iter().map(|e| Event { prev: None, ..e.clone() }).collect();
+                Arc::new(RevisionEvents { revision: r.revision, events })
+            })
+            .collect())
     }
 
     /// Announcements of the applied revision, sent once its events are readable.
@@ -1006,6 +1025,13 @@ impl SmReader {
             Some(v) => codec::decode("compacted to", &v)?,
             None => 0,
         })
+    }
+
+    /// Tests: runs one chunk of physical compaction of at most `max` changes now; returns
+    /// whether more remain.
+    #[cfg(test)]
+    pub(crate) fn compact_chunk_now(&self, max: usize) -> Result<bool, ReadError> {
+        self.shared.compact_chunk(max)
     }
 
     /// A digest of the whole logical state (scans every live key).
@@ -1094,7 +1120,7 @@ impl SmReader {
 impl StateMachine {
     /// Applies entries and returns their results, one per entry. Small applies of
     /// single-key commands run inline; the rest on the blocking pool.
-    async fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<Vec<BatchResult>, io::Error> {
+    pub(crate) async fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<Vec<BatchResult>, io::Error> {
         // Small applies of single-key commands are in-memory sled batches: inline saves a
         // thread hop on every write. Anything that may touch many keys (range deletes, Txn,
         // lease revokes) or many commands goes to the blocking pool, off the runtime's threads.

@@ -450,3 +450,33 @@ async fn a_deleted_key_stays_deleted_through_two_compactions_and_a_snapshot() {
     assert_eq!(everything_at(&copy.reader, 5), map(&[("x", "2")]));
     assert_eq!(copy.reader.digest().unwrap(), reader.digest().unwrap());
 }
+
+/// Found by the model test: an event's previous value came from memory (recent events) or
+/// from the history, whichever answered, so after a compaction the event at the compact
+/// revision had one or not depending on timing. As etcd, the previous value is the key at the
+/// revision before the event, and none when that revision is compacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_at_the_compact_revision_has_no_previous_value_wherever_it_is_read_from() {
+    // A ring of 100 revisions answers from memory; a ring of 1 sends the read to the history.
+    for ring in [100, 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            events: EventLogLimits { max_revisions: ring, max_bytes: usize::MAX },
+            ..Default::default()
+        };
+        let store = Store::open_dir(dir.path(), options).unwrap();
+        let mut sm = store.state_machine;
+        let reader = store.reader;
+        // 2: c=1; 3: c=2 (its previous value is at 2); 4: c=3.
+        sm.apply_entries(vec![entry(1, vec![put("c", "1"), put("c", "2"), put("c", "3")])]).await.unwrap();
+        let prevs = |reader: &SmReader| {
+            let events = reader.events(3, 4, 100).unwrap();
+            events.iter().map(|r| r.events[0].prev.as_ref().map(|p| p.mod_revision)).collect::<Vec<_>>()
+        };
+        assert_eq!(prevs(&reader), vec![Some(2), Some(3)], "ring {ring}");
+        sm.apply_entries(vec![entry(2, vec![Command::Compact(3)])]).await.unwrap();
+        assert_eq!(prevs(&reader), vec![None, Some(3)], "ring {ring}, before physical compaction");
+        crate::tests_support::wait_compacted(&reader, 2).await;
+        assert_eq!(prevs(&reader), vec![None, Some(3)], "ring {ring}, after it");
+    }
+}
