@@ -234,45 +234,63 @@ pub(crate) fn events_between(
     Ok(out)
 }
 
+/// The hash HashKV answers: CRC-32 over versions fed in key, then revision order, each in a
+/// canonical encoding (key, revision, sub-revision, tombstone, create revision, version, lease,
+/// value), so that it depends on the versions hashed and not on how a store lays them out.
+#[derive(Default)]
+pub(crate) struct KvHasher(crc32fast::Hasher);
+
+impl KvHasher {
+    pub(crate) fn add(&mut self, key: &[u8], revision: Revision, sub: u32, version: &Version) {
+        let h = &mut self.0;
+        h.update(&(key.len() as u64).to_le_bytes());
+        h.update(key);
+        h.update(&revision.to_le_bytes());
+        h.update(&sub.to_le_bytes());
+        h.update(&[version.deleted as u8]);
+        h.update(&version.create_revision.to_le_bytes());
+        h.update(&version.version.to_le_bytes());
+        h.update(&version.lease.to_le_bytes());
+        h.update(&(version.value.len() as u64).to_le_bytes());
+        h.update(&version.value);
+    }
+
+    pub(crate) fn finish(self) -> u32 {
+        self.0.finalize()
+    }
+}
+
 /// A hash of the history up to `revision` as it reads once compaction at `compact` has run:
 /// every version above `compact`, and of older ones only each key's version visible at
-/// `compact` (when it is not a deletion). Physical compaction removes exactly the versions
-/// this leaves out, so members agree on the hash wherever their compaction has got to.
+/// `compact` (when it is not a deletion). Physical compaction removes only versions this leaves
+/// out, so members agree on the hash wherever their compaction has got to.
 pub(crate) fn hash_kv(tree: &sled::Tree, revision: Revision, compact: Revision) -> Result<u32, ReadError> {
-    let mut crc = crc32fast::Hasher::new();
-    let mut hash = |k: &[u8], v: &[u8]| {
-        crc.update(&(k.len() as u32).to_le_bytes());
-        crc.update(k);
-        crc.update(&(v.len() as u32).to_le_bytes());
-        crc.update(v);
-    };
+    let mut hasher = KvHasher::default();
     // The newest version at or below `compact` of the key being walked, not yet hashed.
-    let mut kept: Option<(Vec<u8>, sled::IVec, sled::IVec)> = None;
-    let hash_kept = |kept: &mut Option<(Vec<u8>, sled::IVec, sled::IVec)>,
-                     hash: &mut dyn FnMut(&[u8], &[u8])| {
-        if let Some((key, k, v)) = kept.take() {
-            let live = decode_entry(&k, &v).map(|(_, rev, _, version)| version.to_key_value(&key, rev, true));
-            if matches!(live, Ok(Some(_))) {
-                hash(&k, &v);
+    let mut kept: Option<(Vec<u8>, Revision, u32, Version)> = None;
+    let hash_kept = |kept: &mut Option<(Vec<u8>, Revision, u32, Version)>, hasher: &mut KvHasher| {
+        if let Some((key, rev, sub, version)) = kept.take() {
+            if !version.deleted {
+                hasher.add(&key, rev, sub, &version);
             }
         }
     };
     for item in tree.range(vec![keys::HISTORY]..vec![keys::HISTORY + 1]) {
         let (k, v) = item?;
-        let (key, rev, _, _) = decode_entry(&k, &v)?;
+        let (key, rev, sub, version) = decode_entry(&k, &v)?;
         if kept.as_ref().is_some_and(|(kept_key, ..)| *kept_key != key) {
-            hash_kept(&mut kept, &mut hash);
+            hash_kept(&mut kept, &mut hasher);
         }
         if rev > revision {
             continue;
         }
         if rev <= compact {
-            kept = Some((key, k, v));
+            kept = Some((key, rev, sub, version));
         } else {
-            hash_kept(&mut kept, &mut hash);
-            hash(&k, &v);
+            hash_kept(&mut kept, &mut hasher);
+            hasher.add(&key, rev, sub, &version);
         }
     }
-    hash_kept(&mut kept, &mut hash);
-    Ok(crc.finalize())
+    hash_kept(&mut kept, &mut hasher);
+    Ok(hasher.finish())
 }

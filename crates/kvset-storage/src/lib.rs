@@ -279,6 +279,8 @@ pub fn dir_size(dir: &Path) -> u64 {
 #[cfg(test)]
 mod fuzz_test;
 
+#[cfg(test)]
+mod model_test;
 
 #[cfg(test)]
 pub(crate) mod tests_support {
