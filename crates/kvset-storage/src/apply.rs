@@ -73,11 +73,20 @@ struct Writer {
     revision: Revision,
     sub: u32,
     events: Vec<Event>,
+    /// The keys written at this revision so far, each as it was at the revision before: an
+    /// event's previous value is the key at the revision before (etcd's watch reads it at
+    /// `mod_revision - 1`), also for a key a transaction changes twice.
+    before: BTreeMap<Vec<u8>, Option<KeyValue>>,
 }
 
 impl Writer {
     fn new(revision: Revision) -> Self {
-        Self { revision, sub: 0, events: Vec::new() }
+        Self { revision, sub: 0, events: Vec::new(), before: BTreeMap::new() }
+    }
+
+    /// The previous value for the event of `key`, which is `current` now.
+    fn event_prev(&mut self, key: &[u8], current: Option<KeyValue>) -> Option<KeyValue> {
+        self.before.entry(key.to_vec()).or_insert(current).clone()
     }
 
     fn next_sub(&mut self) -> u32 {
@@ -283,7 +292,7 @@ pub(crate) fn apply_command(
             Ok(CommandResult::SetReplicas { revision: scalars.revision, replicas: *replicas })
         }
         Command::Put(put) => {
-            if let Err(e) = check_put(overlay, put)? {
+            if let Err(e) = check_put(overlay, put, false)? {
                 return Ok(rejected(scalars, e));
             }
             let mut w = Writer::new(scalars.revision + 1);
@@ -300,8 +309,11 @@ pub(crate) fn apply_command(
         Command::Txn(txn) => {
             let mut path = Vec::new();
             choose_path(overlay, txn, &mut path)?;
-            if let Err(e) = check_path(overlay, scalars, txn, &mut path.iter().copied())? {
-                return Ok(rejected(scalars, e));
+            // As etcd: every put of the path is checked before any range is.
+            for pass in [Check::Puts, Check::Ranges] {
+                if let Err(e) = check_path(overlay, scalars, txn, pass, &mut path.iter().copied())? {
+                    return Ok(rejected(scalars, e));
+                }
             }
             let mut w = Writer::new(scalars.revision + 1);
             let (succeeded, responses) = run_txn(overlay, &mut w, txn, &mut path.iter().copied())?;
@@ -364,14 +376,17 @@ pub(crate) fn apply_command(
 }
 
 /// Whether a put may run: its lease exists, and a key it keeps the value or lease of exists.
-fn check_put(overlay: &Overlay<'_>, put: &Put) -> Result<Result<(), ApplyError>, ReadError> {
-    if put.lease != 0 && overlay.lease(put.lease).is_none() {
-        return Ok(Err(ApplyError::LeaseNotFound(put.lease)));
-    }
-    if (put.ignore_value || put.ignore_lease) && overlay.get(&put.key)?.is_none() {
-        return Ok(Err(ApplyError::KeyNotFound));
-    }
-    Ok(Ok(()))
+/// When both fail, etcd names the lease for a put on its own and the key for a put in a
+/// transaction (its two code paths check in opposite orders); so does this.
+fn check_put(overlay: &Overlay<'_>, put: &Put, in_txn: bool) -> Result<Result<(), ApplyError>, ReadError> {
+    let lease_missing = put.lease != 0 && overlay.lease(put.lease).is_none();
+    let key_missing = (put.ignore_value || put.ignore_lease) && overlay.get(&put.key)?.is_none();
+    Ok(match (lease_missing, key_missing) {
+        (true, true) if in_txn => Err(ApplyError::KeyNotFound),
+        (true, _) => Err(ApplyError::LeaseNotFound(put.lease)),
+        (false, true) => Err(ApplyError::KeyNotFound),
+        (false, false) => Ok(()),
+    })
 }
 
 /// Whether a range at a past revision may be read at `scalars`.
@@ -416,20 +431,30 @@ fn choose_path(overlay: &Overlay<'_>, txn: &Txn, path: &mut Vec<bool>) -> Result
     Ok(())
 }
 
-/// Checks the ops of the chosen path before any runs.
+/// Which ops of a transaction [`check_path`] checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Puts,
+    Ranges,
+}
+
+/// Checks the puts or the ranges of the chosen path before any op runs.
 fn check_path(
     overlay: &Overlay<'_>,
     scalars: &Scalars,
     txn: &Txn,
+    check: Check,
     path: &mut impl Iterator<Item = bool>,
 ) -> Result<Result<(), ApplyError>, ReadError> {
     let succeeded = path.next().unwrap_or(false);
     for op in if succeeded { &txn.success } else { &txn.failure } {
         let checked = match op {
-            TxnOp::Put(put) => check_put(overlay, put)?,
-            TxnOp::Range(q) if q.revision != 0 => check_revision(scalars, q.revision),
-            TxnOp::Txn(nested) => check_path(overlay, scalars, nested, path)?,
-            TxnOp::Range(_) | TxnOp::Delete(_) => Ok(()),
+            TxnOp::Put(put) if check == Check::Puts => check_put(overlay, put, true)?,
+            TxnOp::Range(q) if check == Check::Ranges && q.revision != 0 => {
+                check_revision(scalars, q.revision)
+            }
+            TxnOp::Txn(nested) => check_path(overlay, scalars, nested, check, path)?,
+            TxnOp::Put(_) | TxnOp::Range(_) | TxnOp::Delete(_) => Ok(()),
         };
         if checked.is_err() {
             return Ok(checked);
@@ -517,11 +542,8 @@ fn do_put(overlay: &mut Overlay<'_>, w: &mut Writer, put: &Put) -> Result<Option
         },
     ));
     let prev_kv = prev.map(|p| p.to_key_value(&put.key, false));
-    w.events.push(Event {
-        kind: EventKind::Put,
-        kv: next.to_key_value(&put.key, false),
-        prev: prev_kv.clone(),
-    });
+    let event_prev = w.event_prev(&put.key, prev_kv.clone());
+    w.events.push(Event { kind: EventKind::Put, kv: next.to_key_value(&put.key, false), prev: event_prev });
     overlay.live.insert(put.key.clone(), Some(next));
     Ok(prev_kv)
 }
@@ -546,10 +568,11 @@ fn do_delete(
         if prev_kv {
             prevs.push(prev.clone());
         }
+        let event_prev = w.event_prev(&key, Some(prev));
         w.events.push(Event {
             kind: EventKind::Delete,
             kv: KeyValue { key: key.clone(), mod_revision: w.revision, ..Default::default() },
-            prev: Some(prev),
+            prev: event_prev,
         });
         overlay.live.insert(key, None);
     }

@@ -40,16 +40,16 @@ pub(crate) fn get_at(
     }
 }
 
-/// The version of `key` right before (`revision`, `sub`): the previous state of a key an event
-/// changed.
+/// The version of `key` at the revision before `revision`: the previous value of an event at
+/// `revision` (also when the same revision changed the key before, as etcd reads it at
+/// `mod_revision - 1`).
 pub(crate) fn prev_of(
     tree: &sled::Tree,
     key: &[u8],
     revision: Revision,
-    sub: u32,
 ) -> Result<Option<KeyValue>, ReadError> {
     let lo = keys::history(key, 0, 0);
-    let hi = keys::history(key, revision, sub);
+    let hi = keys::history(key, revision, 0);
     match tree.range(lo..hi).next_back().transpose()? {
         Some((k, v)) => {
             let (_, rev, _, version) = decode_entry(&k, &v)?;
@@ -101,7 +101,8 @@ pub(crate) fn scan_at(
 ///
 /// * `count` is every key of the range at the revision, before filters and the limit;
 /// * with a sort or a revision filter every key is gathered, filtered, sorted, then cut to the
-///   limit (`more` if the filtered list was longer);
+///   limit (`more` if the filtered list was longer) — for [`SortOrder::AscendFirstPage`], only
+///   the first `limit + 1` keys;
 /// * otherwise keys are taken in order up to the limit and the byte budget (at least one key),
 ///   and `next_key` says where the next page starts.
 pub(crate) struct RangeCollector<'q> {
@@ -130,7 +131,11 @@ impl<'q> RangeCollector<'q> {
             return true;
         }
         if self.gather_all {
-            if q.keeps(&kv) {
+            let first_page = matches!(q.sort, Some((_, SortOrder::AscendFirstPage)))
+                && q.limit > 0
+                && !q.has_revision_filters();
+            let full = first_page && self.out.kvs.len() > q.limit;
+            if q.keeps(&kv) && !full {
                 self.out.kvs.push(kv);
             }
             return true;
@@ -159,16 +164,18 @@ impl<'q> RangeCollector<'q> {
         let q = self.query;
         if self.gather_all {
             if let Some((target, order)) = q.sort {
-                let kvs = &mut self.out.kvs;
-                match target {
-                    SortTarget::Key => kvs.sort_by(|a, b| a.key.cmp(&b.key)),
-                    SortTarget::Version => kvs.sort_by_key(|kv| kv.version),
-                    SortTarget::Create => kvs.sort_by_key(|kv| kv.create_revision),
-                    SortTarget::Mod => kvs.sort_by_key(|kv| kv.mod_revision),
-                    SortTarget::Value => kvs.sort_by(|a, b| a.value.cmp(&b.value)),
-                }
-                if order == SortOrder::Descend {
-                    kvs.reverse();
+                // A stable sort of the key-ordered list: keys that tie on the target stay in key
+                // order whichever the direction, as etcd's sort of its (small) results leaves them.
+                let by_target = |a: &KeyValue, b: &KeyValue| match target {
+                    SortTarget::Key => a.key.cmp(&b.key),
+                    SortTarget::Version => a.version.cmp(&b.version),
+                    SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+                    SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+                    SortTarget::Value => a.value.cmp(&b.value),
+                };
+                match order {
+                    SortOrder::Ascend | SortOrder::AscendFirstPage => self.out.kvs.sort_by(by_target),
+                    SortOrder::Descend => self.out.kvs.sort_by(|a, b| by_target(b, a)),
                 }
             }
             if q.limit > 0 && self.out.kvs.len() > q.limit {
@@ -217,7 +224,7 @@ pub(crate) fn events_between(
                 )))
             }
         };
-        let prev = prev_of(tree, &key, revision, sub)?;
+        let prev = prev_of(tree, &key, revision)?;
         let event = match version.to_key_value(&key, revision, false) {
             Some(kv) => Event { kind: EventKind::Put, kv, prev },
             None => Event {

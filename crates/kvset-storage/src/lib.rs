@@ -86,6 +86,7 @@ pub use state_machine::StateDigest;
 pub use state_machine::StateMachine;
 pub use state_machine::COMPACTION_CHUNK;
 pub use state_machine::INITIAL_REVISION;
+pub use state_machine::NEVER_COMPACTED;
 pub use types::*;
 pub use volume::ClusterId;
 pub use volume::Volume;

@@ -81,7 +81,7 @@ struct ModelWriter {
 
 impl Model {
     fn new() -> Self {
-        Self { revision: 1, compact: 0, keys: BTreeMap::new(), leases: BTreeMap::new() }
+        Self { revision: 1, compact: crate::NEVER_COMPACTED, keys: BTreeMap::new(), leases: BTreeMap::new() }
     }
 
     /// The key as it is now.
@@ -105,7 +105,7 @@ impl Model {
     }
 
     /// etcd's range: count before filters and limit; a sort or a revision filter gathers,
-    /// filters, sorts (stable, by the target, then key) and cuts to the limit; otherwise keys
+    /// filters, sorts (by the target; ties in key order) and cuts to the limit; otherwise keys
     /// are taken in order up to the limit and the byte budget (at least one).
     fn query(&self, q: &RangeQuery, revision: Revision) -> RangeResult {
         let all = self.range_at(&q.range, revision);
@@ -130,14 +130,20 @@ impl Model {
                     SortTarget::Mod => kv.mod_revision,
                     SortTarget::Value => 0,
                 };
-                kvs.sort_by(|a, b| match target {
+                let by_target = |a: &KeyValue, b: &KeyValue| match target {
                     SortTarget::Key => a.key.cmp(&b.key),
                     SortTarget::Value => a.value.cmp(&b.value),
                     _ => field(a).cmp(&field(b)),
-                });
-                if order == SortOrder::Descend {
-                    kvs.reverse();
+                };
+                // Ties stay in key order in both directions (etcd: a stable sort, reversed
+                // comparison).
+                if order == SortOrder::AscendFirstPage && q.limit > 0 && !q.has_revision_filters() {
+                    kvs.truncate(q.limit + 1);
                 }
+                kvs.sort_by(|a, b| match order {
+                    SortOrder::Ascend | SortOrder::AscendFirstPage => by_target(a, b),
+                    SortOrder::Descend => by_target(b, a),
+                });
             }
             if q.limit > 0 && kvs.len() > q.limit {
                 kvs.truncate(q.limit);
@@ -168,12 +174,11 @@ impl Model {
     fn events_from(&self, from: Revision) -> Vec<RevisionEvents> {
         let mut by_revision: BTreeMap<Revision, Vec<(u32, Event)>> = BTreeMap::new();
         for (key, versions) in &self.keys {
-            for (i, v) in versions.iter().enumerate() {
+            for v in versions {
                 if v.revision < from {
                     continue;
                 }
-                let prev =
-                    if v.revision - 1 >= self.compact && i > 0 { versions[i - 1].kv.clone() } else { None };
+                let prev = if v.revision > self.compact { self.at(key, v.revision - 1) } else { None };
                 let event = match &v.kv {
                     Some(kv) => Event { kind: EventKind::Put, kv: kv.clone(), prev },
                     None => Event {
@@ -258,14 +263,25 @@ impl Model {
         doomed
     }
 
-    fn check_put(&self, put: &Put) -> Result<(), ApplyError> {
-        if put.lease != 0 && !self.leases.contains_key(&put.lease) {
-            return Err(ApplyError::LeaseNotFound(put.lease));
+    /// etcd checks a put on its own lease first, a put in a transaction key first.
+    fn check_put(&self, put: &Put, in_txn: bool) -> Result<(), ApplyError> {
+        let lease = || {
+            if put.lease != 0 && !self.leases.contains_key(&put.lease) {
+                return Err(ApplyError::LeaseNotFound(put.lease));
+            }
+            Ok(())
+        };
+        let key = || {
+            if (put.ignore_value || put.ignore_lease) && self.current(&put.key).is_none() {
+                return Err(ApplyError::KeyNotFound);
+            }
+            Ok(())
+        };
+        if in_txn {
+            key().and_then(|()| lease())
+        } else {
+            lease().and_then(|()| key())
         }
-        if (put.ignore_value || put.ignore_lease) && self.current(&put.key).is_none() {
-            return Err(ApplyError::KeyNotFound);
-        }
-        Ok(())
     }
 
     fn compare_holds(&self, c: &Compare) -> bool {
@@ -287,22 +303,28 @@ impl Model {
         }
     }
 
-    fn check_txn(&self, txn: &Txn, path: &mut impl Iterator<Item = bool>) -> Result<(), ApplyError> {
+    /// etcd's `checkRequests`, once for the puts of the path, once for its ranges.
+    fn check_txn(
+        &self,
+        txn: &Txn,
+        puts: bool,
+        path: &mut impl Iterator<Item = bool>,
+    ) -> Result<(), ApplyError> {
         let holds = path.next().unwrap_or(false);
         for op in if holds { &txn.success } else { &txn.failure } {
             match op {
-                TxnOp::Put(put) => self.check_put(put)?,
-                TxnOp::Range(q) if q.revision > self.revision => {
+                TxnOp::Put(put) if puts => self.check_put(put, true)?,
+                TxnOp::Range(q) if !puts && q.revision > self.revision => {
                     return Err(ApplyError::FutureRevision { requested: q.revision, current: self.revision })
                 }
-                TxnOp::Range(q) if q.revision != 0 && q.revision < self.compact => {
+                TxnOp::Range(q) if !puts && q.revision != 0 && q.revision < self.compact => {
                     return Err(ApplyError::Compacted {
                         requested: q.revision,
                         compact_revision: self.compact,
                     })
                 }
-                TxnOp::Txn(nested) => self.check_txn(nested, path)?,
-                TxnOp::Range(_) | TxnOp::Delete(_) => {}
+                TxnOp::Txn(nested) => self.check_txn(nested, puts, path)?,
+                TxnOp::Put(_) | TxnOp::Range(_) | TxnOp::Delete(_) => {}
             }
         }
         Ok(())
@@ -347,7 +369,7 @@ impl Model {
         let rejected = |revision, error| CommandResult::Rejected { revision, error };
         let result = match command {
             Command::Put(put) => {
-                if let Err(e) = self.check_put(put) {
+                if let Err(e) = self.check_put(put, false) {
                     return rejected(self.revision, e);
                 }
                 let prev = self.put(&mut w, put);
@@ -365,8 +387,10 @@ impl Model {
             Command::Txn(txn) => {
                 let mut path = Vec::new();
                 self.path(txn, &mut path);
-                if let Err(e) = self.check_txn(txn, &mut path.iter().copied()) {
-                    return rejected(self.revision, e);
+                for puts in [true, false] {
+                    if let Err(e) = self.check_txn(txn, puts, &mut path.iter().copied()) {
+                        return rejected(self.revision, e);
+                    }
                 }
                 let (succeeded, responses) = self.run_txn(&mut w, txn, &mut path.iter().copied());
                 let revision = if w.sub > 0 { w.revision } else { self.revision };
@@ -649,7 +673,7 @@ fn query_spec() -> impl Strategy<Value = QuerySpec> {
                 Just(SortTarget::Mod),
                 Just(SortTarget::Value)
             ],
-            prop_oneof![Just(SortOrder::Ascend), Just(SortOrder::Descend)],
+            prop_oneof![Just(SortOrder::Ascend), Just(SortOrder::Descend), Just(SortOrder::AscendFirstPage)],
         ),
     );
     (

@@ -109,6 +109,9 @@ const LOAD_BATCH: usize = 10_000;
 pub const COMPACTION_CHUNK: usize = 1_000;
 /// Revision of an empty store (as in etcd: the first write gets revision 2).
 pub const INITIAL_REVISION: Revision = 1;
+/// The compact revision of a store never compacted (etcd's too: a first `Compact(0)` is
+/// accepted, a second one is refused, and HashKV reports −1 until then).
+pub const NEVER_COMPACTED: Revision = -1;
 
 /// An I/O error naming what failed (openraft 0.10 storage reports `std::io::Error`).
 fn sm_err(what: &str, e: impl std::fmt::Display) -> io::Error {
@@ -138,7 +141,8 @@ pub struct AppliedState {
     pub last_applied: Option<LogId>,
     pub membership: StoredMembership,
     pub revision: Revision,
-    /// Reads and watches below this revision are refused; 0 before any compaction.
+    /// Reads and watches below this revision are refused; [`NEVER_COMPACTED`] before any
+    /// compaction.
     pub compact_revision: Revision,
     /// Desired voter count last set with `Command::SetReplicas`, if ever.
     pub replicas: Option<u32>,
@@ -687,7 +691,7 @@ fn read_applied(tree: &sled::Tree) -> Result<AppliedState, SmOpenError> {
         last_applied: read_meta(tree, META_APPLIED, None)?,
         membership: read_meta(tree, META_MEMBERSHIP, StoredMembership::default())?,
         revision: read_meta(tree, META_REVISION, INITIAL_REVISION)?,
-        compact_revision: read_meta(tree, META_COMPACT, 0)?,
+        compact_revision: read_meta(tree, META_COMPACT, NEVER_COMPACTED)?,
         replicas: read_meta(tree, META_REPLICAS, None)?,
         auth: Arc::new(read_meta(tree, META_AUTH, AuthState::default())?),
     })

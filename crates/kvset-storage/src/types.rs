@@ -253,6 +253,11 @@ pub enum SortTarget {
 pub enum SortOrder {
     Ascend,
     Descend,
+    /// etcd's sort when a target other than the key is given with no order (`NONE`) and a
+    /// limit: ascending, but only of the first `limit + 1` keys in key order (what etcd reads
+    /// before it sorts), then cut to the limit. Without a limit, or with a revision filter,
+    /// it is [`SortOrder::Ascend`]. (Last, so that logs written before it existed still decode.)
+    AscendFirstPage,
 }
 
 /// A read of a key range, inside a Txn or on its own, with etcd's options.

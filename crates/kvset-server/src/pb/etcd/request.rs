@@ -92,9 +92,16 @@ pub fn range(r: &epb::RangeRequest, limits: &Limits) -> Result<(RangeQuery, Cons
         Ok(T::Value) => SortTarget::Value,
         Err(_) => return Err(unknown("sort_target", r.sort_target)),
     };
+    let filtered = r.min_mod_revision != 0
+        || r.max_mod_revision != 0
+        || r.min_create_revision != 0
+        || r.max_create_revision != 0;
     let sort = match O::try_from(r.sort_order) {
-        // etcd sorts by a target other than the key ascending when no order is given.
         Ok(O::None) if target == SortTarget::Key => None,
+        // etcd sorts by a target other than the key ascending when no order is given, but then
+        // reads only what the limit asks for (plus one) before sorting: the first keys in key
+        // order, not the smallest of the range.
+        Ok(O::None) if r.limit > 0 && !filtered => Some((target, SortOrder::AscendFirstPage)),
         Ok(O::None) | Ok(O::Ascend) => Some((target, SortOrder::Ascend)),
         Ok(O::Descend) => Some((target, SortOrder::Descend)),
         Err(_) => return Err(unknown("sort_order", r.sort_order)),
