@@ -54,7 +54,9 @@ use crate::forward::CallContext;
 use crate::forward::Forwarder;
 use crate::identity::AddressBook;
 use crate::identity::Identity;
+use crate::lessor::Leadership;
 use crate::lessor::Lessor;
+use crate::lessor::Renewal;
 use crate::metrics::Metrics;
 use crate::pb::response::HeaderInfo;
 use crate::query::Answer;
@@ -120,7 +122,12 @@ impl LeaderClock {
 
     /// How long this member has led, if it leads.
     pub fn led_for(&self) -> Option<Duration> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).map(|t| t.elapsed())
+        self.since().map(|t| t.elapsed())
+    }
+
+    /// Since when this member leads, if it leads.
+    pub fn since(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -452,6 +459,22 @@ impl LocalMember {
     /// Whether this member leads and may serve leader-only requests now (see [`Self::route`]).
     pub fn leads(&self) -> bool {
         matches!(self.route(false), Ok(Route::Local))
+    }
+
+    /// The term this member leads in (and since when), once it has also applied everything
+    /// committed before that term (the entry openraft appends when a leader takes over): only
+    /// then is its lease table the cluster's. `None` otherwise.
+    pub fn leading_term(&self) -> Option<Leadership> {
+        if !self.leads() {
+            return None;
+        }
+        let (term, applied_own_term) = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            (m.current_term, m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term))
+        };
+        applied_own_term
+            .then(|| Leadership { term, since: self.leadership.since().unwrap_or_else(Instant::now) })
     }
 
     /// Proposes a write on this member (which believes it is the leader) and waits for its
@@ -992,7 +1015,7 @@ impl LocalMember {
     /// exist.
     pub async fn renew_lease(&self, id: LeaseId, deadline: Instant) -> Result<i64, KvError> {
         match self.route(false)? {
-            Route::Local => self.renew_lease_here(id),
+            Route::Local => self.renew_lease_here(id, deadline).await,
             Route::Forward { leader_id, .. } => {
                 let cluster_id = self.cluster.to_wire();
                 let reply = self
@@ -1010,11 +1033,64 @@ impl LocalMember {
     /// Renews lease `id` on this member, which must lead and have heard from a quorum within
     /// the minimum election timeout (the rule of [`Self::route`]). No ReadIndex round: as in
     /// etcd, a renewal changes no replicated state, and a leader deposed without knowing it is
-    /// covered by the extension every new leader gives every lease.
-    pub fn renew_lease_here(&self, id: LeaseId) -> Result<i64, KvError> {
-        match self.route(true)? {
-            Route::Local => Ok(self.lessor.renew(id, &self.reader.leases(), Instant::now()).unwrap_or(0)),
-            Route::Forward { .. } => Err(KvError::Unavailable("not the leader".into())),
+    /// covered by the extension every new leader gives every lease. Waits, until `deadline`:
+    ///
+    /// * for a new leader to have applied what was committed before its term (etcd waits for
+    ///   its applied index): before that its lease table may lack a lease the old leader
+    ///   granted, and "not found" would end a lease whose holder keeps renewing;
+    /// * for an expired lease's revoke to apply, then answers 0 ("not found"), as etcd's
+    ///   `Renew` does: never a TTL for a lease whose keys are about to be deleted.
+    ///
+    /// Out of time, or no longer leading, it answers `UNAVAILABLE` (clients retry).
+    pub async fn renew_lease_here(&self, id: LeaseId, deadline: Instant) -> Result<i64, KvError> {
+        let retry =
+            |why: &str| KvError::Unavailable(format!("lease {id} cannot be renewed here now: {why}; retry"));
+        loop {
+            if let Route::Forward { .. } = self.route(true)? {
+                return Err(KvError::Unavailable("not the leader".into()));
+            }
+            let Some(leading) = self.leading_term() else {
+                self.wait_metrics_until(deadline, |m| {
+                    m.current_leader != Some(m.id)
+                        || m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
+                })
+                .await
+                .map_err(|()| retry("this new leader is still applying the log it inherited"))?;
+                continue;
+            };
+            let table = self.reader.leases();
+            let grant = table.get(&id).map(|l| l.grant);
+            match self.lessor.renew(id, leading, &table, Instant::now()) {
+                Renewal::Renewed(ttl) => return Ok(ttl),
+                Renewal::NotFound => return Ok(0),
+                Renewal::Expired => {
+                    // Wait for this grant of the lease to leave the table (its revoke applied).
+                    let reader = self.reader.clone();
+                    let gone = move || reader.leases().get(&id).map(|l| l.grant) != grant;
+                    self.wait_metrics_until(deadline, |m| m.current_leader != Some(m.id) || gone())
+                        .await
+                        .map_err(|()| retry("it expired and its revoke has not applied yet"))?;
+                    if self.reader.leases().get(&id).map(|l| l.grant) != grant {
+                        return Ok(0);
+                    }
+                    return Err(retry("its leader changed while it expired"));
+                }
+            }
+        }
+    }
+
+    /// Waits until `done` holds for openraft's metrics (checked at each change of them), or
+    /// `deadline`.
+    async fn wait_metrics_until(
+        &self,
+        deadline: Instant,
+        done: impl Fn(&RaftMetrics) -> bool,
+    ) -> Result<(), ()> {
+        let mut rx = self.raft.metrics();
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, metrics_until(&mut rx, done)).await {
+            Ok(true) => Ok(()),
+            _ => Err(()),
         }
     }
 

@@ -343,7 +343,7 @@ pub(crate) fn apply_command(
             if overlay.lease(*id).is_some() {
                 return Ok(rejected(scalars, ApplyError::LeaseExists(*id)));
             }
-            overlay.leases.insert(*id, Some(Lease { id: *id, ttl: *ttl }));
+            overlay.leases.insert(*id, Some(Lease { id: *id, ttl: *ttl, grant: 0, applied_at: None }));
             Ok(CommandResult::LeaseGrant { revision: scalars.revision, id: *id, ttl: *ttl })
         }
         Command::Auth(change) => {

@@ -96,7 +96,7 @@ proptest! {
             revision: 9,
             compact_revision: 2,
             replicas: Some(3),
-            leases: vec![Lease { id: 7, ttl: 30 }],
+            leases: vec![Lease { id: 7, ttl: 30, grant: 0, applied_at: None }],
             auth: crate::auth::AuthState::default(),
         };
         let mut w = SnapshotWriter::create(&path, &header).unwrap();

@@ -235,7 +235,7 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|source| OpenError::Sled { path: db_path.clone(), source })?;
-        let log = LogStore::open(db.clone(), dir, options.observer.clone(), options.disk_fault)
+        let log = LogStore::open(db.clone(), dir, options.observer.clone(), options.disk_fault.clone())
             .map_err(|source| OpenError::Sled { path: db_path.clone(), source })?;
         #[cfg(test)]
         let background_compaction = !options.manual_compaction;
@@ -247,6 +247,7 @@ impl Store {
             options.observer,
             options.events,
             background_compaction,
+            options.disk_fault,
         )?;
         let reader = state_machine.reader();
         Ok(Self { log, state_machine, reader, db })

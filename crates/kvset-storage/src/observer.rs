@@ -39,4 +39,10 @@ pub trait DiskFault: Send + Sync + 'static {
     fn flush_stall(&self) -> Duration {
         Duration::ZERO
     }
+
+    /// Called by the state machine before it applies committed entries: how long applying
+    /// stalls (a member whose applied state lags its log).
+    fn apply_stall(&self) -> Duration {
+        Duration::ZERO
+    }
 }

@@ -437,7 +437,7 @@ mod tests {
             revision: 42,
             compact_revision: 7,
             replicas: Some(3),
-            leases: vec![Lease { id: 5, ttl: 60 }],
+            leases: vec![Lease { id: 5, ttl: 60, grant: 0, applied_at: None }],
             auth: AuthState::default(),
         };
         let mut w = SnapshotWriter::create(path, &header).unwrap();
@@ -458,7 +458,7 @@ mod tests {
             revision: 42,
             compact_revision: 7,
             replicas: Some(3),
-            leases: vec![Lease { id: 5, ttl: 60 }],
+            leases: vec![Lease { id: 5, ttl: 60, grant: 0, applied_at: None }],
         };
         let header = codec::encode("header", &v2).unwrap();
         let mut bytes = MAGIC_V2.to_vec();

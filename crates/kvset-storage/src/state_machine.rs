@@ -76,6 +76,7 @@ use crate::events::EventLogLimits;
 use crate::history;
 use crate::keys;
 use crate::keys::Version;
+use crate::observer::DiskFault;
 use crate::observer::StorageObserver;
 use crate::snapshot;
 use crate::snapshot::SnapshotFile;
@@ -171,6 +172,12 @@ pub type LeaseKeys = (Lease, Vec<Vec<u8>>);
 /// The lease table, shared with readers; replaced (not changed) when leases change.
 pub type LeaseTable = Arc<BTreeMap<LeaseId, Lease>>;
 
+/// A new [`Lease::grant`] number, unique in this process.
+fn next_grant() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 struct SmState {
     tree: sled::Tree,
     slot: usize,
@@ -200,6 +207,8 @@ struct Shared {
     build_gate: Arc<tokio::sync::RwLock<()>>,
     current: Mutex<Option<CurrentSnapshot>>,
     observer: Arc<dyn StorageObserver>,
+    /// Tests: stalls applies.
+    disk_fault: Option<Arc<dyn DiskFault>>,
     seq: AtomicU64,
     /// Tests: a build parks after its first record until this receives.
     #[cfg(test)]
@@ -323,11 +332,14 @@ impl Shared {
             write_auth(&mut batch, &applied.auth).map_err(|e| sm_err("writing", e))?;
         }
         write_meta(&mut batch, &applied).map_err(|e| sm_err("writing", e))?;
+        let applied_at = Instant::now();
         let new_leases = (!overlay.leases.is_empty()).then(|| {
             let mut table = (*leases).clone();
             for (id, lease) in &overlay.leases {
                 match lease {
-                    Some(l) => table.insert(*id, *l),
+                    Some(l) => {
+                        table.insert(*id, Lease { grant: next_grant(), applied_at: Some(applied_at), ..*l })
+                    }
                     None => table.remove(id),
                 };
             }
@@ -618,7 +630,8 @@ impl Shared {
                 return Err(e);
             }
         };
-        let leases: LeaseTable = Arc::new(header.leases.iter().map(|l| (l.id, *l)).collect());
+        let leases: LeaseTable =
+            Arc::new(header.leases.iter().map(|l| (l.id, Lease { grant: next_grant(), ..*l })).collect());
 
         // The flip: from here on the new state is the state.
         let mut st = self.write_state();
@@ -702,7 +715,7 @@ fn read_leases(tree: &sled::Tree) -> Result<LeaseTable, SmOpenError> {
     for item in tree.scan_prefix([keys::LEASE]) {
         let (_, v) = item?;
         let lease: Lease = codec::decode("lease", &v)?;
-        table.insert(lease.id, lease);
+        table.insert(lease.id, Lease { grant: next_grant(), ..lease });
     }
     Ok(Arc::new(table))
 }
@@ -764,6 +777,7 @@ impl StateMachine {
         observer: Arc<dyn StorageObserver>,
         event_limits: EventLogLimits,
         background_compaction: bool,
+        disk_fault: Option<Arc<dyn DiskFault>>,
     ) -> Result<Self, SmOpenError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -831,6 +845,7 @@ impl StateMachine {
             build_gate: Arc::new(tokio::sync::RwLock::new(())),
             current: Mutex::new(best.clone()),
             observer,
+            disk_fault,
             seq: AtomicU64::new(0),
             #[cfg(test)]
             build_pause: Mutex::new(None),
@@ -1188,6 +1203,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let (entries, responders): (Vec<Entry>, Vec<_>) =
             entries.try_collect::<Vec<_>>().await?.into_iter().unzip();
+        if let Some(stall) = self.shared.disk_fault.as_ref().map(|f| f.apply_stall()).filter(|d| !d.is_zero())
+        {
+            tokio::time::sleep(stall).await;
+        }
         let results = self.apply_entries(entries).await?;
         for (responder, result) in responders.into_iter().zip(results) {
             if let Some(responder) = responder {

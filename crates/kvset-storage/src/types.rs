@@ -565,6 +565,16 @@ pub struct Lease {
     pub id: LeaseId,
     /// Granted time to live, in seconds.
     pub ttl: i64,
+    /// Which grant this is: a number the member's state machine gives each grant as it applies
+    /// or loads it, different for a lease revoked and granted again under the same id. Kept in
+    /// memory only (neither replicated nor stored), for the leader's lessor.
+    #[serde(skip)]
+    pub grant: u64,
+    /// When this member applied the grant (`None` for a lease loaded at open or from a
+    /// snapshot). In memory only, like `grant`: a leader's lessor counts a new lease's TTL from
+    /// here, not from when it happened to look.
+    #[serde(skip)]
+    pub applied_at: Option<std::time::Instant>,
 }
 
 /// A cluster member as recorded in the Raft membership config (openraft's `Node` type).

@@ -574,9 +574,10 @@ impl pb::raft_server::Raft for PeerService {
         &self,
         request: Request<pb::LeaseRenewRequest>,
     ) -> Result<Response<pb::LeaseRenewReply>, Status> {
+        let deadline = CallContext::of(&request).deadline;
         let req = request.into_inner();
         self.check_cluster(&req.cluster_id)?;
-        let ttl = self.member.renew_lease_here(req.id)?;
+        let ttl = self.member.renew_lease_here(req.id, deadline).await?;
         Ok(Response::new(pb::LeaseRenewReply { ttl_seconds: ttl }))
     }
 

@@ -27,10 +27,12 @@ pub async fn run(member: Arc<LocalMember>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let leader = member.leads();
+        // Primary only once this member leads and has applied its predecessors' log: until
+        // then its lease table may lack leases they granted.
+        let leading = member.leading_term();
         let now = Instant::now();
-        member.lessor().sync(leader, &member.reader().leases(), now);
-        if !leader {
+        member.lessor().sync(leading, &member.reader().leases(), now);
+        if leading.is_none() {
             continue;
         }
         let expired = member.lessor().take_expired(now, config.revoke_per_check as usize);
