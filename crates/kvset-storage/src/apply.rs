@@ -311,7 +311,9 @@ pub(crate) fn apply_command(
             choose_path(overlay, txn, &mut path)?;
             // As etcd: every put of the path is checked before any range is.
             for pass in [Check::Puts, Check::Ranges] {
-                if let Err(e) = check_path(overlay, scalars, txn, pass, &mut path.iter().copied())? {
+                if let Err(e) =
+                    check_path(overlay, scalars, txn, pass, &mut path.iter().copied(), &mut Vec::new())?
+                {
                     return Ok(rejected(scalars, e));
                 }
             }
@@ -438,23 +440,39 @@ enum Check {
     Ranges,
 }
 
-/// Checks the puts or the ranges of the chosen path before any op runs.
-fn check_path(
+/// Checks the puts or the ranges of the chosen path before any op runs. `deleted` collects the
+/// ranges the path deletes, in the order it runs them: a put that keeps a key's value or lease
+/// after the same transaction deleted that key has nothing to keep and is refused like one on a
+/// missing key (etcd 3.4 crashes on it; the whole transaction is refused, nothing changes).
+fn check_path<'a>(
     overlay: &Overlay<'_>,
     scalars: &Scalars,
-    txn: &Txn,
+    txn: &'a Txn,
     check: Check,
     path: &mut impl Iterator<Item = bool>,
+    deleted: &mut Vec<&'a KeyRange>,
 ) -> Result<Result<(), ApplyError>, ReadError> {
     let succeeded = path.next().unwrap_or(false);
     for op in if succeeded { &txn.success } else { &txn.failure } {
         let checked = match op {
-            TxnOp::Put(put) if check == Check::Puts => check_put(overlay, put, true)?,
+            TxnOp::Put(put) if check == Check::Puts => match check_put(overlay, put, true)? {
+                Ok(())
+                    if (put.ignore_value || put.ignore_lease)
+                        && deleted.iter().any(|r| r.contains(&put.key)) =>
+                {
+                    Err(ApplyError::KeyNotFound)
+                }
+                checked => checked,
+            },
             TxnOp::Range(q) if check == Check::Ranges && q.revision != 0 => {
                 check_revision(scalars, q.revision)
             }
-            TxnOp::Txn(nested) => check_path(overlay, scalars, nested, check, path)?,
-            TxnOp::Put(_) | TxnOp::Range(_) | TxnOp::Delete(_) => Ok(()),
+            TxnOp::Delete(d) => {
+                deleted.push(&d.range);
+                Ok(())
+            }
+            TxnOp::Txn(nested) => check_path(overlay, scalars, nested, check, path, deleted)?,
+            TxnOp::Put(_) | TxnOp::Range(_) => Ok(()),
         };
         if checked.is_err() {
             return Ok(checked);

@@ -359,3 +359,48 @@ fn compaction_refuses_the_past_and_the_future() {
         }
     );
 }
+
+/// Found by the random differential (etcd 3.4 crashes on it): a transaction that deletes a key
+/// and then puts it keeping its value or lease passed the check against the state before the
+/// transaction and then created the key with an empty value. It is refused as a put on a
+/// missing key, and nothing changes.
+#[test]
+fn a_put_keeping_the_value_of_a_key_the_same_transaction_deleted_is_refused() {
+    let (_db, t) = tree();
+    let leases = BTreeMap::new();
+    let mut ov = Overlay::new(&t, 1, &leases);
+    let mut s = scalars();
+    apply_command(&mut ov, &mut s, &put("k", "v")).unwrap();
+    let keep = |ignore_value, ignore_lease| {
+        TxnOp::Put(Put { ignore_value, ignore_lease, ..Put::new("k", if ignore_value { "" } else { "x" }) })
+    };
+    for (ignore_value, ignore_lease) in [(true, false), (false, true)] {
+        for delete in [KeyRange::single("k"), KeyRange { start: b"a".to_vec(), end: RangeEnd::Unbounded }] {
+            let nested =
+                Txn { compares: vec![], success: vec![keep(ignore_value, ignore_lease)], failure: vec![] };
+            for success in [
+                vec![
+                    TxnOp::Delete(Delete { range: delete.clone(), prev_kv: false }),
+                    keep(ignore_value, ignore_lease),
+                ],
+                vec![TxnOp::Delete(Delete { range: delete.clone(), prev_kv: false }), TxnOp::Txn(nested)],
+            ] {
+                let txn = Command::Txn(Txn { compares: vec![], success, failure: vec![] });
+                let before = all(&ov);
+                let r = apply_command(&mut ov, &mut s, &txn).unwrap();
+                assert_eq!(r, CommandResult::Rejected { revision: 2, error: ApplyError::KeyNotFound });
+                assert_eq!(all(&ov), before, "nothing changed");
+            }
+        }
+    }
+    // Put first, then delete: fine (nothing is kept from a deleted key).
+    let txn = Command::Txn(Txn {
+        compares: vec![],
+        success: vec![
+            keep(true, false),
+            TxnOp::Delete(Delete { range: KeyRange::single("k"), prev_kv: false }),
+        ],
+        failure: vec![],
+    });
+    assert!(matches!(apply_command(&mut ov, &mut s, &txn).unwrap(), CommandResult::Txn { revision: 3, .. }));
+}

@@ -303,17 +303,25 @@ impl Model {
         }
     }
 
-    /// etcd's `checkRequests`, once for the puts of the path, once for its ranges.
+    /// etcd's `checkRequests`, once for the puts of the path, once for its ranges; and a put
+    /// keeping the value or lease of a key the transaction deleted before is refused.
     fn check_txn(
         &self,
         txn: &Txn,
         puts: bool,
         path: &mut impl Iterator<Item = bool>,
+        deleted: &mut Vec<KeyRange>,
     ) -> Result<(), ApplyError> {
         let holds = path.next().unwrap_or(false);
         for op in if holds { &txn.success } else { &txn.failure } {
             match op {
-                TxnOp::Put(put) if puts => self.check_put(put, true)?,
+                TxnOp::Put(put) if puts => {
+                    self.check_put(put, true)?;
+                    if (put.ignore_value || put.ignore_lease) && deleted.iter().any(|r| r.contains(&put.key))
+                    {
+                        return Err(ApplyError::KeyNotFound);
+                    }
+                }
                 TxnOp::Range(q) if !puts && q.revision > self.revision => {
                     return Err(ApplyError::FutureRevision { requested: q.revision, current: self.revision })
                 }
@@ -323,8 +331,9 @@ impl Model {
                         compact_revision: self.compact,
                     })
                 }
-                TxnOp::Txn(nested) => self.check_txn(nested, puts, path)?,
-                TxnOp::Put(_) | TxnOp::Range(_) | TxnOp::Delete(_) => {}
+                TxnOp::Delete(d) => deleted.push(d.range.clone()),
+                TxnOp::Txn(nested) => self.check_txn(nested, puts, path, deleted)?,
+                TxnOp::Put(_) | TxnOp::Range(_) => {}
             }
         }
         Ok(())
@@ -388,7 +397,7 @@ impl Model {
                 let mut path = Vec::new();
                 self.path(txn, &mut path);
                 for puts in [true, false] {
-                    if let Err(e) = self.check_txn(txn, puts, &mut path.iter().copied()) {
+                    if let Err(e) = self.check_txn(txn, puts, &mut path.iter().copied(), &mut Vec::new()) {
                         return rejected(self.revision, e);
                     }
                 }
