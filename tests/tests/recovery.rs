@@ -101,3 +101,68 @@ async fn a_recovery_cut_short_after_the_cluster_id_changed_is_finished_at_the_ne
     assert_eq!(meta["forced_new_cluster"]["done"], true);
     c.shutdown().await;
 }
+
+/// Issue 24, item 5: a quorum-loss recovery reused revision numbers: writes the lost members
+/// had acknowledged after the survivor's last one had revisions R+1…, and the new cluster
+/// handed out the same numbers for other data. By default it now raises the revision by
+/// `force_new_cluster_bump_revision` and marks everything below compacted, so a watcher
+/// resuming at its last revision is told to re-list, and no number is handed out twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn force_new_cluster_bumps_the_revision_and_marks_what_lies_below_compacted() {
+    use kvset_tests::harness::Harness;
+    let mut c = Cluster::start(3).await;
+    c.wait_voters(3, Duration::from_secs(60)).await;
+    let client = c.client();
+    for i in 0..20 {
+        client.put(format!("k{i:02}"), format!("v{i}")).await.unwrap();
+    }
+    let before = client.put("last", "x").await.unwrap().header.unwrap().revision;
+    let survivor = c.wait_leader(Duration::from_secs(30)).await;
+    let lost: Vec<u32> = (0..3).filter(|o| *o != survivor).collect();
+    c.stop_many(&[0, 1, 2]).await;
+    for o in &lost {
+        c.wipe(*o);
+    }
+    c.set_env("KVSET_FORCE_NEW_CLUSTER", Some(&format!("kvset-{survivor}")));
+    for o in 0..3 {
+        c.start_node(o).await;
+    }
+    c.wait_voters(3, Duration::from_secs(120)).await;
+    c.set_env("KVSET_FORCE_NEW_CLUSTER", None);
+    let client = c.client();
+    let bumped = before + kvset_storage::seed::DEFAULT_BUMP_REVISION as i64;
+    let next = client.put("after", "y").await.unwrap().header.unwrap().revision;
+    assert_eq!(next, bumped + 1, "the first write after the recovery continues above the bump");
+    assert_eq!(client.get("k07").await.unwrap().map(|kv| kv.value), Some(b"v7".to_vec()), "the data is kept");
+    // Below the new revision everything is compacted: a read there, or a watch resuming after
+    // `before`, is refused with the compact revision.
+    match client.get_at("k07", before).await {
+        Err(kvset_client::Error::OutOfRange(msg)) => assert!(msg.contains(&bumped.to_string()), "{msg}"),
+        other => panic!("a read below the bumped revision answered {other:?}"),
+    }
+    let raw = kvset_tests::etcd::Raw::connect(&c.endpoint(survivor)).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(kvset_proto::etcdserverpb::WatchRequest {
+        request_union: Some(kvset_proto::etcdserverpb::watch_request::RequestUnion::CreateRequest(
+            kvset_proto::etcdserverpb::WatchCreateRequest {
+                key: b"k".to_vec(),
+                range_end: b"l".to_vec(),
+                start_revision: before + 1,
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let mut watch = raw.watch.clone();
+    let mut responses =
+        watch.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let canceled = loop {
+        let r = responses.message().await.unwrap().expect("a response");
+        if r.canceled {
+            break r;
+        }
+    };
+    assert_eq!(canceled.compact_revision, bumped, "{canceled:?}");
+    c.shutdown().await;
+}

@@ -80,12 +80,16 @@ fn denied(user: &str, what: &str) -> KvError {
 
 /// The caller of a request under `state`: `None` while authentication is disabled (everyone
 /// may do everything), else the user, or why there is none.
-pub fn caller(state: &AuthState, credentials: &Credentials) -> Result<Option<String>, KvError> {
+pub fn caller(
+    state: &AuthState,
+    secret: &TokenSecret,
+    credentials: &Credentials,
+) -> Result<Option<String>, KvError> {
     if !state.enabled {
         return Ok(None);
     }
     if let Some(token) = &credentials.token {
-        return verify_token(state, token, now_ms()).map(Some);
+        return verify_token(state, secret, token, now_ms()).map(Some);
     }
     match &credentials.cert_user {
         Some(user) if state.users.contains_key(user) => Ok(Some(user.clone())),
@@ -223,27 +227,79 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
-fn sign(state: &AuthState, payload: &str) -> String {
-    let key = hmac::Key::new(hmac::HMAC_SHA256, &state.token_key);
-    hex(hmac::sign(&key, payload.as_bytes()).as_ref())
+/// The shortest secret `auth.token_key_file` may hold.
+pub const MIN_TOKEN_SECRET_BYTES: usize = 32;
+
+/// What token signatures depend on besides the replicated key (minted at each `AuthEnable`,
+/// kept in the replicated state and so on every volume): a secret of the members only, from
+/// `auth.token_key_file` (a Kubernetes Secret), when one is configured. With it, whoever holds a
+/// volume cannot sign tokens; without it, the replicated key alone signs. Backups hold neither.
+#[derive(Clone, Default)]
+pub struct TokenSecret(Option<std::sync::Arc<[u8]>>);
+
+impl std::fmt::Debug for TokenSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "TokenSecret(file)" } else { "TokenSecret(none)" })
+    }
+}
+
+impl TokenSecret {
+    /// The secret in `path` (empty: none). Refuses a missing, unreadable or short file.
+    pub fn load(path: &str) -> Result<Self, String> {
+        if path.is_empty() {
+            return Ok(Self(None));
+        }
+        let bytes = std::fs::read(path).map_err(|e| format!("auth.token_key_file {path}: {e}"))?;
+        let trimmed = bytes.trim_ascii();
+        if trimmed.len() < MIN_TOKEN_SECRET_BYTES {
+            return Err(format!(
+                "auth.token_key_file {path}: holds {} bytes; at least {MIN_TOKEN_SECRET_BYTES} are needed",
+                trimmed.len()
+            ));
+        }
+        Ok(Self(Some(trimmed.into())))
+    }
+
+    /// The signing key under `state`: the replicated key, or an HMAC of it under the secret.
+    fn key(&self, state: &AuthState) -> hmac::Key {
+        match &self.0 {
+            None => hmac::Key::new(hmac::HMAC_SHA256, &state.token_key),
+            Some(secret) => {
+                let derived = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, secret), &state.token_key);
+                hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref())
+            }
+        }
+    }
 }
 
 /// A token for `user`, valid for `ttl_ms` from `now_ms`.
-pub fn issue_token(state: &AuthState, user: &str, now_ms: u64, ttl_ms: u64) -> Result<String, KvError> {
+pub fn issue_token(
+    state: &AuthState,
+    secret: &TokenSecret,
+    user: &str,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> Result<String, KvError> {
     let epoch =
         state.users.get(user).map(|u| u.epoch).ok_or_else(|| KvError::Internal("no such user".into()))?;
     let payload = format!("{}.{}.{epoch}", hex(user.as_bytes()), now_ms.saturating_add(ttl_ms));
-    Ok(format!("{payload}.{}", sign(state, &payload)))
+    let signature = hmac::sign(&secret.key(state), payload.as_bytes());
+    Ok(format!("{payload}.{}", hex(signature.as_ref())))
 }
 
 /// The user a token names, if it is genuine, unexpired and still current.
-pub fn verify_token(state: &AuthState, token: &str, now_ms: u64) -> Result<String, KvError> {
+pub fn verify_token(
+    state: &AuthState,
+    secret: &TokenSecret,
+    token: &str,
+    now_ms: u64,
+) -> Result<String, KvError> {
     let invalid = |why: &str| {
         tracing::debug!(why, "invalid auth token");
         KvError::Unauthenticated("etcdserver: invalid auth token".into())
     };
     let (payload, signature) = token.rsplit_once('.').ok_or_else(|| invalid("malformed"))?;
-    let key = hmac::Key::new(hmac::HMAC_SHA256, &state.token_key);
+    let key = secret.key(state);
     let signature = unhex(signature).ok_or_else(|| invalid("malformed signature"))?;
     hmac::verify(&key, payload.as_bytes(), &signature).map_err(|_| invalid("bad signature"))?;
     let mut parts = payload.split('.');
@@ -327,26 +383,53 @@ mod tests {
         s
     }
 
+    fn none_secret() -> TokenSecret {
+        TokenSecret::default()
+    }
+
+    /// Issue 24, item 8: with `auth.token_key_file`, the replicated key (on every volume) no
+    /// longer signs tokens by itself, and members sharing the file accept each other's tokens.
+    #[test]
+    fn with_a_secret_file_the_replicated_key_alone_signs_nothing() {
+        let s = state();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token-key");
+        std::fs::write(&file, [42u8; 40]).unwrap();
+        let secret = TokenSecret::load(file.to_str().unwrap()).unwrap();
+        let t = issue_token(&s, &secret, "app", 1_000, 500).unwrap();
+        assert_eq!(
+            verify_token(&s, &TokenSecret::load(file.to_str().unwrap()).unwrap(), &t, 1_200).unwrap(),
+            "app"
+        );
+        let forged = issue_token(&s, &none_secret(), "app", 1_000, 500).unwrap();
+        assert!(verify_token(&s, &secret, &forged, 1_200).is_err(), "signed with the volume's key alone");
+        assert!(verify_token(&s, &none_secret(), &t, 1_200).is_err(), "a member without the file");
+        std::fs::write(&file, b"short").unwrap();
+        let e = TokenSecret::load(file.to_str().unwrap()).unwrap_err();
+        assert!(e.contains("at least 32"), "{e}");
+        assert!(TokenSecret::load("/nonexistent/token-key").unwrap_err().contains("/nonexistent/token-key"));
+    }
+
     #[test]
     fn tokens_are_checked_for_signature_expiry_and_password_epoch() {
         let mut s = state();
-        let t = issue_token(&s, "app", 1_000, 500).unwrap();
-        assert_eq!(verify_token(&s, &t, 1_200).unwrap(), "app");
-        assert!(verify_token(&s, &t, 1_500).is_err(), "expired");
+        let t = issue_token(&s, &none_secret(), "app", 1_000, 500).unwrap();
+        assert_eq!(verify_token(&s, &none_secret(), &t, 1_200).unwrap(), "app");
+        assert!(verify_token(&s, &none_secret(), &t, 1_500).is_err(), "expired");
         // Tampering: another user in the payload, or another key.
         let forged = t.replacen(&hex(b"app"), &hex(b"root"), 1);
-        assert!(verify_token(&s, &forged, 1_200).is_err(), "a forged user");
+        assert!(verify_token(&s, &none_secret(), &forged, 1_200).is_err(), "a forged user");
         let mut other = s.clone();
         other.token_key = vec![8; 32];
-        assert!(verify_token(&other, &t, 1_200).is_err(), "another cluster's key");
+        assert!(verify_token(&other, &none_secret(), &t, 1_200).is_err(), "another cluster's key");
         for garbage in ["", ".", "a.b", "zz.zz.zz.zz", &format!("{t}x"), "...."] {
-            assert!(verify_token(&s, garbage, 1_200).is_err(), "{garbage:?}");
+            assert!(verify_token(&s, &none_secret(), garbage, 1_200).is_err(), "{garbage:?}");
         }
         s.apply(&AuthCommand::UserChangePassword { name: "app".into(), password_hash: None }).unwrap();
-        assert!(verify_token(&s, &t, 1_200).is_err(), "the password changed");
-        let t = issue_token(&s, "app", 1_000, 500).unwrap();
+        assert!(verify_token(&s, &none_secret(), &t, 1_200).is_err(), "the password changed");
+        let t = issue_token(&s, &none_secret(), "app", 1_000, 500).unwrap();
         s.apply(&AuthCommand::UserDelete { name: "app".into() }).unwrap();
-        assert!(verify_token(&s, &t, 1_200).is_err(), "the user was deleted");
+        assert!(verify_token(&s, &none_secret(), &t, 1_200).is_err(), "the user was deleted");
     }
 
     #[test]
@@ -354,13 +437,17 @@ mod tests {
         let s = state();
         let none = Credentials::default();
         assert!(
-            matches!(caller(&s, &none), Err(KvError::InvalidArgument(m)) if m.contains("user name is empty"))
+            matches!(caller(&s, &none_secret(), &none), Err(KvError::InvalidArgument(m)) if m.contains("user name is empty"))
         );
-        assert_eq!(caller(&AuthState::default(), &none).unwrap(), None, "auth disabled: no caller needed");
+        assert_eq!(
+            caller(&AuthState::default(), &none_secret(), &none).unwrap(),
+            None,
+            "auth disabled: no caller needed"
+        );
         let cert = Credentials { token: None, cert_user: Some("app".into()) };
-        assert_eq!(caller(&s, &cert).unwrap().as_deref(), Some("app"));
+        assert_eq!(caller(&s, &none_secret(), &cert).unwrap().as_deref(), Some("app"));
         let stranger = Credentials { token: None, cert_user: Some("stranger".into()) };
-        assert!(caller(&s, &stranger).is_err());
+        assert!(caller(&s, &none_secret(), &stranger).is_err());
 
         let put = |k: &[u8]| Command::Put(kvset_storage::Put::new(k.to_vec(), b"v".to_vec()));
         let ok = |c: &Command| check(&s, Some("app"), &Needs::of_command(c, |_| Vec::new()), "test");

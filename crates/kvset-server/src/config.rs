@@ -44,6 +44,7 @@ pub struct Config {
     pub kubernetes_api_url: String,
     pub cluster_id: String,
     pub force_new_cluster: String,
+    pub force_new_cluster_bump_revision: u64,
     pub quota_bytes: u64,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -170,11 +171,12 @@ pub struct BatchConfig {
 pub struct AuthConfig {
     pub token_ttl_seconds: u64,
     pub bcrypt_cost: u64,
+    pub token_key_file: String,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { token_ttl_seconds: 300, bcrypt_cost: 10 }
+        Self { token_ttl_seconds: 300, bcrypt_cost: 10, token_key_file: String::new() }
     }
 }
 
@@ -234,6 +236,7 @@ impl Default for Config {
             kubernetes_api_url: String::new(),
             cluster_id: String::new(),
             force_new_cluster: String::new(),
+            force_new_cluster_bump_revision: kvset_storage::seed::DEFAULT_BUMP_REVISION,
             quota_bytes: 8 << 30,
             log_format: LogFormat::Auto,
             log_level: "info".into(),
@@ -374,6 +377,13 @@ pub const KEYS: &[KeyDoc] = &[
               refuses to start; it acts once and is ignored until the member has started once without it.",
     },
     KeyDoc {
+        key: "force_new_cluster_bump_revision",
+        doc: "How far a force_new_cluster recovery raises the store revision; everything below the new revision \
+              is marked compacted (etcd's --bump-revision --mark-compacted), so no revision number the lost \
+              cluster handed out is reused and watchers resuming below it are told to re-list. 0: keep the \
+              revisions (not recommended).",
+    },
+    KeyDoc {
         key: "quota_bytes",
         doc: "Space quota of the volume (like etcd's quota-backend-bytes): past it, writes that add data are \
               refused with RESOURCE_EXHAUSTED and a NOSPACE alarm is raised; reads, deletes, compaction and \
@@ -487,6 +497,13 @@ pub const KEYS: &[KeyDoc] = &[
         key: "auth.bcrypt_cost",
         doc: "bcrypt cost of password hashes (etcd's --bcrypt-cost): 4..31; each step doubles the time to hash \
               and to check a password.",
+    },
+    KeyDoc {
+        key: "auth.token_key_file",
+        doc: "A file (e.g. a mounted Kubernetes Secret) holding at least 32 bytes of secret, the same on every \
+              member, that token signatures also depend on: whoever holds a volume (which keeps the per-enable \
+              key of the replicated state) cannot sign tokens without it. Read at start. Empty: tokens are signed \
+              with the replicated key alone. Backups never hold either.",
     },
     KeyDoc {
         key: "tls.cert_file",

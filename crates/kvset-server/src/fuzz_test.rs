@@ -266,8 +266,8 @@ proptest! {
         let mut state = kvset_storage::auth::AuthState::default();
         state.apply(&kvset_storage::auth::AuthCommand::UserAdd { name: "root".into(), password_hash: None }).unwrap();
         state.token_key = vec![1; 32];
-        prop_assert!(crate::auth::verify_token(&state, &token, 0).is_err(), "a made-up token was accepted");
-        prop_assert!(crate::auth::verify_token(&state, &String::from_utf8_lossy(&bytes), 0).is_err());
+        prop_assert!(crate::auth::verify_token(&state, &Default::default(), &token, 0).is_err(), "a made-up token was accepted");
+        prop_assert!(crate::auth::verify_token(&state, &Default::default(), &String::from_utf8_lossy(&bytes), 0).is_err());
     }
 
     #[test]

@@ -42,6 +42,7 @@ use kvset_storage::WatchReceiver;
 use tokio::sync::watch;
 
 use crate::auth::Needs;
+use crate::auth::TokenSecret;
 use crate::batcher::Batcher;
 use crate::channels::PeerChannels;
 use crate::cluster_id::AdoptError;
@@ -166,6 +167,7 @@ pub struct MemberParts {
     pub channels: Arc<PeerChannels>,
     pub k8s_replicas: Arc<AtomicU32>,
     pub leadership: Arc<LeaderClock>,
+    pub token_secret: TokenSecret,
 }
 
 /// This member: identity, Raft, the write and read pipelines, lifecycle. See the module docs.
@@ -218,6 +220,8 @@ pub struct LocalMember {
     leadership: Arc<LeaderClock>,
     /// Whether new client requests are taken (false once shutdown has drained the servers).
     accepting: AtomicBool,
+    /// What token signatures depend on besides the replicated key (`auth.token_key_file`).
+    token_secret: TokenSecret,
 }
 
 impl std::fmt::Debug for LocalMember {
@@ -244,6 +248,7 @@ impl LocalMember {
             channels,
             k8s_replicas,
             leadership,
+            token_secret,
         } = parts;
         let batcher = Batcher::start(raft.clone(), &config.batch, metrics.clone());
         let read_index =
@@ -292,6 +297,7 @@ impl LocalMember {
             k8s_replicas,
             leadership,
             accepting: AtomicBool::new(true),
+            token_secret,
         }
     }
 
@@ -343,6 +349,11 @@ impl LocalMember {
     /// Clients for forwarding to the leader.
     pub fn forwarder(&self) -> &Forwarder {
         &self.forwarder
+    }
+
+    /// What token signatures depend on besides the replicated key.
+    pub fn token_secret(&self) -> &TokenSecret {
+        &self.token_secret
     }
 
     /// The cluster id cell (shared with the peer network).
@@ -767,7 +778,7 @@ impl LocalMember {
     /// The caller of a request, by this member's applied users and roles: `None` while
     /// authentication is disabled.
     pub fn caller(&self, ctx: &CallContext) -> Result<Option<String>, KvError> {
-        crate::auth::caller(&self.reader.auth(), &ctx.credentials)
+        crate::auth::caller(&self.reader.auth(), &self.token_secret, &ctx.credentials)
     }
 
     /// Refuses the request unless its caller has what `needs` asks (`crate::auth`); requests a
@@ -806,7 +817,7 @@ impl LocalMember {
             return Ok(());
         }
         let needs = needs();
-        let user = crate::auth::caller(&state, &ctx.credentials)?;
+        let user = crate::auth::caller(&state, &self.token_secret, &ctx.credentials)?;
         crate::auth::check(&state, user.as_deref(), &needs, what)
     }
 

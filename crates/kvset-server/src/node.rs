@@ -98,6 +98,8 @@ pub enum StartError {
     Recovery(#[from] crate::recovery::RecoveryError),
     #[error("a failed defragmentation could not be cleaned up: {0}")]
     Defrag(std::io::Error),
+    #[error("{0}")]
+    TokenKey(String),
 }
 
 /// How long a defragmentation at start waits for the previous incarnation of this member (in
@@ -146,6 +148,8 @@ impl Node {
         let identity = Identity::from_name(&config.name)?;
         let book = AddressBook::new(&config, &identity.set);
         let tls = MemberTls::from_config(&config, book.clone())?;
+        let token_secret =
+            crate::auth::TokenSecret::load(&config.auth.token_key_file).map_err(StartError::TokenKey)?;
         let expected = if config.cluster_id.is_empty() {
             None
         } else {
@@ -189,6 +193,7 @@ impl Node {
         );
         crate::recovery::prepare(
             &config.force_new_cluster,
+            config.force_new_cluster_bump_revision,
             &book.member(identity.ordinal),
             &mut volume,
             &mut store,
@@ -249,6 +254,7 @@ impl Node {
             channels,
             k8s_replicas: k8s_replicas.clone(),
             leadership: leadership.clone(),
+            token_secret,
         }));
 
         let client_addr = listeners.client.local_addr().map_err(StartError::Listener)?;

@@ -6,7 +6,9 @@
 //! 1. apply every entry of its log; refuse an empty volume (nothing to recover);
 //! 2. move the volume to a new cluster id, recording that a recovery is under way (from here
 //!    on the recovery is finished at every start, whatever the setting says);
-//! 3. write a backup of the applied state and place it as the volume's pending seed;
+//! 3. write a backup of the applied state and place it as the volume's pending seed, with the
+//!    store revision bumped by `force_new_cluster_bump_revision` and everything below marked
+//!    compacted;
 //! 4. seed: the membership becomes this member alone, the data stays, the log is purged; the
 //!    record says the recovery is done.
 //!
@@ -49,6 +51,7 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> RecoveryError {
 /// seed to the freshly opened `volume` and `store` of member `me`.
 pub async fn prepare(
     force_new_cluster: &str,
+    bump_revision: u64,
     me: &Member,
     volume: &mut Volume,
     store: &mut Store,
@@ -59,7 +62,7 @@ pub async fn prepare(
         // A recovery began and was cut short: the volume already has its new cluster id, so it
         // is finished whatever the setting says now.
         tracing::warn!("force_new_cluster: finishing a recovery that was interrupted");
-        save_seed(store, &dir).await?;
+        save_seed(store, &dir, bump_revision).await?;
     } else if force_new_cluster.is_empty() {
         if marker.is_some() {
             volume.rearm_force_new_cluster()?;
@@ -79,7 +82,7 @@ pub async fn prepare(
         );
     } else {
         begin(me, volume, store, &dir).await?;
-        save_seed(store, &dir).await?;
+        save_seed(store, &dir, bump_revision).await?;
     }
     if let Some(path) = seed::pending(&dir) {
         let seeded =
@@ -162,9 +165,11 @@ async fn begin(me: &Member, volume: &mut Volume, store: &mut Store, dir: &Path) 
 }
 
 /// Step 3: applies the whole log and places a backup of the result as the volume's pending
-/// seed (unless one is already placed). Repeatable: until the seed is consumed the store holds
+/// seed (unless one is already placed), its revisions bumped by `bump_revision` (see
+/// `seed::restored_header`: a survivor may lack writes the lost majority acknowledged, whose
+/// revision numbers must not be handed out again). Repeatable: until the seed is consumed the store holds
 /// this member's own data, and after it, the seeded data, whose backup seeds the same state.
-async fn save_seed(store: &mut Store, dir: &Path) -> Result<(), RecoveryError> {
+async fn save_seed(store: &mut Store, dir: &Path, bump_revision: u64) -> Result<(), RecoveryError> {
     if seed::pending(dir).is_some() {
         return Ok(());
     }
@@ -174,7 +179,7 @@ async fn save_seed(store: &mut Store, dir: &Path) -> Result<(), RecoveryError> {
         .await
         .map_err(|e| RecoveryError::Io { what: "backing up the state", source: std::io::Error::other(e) })?
         .map_err(io("backing up the state failed"))?;
-    if let Err(e) = seed::adopt(&backup, dir) {
+    if let Err(e) = seed::adopt(&backup, dir, bump_revision) {
         let _ = std::fs::remove_file(&backup);
         return Err(RecoveryError::Io { what: "placing the seed failed", source: e });
     }

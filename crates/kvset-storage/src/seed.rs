@@ -49,25 +49,60 @@ pub fn pending(dir: &Path) -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-/// Copies the snapshot `src` to `dir/restore.snap` through a temporary file, fsyncing the
-/// file and the directory, so the seed is either wholly there or absent.
-pub fn place(src: &Path, dir: &Path) -> io::Result<PathBuf> {
+/// The revision amount a restore or a quorum-loss recovery bumps by default (as the Kubernetes
+/// documentation advises for `etcdutl snapshot restore --bump-revision`): far more than any
+/// writes a lost member or a backup can have missed.
+pub const DEFAULT_BUMP_REVISION: u64 = 1_000_000_000;
+
+/// The header a seed installs: the snapshot's, with the store revision raised by `bump` and
+/// everything below the new revision marked compacted (etcd's `--bump-revision N
+/// --mark-compacted`), and a new token signing key.
+///
+/// Writes the lost cluster made after the backup (or that the surviving member never received)
+/// had revisions above the snapshot's; a new cluster that handed out the same numbers for other
+/// data would let a compare on `mod_revision` succeed against the wrong object and a watcher
+/// resuming at its last revision silently skip history. Bumped, no number is reused, and a
+/// watcher resuming below the new revision is told the history is compacted and re-lists.
+/// `bump` 0 keeps the revisions and the compact revision as they were.
+pub fn restored_header(header: &SnapshotHeader, bump: u64) -> io::Result<SnapshotHeader> {
+    let mut out = header.clone();
+    if bump > 0 {
+        let revision =
+            i64::try_from(bump).ok().and_then(|b| header.revision.checked_add(b)).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("revision {} bumped by {bump} does not fit a revision", header.revision),
+                )
+            })?;
+        out.revision = revision;
+        out.compact_revision = revision;
+    }
+    // Tokens of the source cluster die: a restored cluster signs with a key of its own.
+    out.auth.token_key = if out.auth.enabled { rand::random::<[u8; 32]>().to_vec() } else { Vec::new() };
+    Ok(out)
+}
+
+/// Writes the snapshot `src` as `dir/restore.snap` with its header made [`restored_header`]
+/// (`bump`), through a temporary file, fsyncing the file and the directory, so the seed is
+/// either wholly there or absent. The source is checked on the way; a damaged one is refused.
+pub fn place(src: &Path, dir: &Path, bump: u64) -> io::Result<PathBuf> {
     let tmp = dir.join(format!("{SEED_FILE}.tmp"));
     let dst = dir.join(SEED_FILE);
-    fs::copy(src, &tmp)?;
-    fs::File::open(&tmp)?.sync_all()?;
+    let _ = fs::remove_file(&tmp);
+    if let Err(e) = snapshot::rewrite(src, &tmp, |h| restored_header(h, bump)) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     fs::rename(&tmp, &dst)?;
     sync_dir(dir)?;
     Ok(dst)
 }
 
 /// Makes `file`, a snapshot on the volume in `dir` (a member's own backup), the pending seed
-/// by renaming it, after fsyncing it: no second copy of the data on a volume that may be
-/// short of space.
-pub fn adopt(file: &Path, dir: &Path) -> io::Result<PathBuf> {
-    let dst = dir.join(SEED_FILE);
-    fs::File::open(file)?.sync_all()?;
-    fs::rename(file, &dst)?;
+/// (see [`place`]) and removes `file`.
+pub fn adopt(file: &Path, dir: &Path, bump: u64) -> io::Result<PathBuf> {
+    let dst = place(file, dir, bump)?;
+    fs::remove_file(file)?;
     sync_dir(dir)?;
     Ok(dst)
 }
@@ -165,7 +200,7 @@ impl Store {
         // under the new header, and a damaged seed fails here, before anything changed.
         let (src, dst, new_meta) = (seed.to_path_buf(), partial.clone(), meta.clone());
         let copied = tokio::task::spawn_blocking(move || {
-            snapshot::rewrite(&src, &dst, |h| SnapshotHeader { meta: new_meta, ..h.clone() })
+            snapshot::rewrite(&src, &dst, |h| Ok(SnapshotHeader { meta: new_meta, ..h.clone() }))
         })
         .await
         .map_err(io::Error::other)

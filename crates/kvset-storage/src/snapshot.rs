@@ -416,10 +416,10 @@ pub fn inspect(path: &Path) -> io::Result<(SnapshotHeader, u64)> {
 pub(crate) fn rewrite(
     src: &Path,
     dst: &Path,
-    header: impl FnOnce(&SnapshotHeader) -> SnapshotHeader,
+    header: impl FnOnce(&SnapshotHeader) -> io::Result<SnapshotHeader>,
 ) -> io::Result<(SnapshotHeader, u64)> {
     let mut r = SnapshotReader::open(src)?;
-    let mut w = SnapshotWriter::create(dst, &header(&r.header))?;
+    let mut w = SnapshotWriter::create(dst, &header(&r.header)?)?;
     while let Some((k, v)) = r.next_record()? {
         w.record(&k, &v)?;
     }

@@ -1076,14 +1076,18 @@ impl SmReader {
     }
 
     /// Writes a snapshot file of the applied state (the format Raft ships between members,
-    /// which a volume can be restored from) and returns its header, path and size. The file
+    /// which a volume can be restored from, without the token signing key) and returns its
+    /// header, path and size. The file
     /// lies in the snapshot directory but is not the Raft snapshot: the caller owns it and
     /// removes it when done (a restart removes a forgotten one).
     pub fn write_backup(&self) -> io::Result<(SnapshotHeader, PathBuf, u64)> {
         let shared = &self.shared;
         let path = shared.snapshot_dir.join(format!("backup-{}.tmp", shared.next_seq()));
         let _gate = shared.compaction_gate.read().unwrap_or_else(|e| e.into_inner());
-        let (tree, header) = shared.capture();
+        let (tree, mut header) = shared.capture();
+        // The token signing key stays in the cluster: whoever holds a backup must not be able to
+        // sign tokens for it (a restored cluster makes a key of its own).
+        header.auth.token_key = Vec::new();
         // Not fsynced: the file is read back at once and deleted, and a 100 MB fsync would
         // queue the Raft log's own flushes behind it on the same disk (writes stalled for
         // 0.6 s during backups before).

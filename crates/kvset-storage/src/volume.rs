@@ -205,14 +205,15 @@ fn unix_ms() -> u64 {
 impl Volume {
     /// Prepares a new volume in `dir` (absent or empty) that a member of `ordinal` will start
     /// from as a new cluster `cluster_id` holding the data of the snapshot file `backup`: the
-    /// snapshot is placed as the volume's pending seed (see [`crate::seed`]), then the metadata
-    /// is written. Checking the snapshot is the caller's job (`snapshot::inspect`); the member
+    /// snapshot is placed as the volume's pending seed, its revisions bumped by `bump_revision`
+    /// (see [`crate::seed::restored_header`]), then the metadata is written. Checking the snapshot is the caller's job (`snapshot::inspect`); the member
     /// checks it again before it seeds.
     pub fn create_restored(
         dir: &Path,
         ordinal: u32,
         cluster_id: ClusterId,
         backup: &Path,
+        bump_revision: u64,
     ) -> Result<Self, VolumeError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -232,7 +233,7 @@ impl Volume {
         }
         // The seed first: a crash before the metadata leaves a directory that no member will
         // use (it is not empty and has no metadata), never an empty volume that could bootstrap.
-        crate::seed::place(backup, dir).map_err(io(dir))?;
+        crate::seed::place(backup, dir, bump_revision).map_err(io(dir))?;
         let meta = VolumeMeta::new(ordinal, Some(cluster_id));
         write_atomically(dir, &meta)?;
         tracing::info!(dir = %dir.display(), node_id = meta.node_id, ordinal, cluster_id = %cluster_id, "prepared a restored volume");

@@ -43,7 +43,9 @@ pub async fn run(
         }
         SnapshotCommand::Save { file: None, dir: None, .. } => bail!("give a FILE or --dir"),
         SnapshotCommand::Status { file } => status(&file, format),
-        SnapshotCommand::Restore { file, data_dir, name } => restore(&file, &data_dir, &name, format),
+        SnapshotCommand::Restore { file, data_dir, name, bump_revision } => {
+            restore(&file, &data_dir, &name, bump_revision, format)
+        }
         SnapshotCommand::Trigger => trigger(endpoints, format, options).await,
     }
 }
@@ -242,21 +244,30 @@ fn status(file: &Path, format: Format) -> anyhow::Result<()> {
 }
 
 /// Prepares the volume of member `name` in `data_dir` to start a new cluster from `file`.
-fn restore(file: &Path, data_dir: &Path, name: &str, format: Format) -> anyhow::Result<()> {
+fn restore(
+    file: &Path,
+    data_dir: &Path,
+    name: &str,
+    bump_revision: u64,
+    format: Format,
+) -> anyhow::Result<()> {
     let identity = Identity::from_name(name).map_err(|e| anyhow::anyhow!("--name {name:?}: {e}"))?;
     let unusable =
         |e: String| anyhow::anyhow!("{}: not a usable backup ({e}); nothing was changed", file.display());
     let backup = Backup::open(file).map_err(|e| unusable(format!("{e:#}")))?;
     let summary = seed::summarize(&backup.path).map_err(|e| unusable(e.to_string()))?;
     let cluster = ClusterId::random();
-    let volume = Volume::create_restored(data_dir, identity.ordinal, cluster, &backup.path)?;
+    let volume = Volume::create_restored(data_dir, identity.ordinal, cluster, &backup.path, bump_revision)?;
+    let revision = summary.header.revision.saturating_add(bump_revision as i64);
     match format {
         Format::Json => print_json(&json!({
             "data_dir": data_dir.display().to_string(), "name": name, "cluster_id": cluster.to_string(),
-            "node_id": volume.node_id(), "revision": summary.header.revision, "keys": summary.keys,
+            "node_id": volume.node_id(), "revision": revision, "backup_revision": summary.header.revision,
+            "keys": summary.keys,
         })),
         Format::Human => println!(
-            "restored revision {} ({} keys) into {} for {name}: new cluster {cluster}, node {}.\n\
+            "restored revision {} ({} keys) into {} for {name}: new cluster {cluster}, node {}; it continues at \
+             revision {revision}, everything below compacted.\n\
              Start {name} on this volume: it serves as a cluster of one; the other ordinals, started with empty \
              volumes, join it.",
             summary.header.revision,

@@ -219,6 +219,12 @@ enum SnapshotCommand {
         /// The member that will start on it (its ordinal is recorded in the volume).
         #[arg(long, default_value = "kvset-0")]
         name: String,
+        /// Raise the store revision by this much and mark everything below the new revision
+        /// compacted (etcd's --bump-revision --mark-compacted): no revision the old cluster
+        /// handed out after the backup is reused, and watchers resuming below it re-list.
+        /// 0 keeps the backup's revisions.
+        #[arg(long, default_value_t = kvset_storage::seed::DEFAULT_BUMP_REVISION)]
+        bump_revision: u64,
     },
     /// Make the first endpoint's member build a Raft snapshot now (compacts its log).
     Trigger,

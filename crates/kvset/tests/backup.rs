@@ -75,8 +75,12 @@ async fn a_backup_restored_into_a_new_cluster_holds_every_key_revision_lease_and
 
     // Restore into ordinal 0's volume of a brand-new cluster; 1 and 2 start empty and join.
     let mut new = Cluster::new(3, |_| {}).await;
-    let restored =
-        json("unused", &["snapshot", "restore", path(&file), "--data-dir", path(&new.data_dir(0))]).await;
+    // With the revisions kept as they were (the default bumps them: tested below).
+    let restored = json(
+        "unused",
+        &["snapshot", "restore", path(&file), "--data-dir", path(&new.data_dir(0)), "--bump-revision", "0"],
+    )
+    .await;
     assert_eq!(restored["revision"], revision, "{restored}");
     for o in 0..3 {
         new.start_node(o).await;
@@ -343,5 +347,70 @@ async fn a_key_deleted_between_two_compactions_stays_deleted_in_history_snapshot
     let live = keys(etcdctl(&restored, &["get", "", "--from-key", "--keys-only"]).await);
     assert!(!live.contains(&"k".to_string()), "the restored cluster serves the deleted key: {live:?}");
     assert_eq!(live.len(), 42, "x, y and the 40 fill keys: {live:?}");
+    new.shutdown().await;
+}
+
+/// Issue 24, items 5 and 8: a restore reused revision numbers (writes made after the backup had
+/// revisions R+1…, and the restored cluster handed the same out again), and the token signing
+/// key travelled in every backup (whoever held one could sign tokens for the live cluster, and
+/// the restored cluster accepted the old cluster's tokens). By default a restore now raises the
+/// revision by a billion and marks everything below compacted; backups hold no signing key, and
+/// a restored cluster makes its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restore_bumps_the_revision_and_old_tokens_are_refused() {
+    use kvset_proto::etcdserverpb as epb;
+    let old = Cluster::start(1).await;
+    old.wait_leader(Duration::from_secs(30)).await;
+    let ep = old.endpoint(0);
+    for args in [
+        vec!["user", "add", "root", "--new-user-password=rootpw", "--interactive=false"],
+        vec!["user", "grant-role", "root", "root"],
+        vec!["auth", "enable"],
+        vec!["--user", "root:rootpw", "put", "k", "v"],
+    ] {
+        etcdctl(&ep, &args).await;
+    }
+    let mut raw = kvset_tests::etcd::Raw::connect(&ep).await;
+    let login = epb::AuthenticateRequest { name: "root".into(), password: "rootpw".into() };
+    let token = raw.auth.authenticate(login.clone()).await.unwrap().into_inner().token;
+    let with_token = |token: &str| {
+        let mut r = tonic::Request::new(epb::RangeRequest { key: b"k".to_vec(), ..Default::default() });
+        r.metadata_mut().insert("token", token.parse().unwrap());
+        r
+    };
+    let revision = raw.kv.range(with_token(&token)).await.unwrap().into_inner().header.unwrap().revision;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backup.db");
+    assert!(etcdctl(&ep, &["--user", "root:rootpw", "snapshot", "save", path(&file)])
+        .await
+        .contains("saved"));
+    old.shutdown().await;
+
+    // etcdctl frames it as etcd's snapshots: the kvset snapshot inside, then a SHA-256.
+    let unframed = dir.path().join("backup.snap");
+    kvset_storage::snapshot::unframe_etcd(&file, &unframed, 32).expect("etcd's framing");
+    let header = kvset_storage::snapshot::verify(&unframed).expect("a readable backup");
+    assert!(header.auth.enabled, "the backup carries users and roles");
+    assert!(header.auth.token_key.is_empty(), "the backup holds the token signing key");
+
+    let mut new = Cluster::new(1, |_| {}).await;
+    let restored =
+        json("unused", &["snapshot", "restore", path(&file), "--data-dir", path(&new.data_dir(0))]).await;
+    let bumped = revision + kvset_storage::seed::DEFAULT_BUMP_REVISION as i64;
+    assert_eq!(restored["revision"], bumped, "{restored}");
+    assert_eq!(restored["backup_revision"], revision, "{restored}");
+    new.start_node(0).await;
+    new.wait_leader(Duration::from_secs(30)).await;
+    let mut raw = kvset_tests::etcd::Raw::connect(&new.endpoint(0)).await;
+    let refused = raw.kv.range(with_token(&token)).await.expect_err("the old cluster's token was accepted");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let token = raw.auth.authenticate(login).await.unwrap().into_inner().token;
+    let now = raw.kv.range(with_token(&token)).await.unwrap().into_inner();
+    assert_eq!(now.header.unwrap().revision, bumped);
+    assert_eq!(now.kvs[0].value, b"v");
+    let mut at_old = with_token(&token);
+    at_old.get_mut().revision = revision;
+    let compacted = raw.kv.range(at_old).await.expect_err("a read below the bumped revision");
+    assert!(compacted.message().contains("compacted"), "{compacted:?}");
     new.shutdown().await;
 }

@@ -134,7 +134,8 @@ impl epb::auth_server::Auth for EtcdService {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let ttl_ms = self.member.config().auth.token_ttl_seconds.saturating_mul(1000);
-        let token = crate::auth::issue_token(&state, &r.name, now, ttl_ms).map_err(errors::from_kv)?;
+        let token = crate::auth::issue_token(&state, self.member.token_secret(), &r.name, now, ttl_ms)
+            .map_err(errors::from_kv)?;
         Ok(Response::new(epb::AuthenticateResponse { header: self.header_now(), token }))
     }
 
