@@ -369,3 +369,103 @@ async fn an_etcdctl_auth_session_matches_a_real_etcd_step_by_step() {
     assert!(differences.is_empty(), "kvset differs from etcd:\n{}", differences.join("\n"));
     c.shutdown().await;
 }
+
+/// Stalls every apply of a member until a moment a test sets.
+#[derive(Default)]
+struct ApplyGate {
+    until: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl kvset_storage::DiskFault for ApplyGate {
+    fn apply_stall(&self) -> Duration {
+        self.until
+            .lock()
+            .unwrap()
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(std::time::Instant::now()))
+    }
+}
+
+/// A request with alice's token.
+fn as_user<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut().insert("token", token.parse().unwrap());
+    r
+}
+
+/// Issue 24, item 7: a lease revoke (which deletes the lease's keys) and a lease's time-to-live
+/// with its keys (which names them) were checked only against the receiving member's view. A
+/// member lagging behind a key attached to the lease let a user who may write only /app/
+/// revoke it — deleting /etc/secret — and read its name. Now the revoke is checked again when it
+/// applies, and the read on the leader, each against the keys of that moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lease_revoke_and_lease_keys_are_checked_where_they_take_effect() {
+    let mut c = Cluster::new(3, |config| config.auth.bcrypt_cost = 4).await;
+    let gates: Vec<std::sync::Arc<ApplyGate>> = (0..3).map(|_| Default::default()).collect();
+    for o in 0..3 {
+        let options =
+            kvset_server::NodeOptions { disk_fault: Some(gates[o as usize].clone()), ..Default::default() };
+        c.start_node_with(o, options).await;
+    }
+    let leader = c.wait_voters(3, Duration::from_secs(60)).await;
+    let lagging = (0..3).find(|o| *o != leader).unwrap();
+    let e = c.endpoint(leader);
+    tokio::task::spawn_blocking(move || set_up_users(&e)).await.unwrap();
+    let mut at_leader = kvset_tests::etcd::Raw::connect(&c.endpoint(leader)).await;
+    let mut at_lagging = kvset_tests::etcd::Raw::connect(&c.endpoint(lagging)).await;
+    let login = |name: &str, password: &str| epb::AuthenticateRequest {
+        name: name.into(),
+        password: password.into(),
+    };
+    let alice = at_leader.auth.authenticate(login("alice", "alicepw")).await.unwrap().into_inner().token;
+    let root = at_leader.auth.authenticate(login("root", "rootpw")).await.unwrap().into_inner().token;
+
+    // Alice's lease with her key; the lagging member applied both.
+    let lease = at_leader
+        .lease
+        .lease_grant(as_user(&alice, epb::LeaseGrantRequest { ttl: 600, id: 0 }))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let put = |key: &str, lease| epb::PutRequest {
+        key: key.into(),
+        value: b"v".to_vec(),
+        lease,
+        ..Default::default()
+    };
+    at_leader.kv.put(as_user(&alice, put("/app/a", lease))).await.unwrap();
+    let lagging_member = c.node(lagging).member().clone();
+    kvset_tests::eventually("the lagging member has alice's key", Duration::from_secs(10), || {
+        let m = lagging_member.clone();
+        async move { m.reader().lease(lease).ok().flatten().filter(|(_, keys)| keys.len() == 1) }
+    })
+    .await;
+
+    // The lagging member stops applying; root attaches /etc/secret to the lease.
+    *gates[lagging as usize].until.lock().unwrap() = Some(std::time::Instant::now() + Duration::from_secs(6));
+    at_leader.kv.put(as_user(&root, put("/etc/secret", lease))).await.unwrap();
+
+    // Through the lagging member, alice may neither read the lease's key names…
+    let ttl = at_lagging
+        .lease
+        .lease_time_to_live(as_user(&alice, epb::LeaseTimeToLiveRequest { id: lease, keys: true }))
+        .await;
+    let refused = ttl.expect_err("the lease's keys were named to a user who may not read /etc/secret");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // …nor revoke it (which would delete /etc/secret).
+    let revoke = at_lagging.lease.lease_revoke(as_user(&alice, epb::LeaseRevokeRequest { id: lease })).await;
+    let refused = revoke.expect_err("a revoke deleting /etc/secret was allowed");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert_eq!(refused.message(), "etcdserver: permission denied");
+    let secret = at_leader
+        .kv
+        .range(as_user(&root, epb::RangeRequest { key: b"/etc/secret".to_vec(), ..Default::default() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(secret.count, 1, "/etc/secret was deleted");
+    // Root may.
+    *gates[lagging as usize].until.lock().unwrap() = None;
+    at_leader.lease.lease_revoke(as_user(&root, epb::LeaseRevokeRequest { id: lease })).await.unwrap();
+    c.shutdown().await;
+}

@@ -21,19 +21,18 @@
 //!   compaction, membership, snapshots, defragmentation and user/role management need the
 //!   `root` role. Grants and keep-alives of leases need an authenticated caller only.
 //!
-//! A revocation takes effect on a member once it has applied it; a request already checked
-//! there is not checked again on the leader.
+//! Checked twice: here, at the member that receives the request (fast refusals), and again
+//! where it takes effect against the newest state — commands when they apply (the state machine
+//! checks a `Command::AsUser` against the users, roles and lease keys of that moment, as etcd
+//! checks at apply), forwarded reads on the leader (the read names its caller). A permission
+//! taken away, or a key attached to a lease, after the first check cannot be used through it.
 
 use std::time::SystemTime;
 use std::time::UNIX_EPOCH;
 
 use kvset_storage::auth::Access;
 use kvset_storage::auth::AuthState;
-use kvset_storage::Command;
 use kvset_storage::KeyRange;
-use kvset_storage::RangeEnd;
-use kvset_storage::Txn;
-use kvset_storage::TxnOp;
 use ring::hmac;
 
 use crate::errors::KvError;
@@ -98,99 +97,22 @@ pub fn caller(
     }
 }
 
-/// What a command or query needs: administrative rights, or access to key ranges.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Needs {
-    pub admin: bool,
-    pub ranges: Vec<(Access, Vec<u8>, Vec<u8>)>,
-}
+pub use kvset_storage::auth::Needs;
 
-impl Needs {
-    /// Administrative rights (the `root` role).
-    pub fn admin() -> Self {
-        Self { admin: true, ranges: Vec::new() }
-    }
-
-    /// Read access to `range`.
-    pub fn read(range: &KeyRange) -> Self {
-        let mut n = Self::default();
-        n.add(Access::Read, range);
-        n
-    }
-
-    fn add(&mut self, access: Access, range: &KeyRange) {
-        let end = match &range.end {
-            RangeEnd::Single => Vec::new(),
-            RangeEnd::Unbounded => vec![0],
-            RangeEnd::Before(end) => end.clone(),
-        };
-        self.ranges.push((access, range.start.clone(), end));
-    }
-
-    /// A put needs write access, and read access too when it returns the previous value.
-    fn put(&mut self, p: &kvset_storage::Put) {
-        let range = KeyRange::single(p.key.clone());
-        self.add(Access::Write, &range);
-        if p.prev_kv {
-            self.add(Access::Read, &range);
-        }
-    }
-
-    /// A delete needs write access, and read access too when it returns the deleted values.
-    fn delete(&mut self, d: &kvset_storage::Delete) {
-        self.add(Access::Write, &d.range);
-        if d.prev_kv {
-            self.add(Access::Read, &d.range);
-        }
-    }
-
-    fn txn(&mut self, t: &Txn) {
-        for c in &t.compares {
-            self.add(Access::Read, &c.range);
-        }
-        for op in t.success.iter().chain(&t.failure) {
-            match op {
-                TxnOp::Range(r) => self.add(Access::Read, &r.range),
-                TxnOp::Put(p) => self.put(p),
-                TxnOp::Delete(d) => self.delete(d),
-                TxnOp::Txn(t) => self.txn(t),
+/// What answering `query` needs; `lease_keys` lists the keys attached to a lease (a lease's
+/// time-to-live with its keys names them: reading their names needs read access).
+pub fn needs_of_query(query: &Query, lease_keys: impl Fn(i64) -> Vec<Vec<u8>>) -> Needs {
+    match query {
+        Query::Get { key, .. } => Needs::read(&KeyRange::single(key.clone())),
+        Query::Range(r) => Needs::read(&r.range),
+        Query::Lease { id, keys: true } => {
+            let mut n = Needs::default();
+            for key in lease_keys(*id) {
+                n.add(Access::Read, &KeyRange::single(key));
             }
+            n
         }
-    }
-
-    /// What applying `command` needs; `lease_keys` lists the keys attached to a lease.
-    pub fn of_command(command: &Command, lease_keys: impl Fn(i64) -> Vec<Vec<u8>>) -> Self {
-        let mut n = Self::default();
-        match command {
-            Command::Put(p) => n.put(p),
-            Command::Delete(d) => n.delete(d),
-            Command::Txn(t) => n.txn(t),
-            Command::LeaseGrant { .. } => {}
-            Command::LeaseRevoke(id) => {
-                for key in lease_keys(*id) {
-                    n.add(Access::Write, &KeyRange::single(key));
-                }
-            }
-            Command::SetReplicas(_) | Command::Compact(_) | Command::Auth(_) => n.admin = true,
-        }
-        n
-    }
-
-    /// What answering `query` needs; `lease_keys` lists the keys attached to a lease (a
-    /// lease's time-to-live with its keys names them: reading their names needs read access).
-    pub fn of_query(query: &Query, lease_keys: impl Fn(i64) -> Vec<Vec<u8>>) -> Self {
-        match query {
-            Query::Get { key, .. } => Self::read(&KeyRange::single(key.clone())),
-            Query::Range(r) => Self::read(&r.range),
-            Query::Lease { id, keys: true } => {
-                let mut n = Self::default();
-                for key in lease_keys(*id) {
-                    n.add(Access::Read, &KeyRange::single(key));
-                }
-                n
-            }
-            Query::Lease { keys: false, .. } | Query::Leases => Self::default(),
-        }
+        Query::Lease { keys: false, .. } | Query::Leases => Needs::default(),
     }
 }
 
@@ -198,18 +120,11 @@ impl Needs {
 /// the refusal and the log.
 pub fn check(state: &AuthState, user: Option<&str>, needs: &Needs, what: &str) -> Result<(), KvError> {
     let Some(user) = user else { return Ok(()) };
-    if state.is_root(user) {
-        return Ok(());
+    if state.allows(user, needs) {
+        Ok(())
+    } else {
+        Err(denied(user, what))
     }
-    if needs.admin {
-        return Err(denied(user, what));
-    }
-    for (access, key, end) in &needs.ranges {
-        if !state.permitted(user, *access, key, end) {
-            return Err(denied(user, what));
-        }
-    }
-    Ok(())
 }
 
 fn now_ms() -> u64 {
@@ -357,6 +272,7 @@ mod tests {
     use kvset_storage::auth::AuthCommand;
     use kvset_storage::auth::PermKind;
     use kvset_storage::auth::Permission;
+    use kvset_storage::Command;
 
     use super::*;
 
@@ -483,7 +399,7 @@ mod tests {
             "a lease holding a key outside the grant"
         );
         assert!(check(&s, Some("root"), &Needs::admin(), "admin").is_ok());
-        let ttl = |keys| Needs::of_query(&Query::Lease { id: 1, keys }, |_| vec![b"/etc".to_vec()]);
+        let ttl = |keys| needs_of_query(&Query::Lease { id: 1, keys }, |_| vec![b"/etc".to_vec()]);
         assert!(check(&s, Some("app"), &ttl(true), "ttl").is_err(), "the names of keys outside the grant");
         assert!(check(&s, Some("app"), &ttl(false), "ttl").is_ok());
         assert!(check(&s, None, &Needs::admin(), "auth off").is_ok());

@@ -119,6 +119,7 @@ pub struct Limits {
     pub range_max_keys: u64,
     pub response_max_bytes: u64,
     pub pending_reads_max: u64,
+    pub forward_response_max_bytes: u64,
 }
 
 /// Watches: limits and timing.
@@ -313,6 +314,7 @@ impl Default for Limits {
             range_max_keys: 10_000,
             response_max_bytes: 4 << 20,
             pending_reads_max: 10_000,
+            forward_response_max_bytes: i32::MAX as u64,
         }
     }
 }
@@ -434,6 +436,12 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         key: "limits.response_max_bytes",
         doc: "A Range page ends once its keys and values would pass this many bytes (at least one key is returned).",
+    },
+    KeyDoc {
+        key: "limits.forward_response_max_bytes",
+        doc: "Largest answer, in bytes, a member reads back from the leader for a request it forwarded (gRPC's \
+              own ceiling, 2 GiB, by default). A write whose answer is larger still applies and its client is \
+              told UNKNOWN (the outcome cannot be read), never that it failed.",
     },
     KeyDoc {
         key: "limits.pending_reads_max",
@@ -806,6 +814,7 @@ impl Config {
             ("limits.range_max_keys", l.range_max_keys),
             ("limits.response_max_bytes", l.response_max_bytes),
             ("limits.pending_reads_max", l.pending_reads_max),
+            ("limits.forward_response_max_bytes", l.forward_response_max_bytes),
         ] {
             if v == 0 {
                 return bad(key, "must be at least 1".into());

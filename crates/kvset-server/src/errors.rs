@@ -105,7 +105,98 @@ pub enum KvError {
     Remote(Status),
 }
 
+/// A [`KvError`] as it crosses the hop from the leader to the member that forwarded a request:
+/// the kind and the values it names, encoded (postcard) in the peer reply, never a message to
+/// parse. (`KvError::Remote` does not cross: it is mapped to its kind first.)
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum WireError {
+    InvalidArgument(String),
+    NoLeader { leader_id: Option<u64>, leader_addr: Option<String>, reason: String },
+    Unavailable(String),
+    Overloaded(String),
+    LimitReached(String),
+    NoSpace(String),
+    Indeterminate(String),
+    DeadlineExceeded(String),
+    Unimplemented(String),
+    FailedPrecondition(String),
+    PermissionDenied(String),
+    Unauthenticated(String),
+    NotFound(String),
+    OutOfRange(String),
+    Internal(String),
+}
+
+impl From<KvError> for WireError {
+    fn from(e: KvError) -> Self {
+        match e {
+            KvError::InvalidArgument(m) => WireError::InvalidArgument(m),
+            KvError::NoLeader { leader_id, leader_addr, reason } => {
+                WireError::NoLeader { leader_id, leader_addr, reason }
+            }
+            KvError::Unavailable(m) => WireError::Unavailable(m),
+            KvError::Overloaded(m) => WireError::Overloaded(m),
+            KvError::LimitReached(m) => WireError::LimitReached(m),
+            KvError::NoSpace(m) => WireError::NoSpace(m),
+            KvError::Indeterminate(m) => WireError::Indeterminate(m),
+            KvError::DeadlineExceeded(m) => WireError::DeadlineExceeded(m),
+            KvError::Unimplemented(m) => WireError::Unimplemented(m),
+            KvError::FailedPrecondition(m) => WireError::FailedPrecondition(m),
+            KvError::PermissionDenied(m) => WireError::PermissionDenied(m),
+            KvError::Unauthenticated(m) => WireError::Unauthenticated(m),
+            KvError::NotFound(m) => WireError::NotFound(m),
+            KvError::OutOfRange(m) => WireError::OutOfRange(m),
+            KvError::Internal(m) => WireError::Internal(m),
+            KvError::Remote(status) => match from_status(status) {
+                KvError::Remote(status) => WireError::Internal(status.message().to_string()),
+                other => other.into(),
+            },
+        }
+    }
+}
+
+impl From<WireError> for KvError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::InvalidArgument(m) => KvError::InvalidArgument(m),
+            WireError::NoLeader { leader_id, leader_addr, reason } => {
+                KvError::NoLeader { leader_id, leader_addr, reason }
+            }
+            WireError::Unavailable(m) => KvError::Unavailable(m),
+            WireError::Overloaded(m) => KvError::Overloaded(m),
+            WireError::LimitReached(m) => KvError::LimitReached(m),
+            WireError::NoSpace(m) => KvError::NoSpace(m),
+            WireError::Indeterminate(m) => KvError::Indeterminate(m),
+            WireError::DeadlineExceeded(m) => KvError::DeadlineExceeded(m),
+            WireError::Unimplemented(m) => KvError::Unimplemented(m),
+            WireError::FailedPrecondition(m) => KvError::FailedPrecondition(m),
+            WireError::PermissionDenied(m) => KvError::PermissionDenied(m),
+            WireError::Unauthenticated(m) => KvError::Unauthenticated(m),
+            WireError::NotFound(m) => KvError::NotFound(m),
+            WireError::OutOfRange(m) => KvError::OutOfRange(m),
+            WireError::Internal(m) => KvError::Internal(m),
+        }
+    }
+}
+
 impl KvError {
+    /// This error encoded for a peer reply (see [`WireError`]).
+    pub fn to_wire(self) -> Vec<u8> {
+        kvset_storage::codec::encode("error", &WireError::from(self)).unwrap_or_default()
+    }
+
+    /// The error a peer reply carries, or `None` when it carries none.
+    pub fn from_wire(bytes: &[u8]) -> Option<Result<KvError, String>> {
+        if bytes.is_empty() {
+            return None;
+        }
+        Some(
+            kvset_storage::codec::decode::<WireError>("error", bytes)
+                .map(KvError::from)
+                .map_err(|e| e.to_string()),
+        )
+    }
+
     /// An `INVALID_ARGUMENT` error naming a limit: "`what` is `got`, over the limit `name` = `max`".
     pub fn over_limit(what: &str, got: u64, name: &str, max: u64) -> Self {
         KvError::InvalidArgument(format!("{what} is {got}, over the limit {name} = {max}"))
@@ -199,6 +290,7 @@ pub fn auth_rejected(e: &kvset_storage::auth::AuthError) -> KvError {
     use kvset_storage::auth::AuthError as E;
     match e {
         E::UserEmpty | E::RoleEmpty | E::InvalidAuthMgmt => KvError::InvalidArgument(e.to_string()),
+        E::PermissionDenied => KvError::PermissionDenied(e.to_string()),
         _ => KvError::FailedPrecondition(e.to_string()),
     }
 }

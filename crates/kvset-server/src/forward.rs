@@ -42,6 +42,9 @@ pub struct CallContext {
     /// marker (or on the peer port) a current member vouches for the caller, which it checked
     /// (see `LocalMember::authorize`). A client's own `kvset-forwarded` entry never does.
     pub member: Option<u32>,
+    /// The caller the forwarding member authenticated (forwarded reads name it, so that the
+    /// leader checks them against its own, newest state).
+    pub user: Option<String>,
 }
 
 impl CallContext {
@@ -59,6 +62,7 @@ impl CallContext {
             credentials: Credentials::of(request),
             from_peer_port: false,
             member: request.extensions().get::<crate::tls::ConnInfo>().and_then(|c| c.member),
+            user: None,
         }
     }
 
@@ -150,12 +154,26 @@ fn answered_by_server(status: &tonic::Status) -> bool {
     true
 }
 
-/// Maps the outcome of a forwarded call. `write` tells whether the request changes state, in
-/// which case a lost connection makes the outcome unknown.
+/// Maps the outcome of a call forwarded to the leader's client port (cluster admin calls),
+/// where the leader answers with gRPC statuses. `write` tells whether the request changes
+/// state, in which case a lost connection makes the outcome unknown.
 pub fn forwarded_error(status: tonic::Status, leader_addr: &str, write: bool) -> KvError {
     if answered_by_server(&status) {
         return KvError::Remote(status);
     }
+    lost_call(status, leader_addr, write)
+}
+
+/// Maps the gRPC status of a call to the leader's peer port, whose answers, errors included,
+/// travel as data: a status is never the leader's answer. `write` tells whether the request
+/// changes state: then anything but a connection that could not be made leaves the outcome
+/// unknown — the leader may have applied the command and its answer was lost or could not be
+/// read (larger than `limits.forward_response_max_bytes`, say).
+pub fn peer_call_error(status: tonic::Status, leader_addr: &str, write: bool) -> KvError {
+    lost_call(status, leader_addr, write)
+}
+
+fn lost_call(status: tonic::Status, leader_addr: &str, write: bool) -> KvError {
     if is_connect_error(&status) || !write {
         return KvError::NoLeader {
             leader_id: None,
@@ -164,7 +182,7 @@ pub fn forwarded_error(status: tonic::Status, leader_addr: &str, write: bool) ->
         };
     }
     KvError::Indeterminate(format!(
-        "connection to the leader at {leader_addr} failed mid-request: {}",
+        "the leader at {leader_addr} may have applied the write, but its answer was lost: {}",
         status.message()
     ))
 }

@@ -50,7 +50,7 @@ use crate::cluster_id::ClusterIdCell;
 use crate::config::Config;
 use crate::config::ReplicasSource;
 use crate::errors::KvError;
-use crate::forward::forwarded_error;
+use crate::forward::peer_call_error;
 use crate::forward::CallContext;
 use crate::forward::Forwarder;
 use crate::identity::AddressBook;
@@ -784,7 +784,7 @@ impl LocalMember {
     /// Refuses the request unless its caller has what `needs` asks (`crate::auth`); requests a
     /// member vouches for were checked there. `what` names the request.
     pub fn authorize(&self, ctx: &CallContext, needs: &Needs, what: &str) -> Result<(), KvError> {
-        self.authorize_with(ctx, what, || Needs { admin: needs.admin, ranges: needs.ranges.clone() })
+        self.authorize_with(ctx, what, || needs.clone()).map(|_| ())
     }
 
     /// Whether another member checked this request's caller: it came over the peer port (from
@@ -805,20 +805,31 @@ impl LocalMember {
         self.raft_metrics().membership_config.membership().nodes().any(|(_, n)| n.name == name)
     }
 
-    /// [`Self::authorize`] with the needs computed only when access control is on.
+    /// [`Self::authorize`] with the needs computed only when access control is on. Returns the
+    /// caller it checked: `None` while access control is off, or for a request another member
+    /// checked and that names no caller.
     fn authorize_with(
         &self,
         ctx: &CallContext,
         what: &str,
         needs: impl FnOnce() -> Needs,
-    ) -> Result<(), KvError> {
+    ) -> Result<Option<String>, KvError> {
         let state = self.reader.auth();
-        if !state.enabled || self.vouched(ctx) {
-            return Ok(());
+        if !state.enabled {
+            return Ok(None);
         }
-        let needs = needs();
-        let user = crate::auth::caller(&state, &self.token_secret, &ctx.credentials)?;
-        crate::auth::check(&state, user.as_deref(), &needs, what)
+        let user = if self.vouched(ctx) {
+            // Checked by the member that received it; checked again here when it names its
+            // caller (forwarded reads: this member's users, roles and lease keys are the newest).
+            match &ctx.user {
+                Some(user) => Some(user.clone()),
+                None => return Ok(None),
+            }
+        } else {
+            crate::auth::caller(&state, &self.token_secret, &ctx.credentials)?
+        };
+        crate::auth::check(&state, user.as_deref(), &needs(), what)?;
+        Ok(user)
     }
 
     /// A watch request as the caller may make it: a create on a range it may not read is
@@ -862,15 +873,16 @@ impl LocalMember {
             })?;
         let channel =
             self.channels.get(&name, &peer).map_err(|e| KvError::Unavailable(format!("leader {e}")))?;
-        Ok((
-            peer,
-            RaftClient::new(channel).max_decoding_message_size(crate::forward::CLIENT_MAX_MESSAGE_BYTES),
-        ))
+        let limit = usize::try_from(self.config.limits.forward_response_max_bytes).unwrap_or(usize::MAX);
+        Ok((peer, RaftClient::new(channel).max_decoding_message_size(limit)))
     }
 
-    /// Calls the leader's peer port with the caller's deadline; maps what comes back (the
-    /// leader's own errors, or a lost connection: outcome unknown when `write`).
-    async fn on_leader_peer<T>(
+    /// Calls the leader's peer port with the caller's deadline and maps what comes back: the
+    /// leader's answer, or its error (carried as data in the reply, see [`PeerReply`]). A gRPC
+    /// status is never the leader's answer: nothing was sent (a connection that could not be
+    /// made: retry elsewhere), or the answer was lost or could not be read — for a write, whose
+    /// command the leader may have applied, the outcome is unknown.
+    async fn on_leader_peer<T: PeerReply>(
         &self,
         leader_id: u64,
         deadline: Instant,
@@ -887,11 +899,20 @@ impl LocalMember {
                 "the leader did not answer in time; the write may still apply".into(),
             )),
             Err(_) => Err(KvError::DeadlineExceeded("the leader did not answer in time".into())),
-            Ok(Ok(reply)) => Ok(reply.into_inner()),
-            Ok(Err(status)) => Err(match forwarded_error(status, &peer, write) {
-                KvError::Remote(status) => crate::errors::from_status(status),
-                other => other,
-            }),
+            Ok(Ok(reply)) => {
+                let reply = reply.into_inner();
+                match KvError::from_wire(reply.error()) {
+                    None => Ok(reply),
+                    Some(Ok(error)) => Err(error),
+                    Some(Err(e)) if write => Err(KvError::Indeterminate(format!(
+                        "the leader's error from {peer} is unreadable: {e}"
+                    ))),
+                    Some(Err(e)) => Err(KvError::Unavailable(format!(
+                        "the leader's error from {peer} is unreadable: {e}"
+                    ))),
+                }
+            }
+            Ok(Err(status)) => Err(peer_call_error(status, &peer, write)),
         }
     }
 
@@ -899,11 +920,20 @@ impl LocalMember {
     /// until `ctx.deadline`. A command refused by the state machine is an `Ok` result
     /// ([`CommandResult::Rejected`]), for each API to word.
     pub async fn execute(&self, command: Command, ctx: &CallContext) -> Result<CommandResult, KvError> {
-        self.authorize_with(ctx, command_name(&command), || {
+        let user = self.authorize_with(ctx, command_name(&command), || {
             Needs::of_command(&command, |id| {
                 self.reader.lease(id).ok().flatten().map(|(_, keys)| keys).unwrap_or_default()
             })
         })?;
+        // Checked here on this member's view; checked again when it applies, against the users,
+        // roles and lease keys of that moment (a lagging member's view, or a key attached to a
+        // lease meanwhile, must not let it through).
+        let command = match user {
+            Some(user) if !matches!(command, Command::AsUser { .. }) => {
+                Command::AsUser { user, command: Box::new(command) }
+            }
+            _ => command,
+        };
         let leader_id = match self.route(ctx.forwarded)? {
             Route::Local => {
                 let prepared = self.on_leader(command.clone())?;
@@ -967,6 +997,9 @@ impl LocalMember {
                 let id = if id == 0 { self.new_lease_id() } else { id };
                 Ok(Command::LeaseGrant { id, ttl })
             }
+            Command::AsUser { user, command } => {
+                Ok(Command::AsUser { user, command: Box::new(self.on_leader(*command)?) })
+            }
             other => Ok(other),
         }
     }
@@ -980,8 +1013,8 @@ impl LocalMember {
         consistency: Consistency,
         ctx: &CallContext,
     ) -> Result<Result<Answer, QueryError>, KvError> {
-        self.authorize_with(ctx, "read", || {
-            Needs::of_query(&query, |id| {
+        let user = self.authorize_with(ctx, "read", || {
+            crate::auth::needs_of_query(&query, |id| {
                 self.reader.lease(id).ok().flatten().map(|(_, keys)| keys).unwrap_or_default()
             })
         })?;
@@ -999,7 +1032,8 @@ impl LocalMember {
                 let cluster_id = self.cluster.to_wire();
                 let reply = self
                     .on_leader_peer(leader_id, ctx.deadline, false, async move |mut c, left| {
-                        let mut req = tonic::Request::new(pb::ReadRequest { cluster_id, query: bytes });
+                        let user = user.unwrap_or_default();
+                        let mut req = tonic::Request::new(pb::ReadRequest { cluster_id, query: bytes, user });
                         req.set_timeout(left);
                         c.read(req).await
                     })
@@ -1117,6 +1151,30 @@ impl LocalMember {
     }
 }
 
+/// A reply of the leader's peer port that carries the leader's error as data.
+pub trait PeerReply {
+    /// The encoded [`crate::errors::WireError`], empty when the call succeeded.
+    fn error(&self) -> &[u8];
+}
+
+impl PeerReply for pb::ProposeReply {
+    fn error(&self) -> &[u8] {
+        &self.error
+    }
+}
+
+impl PeerReply for pb::ReadReply {
+    fn error(&self) -> &[u8] {
+        &self.error
+    }
+}
+
+impl PeerReply for pb::LeaseRenewReply {
+    fn error(&self) -> &[u8] {
+        &self.error
+    }
+}
+
 /// Waits until openraft's metrics satisfy `pred`. False if Raft stopped first.
 pub async fn metrics_until(rx: &mut RaftMetricsRx, pred: impl Fn(&RaftMetrics) -> bool) -> bool {
     loop {
@@ -1186,7 +1244,7 @@ pub fn commit_index(m: &RaftMetrics) -> Option<u64> {
 
 /// A command's name in refusals and logs.
 fn command_name(command: &Command) -> &'static str {
-    match command {
+    match command.inner() {
         Command::Put(_) => "put",
         Command::Delete(_) => "delete",
         Command::Txn(_) => "run this transaction",
@@ -1195,5 +1253,6 @@ fn command_name(command: &Command) -> &'static str {
         Command::LeaseGrant { .. } => "grant a lease",
         Command::LeaseRevoke(_) => "revoke this lease",
         Command::Auth(_) => "manage users and roles",
+        Command::AsUser { .. } => "run this command",
     }
 }

@@ -287,6 +287,23 @@ pub(crate) fn apply_command(
 ) -> Result<CommandResult, ReadError> {
     let rejected = |scalars: &Scalars, error| CommandResult::Rejected { revision: scalars.revision, error };
     match command {
+        Command::AsUser { user, command } => {
+            let auth = match (&overlay.auth, overlay.auth_before) {
+                (Some(a), _) => Some(a),
+                (None, a) => a,
+            };
+            if let Some(auth) = auth.filter(|a| a.enabled) {
+                let lease_keys = match command.inner() {
+                    Command::LeaseRevoke(id) => overlay.lease_keys(*id)?,
+                    _ => Vec::new(),
+                };
+                let needs = crate::auth::Needs::of_command(command, |_| lease_keys.clone());
+                if !auth.allows(user, &needs) {
+                    return Ok(rejected(scalars, ApplyError::Auth(crate::auth::AuthError::PermissionDenied)));
+                }
+            }
+            apply_command(overlay, scalars, command)
+        }
         Command::SetReplicas(replicas) => {
             scalars.replicas = Some(*replicas);
             Ok(CommandResult::SetReplicas { revision: scalars.revision, replicas: *replicas })

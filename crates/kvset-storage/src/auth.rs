@@ -123,6 +123,97 @@ pub enum AuthError {
     InvalidAuthMgmt,
     #[error("etcdserver: authentication is not enabled")]
     AuthNotEnabled,
+    /// The command's caller may not do what it asks, by the users, roles and lease keys as they
+    /// were when it applied (last, so results written before it existed still decode).
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+}
+
+/// What a command needs of its caller: administrative rights (the `root` role), or access to
+/// key ranges — etcd's rules: reads need read access, puts and deletes write access (and read
+/// access when they return previous values), a transaction everything of both branches and its
+/// compares, a lease revoke write access to every key attached to the lease.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Needs {
+    pub admin: bool,
+    /// (access, key, range_end) in etcd's range forms: an empty `range_end` is the key alone,
+    /// `[0]` every key from `key` on.
+    pub ranges: Vec<(Access, Vec<u8>, Vec<u8>)>,
+}
+
+impl Needs {
+    /// Administrative rights (the `root` role).
+    pub fn admin() -> Self {
+        Self { admin: true, ranges: Vec::new() }
+    }
+
+    /// Read access to `range`.
+    pub fn read(range: &crate::KeyRange) -> Self {
+        let mut n = Self::default();
+        n.add(Access::Read, range);
+        n
+    }
+
+    /// Adds `access` to `range`.
+    pub fn add(&mut self, access: Access, range: &crate::KeyRange) {
+        let end = match &range.end {
+            crate::RangeEnd::Single => Vec::new(),
+            crate::RangeEnd::Unbounded => vec![0],
+            crate::RangeEnd::Before(end) => end.clone(),
+        };
+        self.ranges.push((access, range.start.clone(), end));
+    }
+
+    /// A put needs write access, and read access too when it returns the previous value.
+    fn put(&mut self, p: &crate::Put) {
+        let range = crate::KeyRange::single(p.key.clone());
+        self.add(Access::Write, &range);
+        if p.prev_kv {
+            self.add(Access::Read, &range);
+        }
+    }
+
+    /// A delete needs write access, and read access too when it returns the deleted values.
+    fn delete(&mut self, d: &crate::Delete) {
+        self.add(Access::Write, &d.range);
+        if d.prev_kv {
+            self.add(Access::Read, &d.range);
+        }
+    }
+
+    fn txn(&mut self, t: &crate::Txn) {
+        for c in &t.compares {
+            self.add(Access::Read, &c.range);
+        }
+        for op in t.success.iter().chain(&t.failure) {
+            match op {
+                crate::TxnOp::Range(r) => self.add(Access::Read, &r.range),
+                crate::TxnOp::Put(p) => self.put(p),
+                crate::TxnOp::Delete(d) => self.delete(d),
+                crate::TxnOp::Txn(t) => self.txn(t),
+            }
+        }
+    }
+
+    /// What applying `command` needs; `lease_keys` lists the keys attached to a lease.
+    pub fn of_command(command: &crate::Command, lease_keys: impl Fn(i64) -> Vec<Vec<u8>>) -> Self {
+        use crate::Command;
+        let mut n = Self::default();
+        match command {
+            Command::Put(p) => n.put(p),
+            Command::Delete(d) => n.delete(d),
+            Command::Txn(t) => n.txn(t),
+            Command::LeaseGrant { .. } => {}
+            Command::LeaseRevoke(id) => {
+                for key in lease_keys(*id) {
+                    n.add(Access::Write, &crate::KeyRange::single(key));
+                }
+            }
+            Command::SetReplicas(_) | Command::Compact(_) | Command::Auth(_) => n.admin = true,
+            Command::AsUser { command, .. } => return Self::of_command(command, lease_keys),
+        }
+        n
+    }
 }
 
 impl AuthState {
@@ -242,6 +333,14 @@ impl AuthState {
     /// Whether `user` holds the role `root`.
     pub fn is_root(&self, user: &str) -> bool {
         self.users.get(user).is_some_and(|u| u.roles.contains(ROOT))
+    }
+
+    /// Whether `user` has everything `needs` asks (`root` has everything).
+    pub fn allows(&self, user: &str, needs: &Needs) -> bool {
+        if self.is_root(user) {
+            return true;
+        }
+        !needs.admin && needs.ranges.iter().all(|(access, key, end)| self.permitted(user, *access, key, end))
     }
 
     /// Whether `user` may `access` every key of `[key, range_end)` (etcd's range forms: an

@@ -440,7 +440,9 @@ impl Model {
                 let revision = if deleted > 0 { w.revision } else { self.revision };
                 CommandResult::LeaseRevoke { revision, deleted }
             }
-            Command::SetReplicas(_) | Command::Auth(_) => unreachable!("not generated"),
+            Command::SetReplicas(_) | Command::Auth(_) | Command::AsUser { .. } => {
+                unreachable!("not generated")
+            }
         };
         self.revision = result.revision();
         result

@@ -63,14 +63,29 @@ pub enum Command {
     /// Ends lease `id` and deletes every key attached to it, at one revision.
     LeaseRevoke(LeaseId),
     /// Changes users, roles or permissions (`crate::auth`). Does not change the revision.
-    /// (Last, so that logs written before it existed still decode.)
+    /// (After the others, so that logs written before it existed still decode.)
     Auth(crate::auth::AuthCommand),
+    /// `command` on behalf of `user`, checked when it applies against the users, roles and
+    /// lease keys of that moment (as etcd checks at apply): a permission taken away, or a key
+    /// attached to a lease, after the receiving member checked the request cannot be used
+    /// through it. Refused with [`crate::auth::AuthError::PermissionDenied`], changing nothing;
+    /// no check while access control is disabled. (Last, for the same reason as `Auth`.)
+    AsUser { user: String, command: Box<Command> },
 }
 
 impl Command {
+    /// The command itself, without the caller it may be wrapped with ([`Command::AsUser`]).
+    pub fn inner(&self) -> &Command {
+        match self {
+            Command::AsUser { command, .. } => command.inner(),
+            other => other,
+        }
+    }
+
     /// Whether applying it touches at most one key (so its cost is bounded).
     pub fn is_single_key(&self) -> bool {
         match self {
+            Command::AsUser { command, .. } => command.is_single_key(),
             Command::Put(_) | Command::SetReplicas(_) | Command::LeaseGrant { .. } | Command::Auth(_) => true,
             Command::Delete(d) => d.range.end == RangeEnd::Single,
             Command::Txn(_) | Command::Compact(_) | Command::LeaseRevoke(_) => false,
@@ -89,6 +104,7 @@ impl Command {
             t.success.iter().any(op) || t.failure.iter().any(op)
         }
         match self {
+            Command::AsUser { command, .. } => command.adds_data(),
             Command::Put(_) | Command::LeaseGrant { .. } => true,
             Command::Txn(t) => txn(t),
             Command::Delete(_)
@@ -113,6 +129,7 @@ impl Command {
                 + t.failure.iter().map(op).sum::<usize>()
         }
         match self {
+            Command::AsUser { user, command } => user.len() + command.approx_bytes(),
             Command::Put(p) => p.key.len() + p.value.len() + 16,
             Command::Delete(d) => d.range.start.len() + 16,
             Command::Txn(t) => txn(t),

@@ -545,40 +545,61 @@ impl pb::raft_server::Raft for PeerService {
         }))
     }
 
+    /// Runs a command another member received, answering its result or this member's error as
+    /// data (see `ProposeReply.error`).
     async fn propose(
         &self,
         request: Request<pb::ProposeRequest>,
     ) -> Result<Response<pb::ProposeReply>, Status> {
         let ctx = CallContext::of(&request).forwarded();
         let req = request.into_inner();
-        self.check_cluster(&req.cluster_id)?;
-        let command: kvset_storage::Command = Self::decode("command", &req.command)?;
-        let result = self.member.execute(command, &ctx).await?;
-        let applied_index = self.member.reader().applied().last_applied.map_or(0, |id| id.index);
-        let result =
-            codec::encode("command result", &result).map_err(|e| KvError::Internal(e.to_string()))?;
-        Ok(Response::new(pb::ProposeReply { result, applied_index }))
+        let outcome = async {
+            self.check_cluster(&req.cluster_id)?;
+            let command: kvset_storage::Command = Self::decode("command", &req.command)?;
+            let result = self.member.execute(command, &ctx).await?;
+            let applied_index = self.member.reader().applied().last_applied.map_or(0, |id| id.index);
+            let result =
+                codec::encode("command result", &result).map_err(|e| KvError::Internal(e.to_string()))?;
+            Ok::<_, KvError>(pb::ProposeReply { result, applied_index, error: Vec::new() })
+        };
+        Ok(Response::new(
+            outcome.await.unwrap_or_else(|e| pb::ProposeReply { error: e.to_wire(), ..Default::default() }),
+        ))
     }
 
+    /// Answers a query another member received (checked again here, with the caller it names,
+    /// against this member's own users, roles and lease keys), or this member's error as data.
     async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
-        let ctx = CallContext::of(&request).forwarded();
+        let mut ctx = CallContext::of(&request).forwarded();
         let req = request.into_inner();
-        self.check_cluster(&req.cluster_id)?;
-        let query: crate::query::Query = Self::decode("query", &req.query)?;
-        let answer = self.member.read(query, crate::query::Consistency::Linearizable, &ctx).await?;
-        let answer = codec::encode("answer", &answer).map_err(|e| KvError::Internal(e.to_string()))?;
-        Ok(Response::new(pb::ReadReply { answer }))
+        ctx.user = (!req.user.is_empty()).then(|| req.user.clone());
+        let outcome = async {
+            self.check_cluster(&req.cluster_id)?;
+            let query: crate::query::Query = Self::decode("query", &req.query)?;
+            let answer = self.member.read(query, crate::query::Consistency::Linearizable, &ctx).await?;
+            let answer = codec::encode("answer", &answer).map_err(|e| KvError::Internal(e.to_string()))?;
+            Ok::<_, KvError>(pb::ReadReply { answer, error: Vec::new() })
+        };
+        Ok(Response::new(
+            outcome.await.unwrap_or_else(|e| pb::ReadReply { error: e.to_wire(), ..Default::default() }),
+        ))
     }
 
+    /// Renews a lease for another member, answering its TTL or this member's error as data.
     async fn lease_renew(
         &self,
         request: Request<pb::LeaseRenewRequest>,
     ) -> Result<Response<pb::LeaseRenewReply>, Status> {
         let deadline = CallContext::of(&request).deadline;
         let req = request.into_inner();
-        self.check_cluster(&req.cluster_id)?;
-        let ttl = self.member.renew_lease_here(req.id, deadline).await?;
-        Ok(Response::new(pb::LeaseRenewReply { ttl_seconds: ttl }))
+        let outcome = async {
+            self.check_cluster(&req.cluster_id)?;
+            self.member.renew_lease_here(req.id, deadline).await
+        };
+        Ok(Response::new(match outcome.await {
+            Ok(ttl_seconds) => pb::LeaseRenewReply { ttl_seconds, error: Vec::new() },
+            Err(e) => pb::LeaseRenewReply { ttl_seconds: 0, error: e.to_wire() },
+        }))
     }
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {

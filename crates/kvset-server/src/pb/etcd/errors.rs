@@ -144,6 +144,7 @@ pub fn rejected(e: &ApplyError) -> Status {
         ApplyError::KeyNotFound => key_not_found(),
         ApplyError::Compacted { .. } => compacted(),
         ApplyError::FutureRevision { .. } => future_revision(),
+        ApplyError::Auth(kvset_storage::auth::AuthError::PermissionDenied) => permission_denied(),
         ApplyError::Auth(a) => Status::from(crate::errors::auth_rejected(a)),
     }
 }
