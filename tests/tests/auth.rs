@@ -469,3 +469,30 @@ async fn lease_revoke_and_lease_keys_are_checked_where_they_take_effect() {
     at_leader.lease.lease_revoke(as_user(&root, epb::LeaseRevokeRequest { id: lease })).await.unwrap();
     c.shutdown().await;
 }
+
+/// Issue 24, item 9: Cluster.Status with the digest option read every key for anyone. With
+/// access control on it needs an administrator; the plain status (probes, `kvset status`)
+/// does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_state_digest_needs_an_administrator() {
+    let c = Cluster::start_with(3, |config| config.auth.bcrypt_cost = 4).await;
+    let leader = c.wait_voters(3, Duration::from_secs(60)).await;
+    let e = c.endpoint(leader);
+    tokio::task::spawn_blocking(move || set_up_users(&e)).await.unwrap();
+    let endpoints: Vec<String> = (0..3).map(|o| c.endpoint(o)).collect();
+    let alice = user_client(&endpoints, "alice", "alicepw");
+    let root = user_client(&endpoints, "root", "rootpw");
+    let anyone = Client::new(endpoints.clone(), ClientOptions::default()).unwrap();
+    let one = c.endpoint(1);
+    assert!(anyone.status_request(&one, false).await.is_ok(), "the plain status needs no credentials");
+    match alice.status_request(&one, true).await {
+        Err(kvset_client::Error::Server { code: tonic::Code::PermissionDenied, message }) => {
+            assert!(message.contains("permission denied"), "{message}")
+        }
+        other => panic!("a digest for a non-administrator: {other:?}"),
+    }
+    assert!(anyone.status_request(&one, true).await.is_err(), "a digest without credentials");
+    let digest = root.status_request(&one, true).await.unwrap();
+    assert!(digest.state_keys > 0 || digest.state_digest != 0);
+    c.shutdown().await;
+}

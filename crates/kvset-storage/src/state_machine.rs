@@ -213,6 +213,9 @@ struct Shared {
     /// Tests: a build parks after its first record until this receives.
     #[cfg(test)]
     build_pause: Mutex<Option<(mpsc::SyncSender<()>, mpsc::Receiver<()>)>>,
+    /// Tests: a digest parks after its first key until this receives.
+    #[cfg(test)]
+    digest_pause: Mutex<Option<(mpsc::SyncSender<()>, mpsc::Receiver<()>)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -849,6 +852,8 @@ impl StateMachine {
             seq: AtomicU64::new(0),
             #[cfg(test)]
             build_pause: Mutex::new(None),
+            #[cfg(test)]
+            digest_pause: Mutex::new(None),
         });
         if background_compaction {
             let weak = Arc::downgrade(&shared);
@@ -1053,26 +1058,58 @@ impl SmReader {
         self.shared.compact_chunk(max)
     }
 
-    /// A digest of the whole logical state (scans every live key).
+    /// A digest of the whole logical state at the applied revision: every key there with its
+    /// record, the compact revision, the leases and the users and roles. The revision, leases
+    /// and access control state are captured under a short read lock; the keys are then read
+    /// from the history at that revision with no lock held (history below the applied revision
+    /// only changes by compaction, checked afterwards), so a digest of a large store never holds
+    /// up apply.
     pub fn digest(&self) -> Result<StateDigest, ReadError> {
-        let st = self.shared.read_state();
+        let (tree, applied, leases) = {
+            let st = self.shared.read_state();
+            (st.tree.clone(), st.applied.clone(), st.leases.clone())
+        };
         let mut crc = crc32fast::Hasher::new();
         let mut keys = 0;
-        for item in st.tree.range(vec![keys::LIVE]..vec![keys::LIVE + 1]) {
-            let (k, v) = item?;
-            crc.update(&(k.len() as u32).to_le_bytes());
-            crc.update(&k);
-            crc.update(&(v.len() as u32).to_le_bytes());
-            crc.update(&v);
+        let mut visited = 0u64;
+        history::scan_at(&tree, &KeyRange::all(), applied.revision, |kv| {
+            #[cfg(test)]
+            if visited == 1 {
+                if let Some((parked, resume)) = lock(&self.shared.digest_pause).take() {
+                    let _ = parked.send(());
+                    let _ = resume.recv();
+                }
+            }
+            visited += 1;
+            for field in [&kv.key[..], &kv.value[..]] {
+                crc.update(&(field.len() as u64).to_le_bytes());
+                crc.update(field);
+            }
+            for n in [kv.create_revision, kv.mod_revision, kv.version, kv.lease] {
+                crc.update(&n.to_le_bytes());
+            }
             keys += 1;
-        }
-        crc.update(&st.applied.compact_revision.to_le_bytes());
-        for lease in st.leases.values() {
+            true
+        })?;
+        let _ = visited;
+        self.still_readable(applied.revision)?;
+        crc.update(&applied.compact_revision.to_le_bytes());
+        for lease in leases.values() {
             crc.update(&lease.id.to_le_bytes());
             crc.update(&lease.ttl.to_le_bytes());
         }
-        crc.update(&codec::encode("auth", &*st.applied.auth).map_err(|e| ReadError::Corrupt(e.to_string()))?);
-        Ok(StateDigest { revision: st.applied.revision, keys, crc: crc.finalize() })
+        crc.update(&codec::encode("auth", &*applied.auth).map_err(|e| ReadError::Corrupt(e.to_string()))?);
+        Ok(StateDigest { revision: applied.revision, keys, crc: crc.finalize() })
+    }
+
+    /// Tests: the next digest parks after its first key (it has captured its revision by then)
+    /// and says so on the returned receiver; it goes on when the returned sender sends.
+    #[cfg(test)]
+    pub(crate) fn pause_next_digest(&self) -> (mpsc::Receiver<()>, mpsc::SyncSender<()>) {
+        let (parked_tx, parked_rx) = mpsc::sync_channel(1);
+        let (resume_tx, resume_rx) = mpsc::sync_channel(0);
+        *lock(&self.shared.digest_pause) = Some((parked_tx, resume_rx));
+        (parked_rx, resume_tx)
     }
 
     /// Writes a snapshot file of the applied state (the format Raft ships between members,

@@ -480,3 +480,32 @@ async fn an_event_at_the_compact_revision_has_no_previous_value_wherever_it_is_r
         assert_eq!(prevs(&reader), vec![None, Some(3)], "ring {ring}, after it");
     }
 }
+
+/// Issue 24, item 9: a state digest (Cluster.Status with the digest option, etcd's Hash) held
+/// the state lock while it scanned every key, stalling apply for as long. Parked half-way, it
+/// now lets applies through, and answers for the revision it started at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_does_not_hold_up_apply_and_digests_one_revision() {
+    let (_dir, store) = new_store();
+    let mut sm = store.state_machine;
+    let reader = store.reader;
+    sm.apply_entries(vec![entry(1, (0..10).map(|i| put(&format!("k{i}"), "v0")).collect())]).await.unwrap();
+    let before = reader.digest().unwrap();
+    let (parked, resume) = reader.pause_next_digest();
+    let r2 = reader.clone();
+    let digest = tokio::task::spawn_blocking(move || r2.digest());
+    tokio::task::spawn_blocking(move || parked.recv_timeout(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the digest started and parked");
+    let applied = tokio::time::timeout(
+        Duration::from_secs(10),
+        sm.apply_entries(vec![entry(2, vec![put("k3", "v1")])]),
+    )
+    .await;
+    assert!(applied.is_ok(), "apply was blocked by a digest in progress");
+    resume.send(()).unwrap();
+    let during = digest.await.unwrap().unwrap();
+    assert_eq!(during, before, "the digest is of the revision it started at");
+    assert_ne!(reader.digest().unwrap().crc, before.crc, "and a later one sees the change");
+}

@@ -175,6 +175,9 @@ impl pb::cluster_server::Cluster for ClusterService {
         observe(self.member.metrics(), "Status", &ctx, async {
             let mut status = status(&self.member);
             if digest {
+                // A digest reads every key: with access control on, an administrator's call
+                // (as etcd's Hash); the status itself is not (probes and `kvset status`).
+                self.member.authorize(&ctx, &crate::auth::Needs::admin(), "compute the state digest")?;
                 let reader = self.member.reader().clone();
                 let d = tokio::task::spawn_blocking(move || reader.digest())
                     .await
