@@ -199,6 +199,7 @@ pub(crate) fn events_between(
     from: Revision,
     to: Revision,
     max_events: usize,
+    after_first_change: &mut dyn FnMut(),
 ) -> Result<Vec<Arc<RevisionEvents>>, ReadError> {
     let mut out: Vec<Arc<RevisionEvents>> = Vec::new();
     let mut current: Option<RevisionEvents> = None;
@@ -208,6 +209,9 @@ pub(crate) fn events_between(
         let (k, key) = item?;
         let (revision, sub) =
             keys::parse_change(&k).ok_or_else(|| ReadError::Corrupt(format!("bad change key {k:?}")))?;
+        if events == 0 {
+            after_first_change();
+        }
         if current.as_ref().is_some_and(|c| c.revision != revision) {
             if let Some(done) = current.take() {
                 out.push(Arc::new(done));

@@ -216,6 +216,10 @@ struct Shared {
     /// Tests: a digest parks after its first key until this receives.
     #[cfg(test)]
     digest_pause: Mutex<Option<(mpsc::SyncSender<()>, mpsc::Receiver<()>)>>,
+    /// Tests: a read of events from the history parks after its first change-log entry until
+    /// this receives.
+    #[cfg(test)]
+    events_pause: Mutex<Option<(mpsc::SyncSender<()>, mpsc::Receiver<()>)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -854,6 +858,8 @@ impl StateMachine {
             build_pause: Mutex::new(None),
             #[cfg(test)]
             digest_pause: Mutex::new(None),
+            #[cfg(test)]
+            events_pause: Mutex::new(None),
         });
         if background_compaction {
             let weak = Arc::downgrade(&shared);
@@ -988,13 +994,26 @@ impl SmReader {
             return Err(ReadError::Compacted { requested: from, compact_revision: applied.compact_revision });
         }
         let events = match self.shared.events.get(from, to, max_events) {
-            Some(recent) => recent,
-            None => history::events_between(&tree, from, to.min(applied.revision), max_events)?,
+            Some(recent) => Ok(recent),
+            None => {
+                // Tests: park between reading a change-log entry and its version.
+                let mut hook = || {
+                    #[cfg(test)]
+                    if let Some((parked, resume)) = lock(&self.shared.events_pause).take() {
+                        let _ = parked.send(());
+                        let _ = resume.recv();
+                    }
+                };
+                history::events_between(&tree, from, to.min(applied.revision), max_events, &mut hook)
+            }
         };
+        // Compaction may have passed `from` during the read and removed what it was reading
+        // (the change log naming a version already gone): that is "compacted", not corrupt.
         let compact = self.shared.read_state().applied.compact_revision;
         if from < compact {
             return Err(ReadError::Compacted { requested: from, compact_revision: compact });
         }
+        let events = events?;
         // As etcd, a previous value is the key at the revision before the event: none when that
         // revision is compacted (whether or not physical compaction has removed it yet).
         Ok(events
@@ -1100,6 +1119,17 @@ impl SmReader {
         }
         crc.update(&codec::encode("auth", &*applied.auth).map_err(|e| ReadError::Corrupt(e.to_string()))?);
         Ok(StateDigest { revision: applied.revision, keys, crc: crc.finalize() })
+    }
+
+    /// Tests: the next read of events from the history parks after it read its first change-log
+    /// entry, before it reads that version and says so on the returned receiver; it goes on when the
+    /// returned sender sends.
+    #[cfg(test)]
+    pub(crate) fn pause_next_history_events(&self) -> (mpsc::Receiver<()>, mpsc::SyncSender<()>) {
+        let (parked_tx, parked_rx) = mpsc::sync_channel(1);
+        let (resume_tx, resume_rx) = mpsc::sync_channel(0);
+        *lock(&self.shared.events_pause) = Some((parked_tx, resume_rx));
+        (parked_rx, resume_tx)
     }
 
     /// Tests: the next digest parks after its first key (it has captured its revision by then)

@@ -509,3 +509,36 @@ async fn a_digest_does_not_hold_up_apply_and_digests_one_revision() {
     assert_eq!(during, before, "the digest is of the revision it started at");
     assert_ne!(reader.digest().unwrap().crc, before.crc, "and a later one sees the change");
 }
+
+/// Issue 24, item 10: a watcher catching up from the history while physical compaction ran
+/// could find the change log naming a version compaction had just removed, and was canceled as
+/// "corrupt" (cause Failed) instead of compacted, with the compact revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_read_while_compaction_passes_them_are_compacted_not_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        events: EventLogLimits { max_revisions: 1, max_bytes: usize::MAX },
+        manual_compaction: true,
+        ..Default::default()
+    };
+    let store = Store::open_dir(dir.path(), options).unwrap();
+    let mut sm = store.state_machine;
+    let reader = store.reader;
+    // 2..=11: k=0..9 (each superseded by the next).
+    sm.apply_entries(vec![entry(1, (0..10).map(|i| put("k", &i.to_string())).collect())]).await.unwrap();
+    let (parked, resume) = reader.pause_next_history_events();
+    let r2 = reader.clone();
+    let read = tokio::task::spawn_blocking(move || r2.events(3, 11, 100));
+    tokio::task::spawn_blocking(move || parked.recv_timeout(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the read checked the compact revision and parked");
+    // Compaction passes the read's start, and physical compaction removes what it reads.
+    sm.apply_entries(vec![entry(2, vec![Command::Compact(8)])]).await.unwrap();
+    while reader.compact_chunk_now(1000).unwrap() {}
+    resume.send(()).unwrap();
+    match read.await.unwrap() {
+        Err(ReadError::Compacted { requested: 3, compact_revision: 8 }) => {}
+        other => panic!("a read passed by compaction answered {other:?}"),
+    }
+}
