@@ -7,7 +7,10 @@
 //! * there is still exactly one cluster,
 //! * the watchers that ran through the faults saw what etcd's watch guarantees promise
 //!   ([`crate::watch_check`]), and every member serves the same event history,
-//! * a key on a lease kept alive through the faults never disappeared.
+//! * a key on a lease kept alive through the faults never disappeared,
+//! * clients taking a lease-based lock through the faults never held it at once, lost no
+//!   increment of the counter they guard, and never had a kept-alive lease answered TTL 0
+//!   ([`crate::lock_check`]).
 //!
 //! [`run`] does the common part; the faults ([`kill_follower`], [`kill_leader`], …) are plain
 //! async functions over any harness. `tests/chaos.rs` runs every scenario on the Docker
@@ -32,6 +35,8 @@ use crate::history::Kind;
 use crate::history::Workload;
 use crate::linearizability;
 use crate::linearizability::Figures;
+use crate::lock_check;
+use crate::lock_check::LockWorkload;
 use crate::poll_until;
 use crate::watch_check;
 use crate::watch_check::WatchRecorder;
@@ -43,6 +48,8 @@ pub const KEPT_KEY: &str = "k-lease-kept";
 
 /// Workload clients.
 pub const CLIENTS: u32 = 6;
+/// Clients taking the lease-based lock through every scenario (`crate::lock_check`).
+pub const LOCK_CLIENTS: u32 = 3;
 /// How long the workload runs before the fault and after healing (the workload's duration,
 /// not a synchronisation point: every wait on the cluster polls a condition).
 pub const STEADY: Duration = Duration::from_secs(4);
@@ -78,6 +85,8 @@ where
     h.start_all(3).await?;
     harness::wait_voters(h, 3, Duration::from_secs(90)).await?;
     let kept = KeptLease::start(h).await?;
+    let lock_ttl = Duration::from_secs(h.member_config().lease.min_ttl_seconds.max(1));
+    let locks = LockWorkload::start(h.endpoints(), LOCK_CLIENTS, lock_ttl, seed);
     let watchers = WatchRecorder::start(h.endpoints(), WATCHERS);
     let workload = Workload::start(h.endpoints(), CLIENTS, seed, History::new());
     let hist = workload.history.clone();
@@ -94,6 +103,7 @@ where
     let history = workload.stop().await;
     let watched = watchers.stop().await;
     let renewals = kept.stop().await?;
+    let locked = locks.stop().await;
 
     info!("--- {name}: final reads, convergence, checks");
     history::final_reads(&h.endpoints(), &history, Duration::from_secs(60)).await?;
@@ -147,6 +157,15 @@ where
         )
     })?;
     info!("--- {name}: watch checks passed: {watch_figures:?}, {renewals} lease renewals");
+    let counter = harness::client(h, Duration::from_secs(10))
+        .get(lock_check::COUNTER)
+        .await
+        .map_err(|e| format!("reading the lock counter: {e}"))?
+        .map_or(0, |kv| String::from_utf8_lossy(&kv.value).parse::<i64>().unwrap_or(-1));
+    let lock_figures = lock_check::check(&locked, counter).map_err(|problems| {
+        format!("mutual exclusion broken ({} problems):\n{}", problems.len(), problems.join("\n"))
+    })?;
+    info!("--- {name}: lock checks passed: {lock_figures:?}");
     let figures = Figures {
         scenario: name.to_string(),
         seed,
@@ -160,6 +179,8 @@ where
         watch_events_delivered: watch_figures.delivered_events,
         watch_reconnects: watch_figures.reconnects,
         lease_renewals: renewals,
+        lock_holds: lock_figures.holds,
+        lock_increments: lock_figures.increments,
     };
     let dir = linearizability::artifact_dir();
     let _ = std::fs::write(

@@ -16,6 +16,7 @@ pub mod harness;
 pub mod history;
 pub mod k8s_stub;
 pub mod linearizability;
+pub mod lock_check;
 pub mod manifests;
 pub mod pki;
 pub mod statefulset;

@@ -75,6 +75,10 @@ pub struct Figures {
     pub watch_reconnects: usize,
     /// Renewals of the lease kept alive through the scenario.
     pub lease_renewals: u64,
+    /// Holds of the lease-based lock by its clients (`crate::lock_check`).
+    pub lock_holds: usize,
+    /// Acknowledged increments of the counter the lock guards.
+    pub lock_increments: usize,
     /// The longest time with no acknowledged write, in milliseconds.
     pub longest_write_gap_ms: u64,
 }
