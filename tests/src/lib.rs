@@ -8,6 +8,7 @@
 //! chaos scenarios of [`chaos`] (a fault under a recorded workload, then the checks) are written
 //! once against it. Waits poll with a deadline: see [`poll_until`] and [`eventually`].
 
+pub mod alerts;
 pub mod chaos;
 pub mod cluster;
 pub mod docker;
