@@ -10,6 +10,7 @@
 
 pub mod alerts;
 pub mod chaos;
+pub mod chromium;
 pub mod cluster;
 pub mod docker;
 pub mod etcd;
