@@ -34,12 +34,33 @@ pub fn rules() -> Vec<Value> {
         .collect()
 }
 
+/// The Grafana dashboard, relative to the repository root.
+pub const DASHBOARD_FILE: &str = "deploy/grafana/kvset-dashboard.json";
+
+/// Every query of the dashboard: (panel title, PromQL).
+pub fn dashboard_queries() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo_root().join(DASHBOARD_FILE)).expect("dashboard file");
+    let doc: Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let mut out = Vec::new();
+    for panel in doc["panels"].as_array().expect("panels") {
+        let title = panel["title"].as_str().unwrap_or_default().to_string();
+        for target in panel["targets"].as_array().expect("targets") {
+            out.push((title.clone(), target["expr"].as_str().expect("expr").to_string()));
+        }
+    }
+    out
+}
+
 /// The metric names the rules' expressions read (`kvset_…`, and `up`).
 pub fn metric_names() -> std::collections::BTreeSet<String> {
+    metric_names_in(rules().iter().map(|r| r["expr"].as_str().unwrap_or_default().to_string()))
+}
+
+/// The metric names PromQL expressions read (`kvset_…`, and `up`).
+pub fn metric_names_in(exprs: impl IntoIterator<Item = String>) -> std::collections::BTreeSet<String> {
     let mut names = std::collections::BTreeSet::new();
-    for rule in rules() {
-        let expr = rule["expr"].as_str().unwrap_or_default();
-        let mut rest = expr;
+    for expr in exprs {
+        let mut rest = expr.as_str();
         while !rest.is_empty() {
             let start = rest.find(|c: char| c.is_ascii_alphabetic() || c == '_').unwrap_or(rest.len());
             rest = &rest[start..];

@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 
+use kvset_tests::alerts::dashboard_queries;
 use kvset_tests::alerts::metric_names;
+use kvset_tests::alerts::metric_names_in;
 use kvset_tests::alerts::promtool;
 use kvset_tests::alerts::rules;
 use kvset_tests::alerts::RULES_FILE;
@@ -109,11 +111,22 @@ fn every_rule_is_unit_tested_firing_and_documented() {
 }
 
 #[test]
+fn the_dashboard_queries_job_kvset() {
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 10, "{queries:?}");
+    for (title, expr) in queries {
+        assert!(expr.contains("job=\"kvset\""), "{title}: `{expr}` does not select job=\"kvset\"");
+    }
+}
+
+/// The rules and the Grafana dashboard read only families the binary exports.
+#[test]
 fn the_rules_use_only_metrics_the_binary_exports() {
     // Families appear in the text once a labelled series exists; the docs of metrics.rs name
     // every family (a unit test there keeps that true).
     let docs = std::fs::read_to_string(path("crates/kvset-server/src/metrics.rs")).expect("metrics.rs");
-    for name in metric_names() {
+    let dashboard = metric_names_in(dashboard_queries().into_iter().map(|(_, expr)| expr));
+    for name in metric_names().into_iter().chain(dashboard) {
         if name == "up" {
             continue;
         }

@@ -258,6 +258,22 @@ async fn a_real_prometheus_scrapes_every_family_and_evaluates_every_rule() {
     }
     info!(rules = evaluated.len(), elapsed_s = started.elapsed().as_secs(), "--- every rule evaluated: ok");
 
+    // The Grafana dashboard's queries run against the same data; those of a healthy cluster
+    // under writes have answers.
+    for (title, expr) in kvset_tests::alerts::dashboard_queries() {
+        let result =
+            prom.query(&expr).await.unwrap_or_else(|e| panic!("dashboard panel {title}: `{expr}`: {e}"));
+        let expect_data = [
+            "Leader",
+            "Writes applied /s (cluster)",
+            "Requests /s by member",
+            "Lag behind the leader (entries)",
+        ];
+        if expect_data.contains(&title.as_str()) {
+            assert!(!result.is_empty(), "dashboard panel {title}: `{expr}` has no data");
+        }
+    }
+
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in workers {
         let _ = w.await;
