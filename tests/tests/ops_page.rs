@@ -198,14 +198,17 @@ async fn the_page_shows_members_leader_and_charts_then_a_member_down_and_replace
     c.shutdown().await;
 }
 
-/// The JSON the page polls, for scripts: answered by a follower too, with every member.
+/// The JSON the page polls, for scripts: answered by every member (followers too), with every
+/// member up, also once access control is on (members ask each other for `Cluster.Status`,
+/// which needs no credentials, as etcd's `endpoint status` does not).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn status_json_is_served_by_every_member() {
+async fn status_json_is_served_by_every_member_also_with_access_control_on() {
     let c = Cluster::start(3).await;
     c.wait_converged(Duration::from_secs(20)).await;
-    for o in 0..3 {
-        let doc =
-            kvset_tests::eventually("status.json with three members up", Duration::from_secs(20), || {
+    let every_member_sees_three_up = async |when: &str| {
+        for o in 0..3 {
+            let what = format!("status.json of kvset-{o} with three members up, in sync ({when})");
+            let doc = kvset_tests::eventually(&what, Duration::from_secs(20), || {
                 let addr = c.ops_endpoint(o);
                 async move {
                     let response = kvset_tests::alerts::http10_get(&addr, "/status.json").await.ok()?;
@@ -217,10 +220,15 @@ async fn status_json_is_served_by_every_member() {
                 }
             })
             .await;
-        assert_eq!(doc["format"], 1);
-        assert_eq!(doc["served_by"], format!("kvset-{o}"));
-        assert!(doc["leader"].as_str().is_some_and(|l| l.starts_with("kvset-")), "{doc}");
-        assert!(doc["leader_id"].as_str().is_some_and(|id| id.parse::<u64>().is_ok()), "{doc}");
+            assert_eq!(doc["format"], 1);
+            assert_eq!(doc["served_by"], format!("kvset-{o}"));
+            assert!(doc["leader"].as_str().is_some_and(|l| l.starts_with("kvset-")), "{doc}");
+            assert!(doc["leader_id"].as_str().is_some_and(|id| id.parse::<u64>().is_ok()), "{doc}");
+            assert!(doc["notes"].as_array().is_some_and(Vec::is_empty), "{doc}");
+        }
+    };
+    every_member_sees_three_up("no access control").await;
+    for o in 0..3 {
         let page = kvset_tests::http_get(&c.ops_endpoint(o), "/").await.expect("page");
         assert!(page.contains("200 OK") && page.contains("status.json"), "the page is served");
         assert!(
@@ -228,5 +236,20 @@ async fn status_json_is_served_by_every_member() {
             "the page loads nothing from elsewhere"
         );
     }
+
+    info!("--- access control on: the client port now refuses anonymous calls");
+    let endpoint = c.endpoint(0);
+    for args in [
+        &["user", "add", "root", "--new-user-password=rootpw", "--interactive=false"][..],
+        &["user", "grant-role", "root", "root"],
+        &["auth", "enable"],
+    ] {
+        let (ok, out, err) = kvset_tests::etcd::run_etcdctl(&endpoint, args, None);
+        assert!(ok, "etcdctl {args:?}: {out} {err}");
+    }
+    let (ok, _, err) = kvset_tests::etcd::run_etcdctl(&endpoint, &["put", "k", "v"], None);
+    assert!(!ok && err.contains("user name is empty"), "anonymous writes are refused: {err}");
+    c.wait_converged(Duration::from_secs(20)).await;
+    every_member_sees_three_up("access control on").await;
     c.shutdown().await;
 }

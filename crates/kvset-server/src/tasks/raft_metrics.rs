@@ -8,6 +8,7 @@
 //! data directory: blocking I/O, done here on the blocking pool every
 //! [`VOLUME_REFRESH`], never on a request path.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +58,7 @@ pub async fn run(inputs: Inputs, mut stop: watch::Receiver<bool>) {
     let mut last_leader: Option<u64> = None;
     let mut last_membership = None;
     let mut last_state = ServerState::Learner;
+    let mut shown = BTreeSet::new();
     let mut volume = tokio::time::interval(VOLUME_REFRESH);
     volume.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sample = tokio::time::interval(SAMPLE_EVERY);
@@ -128,7 +130,7 @@ pub async fn run(inputs: Inputs, mut stop: watch::Receiver<bool>) {
                     }
                 }
                 Tick::Sample => {
-                    replication(&metrics, &rx.borrow_watched(), leadership.led_for());
+                    replication(&metrics, &rx.borrow_watched(), leadership.led_for(), &mut shown);
                     metrics.leases.set(leases() as i64);
                     timeline.sample(&metrics);
                 }
@@ -158,26 +160,34 @@ fn describe_membership(m: &RaftMetrics, at_start: bool) -> String {
 }
 
 /// On the leader: each other member's lag and the time since it last acknowledged the leader.
-/// Elsewhere the families are empty (only the leader knows).
-fn replication(metrics: &Metrics, m: &RaftMetrics, led_for: Option<Duration>) {
+/// Elsewhere the families are empty (only the leader knows). `shown` is the members that have
+/// series now; series of members no longer shown are removed one by one (clearing the family
+/// would let a scrape in between see none, and restart the alerts' `for` clocks).
+fn replication(metrics: &Metrics, m: &RaftMetrics, led_for: Option<Duration>, shown: &mut BTreeSet<String>) {
     use openraft::async_runtime::Instant;
-    metrics.member_lag.clear();
-    metrics.member_last_ack.clear();
-    let (Some(replication), ServerState::Leader) = (m.replication.as_ref(), m.state) else { return };
-    let last = m.last_log_index.unwrap_or(0);
-    let membership = m.membership_config.membership();
-    for (id, node) in membership.nodes() {
-        if *id == m.id {
-            continue;
-        }
-        let label = MemberLabel { member: node.name.clone() };
-        let matched = replication.get(id).and_then(|l| l.as_ref()).map_or(0, |l| l.index);
-        metrics.member_lag.get_or_create(&label).set(last.saturating_sub(matched) as i64);
-        let ack = m.heartbeat.as_ref().and_then(|h| h.get(id)).and_then(|t| t.as_ref());
-        // Never acknowledged since this member leads: as old as the leadership.
-        let age = ack.map(|t| t.elapsed().as_secs_f64()).or_else(|| led_for.map(|d| d.as_secs_f64()));
-        if let Some(age) = age {
-            metrics.member_last_ack.get_or_create(&label).set(age);
+    let mut now = BTreeSet::new();
+    if let (Some(replication), ServerState::Leader) = (m.replication.as_ref(), m.state) {
+        let last = m.last_log_index.unwrap_or(0);
+        for (id, node) in m.membership_config.membership().nodes() {
+            if *id == m.id {
+                continue;
+            }
+            let label = MemberLabel { member: node.name.clone() };
+            let matched = replication.get(id).and_then(|l| l.as_ref()).map_or(0, |l| l.index);
+            metrics.member_lag.get_or_create(&label).set(last.saturating_sub(matched) as i64);
+            let ack = m.heartbeat.as_ref().and_then(|h| h.get(id)).and_then(|t| t.as_ref());
+            // Never acknowledged since this member leads: as old as the leadership.
+            let age = ack.map(|t| t.elapsed().as_secs_f64()).or_else(|| led_for.map(|d| d.as_secs_f64()));
+            if let Some(age) = age {
+                metrics.member_last_ack.get_or_create(&label).set(age);
+            }
+            now.insert(node.name.clone());
         }
     }
+    for gone in shown.difference(&now) {
+        let label = MemberLabel { member: gone.clone() };
+        metrics.member_lag.remove(&label);
+        metrics.member_last_ack.remove(&label);
+    }
+    *shown = now;
 }
