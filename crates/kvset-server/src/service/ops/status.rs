@@ -31,6 +31,9 @@ use crate::timeline::SAMPLE_EVERY;
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Answers younger than this are reused.
 pub const REFRESH_AFTER: Duration = Duration::from_secs(1);
+/// A member this many entries behind the leader gets a note (the replication-lag alert's
+/// threshold, `deploy/prometheus/kvset-rules.yaml`).
+pub const LAG_NOTE_ENTRIES: u64 = 1000;
 
 /// A member of the Raft membership, as this member knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -369,6 +372,9 @@ fn assemble(
             row.lag = Some(lag);
             row.lag_from = "leader";
         }
+        if let Some(lag) = row.lag.filter(|l| *l > LAG_NOTE_ENTRIES && row.state == "up") {
+            notes.push(format!("{} is {lag} entries behind the leader", node.name));
+        }
         rows.push(row);
     }
     let others = nodes.iter().filter(|n| n.node_id != me).count();
@@ -397,6 +403,9 @@ fn assemble(
         Some(a) => (a.reconciler.clone(), a.name.clone()),
         None => (String::new(), local.name.clone()),
     };
+    if leader_answer.is_some() && matches!(reconciler_state(&text), "waiting" | "changing") {
+        notes.push(format!("membership: {text}"));
+    }
     let reconciler = Reconciler {
         state: if leader_answer.is_some() { reconciler_state(&text) } else { "unknown" },
         text: if leader_answer.is_some() {
@@ -494,6 +503,19 @@ mod tests {
         assert_eq!(doc.reconciler.from, "kvset-1");
         let rows: Vec<(&str, &str, Option<u64>)> =
             doc.members.iter().map(|m| (m.name.as_str(), m.state, m.lag)).collect();
+        let far = assemble(
+            &status(1, 0, pb::Role::Follower, 2, 100, 95),
+            &nodes,
+            &snapshot(vec![(2, Ok(status(2, 1, pb::Role::Leader, 2, 5000, 5000)))], now),
+            &Metrics::new(),
+            &Timeline::default(),
+            now,
+        );
+        assert!(
+            far.notes.contains(&"kvset-0 is 4905 entries behind the leader".to_string()),
+            "{:?}",
+            far.notes
+        );
         assert_eq!(
             rows,
             [("kvset-0", "up", Some(25)), ("kvset-1", "up", Some(0)), ("kvset-2", "down", None)]
@@ -539,11 +561,20 @@ mod tests {
             ],
             now,
         );
+        let mut local = local;
+        local.reconciler =
+            "replacing kvset-2 (node 3): waiting for node 9 to catch up (applied 10 of 200)".into();
+        metrics.member_lag.get_or_create(&MemberLabel { member: "kvset-2".into() }).set(5000);
         let doc = assemble(&local, &nodes, &heard, &metrics, &Timeline::default(), now);
         let one = &doc.members[1];
         assert_eq!((one.lag, one.lag_from, one.last_ack_ms_ago), (Some(7), "leader", Some(250)));
         assert_eq!(doc.members[2].state, "replaced");
         assert!(doc.notes[0].starts_with("kvset-2 now answers as node 9"), "{:?}", doc.notes);
+        assert_eq!(
+            doc.notes[1],
+            "membership: replacing kvset-2 (node 3): waiting for node 9 to catch up (applied 10 of 200)"
+        );
+        assert_eq!(doc.notes.len(), 2, "no lag note for a member that is not up: {:?}", doc.notes);
         let json = serde_json::to_value(&doc).expect("serializes");
         assert_eq!(json["members"][1]["lag_from"], "leader");
         assert_eq!(json["sample_interval_ms"], 2000);
