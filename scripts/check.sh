@@ -6,8 +6,9 @@
 # On a fresh machine it installs what the checks need, and says so:
 #   * Python tools from PyPI (kubernetes-validate, the python etcd clients) into
 #     target/tools/venv (project-local);
-#   * Debian's etcd-client, etcd-server and protobuf-compiler with apt-get, when missing and
-#     the user may install packages (root or password-less sudo); otherwise it names them.
+#   * Debian's etcd-client, etcd-server, protobuf-compiler, prometheus (prometheus, promtool)
+#     and chromium (the ops page's browser test) with apt-get, when missing and the user may
+#     install packages (root or password-less sudo); otherwise it names them.
 # It needs the Rust toolchain of rust-toolchain.toml, python3 with venv and kubectl (for
 # `kubectl kustomize`).
 #
@@ -30,11 +31,13 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "test tools (project-local, installed once)"
-# Debian packages: the real etcd tools the etcd-API tests run, and protoc for the build script
-# of the Rust etcd-client crate. Installed with apt-get when missing and this user may (root, or
-# password-less sudo), saying so; otherwise the step names what to install.
+# Debian packages: the real etcd tools the etcd-API tests run, protoc for the build script of
+# the Rust etcd-client crate, Prometheus and promtool (the alerting rules' unit tests and the
+# real-scrape test) and Chromium (the ops page's browser test). Installed with apt-get when
+# missing and this user may (root, or password-less sudo), saying so; otherwise the step names
+# what to install.
 missing=()
-for tool in etcdctl:etcd-client etcd:etcd-server protoc:protobuf-compiler; do
+for tool in etcdctl:etcd-client etcd:etcd-server protoc:protobuf-compiler promtool:prometheus chromium:chromium; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
 done
 # protoc needs the well-known types (google/protobuf/*.proto), which protobuf-compiler only
@@ -49,14 +52,21 @@ if [ ${#missing[@]} -gt 0 ]; then
         $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
         # etcd-server's package starts a system etcd on 127.0.0.1:2379: the tests start their
         # own on free ports, and `kvset cluster up` wants 2379.
-        if command -v systemctl >/dev/null 2>&1; then $sudo systemctl stop etcd 2>/dev/null || true; fi
+        # prometheus's package may start a system Prometheus on :9090 likewise: the tests start
+        # their own.
+        if command -v systemctl >/dev/null 2>&1; then
+            $sudo systemctl stop etcd 2>/dev/null || true
+            $sudo systemctl stop prometheus 2>/dev/null || true
+        fi
         $sudo pkill -x etcd 2>/dev/null || true
+        $sudo pkill -x prometheus 2>/dev/null || true
     else
         echo "missing Debian packages: ${missing[*]} (apt-get install ${missing[*]})" >&2
         exit 1
     fi
 fi
 echo "  $(etcdctl version | head -1), $(etcd --version | head -1), $(protoc --version)"
+echo "  $(prometheus --version 2>&1 | head -1), $(chromium --version 2>/dev/null | head -1)"
 venv="$PWD/target/tools/venv"
 # Pinned so a run on a fresh machine checks against the same schemas and clients as here:
 # kubernetes-validate for the manifests; python-etcd3 0.12 (the last release) with the
@@ -84,6 +94,9 @@ step "cargo doc --workspace --no-deps (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 step "Kubernetes manifests: kubectl kustomize | kubernetes-validate --strict"
+# kubernetes-validate has no schemas for CRDs (cert-manager's Certificate and Issuer, the
+# Prometheus Operator's ServiceMonitor and PrometheusRule): it warns and skips them, and
+# validates everything else strictly. tests/tests/alerts.rs and manifests.rs check their shape.
 command -v kubectl >/dev/null 2>&1 || {
     echo "missing kubectl: it renders deploy/k8s offline (Debian: kubernetes-client, or the kubectl binary)" >&2
     exit 1
@@ -102,6 +115,9 @@ if docker info >/dev/null 2>&1; then
 else
     echo "  no Docker engine here: the chaos suite will report itself skipped (with the reason)"
 fi
+
+step "alerting rules: promtool check rules (unit tests: tests/tests/alerts.rs)"
+promtool check rules deploy/prometheus/kvset-rules.yaml
 
 step "cargo test --workspace"
 # shellcheck disable=SC2086

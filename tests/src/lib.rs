@@ -8,7 +8,9 @@
 //! chaos scenarios of [`chaos`] (a fault under a recorded workload, then the checks) are written
 //! once against it. Waits poll with a deadline: see [`poll_until`] and [`eventually`].
 
+pub mod alerts;
 pub mod chaos;
+pub mod chromium;
 pub mod cluster;
 pub mod docker;
 pub mod etcd;

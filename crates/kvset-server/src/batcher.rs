@@ -11,7 +11,8 @@
 //! * **Batches grow under load**: while all permits are busy, writes accumulate in the queue.
 //! * **Backpressure**: a full queue answers `RESOURCE_EXHAUSTED` (not applied).
 //! * **Honest errors**: a failed proposal is classified by [`crate::errors::client_write`]
-//!   (`ForwardToLeader`: not applied, safe to retry elsewhere; a stopped Raft: outcome unknown).
+//!   (`ForwardToLeader`: not applied, safe to retry elsewhere; a stopped Raft: outcome unknown),
+//!   and counted in `kvset_proposals_failed_total`.
 
 use std::sync::Arc;
 
@@ -95,12 +96,16 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, config: BatchConfig, m
         metrics.batch_commands.observe(batch.len() as f64);
         metrics.batch_bytes.observe(bytes as f64);
         let raft = raft.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let (commands, replies): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|p| (p.command, p.reply)).unzip();
             let n = commands.len();
             let outcome = raft.client_write(Batch { commands }).await;
             drop(permit);
+            if !matches!(&outcome, Ok(resp) if resp.data.results.len() == n) {
+                metrics.proposals_failed.inc();
+            }
             match outcome {
                 Ok(resp) if resp.data.results.len() == n => {
                     for (reply, result) in replies.into_iter().zip(resp.data.results) {

@@ -25,6 +25,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("pb", 1),
     ("query", 1),
     ("watch_types", 1),
+    ("timeline", 1),
     ("batcher", 2),
     ("forward", 2),
     ("network", 2),

@@ -25,8 +25,8 @@
 //! Peers talk on a separate port: `network` sends openraft's RPCs, `service::raft` receives
 //! them, checking the cluster id and the intended node id on every message. The membership
 //! task bootstraps, joins and reconciles membership with no operator; `identity` turns the pod
-//! name into an ordinal and addresses. `service::ops` serves `/metrics`, `/healthz` and
-//! `/readyz`.
+//! name into an ordinal and addresses. `service::ops` serves the cluster page (`/`), its data
+//! (`/status.json`), `/metrics`, `/healthz` and `/readyz`.
 //!
 //! # Layers
 //!
@@ -37,11 +37,11 @@
 //! |---|---|---|
 //! | 6 assembly | [`node`] | start, handle, shutdown |
 //! | 5 assembly | [`server`] | the three listeners and servers |
-//! | 4 services | [`service::kv`], [`service::etcd`], [`service::cluster`], [`service::raft`], [`service::ops`] | one file per gRPC service (etcd's six under `service::etcd`), and the ops HTTP endpoints |
+//! | 4 services | [`service::kv`], [`service::etcd`], [`service::cluster`], [`service::raft`], [`service::ops`] | one file per gRPC service (etcd's six under `service::etcd`), and the ops HTTP endpoints (cluster page, status JSON, metrics, probes) |
 //! | 4 tasks | [`tasks::membership`], [`tasks::replicas`], [`tasks::raft_metrics`], [`tasks::leases`], [`tasks::compactor`], [`tasks::quota`] | background work, each given only what it uses |
 //! | 3 member | [`member`] | this member's shared state: identity, Raft, routing, the write and read entry points, lifecycle |
 //! | 2 transport and pipeline | [`network`], [`forward`], [`batcher`], [`read_index`], [`watch_hub`], [`lessor`], [`recovery`], [`tls`], [`auth`] | peer RPCs out, forwarding to the leader, write batching, shared ReadIndex rounds, watch streams, lease deadlines, restore and quorum-loss recovery of the volume before Raft starts, TLS on the listeners and its rotation, who a caller is and what it may do |
-//! | 1 leaves | [`config`], [`identity`], [`errors`], [`metrics`], [`logging`], [`pb`], [`query`], [`watch_types`], [`cluster_id`], [`channels`], [`devcerts`] | configuration, identity, errors and their one mapping, observability, wire conversions, the domain form of reads and watch messages, the cluster id cell, the peer-channel cache, throwaway certificates for local clusters and tests |
+//! | 1 leaves | [`config`], [`identity`], [`errors`], [`metrics`], [`logging`], [`pb`], [`query`], [`watch_types`], [`cluster_id`], [`channels`], [`devcerts`], [`timeline`] | configuration, identity, errors and their one mapping, observability (metrics, the ops page's samples and events), wire conversions, the domain form of reads and watch messages, the cluster id cell, the peer-channel cache, throwaway certificates for local clusters and tests |
 //!
 //! # Caveats
 //!
@@ -65,6 +65,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pb;
 pub mod query;
+pub mod timeline;
 pub mod watch_types;
 // Layer 2: transport and pipeline.
 pub mod auth;

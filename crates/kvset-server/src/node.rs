@@ -53,7 +53,12 @@ use crate::network::PeerFault;
 use crate::network::PeerNetwork;
 pub use crate::server::ListenError;
 pub use crate::server::Listeners;
+use crate::service::ops::status::Node as OpsNode;
+use crate::service::ops::status::StatusSource;
+use crate::service::ops::status::ASK_TIMEOUT;
+use crate::service::ops::OpsSource;
 use crate::tasks::replicas::StatefulSetRef;
+use crate::timeline::Timeline;
 use crate::tls::MemberTls;
 
 /// Extra knobs for tests; production uses the default.
@@ -266,25 +271,35 @@ impl Node {
         let (stop, stop_rx) = watch::channel(false);
         let (request, mut request_rx) = watch::channel(false);
         let (done_tx, done) = watch::channel(None);
+        let timeline = Arc::new(Timeline::default());
+        member.metrics().quota_bytes.set(member.config().quota_bytes as i64);
+        let ops = crate::service::ops::router(ops_source(&member, timeline.clone()));
         let servers =
-            crate::server::spawn_servers(member.clone(), listeners, tls.clone(), stop_rx.clone()).await?;
+            crate::server::spawn_servers(member.clone(), listeners, tls.clone(), ops, stop_rx.clone())
+                .await?;
         let config = member.config();
+        let leases_reader = member.reader().clone();
         let mut tasks = vec![
-            tokio::spawn(crate::tasks::membership::run(member.clone(), stop_rx.clone())),
+            tokio::spawn(crate::tasks::membership::run(member.clone(), timeline.clone(), stop_rx.clone())),
             tokio::spawn(crate::tasks::leases::run(member.clone(), stop_rx.clone())),
             tokio::spawn(crate::tasks::compactor::run(member.clone(), stop_rx.clone())),
             tokio::spawn(crate::tasks::quota::run(member.clone(), stop_rx.clone())),
             tokio::spawn(crate::tasks::raft_metrics::run(
-                member.raft().metrics(),
-                member.metrics().clone(),
-                leadership,
-                config.data_dir.clone(),
+                crate::tasks::raft_metrics::Inputs {
+                    rx: member.raft().metrics(),
+                    metrics: member.metrics().clone(),
+                    leadership,
+                    data_dir: config.data_dir.clone(),
+                    timeline,
+                    leases: Box::new(move || leases_reader.leases().len()),
+                },
                 stop_rx.clone(),
             )),
         ];
         if let Some(tls) = tls {
             let interval = Duration::from_millis(config.tls.reload_interval_ms);
-            tasks.push(tokio::spawn(crate::tls::watch_files(tls, interval, stop_rx.clone())));
+            let metrics = member.metrics().clone();
+            tasks.push(tokio::spawn(crate::tls::watch_files(tls, metrics, interval, stop_rx.clone())));
         }
         if config.replicas_source == ReplicasSource::Kubernetes {
             tasks.push(tokio::spawn(crate::tasks::replicas::run(
@@ -294,6 +309,7 @@ impl Node {
             )));
         }
         member.set_phase(Phase::Serving);
+        member.metrics().ready.set(1);
         tracing::info!(
             name = %member.identity().name, node_id, client = %client_addr, peer = %peer_addr, ops = %ops_addr,
             advertise_peer = %member.me().peer_addr, advertise_client = %member.me().client_addr,
@@ -330,6 +346,78 @@ impl Node {
         });
 
         Ok(NodeHandle { member, request, done, client_addr, peer_addr, ops_addr })
+    }
+}
+
+/// What the ops page and `/status.json` read (`service::ops`): the one place that knows how
+/// they reach into the member. The closures hold the member weakly, so the ops server never
+/// keeps a stopped member's storage alive.
+fn ops_source(member: &Arc<LocalMember>, timeline: Arc<Timeline>) -> OpsSource {
+    let weak = Arc::downgrade(member);
+    let (local, listed, asker) = (weak.clone(), weak.clone(), weak);
+    OpsSource {
+        phase: member.subscribe_phase(),
+        metrics: member.metrics().clone(),
+        timeline,
+        status: StatusSource {
+            local: Box::new(move || {
+                local.upgrade().map(|m| crate::service::cluster::status(&m)).unwrap_or_default()
+            }),
+            membership: Box::new(move || {
+                let Some(member) = listed.upgrade() else { return Vec::new() };
+                let m = member.raft_metrics();
+                let membership = m.membership_config.membership();
+                let voters: Vec<u64> = membership.voter_ids().collect();
+                membership
+                    .nodes()
+                    .map(|(id, n)| OpsNode {
+                        node_id: *id,
+                        name: n.name.clone(),
+                        ordinal: n.ordinal,
+                        client_addr: n.client_addr.clone(),
+                        voter: voters.contains(id),
+                    })
+                    .collect()
+            }),
+            ask: Box::new(move |node| {
+                // Status is served to anyone (no access control), over the member's own TLS
+                // identity when the client port requires a certificate.
+                let client = match asker.upgrade() {
+                    Some(m) => {
+                        m.forwarder().cluster(&node.name, &node.client_addr).map_err(|e| e.to_string())
+                    }
+                    None => Err("this member is stopping".to_string()),
+                };
+                Box::pin(async move {
+                    let mut client = client?;
+                    let mut request = tonic::Request::new(kvset_proto::v1::StatusRequest { digest: false });
+                    request.set_timeout(ASK_TIMEOUT);
+                    match tokio::time::timeout(ASK_TIMEOUT, client.status(request)).await {
+                        Ok(Ok(reply)) => Ok(reply.into_inner()),
+                        Ok(Err(status)) => Err(innermost(&status)),
+                        Err(_) => Err(format!("no answer within {} ms", ASK_TIMEOUT.as_millis())),
+                    }
+                })
+            }),
+        },
+    }
+}
+
+/// A status's message with the innermost cause of its error chain ("transport error:
+/// Connection refused (os error 111)").
+fn innermost(status: &tonic::Status) -> String {
+    use std::error::Error;
+    let mut cause: Option<&dyn Error> = status.source();
+    let mut last = None;
+    while let Some(e) = cause {
+        last = Some(e.to_string());
+        cause = e.source();
+    }
+    match last {
+        Some(detail) if !detail.is_empty() && detail != status.message() => {
+            format!("{}: {detail}", status.message())
+        }
+        _ => status.message().to_string(),
     }
 }
 
@@ -416,6 +504,7 @@ async fn shutdown_sequence(
     hand_over_leadership(member, limit / 4).await;
     tracing::info!(name = %member.identity().name, "shutting down: draining requests");
     member.set_phase(Phase::ShuttingDown);
+    member.metrics().ready.set(0);
     // Long-lived streams (watches, keep-alives) end now; their clients resume elsewhere.
     member.watch_hub().close();
     let _ = stop.send(true);

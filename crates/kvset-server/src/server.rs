@@ -3,8 +3,9 @@
 //! * peer port: the `Raft` service only (so a NetworkPolicy can keep it pod-to-pod);
 //! * client port: kvset.v1 `Kv` and `Cluster`, etcd's v3 services (`etcdserverpb`), gRPC health
 //!   (`grpc.health.v1`) and server reflection (`v1` and `v1alpha`, listing only these services);
-//! * ops port: HTTP `/metrics`, `/healthz`, `/readyz` (plain HTTP, as etcd's
-//!   `--listen-metrics-urls`: probes and scrapers need no certificate).
+//! * ops port: HTTP `/`, `/status.json`, `/metrics`, `/healthz`, `/readyz` (the router built by
+//!   `node.rs`; plain HTTP, as etcd's `--listen-metrics-urls`: probes and scrapers need no
+//!   certificate).
 //!
 //! With TLS configured (`crate::tls`), the client and peer ports accept only TLS connections,
 //! and the ops port too when `tls.ops` is set.
@@ -79,11 +80,13 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Starts the servers; each task ends once it has drained after the stop signal.
+/// Starts the servers (`ops` is the ops port's router); each task ends once it has drained
+/// after the stop signal.
 pub async fn spawn_servers(
     member: Arc<LocalMember>,
     listeners: Listeners,
     tls: Option<Arc<MemberTls>>,
+    ops: axum::Router,
     stop: watch::Receiver<bool>,
 ) -> Result<Vec<JoinHandle<()>>, ServerError> {
     let mut tasks = Vec::new();
@@ -166,7 +169,7 @@ pub async fn spawn_servers(
     }));
 
     // Ops server.
-    let app = crate::service::ops::router(member.subscribe_phase(), member.metrics().clone());
+    let app = ops;
     let metrics = member.metrics().clone();
     let ops_listener = listeners.ops;
     let stop_ops = stop.clone();

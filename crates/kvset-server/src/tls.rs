@@ -76,6 +76,9 @@ struct Loaded {
     /// Checks that a certificate shown on the client port is a member's (chains to the
     /// members' CA), not merely a client's that names a member.
     members: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// When the member's certificate and the earliest-expiring CA of `tls.ca_file` expire
+    /// (Unix seconds), for `kvset_tls_certificate_expiry_timestamp_seconds`.
+    expiry: Vec<(&'static str, i64)>,
 }
 
 /// The TLS material of a member, replaced as a whole on rotation.
@@ -134,6 +137,20 @@ impl MemberTls {
         *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
         self.dial.replace(dial);
         Ok(true)
+    }
+
+    /// When the certificates in use expire, Unix seconds: `member` (this member's own) and
+    /// `ca` (the earliest of the CA bundle).
+    pub fn expiry(&self) -> Vec<(&'static str, i64)> {
+        self.current().expiry.clone()
+    }
+
+    /// Publishes [`Self::expiry`] in `metrics`.
+    pub fn report_expiry(&self, metrics: &Metrics) {
+        metrics.cert_expiry.clear();
+        for (cert, at) in self.expiry() {
+            metrics.cert_expiry.get_or_create(&crate::metrics::CertLabel { cert }).set(at);
+        }
     }
 
     /// The client configuration for dialling other members (their peer and client ports).
@@ -228,9 +245,20 @@ fn build(
             ))
         })?;
     }
+    let mut expiry = Vec::new();
+    expiry.extend(certs.first().and_then(|c| not_after(c)).map(|at| ("member", at)));
+    let cas = wire::parse_certs(&paths.ca, &bytes[2]).unwrap_or_default();
+    expiry.extend(cas.iter().filter_map(|c| not_after(c)).min().map(|at| ("ca", at)));
     let dial = wire::client_config(members, Some((certs, key)))?;
     Ok((
-        Loaded { bytes, peer: h2(peer), client: h2(client), ops: Arc::new(ops), members: members_verifier },
+        Loaded {
+            bytes,
+            peer: h2(peer),
+            client: h2(client),
+            ops: Arc::new(ops),
+            members: members_verifier,
+            expiry,
+        },
         dial,
     ))
 }
@@ -252,9 +280,16 @@ fn check_own(certs: &[CertificateDer<'static>], roots: &RootCertStore, name: &st
         .map_err(|e| e.to_string())
 }
 
-/// Re-reads `tls`'s files every `interval` until `stop`; logs what changed or failed.
-pub async fn watch_files(tls: Arc<MemberTls>, interval: Duration, mut stop: watch::Receiver<bool>) {
+/// Re-reads `tls`'s files every `interval` until `stop`; logs what changed or failed, and keeps
+/// the certificates' expiry in `metrics`.
+pub async fn watch_files(
+    tls: Arc<MemberTls>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut failing = false;
+    tls.report_expiry(&metrics);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -264,6 +299,7 @@ pub async fn watch_files(tls: Arc<MemberTls>, interval: Duration, mut stop: watc
         match tokio::task::spawn_blocking(move || t.reload()).await {
             Ok(Ok(true)) => {
                 failing = false;
+                tls.report_expiry(&metrics);
                 tracing::info!(cert = %tls.paths.cert.display(), "TLS certificates reloaded: new connections use them");
             }
             Ok(Ok(false)) => failing = false,
@@ -576,6 +612,47 @@ pub fn common_name(cert_der: &[u8]) -> Option<String> {
     subject_common_name(cert.subject())
 }
 
+/// When a certificate stops being valid (its `notAfter`), Unix seconds; `None` when the DER
+/// cannot be read. A small walk of the X.509 structure (RFC 5280 §4.1): webpki, which
+/// verifies chains, does not expose the validity period.
+pub fn not_after(cert_der: &[u8]) -> Option<i64> {
+    let (_, cert, _) = der(cert_der)?;
+    let (_, tbs, _) = der(cert)?;
+    let (tag, _, after_version) = der(tbs)?;
+    let fields = if tag == 0xa0 { after_version } else { tbs };
+    let (_, _, rest) = der(fields)?; // serialNumber
+    let (_, _, rest) = der(rest)?; // signature
+    let (_, _, rest) = der(rest)?; // issuer
+    let (_, validity, _) = der(rest)?;
+    let (_, _, rest) = der(validity)?; // notBefore
+    let (tag, time, _) = der(rest)?;
+    let text = std::str::from_utf8(time).ok()?.strip_suffix('Z')?;
+    let (year, rest) = match (tag, text.len()) {
+        // UTCTime: YYMMDDHHMMSS, years 1950..2049.
+        (0x17, 12) => {
+            let yy: i64 = text[..2].parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
+        }
+        // GeneralizedTime: YYYYMMDDHHMMSS.
+        (0x18, 14) => (text[..4].parse().ok()?, &text[4..]),
+        _ => return None,
+    };
+    let field = |i: usize| rest.get(i..i + 2).and_then(|f| f.parse::<i64>().ok());
+    let (month, day, hour, minute, second) = (field(0)?, field(2)?, field(4)?, field(6)?, field(8)?);
+    Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// One DER element: (tag, contents, rest).
 fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
@@ -624,4 +701,29 @@ pub fn subject_common_name(mut name: &[u8]) -> Option<String> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devcerts::Authority;
+    use crate::devcerts::Request;
+
+    #[test]
+    fn not_after_reads_a_certificates_validity() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        assert_eq!(days_from_civil(2026, 12, 7), 20_794);
+        let ca = Authority::new("test CA").expect("CA");
+        // Expired a day ago: valid for 24 h from two days ago.
+        let issued = ca.issue(&Request::member("kvset-0", "kvset-0.kvset-peers").expired()).expect("issue");
+        let certs = wire::parse_certs(Path::new("member.pem"), issued.cert_pem.as_bytes()).expect("PEM");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .expect("clock");
+        let at = not_after(&certs[0]).expect("notAfter");
+        assert!((at - (now - 86_400)).abs() < 60, "notAfter {at}, now {now}");
+        assert_eq!(not_after(b"not a certificate"), None);
+    }
 }

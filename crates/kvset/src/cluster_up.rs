@@ -231,6 +231,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     println!("  kvset put greeting hello && kvset get greeting && kvset status");
+    println!(
+        "  open http://127.0.0.1:{}/    # the cluster page (every member's ops port serves it)",
+        sup.port(0, 2)
+    );
     println!("  kvset member scale 5      # ordinals 3 and 4 start, join and are promoted in order");
     println!("Ctrl-C stops every member.\n");
 

@@ -22,6 +22,10 @@
 //!   try to rejoin under the old id.
 //!
 //! A SIGTERM never removes a member: only the desired replica count does.
+//!
+//! The leader's reconciler reports its state in `/metrics` (`membership_reconciler_state`, and
+//! `membership_out_of_sync_seconds`, which an alert watches for a reconciler stuck out of sync)
+//! and records each change it makes, and its outcome, in the ops page's journal.
 
 pub mod plan;
 
@@ -29,6 +33,7 @@ use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 use kvset_proto::v1 as pb;
 use kvset_proto::v1::raft_client::RaftClient;
@@ -40,6 +45,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use crate::member::LocalMember;
+use crate::timeline::Timeline;
 use plan::Answer;
 use plan::Observation;
 use plan::Plan;
@@ -55,6 +61,24 @@ const LEADERLESS_STEPS: u32 = 5;
 #[derive(Default)]
 struct Loop {
     leaderless_steps: u32,
+    /// Since when the leader's reconciler has not been in sync.
+    out_of_sync_since: Option<Instant>,
+    /// Where the changes made are recorded.
+    journal: Arc<Timeline>,
+}
+
+impl Loop {
+    /// Reports the reconciler's state (`None`: this member does not reconcile, not leading).
+    fn report(&mut self, shared: &LocalMember, state: Option<&'static str>) {
+        let out_of_sync = match state {
+            None | Some("in_sync") => {
+                self.out_of_sync_since = None;
+                Duration::ZERO
+            }
+            Some(_) => self.out_of_sync_since.get_or_insert_with(Instant::now).elapsed(),
+        };
+        shared.metrics().reconciler(state, out_of_sync);
+    }
 }
 
 /// A peer-service client for `addr`, over the member's shared channels.
@@ -115,9 +139,9 @@ fn short(status: &tonic::Status) -> String {
     }
 }
 
-/// Runs the membership loop until `stop`.
-pub async fn run(shared: Arc<LocalMember>, mut stop: watch::Receiver<bool>) {
-    let mut state = Loop::default();
+/// Runs the membership loop until `stop`; records the changes it makes in `journal`.
+pub async fn run(shared: Arc<LocalMember>, journal: Arc<Timeline>, mut stop: watch::Receiver<bool>) {
+    let mut state = Loop { journal, ..Loop::default() };
     let base = Duration::from_millis(500);
     let mut delay = base;
     loop {
@@ -165,6 +189,7 @@ async fn step(shared: &Arc<LocalMember>, state: &mut Loop) -> bool {
             state.leaderless_steps = 0;
             return reconcile(shared, state, &m).await;
         };
+        state.report(shared, Some("no_quorum"));
         state.leaderless_steps += 1;
         if state.leaderless_steps < LEADERLESS_STEPS || !check_removed(shared, state).await {
             shared.set_reconciler_status(format!(
@@ -174,6 +199,7 @@ async fn step(shared: &Arc<LocalMember>, state: &mut Loop) -> bool {
         }
         return false;
     }
+    state.report(shared, None);
     if m.current_leader.is_some() {
         state.leaderless_steps = 0;
         let role = if membership.voter_ids().any(|v| v == shared.node_id()) { "voter" } else { "learner" };
@@ -422,26 +448,30 @@ async fn join(shared: &Arc<LocalMember>, ordinal: u32, reply: &pb::ProbeReply) -
     }
 }
 
-/// Runs one membership change with a deadline.
-async fn change(shared: &LocalMember, what: String, change: plan::Change, voters: &BTreeSet<u64>) -> bool {
+/// Runs one membership change with a deadline; the outcome goes into the journal too.
+async fn change(
+    shared: &LocalMember,
+    journal: &Timeline,
+    what: String,
+    change: plan::Change,
+    voters: &BTreeSet<u64>,
+) -> bool {
     tracing::info!(change = %what, "membership change");
     shared.set_reconciler_status(format!("{what}: in progress"));
+    journal.record(format!("reconciler: {what}: started"));
     let change = change.to_openraft(voters);
-    match tokio::time::timeout(CHANGE_TIMEOUT, shared.raft().change_membership(change, false)).await {
-        Ok(Ok(_)) => {
-            shared.metrics().membership_changes.inc();
-            shared.set_reconciler_status(format!("{what}: done"));
-            true
-        }
-        Ok(Err(e)) => {
-            shared.set_reconciler_status(format!("{what}: failed: {e}"));
-            false
-        }
-        Err(_) => {
-            shared.set_reconciler_status(format!("{what}: timed out"));
-            false
-        }
-    }
+    let (done, outcome) =
+        match tokio::time::timeout(CHANGE_TIMEOUT, shared.raft().change_membership(change, false)).await {
+            Ok(Ok(_)) => {
+                shared.metrics().membership_changes.inc();
+                (true, format!("{what}: done"))
+            }
+            Ok(Err(e)) => (false, format!("{what}: failed: {e}")),
+            Err(_) => (false, format!("{what}: timed out")),
+        };
+    journal.record(format!("reconciler: {outcome}"));
+    shared.set_reconciler_status(outcome);
+    done
 }
 
 /// The leader's reconciliation step: observe, [`plan::plan`], act.
@@ -478,8 +508,18 @@ async fn reconcile(shared: &Arc<LocalMember>, state: &mut Loop, m: &RaftMetrics)
         answers,
     };
     match plan::plan(&observation) {
-        Plan::Change { change: c, what } => change(shared, what, c, &observation.voters).await,
-        Plan::Wait(why) | Plan::InSync(why) => {
+        Plan::Change { change: c, what } => {
+            state.report(shared, Some("changing"));
+            let journal = state.journal.clone();
+            change(shared, &journal, what, c, &observation.voters).await
+        }
+        Plan::Wait(why) => {
+            state.report(shared, Some("waiting"));
+            shared.set_reconciler_status(why);
+            true
+        }
+        Plan::InSync(why) => {
+            state.report(shared, Some("in_sync"));
             shared.set_reconciler_status(why);
             true
         }
