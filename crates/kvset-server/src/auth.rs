@@ -1,5 +1,5 @@
-//! Access control at the door (DESIGN.md §6, Security): who the caller is, and whether it may
-//! do what it asks, against the replicated users, roles and permissions
+//! Access control at the door (docs/architecture.md, "Security"): who the caller is, and
+//! whether it may do what it asks, against the replicated users, roles and permissions
 //! (`kvset_storage::auth`). One check for both client APIs: `LocalMember::execute` and
 //! `::read` call it on the domain command or query, so no handler of kvset.v1 or of the etcd
 //! API can forget it; watches and administrative calls check their own needs the same way.

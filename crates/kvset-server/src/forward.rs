@@ -1,9 +1,13 @@
-//! Forwarding client requests from a follower to the leader's client port.
+//! Reaching the leader from a follower: the call context every handler reads, the clients for
+//! other members' client ports, and what a failed call to the leader means.
 //!
-//! Any member accepts any call (DESIGN.md §5): writes and linearizable reads that reach a
-//! follower are re-sent, unchanged, to the leader's client endpoint with the `kvset-forwarded`
-//! metadata entry and the caller's remaining deadline. A forwarded request is never forwarded
-//! again: a member that is not the leader when a forwarded request arrives answers
+//! Any member accepts any call (docs/architecture.md, "Request paths"). Commands, linearizable
+//! reads and lease renewals that reach a follower go to the leader's peer port
+//! (`LocalMember::execute`, `::read`, `::renew_lease`), whose replies carry the leader's errors
+//! as data ([`peer_call_error`] maps the rest). Cluster administration calls are still re-sent
+//! to the leader's client port with the `kvset-forwarded` metadata entry and the caller's
+//! remaining deadline ([`Forwarder::cluster`], [`forwarded_error`]). A forwarded request is
+//! never forwarded again: a member that is not the leader when one arrives answers
 //! `UNAVAILABLE` with its own leader hint.
 
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Who this member is, and where every ordinal can be reached (DESIGN.md §2).
+//! Who this member is, and where every ordinal can be reached (docs/architecture.md, "Identity").
 //!
 //! A pod named `<set>-<N>` has ordinal N; its name comes from the `name` config key, else
 //! `POD_NAME`, else `HOSTNAME`. Addresses of every ordinal are rendered from the same template,

@@ -1,5 +1,5 @@
-//! A member's TLS (DESIGN.md §6, Security): its certificate on the client and peer ports,
-//! mutual TLS between members, and certificate rotation without a restart.
+//! A member's TLS (docs/architecture.md, "Security"): its certificate on the client and peer
+//! ports, mutual TLS between members, and certificate rotation without a restart.
 //!
 //! * **Peer port**: mutual TLS only. A connecting member must present a certificate that chains
 //!   to `tls.ca_file` *and* names some ordinal's `tls.member_dns_name`; a member dialling

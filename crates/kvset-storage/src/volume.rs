@@ -1,4 +1,4 @@
-//! Volume metadata: who this volume belongs to (DESIGN.md §2).
+//! Volume metadata: who this volume belongs to (docs/architecture.md, "Identity").
 //!
 //! Every data directory carries a small JSON file, [`META_FILE`], written when the directory is
 //! first initialised:

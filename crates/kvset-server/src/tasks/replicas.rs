@@ -1,5 +1,5 @@
 //! The Kubernetes replicas source: the desired voter count is the StatefulSet's
-//! `spec.replicas` (DESIGN.md §3), read through the Kubernetes API.
+//! `spec.replicas` (docs/architecture.md, "Membership"), read through the Kubernetes API.
 //!
 //! With `replicas_source = "kubernetes"` every member watches its own StatefulSet (name = the
 //! set part of its pod name, namespace from `POD_NAMESPACE`) with kube's `watcher` (list, then

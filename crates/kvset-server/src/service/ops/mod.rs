@@ -12,7 +12,8 @@
 //! * `GET /healthz` — 200 while the process runs (liveness).
 //! * `GET /readyz` — 200 while this member's storage is open and its servers serve; 503 while
 //!   starting or shutting down. Member-local on purpose: it never requires a leader or a
-//!   quorum, or a StatefulSet could neither start nor roll (DESIGN.md §6).
+//!   quorum, or a StatefulSet could neither start nor roll (docs/architecture.md,
+//!   "Lifecycle").
 //!
 //! The endpoints see only what [`OpsSource`] gives them: the member's lifecycle phase, its
 //! metrics and timeline, and a [`status::StatusSource`] of closures that `node.rs` builds.

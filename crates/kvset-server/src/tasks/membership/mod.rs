@@ -1,5 +1,5 @@
-//! Self-managing membership (DESIGN.md §3): bootstrap, join, promotion, replacement and
-//! ordered scale-down, with no person running `member add`.
+//! Self-managing membership (docs/architecture.md, "Membership"): bootstrap, join, promotion,
+//! replacement and ordered scale-down, with no person running `member add`.
 //!
 //! One task per member runs `step` about once a second:
 //!
