@@ -114,3 +114,74 @@ async fn the_leaders_errors_arrive_the_same_through_a_follower() {
     }));
     c.shutdown().await;
 }
+
+/// Issue 27, item 3: cluster administration reaches the leader the one way commands and reads
+/// do, its peer port, with its errors as data: the same answers through a follower as from the
+/// leader, and the leader's client port never sees the calls a follower passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_administration_reaches_the_leader_through_its_peer_port() {
+    use kvset_proto::v1 as pb;
+    use kvset_proto::v1::cluster_client::ClusterClient;
+    let c = Cluster::start(3).await;
+    let leader = c.wait_voters(3, Duration::from_secs(60)).await;
+    let follower = (0..3).find(|o| *o != leader).unwrap();
+    let connect = |o: u32| ClusterClient::connect(format!("http://{}", c.endpoint(o)));
+    let mut at_leader = connect(leader).await.unwrap();
+    let mut at_follower = connect(follower).await.unwrap();
+    let leader_id = c.node_ids()[leader as usize];
+
+    let view = |r: pb::MemberListResponse| {
+        (
+            r.cluster_id,
+            r.leader_id,
+            r.members.into_iter().map(|m| (m.node_id, m.name, m.voter)).collect::<Vec<_>>(),
+        )
+    };
+    let from_leader = view(at_leader.member_list(pb::MemberListRequest {}).await.unwrap().into_inner());
+    let through = view(at_follower.member_list(pb::MemberListRequest {}).await.unwrap().into_inner());
+    assert_eq!(from_leader, through);
+    assert_eq!(through.1, leader_id, "the member list is the leader's");
+
+    let outcome = |r: Result<tonic::Response<pb::PromoteResponse>, tonic::Status>| match r {
+        Ok(_) => "ok".to_string(),
+        Err(s) => format!("{:?}: {}", s.code(), s.message()),
+    };
+    let promote = || pb::PromoteRequest { node_id: 4242 };
+    let l = outcome(at_leader.promote(promote()).await);
+    let f = outcome(at_follower.promote(promote()).await);
+    assert_eq!(l, f);
+    assert!(l.starts_with("FailedPrecondition: node 4242 is not a learner"), "{l}");
+    let remove = |r: Result<tonic::Response<pb::RemoveResponse>, tonic::Status>| {
+        r.map(|_| ()).map_err(|s| (s.code(), s.message().to_string()))
+    };
+    assert_eq!(
+        remove(at_leader.remove(pb::RemoveRequest { node_id: 4242 }).await),
+        remove(at_follower.remove(pb::RemoveRequest { node_id: 4242 }).await),
+    );
+
+    // Passed on through the follower, the calls reach the leader's peer port, not its client
+    // port: the leader counted exactly the ones sent to it directly.
+    let scrape = kvset_tests::http_get(&c.ops_endpoint(leader), "/metrics").await.unwrap();
+    let count = |method: &str| {
+        scrape
+            .lines()
+            .filter(|l| {
+                l.starts_with("kvset_grpc_requests_total{") && l.contains(&format!("method=\"{method}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert_eq!((count("MemberList"), count("Promote"), count("Remove")), (1.0, 1.0, 1.0), "{scrape}");
+
+    // A leader transfer asked of a follower hands leadership to the voter it names.
+    let target = (0..3).find(|o| *o != leader && *o != follower).unwrap();
+    let target_id = c.node_ids()[target as usize];
+    let moved = at_follower
+        .transfer_leader(pb::TransferLeaderRequest { node_id: target_id })
+        .await
+        .expect("the transfer through a follower")
+        .into_inner();
+    assert_eq!(moved.leader_id, target_id);
+    assert_eq!(c.wait_leader(Duration::from_secs(30)).await, target);
+    c.shutdown().await;
+}

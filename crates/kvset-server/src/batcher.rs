@@ -58,7 +58,7 @@ impl Batcher {
             mpsc::error::TrySendError::Full(_) => {
                 KvError::Overloaded("the write queue is full (batch.queue)".into())
             }
-            mpsc::error::TrySendError::Closed(_) => KvError::Unavailable("member is shutting down".into()),
+            mpsc::error::TrySendError::Closed(_) => KvError::Stopping("member is shutting down".into()),
         })?;
         rx.await
             .unwrap_or_else(|_| Err(KvError::Indeterminate("the write was dropped while in flight".into())))

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use kvset_proto::tls::ChannelOptions;
 use kvset_proto::tls::ClientTls;
+use kvset_proto::v1::cluster_client::ClusterClient;
 use tonic::transport::Channel;
 
 use crate::identity::AddressBook;
@@ -92,5 +93,12 @@ impl PeerChannels {
         };
         channels.insert(key, c.clone());
         Ok(c)
+    }
+
+    /// A `Cluster` client for another member's client port, for its `Status` (which needs no
+    /// credentials; the ops page, the quota task and defragmentation ask it). Requests that need
+    /// the leader never take this way: they go to its peer port.
+    pub fn status_client(&self, name: &str, addr: &str) -> Result<ClusterClient<Channel>, BadAddress> {
+        Ok(ClusterClient::new(self.get(name, addr)?))
     }
 }

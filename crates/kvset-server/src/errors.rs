@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | [`KvError::InvalidArgument`] | `INVALID_ARGUMENT` | — |
 //! | [`KvError::NoLeader`] | `UNAVAILABLE` | `kvset-not-applied`, `kvset-leader`, `kvset-leader-id` (when known) |
-//! | [`KvError::Unavailable`] | `UNAVAILABLE` | `kvset-not-applied` |
+//! | [`KvError::Unavailable`], [`KvError::Stopping`] | `UNAVAILABLE` | `kvset-not-applied` |
 //! | [`KvError::Overloaded`] | `RESOURCE_EXHAUSTED` | `kvset-not-applied` (a transient queue: retry) |
 //! | [`KvError::LimitReached`] | `RESOURCE_EXHAUSTED` | — (a table is full: retrying will not help) |
 //! | [`KvError::NoSpace`] | `RESOURCE_EXHAUSTED` | — (past `quota_bytes`: free space first) |
@@ -15,10 +15,9 @@
 //! | [`KvError::FailedPrecondition`] | `FAILED_PRECONDITION` | — |
 //! | [`KvError::PermissionDenied`] | `PERMISSION_DENIED` | — |
 //! | [`KvError::Unauthenticated`] | `UNAUTHENTICATED` | — (log in again) |
-//! | [`KvError::NotFound`] | `NOT_FOUND` | — |
-//! | [`KvError::OutOfRange`] | `OUT_OF_RANGE` | — |
+//! | [`KvError::LeaseNotFound`] | `NOT_FOUND` | — |
+//! | [`KvError::Compacted`], [`KvError::FutureRevision`] | `OUT_OF_RANGE` | — |
 //! | [`KvError::Internal`] | `INTERNAL` | — |
-//! | [`KvError::Remote`] | whatever the leader answered | passed through |
 //!
 //! Messages are stable: clients and tests may match on their first words.
 //!
@@ -57,10 +56,14 @@ pub enum KvError {
     /// No leader could serve the request; nothing was applied.
     #[error("no leader: {reason}")]
     NoLeader { leader_id: Option<u64>, leader_addr: Option<String>, reason: String },
-    /// The member cannot take the request now (shutting down, Raft stopped before the request
-    /// was proposed); nothing was applied.
+    /// The member cannot take the request now (no quorum confirmed its leadership, a task it
+    /// needs ended, an address it needs is unknown); nothing was applied.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The member is stopping (shutting down, or Raft stopped before the request was proposed);
+    /// nothing was applied: another member may take the request.
+    #[error("unavailable: {0}")]
+    Stopping(String),
     /// Too many requests are waiting on this member (a bounded queue is full); nothing was
     /// applied.
     #[error("overloaded: {0}")]
@@ -91,27 +94,33 @@ pub enum KvError {
     /// The caller's credentials are not (or no longer) valid; nothing was applied.
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
-    /// What the request names does not exist (a lease); nothing was applied.
+    /// The lease the request names does not exist; nothing was applied.
     #[error("{0}")]
-    NotFound(String),
-    /// The revision asked for is compacted or in the future; nothing was read or applied.
+    LeaseNotFound(String),
+    /// The revision asked for is compacted; nothing was read or applied.
     #[error("{0}")]
-    OutOfRange(String),
+    Compacted(String),
+    /// The revision asked for is in the future; nothing was read or applied.
+    #[error("{0}")]
+    FutureRevision(String),
     /// A storage or internal error; the member stops itself after a storage error.
     #[error("internal error: {0}")]
     Internal(String),
-    /// The status the leader answered to a forwarded request.
-    #[error("{0}")]
-    Remote(Status),
 }
 
 /// A [`KvError`] as it crosses the hop from the leader to the member that forwarded a request:
 /// the kind and the values it names, encoded (postcard) in the peer reply, never a message to
-/// parse. (`KvError::Remote` does not cross: it is mapped to its kind first.)
+/// parse. The variants keep their places (postcard encodes the index), so members of
+/// consecutive releases read each other's errors during a rolling upgrade: new kinds are added
+/// at the end.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum WireError {
     InvalidArgument(String),
-    NoLeader { leader_id: Option<u64>, leader_addr: Option<String>, reason: String },
+    NoLeader {
+        leader_id: Option<u64>,
+        leader_addr: Option<String>,
+        reason: String,
+    },
     Unavailable(String),
     Overloaded(String),
     LimitReached(String),
@@ -122,9 +131,12 @@ pub enum WireError {
     FailedPrecondition(String),
     PermissionDenied(String),
     Unauthenticated(String),
-    NotFound(String),
-    OutOfRange(String),
+    LeaseNotFound(String),
+    /// The previous release's one kind for both compacted and future revisions.
+    Compacted(String),
     Internal(String),
+    FutureRevision(String),
+    Stopping(String),
 }
 
 impl From<KvError> for WireError {
@@ -144,13 +156,11 @@ impl From<KvError> for WireError {
             KvError::FailedPrecondition(m) => WireError::FailedPrecondition(m),
             KvError::PermissionDenied(m) => WireError::PermissionDenied(m),
             KvError::Unauthenticated(m) => WireError::Unauthenticated(m),
-            KvError::NotFound(m) => WireError::NotFound(m),
-            KvError::OutOfRange(m) => WireError::OutOfRange(m),
+            KvError::LeaseNotFound(m) => WireError::LeaseNotFound(m),
+            KvError::Compacted(m) => WireError::Compacted(m),
+            KvError::FutureRevision(m) => WireError::FutureRevision(m),
+            KvError::Stopping(m) => WireError::Stopping(m),
             KvError::Internal(m) => WireError::Internal(m),
-            KvError::Remote(status) => match from_status(status) {
-                KvError::Remote(status) => WireError::Internal(status.message().to_string()),
-                other => other.into(),
-            },
         }
     }
 }
@@ -172,8 +182,10 @@ impl From<WireError> for KvError {
             WireError::FailedPrecondition(m) => KvError::FailedPrecondition(m),
             WireError::PermissionDenied(m) => KvError::PermissionDenied(m),
             WireError::Unauthenticated(m) => KvError::Unauthenticated(m),
-            WireError::NotFound(m) => KvError::NotFound(m),
-            WireError::OutOfRange(m) => KvError::OutOfRange(m),
+            WireError::LeaseNotFound(m) => KvError::LeaseNotFound(m),
+            WireError::Compacted(m) => KvError::Compacted(m),
+            WireError::FutureRevision(m) => KvError::FutureRevision(m),
+            WireError::Stopping(m) => KvError::Stopping(m),
             WireError::Internal(m) => KvError::Internal(m),
         }
     }
@@ -197,6 +209,11 @@ impl KvError {
         )
     }
 
+    /// A client's request stream that failed (a message that does not decode, say).
+    pub fn request_stream(status: &Status) -> Self {
+        KvError::InvalidArgument(format!("the request stream failed: {}", status.message()))
+    }
+
     /// An `INVALID_ARGUMENT` error naming a limit: "`what` is `got`, over the limit `name` = `max`".
     pub fn over_limit(what: &str, got: u64, name: &str, max: u64) -> Self {
         KvError::InvalidArgument(format!("{what} is {got}, over the limit {name} = {max}"))
@@ -209,14 +226,16 @@ impl KvError {
             KvError::InvalidArgument(_)
                 | KvError::NoLeader { .. }
                 | KvError::Unavailable(_)
+                | KvError::Stopping(_)
                 | KvError::Overloaded(_)
                 | KvError::LimitReached(_)
                 | KvError::NoSpace(_)
                 | KvError::FailedPrecondition(_)
                 | KvError::PermissionDenied(_)
                 | KvError::Unauthenticated(_)
-                | KvError::NotFound(_)
-                | KvError::OutOfRange(_)
+                | KvError::LeaseNotFound(_)
+                | KvError::Compacted(_)
+                | KvError::FutureRevision(_)
                 | KvError::Unimplemented(_)
         )
     }
@@ -278,9 +297,10 @@ pub fn read_index(e: &RaftError<TypeConfig, LinearizableReadError<TypeConfig>>) 
 pub fn rejected(e: &kvset_storage::ApplyError) -> KvError {
     use kvset_storage::ApplyError as A;
     match e {
-        A::LeaseNotFound(_) => KvError::NotFound(e.to_string()),
+        A::LeaseNotFound(_) => KvError::LeaseNotFound(e.to_string()),
         A::LeaseExists(_) | A::KeyNotFound => KvError::FailedPrecondition(e.to_string()),
-        A::Compacted { .. } | A::FutureRevision { .. } => KvError::OutOfRange(e.to_string()),
+        A::Compacted { .. } => KvError::Compacted(e.to_string()),
+        A::FutureRevision { .. } => KvError::FutureRevision(e.to_string()),
         A::Auth(a) => auth_rejected(a),
     }
 }
@@ -299,7 +319,8 @@ pub fn auth_rejected(e: &kvset_storage::auth::AuthError) -> KvError {
 pub fn read(e: kvset_storage::ReadError) -> KvError {
     use kvset_storage::ReadError as R;
     match e {
-        R::Compacted { .. } | R::FutureRevision { .. } => KvError::OutOfRange(e.to_string()),
+        R::Compacted { .. } => KvError::Compacted(e.to_string()),
+        R::FutureRevision { .. } => KvError::FutureRevision(e.to_string()),
         other => KvError::Internal(other.to_string()),
     }
 }
@@ -309,49 +330,16 @@ impl From<crate::query::QueryError> for KvError {
     fn from(e: crate::query::QueryError) -> Self {
         use crate::query::QueryError as Q;
         match e {
-            Q::Compacted { .. } | Q::FutureRevision { .. } => KvError::OutOfRange(e.to_string()),
+            Q::Compacted { .. } => KvError::Compacted(e.to_string()),
+            Q::FutureRevision { .. } => KvError::FutureRevision(e.to_string()),
             Q::Storage(_) => KvError::Internal(e.to_string()),
         }
     }
 }
 
-/// The error another member's status stands for (the peer port answers with this module's
-/// mapping; this is its inverse), so a request sent to the leader fails as if it had failed
-/// here.
-pub fn from_status(status: Status) -> KvError {
-    let header = |key: &str| status.metadata().get(key).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let not_applied = header(metadata::NOT_APPLIED).is_some();
-    let message = status.message();
-    let strip = |prefix: &str| message.strip_prefix(prefix).unwrap_or(message).to_string();
-    match status.code() {
-        Code::InvalidArgument => KvError::InvalidArgument(message.to_string()),
-        Code::Unavailable if message.starts_with("no leader: ") => KvError::NoLeader {
-            leader_id: header(metadata::LEADER_ID).and_then(|v| v.parse().ok()),
-            leader_addr: header(metadata::LEADER),
-            reason: strip("no leader: "),
-        },
-        Code::Unavailable => KvError::Unavailable(strip("unavailable: ")),
-        Code::ResourceExhausted if not_applied => KvError::Overloaded(strip("overloaded: ")),
-        Code::ResourceExhausted if message.starts_with("database space exceeded: ") => {
-            KvError::NoSpace(strip("database space exceeded: "))
-        }
-        Code::ResourceExhausted => KvError::LimitReached(message.to_string()),
-        Code::Unknown => KvError::Indeterminate(strip("outcome unknown: ")),
-        Code::DeadlineExceeded => KvError::DeadlineExceeded(strip("deadline exceeded: ")),
-        Code::Unimplemented => KvError::Unimplemented(strip("not implemented: ")),
-        Code::FailedPrecondition => KvError::FailedPrecondition(message.to_string()),
-        Code::PermissionDenied => KvError::PermissionDenied(strip("permission denied: ")),
-        Code::Unauthenticated => KvError::Unauthenticated(strip("unauthenticated: ")),
-        Code::NotFound => KvError::NotFound(message.to_string()),
-        Code::OutOfRange => KvError::OutOfRange(message.to_string()),
-        Code::Internal => KvError::Internal(strip("internal error: ")),
-        _ => KvError::Remote(status),
-    }
-}
-
 /// Raft stopped before a request that changes nothing (a read, a trigger) could run.
 pub fn stopped(f: &Fatal<TypeConfig>) -> KvError {
-    KvError::Unavailable(format!("raft stopped: {f}"))
+    KvError::Stopping(format!("raft stopped: {f}"))
 }
 
 /// Raft stopped while a proposal may have been in its log.
@@ -369,7 +357,13 @@ impl From<KvError> for Status {
         let mut map = MetadataMap::new();
         // The marker tells clients a retry elsewhere is safe; it is set on the codes a client
         // retries (the others say "do not retry" by themselves).
-        if matches!(e, KvError::NoLeader { .. } | KvError::Unavailable(_) | KvError::Overloaded(_)) {
+        if matches!(
+            e,
+            KvError::NoLeader { .. }
+                | KvError::Unavailable(_)
+                | KvError::Stopping(_)
+                | KvError::Overloaded(_)
+        ) {
             mark_not_applied(&mut map);
         }
         let code = match e {
@@ -383,7 +377,7 @@ impl From<KvError> for Status {
                 }
                 Code::Unavailable
             }
-            KvError::Unavailable(_) => Code::Unavailable,
+            KvError::Unavailable(_) | KvError::Stopping(_) => Code::Unavailable,
             KvError::Overloaded(_) | KvError::LimitReached(_) | KvError::NoSpace(_) => {
                 Code::ResourceExhausted
             }
@@ -393,10 +387,9 @@ impl From<KvError> for Status {
             KvError::FailedPrecondition(_) => Code::FailedPrecondition,
             KvError::PermissionDenied(_) => Code::PermissionDenied,
             KvError::Unauthenticated(_) => Code::Unauthenticated,
-            KvError::NotFound(_) => Code::NotFound,
-            KvError::OutOfRange(_) => Code::OutOfRange,
+            KvError::LeaseNotFound(_) => Code::NotFound,
+            KvError::Compacted(_) | KvError::FutureRevision(_) => Code::OutOfRange,
             KvError::Internal(_) => Code::Internal,
-            KvError::Remote(status) => return status,
         };
         Status::with_metadata(code, message, map)
     }
@@ -442,7 +435,7 @@ mod tests {
     }
 
     #[test]
-    fn a_status_from_another_member_means_the_same_error() {
+    fn every_error_kind_crosses_the_hop_as_data_unchanged() {
         let errors = [
             KvError::InvalidArgument("key is empty".into()),
             KvError::NoLeader {
@@ -451,20 +444,31 @@ mod tests {
                 reason: "moved".into(),
             },
             KvError::NoLeader { leader_id: None, leader_addr: None, reason: "none known".into() },
-            KvError::Unavailable("shutting down".into()),
+            KvError::Unavailable("no quorum".into()),
+            KvError::Stopping("member is shutting down".into()),
             KvError::Overloaded("queue full".into()),
             KvError::LimitReached("lease.max_leases".into()),
+            KvError::NoSpace("kvset-1".into()),
             KvError::Indeterminate("lost".into()),
             KvError::DeadlineExceeded("slow".into()),
+            KvError::Unimplemented("alarm activate".into()),
             KvError::FailedPrecondition("exists".into()),
-            KvError::NotFound("lease 5 not found".into()),
-            KvError::OutOfRange("compacted".into()),
+            KvError::PermissionDenied("no".into()),
+            KvError::Unauthenticated("stale token".into()),
+            KvError::LeaseNotFound("lease 5 not found".into()),
+            KvError::Compacted("revision 3 has been compacted".into()),
+            KvError::FutureRevision("revision 9 is a future revision".into()),
+            KvError::Internal("disk".into()),
         ];
         for e in errors {
-            let back = from_status(Status::from(e.clone()));
-            assert_eq!(back.to_string(), e.to_string());
+            let back = KvError::from_wire(&e.clone().to_wire()).expect("an error").expect("decodable");
+            assert_eq!(WireError::from(back.clone()), WireError::from(e.clone()));
             assert_eq!(back.not_applied(), e.not_applied(), "{e:?}");
+            let (a, b) = (Status::from(back), Status::from(e));
+            assert_eq!((a.code(), a.message()), (b.code(), b.message()));
         }
+        assert!(KvError::from_wire(&[]).is_none(), "an empty error field is no error");
+        assert!(KvError::from_wire(&[0xff, 0xff, 0xff]).expect("an error").is_err(), "garbage is refused");
     }
 
     #[test]
@@ -482,7 +486,9 @@ mod tests {
             assert!(!e.not_applied());
         }
         let read = read_index(&RaftError::Fatal(Fatal::Stopped));
-        assert!(matches!(read, KvError::Unavailable(_)), "{read:?}");
+        assert!(matches!(read, KvError::Stopping(_)), "{read:?}");
+        assert!(read.not_applied());
+        assert_eq!(Status::from(read).code(), Code::Unavailable);
     }
 
     #[test]

@@ -1,31 +1,21 @@
-//! Reaching the leader from a follower: the call context every handler reads, the clients for
-//! other members' client ports, and what a failed call to the leader means.
+//! What a handler knows of an incoming call, and what a failed call to the leader means.
 //!
-//! Any member accepts any call (docs/architecture.md, "Request paths"). Commands, linearizable
-//! reads and lease renewals that reach a follower go to the leader's peer port
-//! (`LocalMember::execute`, `::read`, `::renew_lease`), whose replies carry the leader's errors
-//! as data ([`peer_call_error`] maps the rest). Cluster administration calls are still re-sent
-//! to the leader's client port with the `kvset-forwarded` metadata entry and the caller's
-//! remaining deadline ([`Forwarder::cluster`], [`forwarded_error`]). A forwarded request is
-//! never forwarded again: a member that is not the leader when one arrives answers
-//! `UNAVAILABLE` with its own leader hint.
+//! Any member accepts any call (docs/architecture.md, "Request paths"). Whatever needs the leader — commands, linearizable
+//! reads, lease renewals, cluster administration — reaches it one way: its peer port (`Raft`'s
+//! `Propose`, `Read`, `LeaseRenew`, `Admin`), with the caller's remaining deadline, and the
+//! leader's answer or error comes back as data (see `crate::errors::WireError`). A call that
+//! arrives on the peer port is never passed on again: a member that is not the leader when it
+//! arrives answers with its own leader hint.
 
-use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
 use kvset_proto::is_connect_error;
-use kvset_proto::metadata;
-use kvset_proto::v1::cluster_client::ClusterClient;
-use kvset_proto::v1::kv_client::KvClient;
-use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 
 use crate::auth::Credentials;
-use crate::channels::PeerChannels;
 use crate::errors::KvError;
 
-/// Largest response accepted from the leader.
+/// Largest message the client port sends.
 pub const CLIENT_MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Deadline used when the caller sent none.
@@ -34,25 +24,23 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 /// What a handler needs to know about the incoming call.
 #[derive(Debug, Clone)]
 pub struct CallContext {
-    /// The request was forwarded by another member.
-    pub forwarded: bool,
     /// When the caller stops waiting.
     pub deadline: Instant,
     /// Who the caller says it is (checked by `crate::auth`).
     pub credentials: Credentials,
-    /// The request came over the peer port (from another member).
+    /// The request came over the peer port: another member received it from a client and
+    /// passed it to this one, the leader (it is never passed on again).
     pub from_peer_port: bool,
-    /// The member ordinal the connection's TLS certificate names, if any: with the forwarding
-    /// marker (or on the peer port) a current member vouches for the caller, which it checked
-    /// (see `LocalMember::authorize`). A client's own `kvset-forwarded` entry never does.
+    /// The member ordinal the connection's TLS certificate names, if any: on the peer port a
+    /// current member vouches for the caller, which it checked (see `LocalMember::authorize`).
     pub member: Option<u32>,
-    /// The caller the forwarding member authenticated (forwarded reads name it, so that the
-    /// leader checks them against its own, newest state).
+    /// The caller the passing member authenticated (commands, reads and administration name
+    /// it, so that the leader checks them against its own, newest state).
     pub user: Option<String>,
 }
 
 impl CallContext {
-    /// Reads the forwarding marker and the `grpc-timeout` deadline of a request.
+    /// Reads the `grpc-timeout` deadline, the credentials and the TLS identity of a request.
     pub fn of<T>(request: &tonic::Request<T>) -> Self {
         let md = request.metadata();
         let timeout = md
@@ -61,7 +49,6 @@ impl CallContext {
             .and_then(parse_grpc_timeout)
             .unwrap_or(DEFAULT_DEADLINE);
         Self {
-            forwarded: md.get(metadata::FORWARDED).is_some(),
             deadline: Instant::now() + timeout,
             credentials: Credentials::of(request),
             from_peer_port: false,
@@ -73,24 +60,12 @@ impl CallContext {
     /// The same call, received from another member on the peer port: never forwarded again,
     /// its caller already checked there.
     pub fn forwarded(self) -> Self {
-        Self { forwarded: true, from_peer_port: true, ..self }
+        Self { from_peer_port: true, ..self }
     }
 
     /// Time left before the deadline.
     pub fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())
-    }
-
-    /// Wraps `message` for forwarding: marker plus the remaining deadline.
-    pub fn forward<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.metadata_mut().insert(metadata::FORWARDED, MetadataValue::from_static("true"));
-        // The receiver checks the caller again unless it can tell this member vouches.
-        if let Some(token) = self.credentials.token.as_deref().and_then(|t| MetadataValue::try_from(t).ok()) {
-            request.metadata_mut().insert("token", token);
-        }
-        request.set_timeout(self.remaining());
-        request
     }
 }
 
@@ -110,62 +85,6 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
-}
-
-/// Clients for other members' client endpoints, over the member's shared channels.
-#[derive(Debug, Clone)]
-pub struct Forwarder {
-    channels: Arc<PeerChannels>,
-}
-
-impl Forwarder {
-    /// A forwarder over `channels`.
-    pub fn new(channels: Arc<PeerChannels>) -> Self {
-        Self { channels }
-    }
-
-    fn channel(&self, name: &str, addr: &str) -> Result<Channel, KvError> {
-        self.channels.get(name, addr).map_err(|e| KvError::Unavailable(format!("member {name}: {e}")))
-    }
-
-    /// A Kv client for the member `name` at `addr`.
-    pub fn kv(&self, name: &str, addr: &str) -> Result<KvClient<Channel>, KvError> {
-        Ok(KvClient::new(self.channel(name, addr)?)
-            .max_decoding_message_size(CLIENT_MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES))
-    }
-
-    /// A Cluster client for the member `name` at `addr`.
-    pub fn cluster(&self, name: &str, addr: &str) -> Result<ClusterClient<Channel>, KvError> {
-        Ok(ClusterClient::new(self.channel(name, addr)?)
-            .max_decoding_message_size(CLIENT_MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES))
-    }
-}
-
-/// Whether a status came from the server (it carries no transport error): the leader answered.
-fn answered_by_server(status: &tonic::Status) -> bool {
-    use std::error::Error;
-    let mut source = status.source();
-    while let Some(e) = source {
-        if e.downcast_ref::<tonic::transport::Error>().is_some()
-            || e.downcast_ref::<std::io::Error>().is_some()
-        {
-            return false;
-        }
-        source = e.source();
-    }
-    true
-}
-
-/// Maps the outcome of a call forwarded to the leader's client port (cluster admin calls),
-/// where the leader answers with gRPC statuses. `write` tells whether the request changes
-/// state, in which case a lost connection makes the outcome unknown.
-pub fn forwarded_error(status: tonic::Status, leader_addr: &str, write: bool) -> KvError {
-    if answered_by_server(&status) {
-        return KvError::Remote(status);
-    }
-    lost_call(status, leader_addr, write)
 }
 
 /// Maps the gRPC status of a call to the leader's peer port, whose answers, errors included,

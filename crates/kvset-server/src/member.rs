@@ -52,7 +52,6 @@ use crate::config::ReplicasSource;
 use crate::errors::KvError;
 use crate::forward::peer_call_error;
 use crate::forward::CallContext;
-use crate::forward::Forwarder;
 use crate::identity::AddressBook;
 use crate::identity::Identity;
 use crate::lessor::Leadership;
@@ -68,6 +67,26 @@ use crate::read_index::ReadIndex;
 use crate::watch_hub::WatchHub;
 use crate::watch_types::StreamRequest;
 
+/// A cluster administration call ([`LocalMember::administer`]).
+pub type AdminCall = pb::admin_request::Call;
+/// The answer to an [`AdminCall`].
+pub type AdminResult = pb::admin_reply::Result;
+
+/// Longest a leader transfer waits for another member to lead.
+pub const TRANSFER_LEADER_BUDGET: Duration = Duration::from_secs(5);
+
+/// The name of an administration call, for access-control refusals.
+fn admin_call_name(call: &AdminCall) -> &'static str {
+    match call {
+        AdminCall::MemberList(_) => "Cluster.MemberList",
+        AdminCall::SetReplicas(_) => "Cluster.SetReplicas",
+        AdminCall::AddLearner(_) => "Cluster.AddLearner",
+        AdminCall::Promote(_) => "Cluster.Promote",
+        AdminCall::Remove(_) => "Cluster.Remove",
+        AdminCall::TransferLeader(_) => "Cluster.TransferLeader",
+    }
+}
+
 /// Lifecycle of a member, as readiness sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -82,8 +101,8 @@ pub enum Phase {
 pub enum Route {
     /// This member is the leader.
     Local,
-    /// Forward to the leader's client endpoint.
-    Forward { leader_id: u64, addr: String },
+    /// Pass the request on to the leader, through its peer port.
+    Forward { leader_id: u64 },
 }
 
 /// A member whose volume is past the space quota (etcd's NOSPACE alarm).
@@ -199,7 +218,6 @@ pub struct LocalMember {
     /// Channels to other members (peer and client ports).
     channels: Arc<PeerChannels>,
     /// Clients for forwarding requests to the leader.
-    forwarder: Forwarder,
     /// What readiness reports.
     phase: watch::Sender<Phase>,
     /// What the membership task did last, for Status and logs.
@@ -272,7 +290,6 @@ impl LocalMember {
         Self {
             watch_hub,
             lessor,
-            forwarder: Forwarder::new(channels.clone()),
             config,
             identity,
             book,
@@ -344,11 +361,6 @@ impl LocalMember {
     /// Channels to other members.
     pub fn channels(&self) -> &Arc<PeerChannels> {
         &self.channels
-    }
-
-    /// Clients for forwarding to the leader.
-    pub fn forwarder(&self) -> &Forwarder {
-        &self.forwarder
     }
 
     /// What token signatures depend on besides the replicated key.
@@ -434,7 +446,7 @@ impl LocalMember {
     /// Decides where a leader-only request goes. A forwarded request is never forwarded again.
     pub fn route(&self, forwarded: bool) -> Result<Route, KvError> {
         if !self.accepting() {
-            return Err(KvError::Unavailable("member is shutting down".into()));
+            return Err(KvError::Stopping("member is shutting down".into()));
         }
         match self.leader() {
             (Some(id), _) if id == self.node_id => {
@@ -451,7 +463,7 @@ impl LocalMember {
                     None => Ok(Route::Local),
                 }
             }
-            (Some(id), Some(addr)) if !forwarded => Ok(Route::Forward { leader_id: id, addr }),
+            (Some(id), Some(_)) if !forwarded => Ok(Route::Forward { leader_id: id }),
             (id, addr) => Err(KvError::NoLeader {
                 leader_id: id,
                 leader_addr: addr,
@@ -493,7 +505,7 @@ impl LocalMember {
     /// refused (etcd's NOSPACE alarm); deletes, compaction and revokes still go through.
     pub async fn submit(&self, command: Command, deadline: Instant) -> Result<CommandResult, KvError> {
         if !self.accepting() {
-            return Err(KvError::Unavailable("member is shutting down".into()));
+            return Err(KvError::Stopping("member is shutting down".into()));
         }
         if command.adds_data() {
             if let Some(alarm) = self.alarms().first() {
@@ -570,7 +582,7 @@ impl LocalMember {
     /// shutting down, so another member asked next refuses (one at a time).
     pub async fn request_defrag(self: &Arc<Self>, budget: Duration) -> Result<(), KvError> {
         if !self.accepting() {
-            return Err(KvError::Unavailable("member is shutting down".into()));
+            return Err(KvError::Stopping("member is shutting down".into()));
         }
         if self.defrag_pending.swap(true, Ordering::AcqRel) {
             return Err(KvError::FailedPrecondition(
@@ -630,7 +642,7 @@ impl LocalMember {
                 .collect()
         };
         for (name, addr) in others {
-            let serving = match self.forwarder().cluster(&name, &addr) {
+            let serving = match self.channels.status_client(&name, &addr) {
                 Ok(mut client) => {
                     let reply = tokio::time::timeout(
                         Duration::from_secs(2),
@@ -707,7 +719,7 @@ impl LocalMember {
                 tracing::info!(leader, elapsed_ms = started.elapsed().as_millis() as u64, "leadership handed over");
                 Ok(leader)
             }
-            Ok(false) => Err(KvError::Unavailable("raft stopped".into())),
+            Ok(false) => Err(KvError::Stopping("raft stopped".into())),
             Err(_) => Err(KvError::Unavailable(format!(
                 "leadership did not move to node {target} within {} ms; the members elect a leader by themselves",
                 budget.as_millis()
@@ -787,14 +799,14 @@ impl LocalMember {
         self.authorize_with(ctx, what, || needs.clone()).map(|_| ())
     }
 
-    /// Whether another member checked this request's caller: it came over the peer port (from
-    /// a current member when TLS says who; without TLS on the peer port there is nothing to
-    /// tell), or was forwarded over a connection with a current member's certificate.
+    /// Whether another member checked this request's caller: it came over the peer port, from a
+    /// current member when TLS says who (without TLS on the peer port there is nothing to
+    /// tell). Nothing that arrives on the client port is vouched for.
     fn vouched(&self, ctx: &CallContext) -> bool {
-        match (ctx.from_peer_port, ctx.forwarded, ctx.member) {
-            (true, _, None) => true,
-            (_, true, Some(ordinal)) => self.is_current_ordinal(ordinal),
-            _ => false,
+        match (ctx.from_peer_port, ctx.member) {
+            (true, None) => true,
+            (true, Some(ordinal)) => self.is_current_ordinal(ordinal),
+            (false, _) => false,
         }
     }
 
@@ -934,21 +946,21 @@ impl LocalMember {
             }
             _ => command,
         };
-        let leader_id = match self.route(ctx.forwarded)? {
+        let leader_id = match self.route(ctx.from_peer_port)? {
             Route::Local => {
                 let prepared = self.on_leader(command.clone())?;
                 match self.submit(prepared, ctx.deadline).await {
                     // Leadership moved before the entry was appended: nothing was applied, so
                     // the new leader may take it (once).
                     Err(KvError::NoLeader { leader_id: Some(id), .. })
-                        if !ctx.forwarded && id != self.node_id =>
+                        if !ctx.from_peer_port && id != self.node_id =>
                     {
                         id
                     }
                     done => return done,
                 }
             }
-            Route::Forward { leader_id, .. } => leader_id,
+            Route::Forward { leader_id } => leader_id,
         };
         let bytes = kvset_storage::codec::encode("command", &command)
             .map_err(|e| KvError::Internal(e.to_string()))?;
@@ -964,6 +976,148 @@ impl LocalMember {
             .map_err(|e| KvError::Indeterminate(format!("undecodable result from the leader: {e}")))?;
         self.catch_up_to(reply.applied_index, ctx.deadline).await;
         Ok(result)
+    }
+
+    /// Runs a cluster administration call (membership, leader transfer, replicas) on the
+    /// leader: here when this member leads, else through the leader's peer port
+    /// (`Raft.Admin`), the same way as commands and reads, with the leader's error as data.
+    /// Every call but the member list needs an administrator: checked here, and again on the
+    /// leader against its own users and roles. A change whose answer is lost is UNKNOWN.
+    pub async fn administer(&self, call: AdminCall, ctx: &CallContext) -> Result<AdminResult, KvError> {
+        let write = !matches!(call, AdminCall::MemberList(_));
+        let user = if write { self.authorize_with(ctx, admin_call_name(&call), Needs::admin)? } else { None };
+        match self.route(ctx.from_peer_port)? {
+            Route::Local => self.administer_here(call, ctx.deadline).await,
+            Route::Forward { leader_id } => {
+                let cluster_id = self.cluster.to_wire();
+                let reply = self
+                    .on_leader_peer(leader_id, ctx.deadline, write, async move |mut c, left| {
+                        let user = user.unwrap_or_default();
+                        let mut req =
+                            tonic::Request::new(pb::AdminRequest { cluster_id, call: Some(call), user });
+                        req.set_timeout(left);
+                        c.admin(req).await
+                    })
+                    .await?;
+                reply.result.ok_or_else(|| {
+                    let what = "the leader answered neither a result nor an error";
+                    if write {
+                        KvError::Indeterminate(what.into())
+                    } else {
+                        KvError::Internal(what.into())
+                    }
+                })
+            }
+        }
+    }
+
+    /// [`Self::administer`] on this member, the leader.
+    async fn administer_here(&self, call: AdminCall, deadline: Instant) -> Result<AdminResult, KvError> {
+        use openraft::ChangeMembers;
+        use std::collections::BTreeSet;
+        match call {
+            AdminCall::MemberList(_) => {
+                self.read_barrier(deadline).await?;
+                Ok(AdminResult::MemberList(pb::MemberListResponse {
+                    cluster_id: self.cluster.to_wire(),
+                    leader_id: self.node_id,
+                    members: self.member_list(),
+                }))
+            }
+            AdminCall::SetReplicas(r) => match self.submit(Command::SetReplicas(r.replicas), deadline).await?
+            {
+                CommandResult::SetReplicas { replicas, .. } => {
+                    Ok(AdminResult::SetReplicas(pb::SetReplicasResponse { replicas }))
+                }
+                other => Err(KvError::Internal(format!("unexpected result {other:?}"))),
+            },
+            AdminCall::AddLearner(r) => {
+                let node = Member {
+                    ordinal: r.ordinal,
+                    name: self.identity.sibling(r.ordinal),
+                    peer_addr: r.peer_addr,
+                    client_addr: r.client_addr,
+                };
+                self.raft
+                    .add_learner(r.node_id, node, false)
+                    .await
+                    .map_err(|e| crate::errors::membership_change(&e))?;
+                Ok(AdminResult::AddLearner(pb::AddLearnerResponse { members: self.member_list() }))
+            }
+            AdminCall::Promote(r) => {
+                let id = r.node_id;
+                let m = self.raft_metrics();
+                let membership = m.membership_config.membership();
+                if membership.get_node(&id).is_none() {
+                    return Err(KvError::FailedPrecondition(format!(
+                        "node {id} is not a learner of this cluster"
+                    )));
+                }
+                if !membership.voter_ids().any(|v| v == id) {
+                    self.raft
+                        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                        .await
+                        .map_err(|e| crate::errors::membership_change(&e))?;
+                }
+                Ok(AdminResult::Promote(pb::PromoteResponse { members: self.member_list() }))
+            }
+            AdminCall::Remove(r) => {
+                let id = r.node_id;
+                let m = self.raft_metrics();
+                let membership = m.membership_config.membership();
+                if membership.get_node(&id).is_none() {
+                    return Err(KvError::FailedPrecondition(format!(
+                        "node {id} is not a member of this cluster"
+                    )));
+                }
+                let voters: BTreeSet<u64> = membership.voter_ids().collect();
+                let change = if voters.contains(&id) {
+                    if voters.len() == 1 {
+                        return Err(KvError::FailedPrecondition("refusing to remove the last voter".into()));
+                    }
+                    ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+                } else {
+                    ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+                };
+                self.raft
+                    .change_membership(change, false)
+                    .await
+                    .map_err(|e| crate::errors::membership_change(&e))?;
+                Ok(AdminResult::Remove(pb::RemoveResponse { members: self.member_list() }))
+            }
+            AdminCall::TransferLeader(r) => {
+                let to = (r.node_id != 0).then_some(r.node_id);
+                let budget = deadline.saturating_duration_since(Instant::now()).min(TRANSFER_LEADER_BUDGET);
+                let leader_id = self.transfer_leadership(to, budget).await?;
+                Ok(AdminResult::TransferLeader(pb::TransferLeaderResponse { leader_id }))
+            }
+        }
+    }
+
+    /// The members of the current configuration, as this member sees them (ordinal order),
+    /// with how far the leader knows each has replicated.
+    pub fn member_list(&self) -> Vec<pb::Member> {
+        let m = self.raft_metrics();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let mut out: Vec<pb::Member> = membership
+            .nodes()
+            .map(|(id, node)| pb::Member {
+                node_id: *id,
+                ordinal: node.ordinal,
+                name: node.name.clone(),
+                peer_addr: node.peer_addr.clone(),
+                client_addr: node.client_addr.clone(),
+                voter: voters.contains(id),
+                matched_index: if *id == self.node_id {
+                    m.last_log_index.unwrap_or(0)
+                } else {
+                    m.replication.as_ref().and_then(|r| r.get(id).copied().flatten()).map_or(0, |l| l.index)
+                },
+            })
+            .collect();
+        out.sort_by_key(|m| (m.ordinal, m.node_id));
+        out
     }
 
     /// Waits for this member to apply the log up to `index`, so that a client that wrote
@@ -1021,12 +1175,12 @@ impl LocalMember {
         if consistency == Consistency::Serializable && !query.needs_leader() {
             return self.answer_here(query).await;
         }
-        match self.route(ctx.forwarded)? {
+        match self.route(ctx.from_peer_port)? {
             Route::Local => {
                 self.read_barrier(ctx.deadline).await?;
                 self.answer_here(query).await
             }
-            Route::Forward { leader_id, .. } => {
+            Route::Forward { leader_id } => {
                 let bytes = kvset_storage::codec::encode("query", &query)
                     .map_err(|e| KvError::Internal(e.to_string()))?;
                 let cluster_id = self.cluster.to_wire();
@@ -1061,7 +1215,7 @@ impl LocalMember {
     pub async fn renew_lease(&self, id: LeaseId, deadline: Instant) -> Result<i64, KvError> {
         match self.route(false)? {
             Route::Local => self.renew_lease_here(id, deadline).await,
-            Route::Forward { leader_id, .. } => {
+            Route::Forward { leader_id } => {
                 let cluster_id = self.cluster.to_wire();
                 let reply = self
                     .on_leader_peer(leader_id, deadline, false, async move |mut c, left| {
@@ -1164,6 +1318,12 @@ impl PeerReply for pb::ProposeReply {
 }
 
 impl PeerReply for pb::ReadReply {
+    fn error(&self) -> &[u8] {
+        &self.error
+    }
+}
+
+impl PeerReply for pb::AdminReply {
     fn error(&self) -> &[u8] {
         &self.error
     }

@@ -6,7 +6,7 @@
 //! * Each RPC is bounded on the client side by the smaller of openraft's hard TTL and
 //!   `raft.rpc_timeout_ms` (a gRPC deadline header alone would not stop us waiting).
 //! * Every request carries the cluster id, the sender's and the intended receiver's node ids;
-//!   the receiver refuses mismatches (see `raft_service`).
+//!   the receiver refuses mismatches (see `service::raft`).
 //! * Errors map to what openraft needs: a peer that cannot be reached (connection refused,
 //!   `UNAVAILABLE`, or a receiver that refuses us) is `Unreachable`, so openraft backs off;
 //!   a timeout is `Timeout`; anything else is `Network`.

@@ -384,7 +384,7 @@ fn ops_source(member: &Arc<LocalMember>, timeline: Arc<Timeline>) -> OpsSource {
                 // identity when the client port requires a certificate.
                 let client = match asker.upgrade() {
                     Some(m) => {
-                        m.forwarder().cluster(&node.name, &node.client_addr).map_err(|e| e.to_string())
+                        m.channels().status_client(&node.name, &node.client_addr).map_err(|e| e.to_string())
                     }
                     None => Err("this member is stopping".to_string()),
                 };

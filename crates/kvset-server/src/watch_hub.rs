@@ -175,7 +175,7 @@ impl StreamTask {
         let mut announced = self.hub.reader.subscribe();
         let mut closing = self.hub.closing.subscribe();
         let shutting_down =
-            || KvError::Unavailable("the member is shutting down; resume the watch elsewhere".into());
+            || KvError::Stopping("the member is shutting down; resume the watch elsewhere".into());
         if *closing.borrow() {
             return Err(shutting_down());
         }

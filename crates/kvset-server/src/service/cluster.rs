@@ -1,23 +1,17 @@
 //! The `Cluster` gRPC service: status and membership administration.
 //!
-//! `Status`, `Snapshot` and `Backup` act on the receiving member. Everything else needs the leader and is
-//! forwarded there like a write. Membership normally manages itself (see `membership`); the
+//! `Status`, `Snapshot`, `Backup` and `Defragment` act on the receiving member. Everything else
+//! needs the leader and reaches it the way commands do, through its peer port
+//! (`LocalMember::administer`). Membership normally manages itself (see `membership`); the
 //! manual calls exist for disaster recovery and are refused when they would break the cluster
 //! (removing the last voter, promoting an unknown node).
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kvset_proto::v1 as pb;
-use kvset_proto::v1::cluster_client::ClusterClient;
-use kvset_storage::Command;
-use kvset_storage::CommandResult;
-use kvset_storage::Member;
 use kvset_storage::WatchReceiver;
-use openraft::ChangeMembers;
 use openraft::ServerState;
-use tonic::transport::Channel;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
@@ -26,12 +20,12 @@ use crate::auth::Needs;
 use crate::config::ReplicasSource;
 use crate::errors;
 use crate::errors::KvError;
-use crate::forward::forwarded_error;
 use crate::forward::CallContext;
 use crate::member::commit_index;
+use crate::member::AdminCall;
+use crate::member::AdminResult;
 use crate::member::LocalMember;
 use crate::member::Phase;
-use crate::member::Route;
 use crate::service::observe;
 
 /// Largest replica count accepted (a consensus group beyond 9 voters only gets slower).
@@ -47,8 +41,6 @@ type BackupStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::Back
 
 /// Bytes per backup chunk.
 const BACKUP_CHUNK: usize = 64 * 1024;
-/// Longest a `TransferLeader` call waits for another member to lead.
-const TRANSFER_LEADER_BUDGET: Duration = Duration::from_secs(5);
 
 /// Sends the `total` bytes of a backup file in chunks; stops when the client goes away.
 fn stream_backup(
@@ -70,31 +62,6 @@ fn stream_backup(
             return; // the client went away
         }
     }
-}
-
-/// The members of the current configuration, as the leader sees them.
-pub fn member_list(member: &LocalMember) -> Vec<pb::Member> {
-    let m = member.raft_metrics();
-    let membership = m.membership_config.membership();
-    let voters: BTreeSet<u64> = membership.voter_ids().collect();
-    let mut out: Vec<pb::Member> = membership
-        .nodes()
-        .map(|(id, node)| pb::Member {
-            node_id: *id,
-            ordinal: node.ordinal,
-            name: node.name.clone(),
-            peer_addr: node.peer_addr.clone(),
-            client_addr: node.client_addr.clone(),
-            voter: voters.contains(id),
-            matched_index: if *id == member.node_id() {
-                m.last_log_index.unwrap_or(0)
-            } else {
-                m.replication.as_ref().and_then(|r| r.get(id).copied().flatten()).map_or(0, |l| l.index)
-            },
-        })
-        .collect();
-    out.sort_by_key(|m| (m.ordinal, m.node_id));
-    out
 }
 
 /// The Status of `member`.
@@ -149,21 +116,16 @@ impl ClusterService {
         Self { member }
     }
 
-    /// Runs `local` on the leader (here, or by forwarding with `forward`).
-    async fn on_leader<T>(
+    /// Runs `call` on the leader (`LocalMember::administer`) and takes its answer apart with
+    /// `pick`.
+    async fn administer<T>(
         &self,
         ctx: &CallContext,
-        local: impl AsyncFnOnce() -> Result<T, KvError>,
-        forward: impl AsyncFnOnce(ClusterClient<Channel>) -> Result<Response<T>, Status>,
+        call: AdminCall,
+        pick: impl FnOnce(AdminResult) -> Option<T>,
     ) -> Result<T, KvError> {
-        match self.member.route(ctx.forwarded)? {
-            Route::Local => local().await,
-            Route::Forward { leader_id, addr } => {
-                let name = self.member.member_name(leader_id).unwrap_or_default();
-                let client = self.member.forwarder().cluster(&name, &addr)?;
-                forward(client).await.map(Response::into_inner).map_err(|s| forwarded_error(s, &addr, true))
-            }
-        }
+        let result = self.member.administer(call, ctx).await?;
+        pick(result).ok_or_else(|| KvError::Internal("the leader answered another call".into()))
     }
 }
 
@@ -196,21 +158,12 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::MemberListRequest>,
     ) -> Result<Response<pb::MemberListResponse>, Status> {
         let ctx = CallContext::of(&req);
-        let fwd = ctx.clone();
         let msg = req.into_inner();
         observe(self.member.metrics(), "MemberList", &ctx, async {
-            self.on_leader(
-                &ctx,
-                async || {
-                    self.member.read_barrier(ctx.deadline).await?;
-                    Ok(pb::MemberListResponse {
-                        cluster_id: self.member.cluster().to_wire(),
-                        leader_id: self.member.node_id(),
-                        members: member_list(&self.member),
-                    })
-                },
-                async move |mut c| c.member_list(fwd.forward(msg)).await,
-            )
+            self.administer(&ctx, AdminCall::MemberList(msg), |r| match r {
+                AdminResult::MemberList(r) => Some(r),
+                _ => None,
+            })
             .await
         })
         .await
@@ -221,7 +174,6 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::SetReplicasRequest>,
     ) -> Result<Response<pb::SetReplicasResponse>, Status> {
         let ctx = CallContext::of(&req);
-        let fwd = ctx.clone();
         self.member.authorize(&ctx, &Needs::admin(), "Cluster.SetReplicas")?;
         let msg = req.into_inner();
         observe(self.member.metrics(), "SetReplicas", &ctx, async {
@@ -237,15 +189,10 @@ impl pb::cluster_server::Cluster for ClusterService {
                         .into(),
                 ));
             }
-            let n = msg.replicas;
-            self.on_leader(
-                &ctx,
-                async || match self.member.submit(Command::SetReplicas(n), ctx.deadline).await? {
-                    CommandResult::SetReplicas { replicas, .. } => Ok(pb::SetReplicasResponse { replicas }),
-                    other => Err(KvError::Internal(format!("unexpected result {other:?}"))),
-                },
-                async move |mut c| c.set_replicas(fwd.forward(msg)).await,
-            )
+            self.administer(&ctx, AdminCall::SetReplicas(msg), |r| match r {
+                AdminResult::SetReplicas(r) => Some(r),
+                _ => None,
+            })
             .await
         })
         .await
@@ -256,7 +203,6 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::AddLearnerRequest>,
     ) -> Result<Response<pb::AddLearnerResponse>, Status> {
         let ctx = CallContext::of(&req);
-        let fwd = ctx.clone();
         self.member.authorize(&ctx, &Needs::admin(), "Cluster.AddLearner")?;
         let msg = req.into_inner();
         observe(self.member.metrics(), "AddLearner", &ctx, async {
@@ -265,25 +211,10 @@ impl pb::cluster_server::Cluster for ClusterService {
                     "node_id, peer_addr and client_addr are required".into(),
                 ));
             }
-            let member = Member {
-                ordinal: msg.ordinal,
-                name: self.member.identity().sibling(msg.ordinal),
-                peer_addr: msg.peer_addr.clone(),
-                client_addr: msg.client_addr.clone(),
-            };
-            let id = msg.node_id;
-            self.on_leader(
-                &ctx,
-                async || {
-                    self.member
-                        .raft()
-                        .add_learner(id, member, false)
-                        .await
-                        .map_err(|e| errors::membership_change(&e))?;
-                    Ok(pb::AddLearnerResponse { members: member_list(&self.member) })
-                },
-                async move |mut c| c.add_learner(fwd.forward(msg)).await,
-            )
+            self.administer(&ctx, AdminCall::AddLearner(msg), |r| match r {
+                AdminResult::AddLearner(r) => Some(r),
+                _ => None,
+            })
             .await
         })
         .await
@@ -294,33 +225,13 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::PromoteRequest>,
     ) -> Result<Response<pb::PromoteResponse>, Status> {
         let ctx = CallContext::of(&req);
-        let fwd = ctx.clone();
         self.member.authorize(&ctx, &Needs::admin(), "Cluster.Promote")?;
         let msg = req.into_inner();
         observe(self.member.metrics(), "Promote", &ctx, async {
-            let id = msg.node_id;
-            self.on_leader(
-                &ctx,
-                async || {
-                    let m = self.member.raft_metrics();
-                    let membership = m.membership_config.membership();
-                    if membership.get_node(&id).is_none() {
-                        return Err(KvError::FailedPrecondition(format!(
-                            "node {id} is not a learner of this cluster"
-                        )));
-                    }
-                    if membership.voter_ids().any(|v| v == id) {
-                        return Ok(pb::PromoteResponse { members: member_list(&self.member) });
-                    }
-                    self.member
-                        .raft()
-                        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                        .await
-                        .map_err(|e| errors::membership_change(&e))?;
-                    Ok(pb::PromoteResponse { members: member_list(&self.member) })
-                },
-                async move |mut c| c.promote(fwd.forward(msg)).await,
-            )
+            self.administer(&ctx, AdminCall::Promote(msg), |r| match r {
+                AdminResult::Promote(r) => Some(r),
+                _ => None,
+            })
             .await
         })
         .await
@@ -328,41 +239,13 @@ impl pb::cluster_server::Cluster for ClusterService {
 
     async fn remove(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveResponse>, Status> {
         let ctx = CallContext::of(&req);
-        let fwd = ctx.clone();
         self.member.authorize(&ctx, &Needs::admin(), "Cluster.Remove")?;
         let msg = req.into_inner();
         observe(self.member.metrics(), "Remove", &ctx, async {
-            let id = msg.node_id;
-            self.on_leader(
-                &ctx,
-                async || {
-                    let m = self.member.raft_metrics();
-                    let membership = m.membership_config.membership();
-                    if membership.get_node(&id).is_none() {
-                        return Err(KvError::FailedPrecondition(format!(
-                            "node {id} is not a member of this cluster"
-                        )));
-                    }
-                    let voters: BTreeSet<u64> = membership.voter_ids().collect();
-                    let change = if voters.contains(&id) {
-                        if voters.len() == 1 {
-                            return Err(KvError::FailedPrecondition(
-                                "refusing to remove the last voter".into(),
-                            ));
-                        }
-                        ChangeMembers::RemoveVoters(BTreeSet::from([id]))
-                    } else {
-                        ChangeMembers::RemoveNodes(BTreeSet::from([id]))
-                    };
-                    self.member
-                        .raft()
-                        .change_membership(change, false)
-                        .await
-                        .map_err(|e| errors::membership_change(&e))?;
-                    Ok(pb::RemoveResponse { members: member_list(&self.member) })
-                },
-                async move |mut c| c.remove(fwd.forward(msg)).await,
-            )
+            self.administer(&ctx, AdminCall::Remove(msg), |r| match r {
+                AdminResult::Remove(r) => Some(r),
+                _ => None,
+            })
             .await
         })
         .await
@@ -373,20 +256,13 @@ impl pb::cluster_server::Cluster for ClusterService {
         req: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         let ctx = CallContext::of(&req);
-        let fwd = ctx.clone();
         self.member.authorize(&ctx, &Needs::admin(), "Cluster.TransferLeader")?;
         let msg = req.into_inner();
         observe(self.member.metrics(), "TransferLeader", &ctx, async {
-            let to = (msg.node_id != 0).then_some(msg.node_id);
-            let budget = ctx.remaining().min(TRANSFER_LEADER_BUDGET);
-            self.on_leader(
-                &ctx,
-                async || {
-                    let leader_id = self.member.transfer_leadership(to, budget).await?;
-                    Ok(pb::TransferLeaderResponse { leader_id })
-                },
-                async move |mut c| c.transfer_leader(fwd.forward(msg)).await,
-            )
+            self.administer(&ctx, AdminCall::TransferLeader(msg), |r| match r {
+                AdminResult::TransferLeader(r) => Some(r),
+                _ => None,
+            })
             .await
         })
         .await
@@ -418,7 +294,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                 Ok(true) => Ok(pb::SnapshotResponse {
                     last_log_index: rx.borrow_watched().snapshot.map_or(0, |s| s.index),
                 }),
-                Ok(false) => Err(KvError::Unavailable("raft stopped".into())),
+                Ok(false) => Err(KvError::Stopping("raft stopped".into())),
                 Err(_) => Err(KvError::DeadlineExceeded("the snapshot was not built in time".into())),
             }
         })

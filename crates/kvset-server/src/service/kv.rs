@@ -189,7 +189,7 @@ impl pb::kv_server::Kv for KvService {
         let guard = self.member.clone();
         let requests = req.into_inner().map(move |r| match r {
             Ok(msg) => request::watch(msg, &limits).map(|w| guard.guard_watch(&ctx, w)),
-            Err(status) => Err(KvError::Remote(status)),
+            Err(status) => Err(KvError::request_stream(&status)),
         });
         let responses = self.member.watch_hub().open(requests, require_leader);
         let member = self.member.clone();

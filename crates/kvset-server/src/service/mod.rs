@@ -42,8 +42,12 @@ pub(crate) async fn observe<T, E: Into<Status>>(
     fut: impl Future<Output = Result<T, E>>,
 ) -> Result<Response<T>, Status> {
     let started = Instant::now();
-    let span =
-        tracing::info_span!("request", method, forwarded = ctx.forwarded, code = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "request",
+        method,
+        from_peer_port = ctx.from_peer_port,
+        code = tracing::field::Empty
+    );
     let result = fut.instrument(span.clone()).await.map_err(Into::into);
     let code = match &result {
         Ok(_) => tonic::Code::Ok,

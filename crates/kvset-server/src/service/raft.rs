@@ -295,7 +295,14 @@ impl PeerService {
         codec::decode(what, bytes).map_err(|e| KvError::InvalidArgument(e.to_string()))
     }
 
-    async fn join_inner(&self, forwarded: bool, req: pb::JoinRequest) -> Result<pb::JoinReply, KvError> {
+    /// Admits a joiner (on the leader) or passes the join on to the leader. The outer error is
+    /// this member's refusal; the inner result is the answer, which for a join passed on is the
+    /// leader's reply or its status unchanged (a joiner reads it as if it came from here).
+    async fn join_inner(
+        &self,
+        forwarded: bool,
+        req: pb::JoinRequest,
+    ) -> Result<Result<pb::JoinReply, Status>, KvError> {
         let s = &self.member;
         let mine =
             s.cluster_id().ok_or_else(|| KvError::Unavailable("this member has no cluster yet".into()))?;
@@ -335,14 +342,10 @@ impl PeerService {
             let mut forward = Request::new(req);
             forward.metadata_mut().insert(metadata::FORWARDED, MetadataValue::from_static("true"));
             forward.set_timeout(JOIN_FORWARD_TIMEOUT);
-            return RaftClient::new(channel)
-                .join(forward)
-                .await
-                .map(Response::into_inner)
-                .map_err(KvError::Remote);
+            return Ok(RaftClient::new(channel).join(forward).await.map(Response::into_inner));
         }
         if m.membership_config.membership().get_node(&req.node_id).is_some() {
-            return Ok(pb::JoinReply { leader_id: s.node_id(), already_member: true });
+            return Ok(Ok(pb::JoinReply { leader_id: s.node_id(), already_member: true }));
         }
         if req.last_log_index > 0 {
             let why = format!(
@@ -361,7 +364,7 @@ impl PeerService {
         };
         tracing::info!(node_id = req.node_id, member = %member, "adding a joining member as learner");
         s.raft().add_learner(req.node_id, member, false).await.map_err(|e| errors::membership_change(&e))?;
-        Ok(pb::JoinReply { leader_id: s.node_id(), already_member: false })
+        Ok(Ok(pb::JoinReply { leader_id: s.node_id(), already_member: false }))
     }
 }
 
@@ -585,6 +588,24 @@ impl pb::raft_server::Raft for PeerService {
         ))
     }
 
+    /// Runs a cluster administration call another member received (checked again here, with
+    /// the caller it names), answering its result or this member's error as data.
+    async fn admin(&self, request: Request<pb::AdminRequest>) -> Result<Response<pb::AdminReply>, Status> {
+        let mut ctx = CallContext::of(&request).forwarded();
+        let req = request.into_inner();
+        ctx.user = (!req.user.is_empty()).then(|| req.user.clone());
+        let outcome = async {
+            self.check_cluster(&req.cluster_id)?;
+            let call =
+                req.call.ok_or_else(|| KvError::InvalidArgument("the admin request names no call".into()))?;
+            self.member.administer(call, &ctx).await
+        };
+        Ok(Response::new(match outcome.await {
+            Ok(result) => pb::AdminReply { result: Some(result), error: Vec::new() },
+            Err(e) => pb::AdminReply { result: None, error: e.to_wire() },
+        }))
+    }
+
     /// Renews a lease for another member, answering its TTL or this member's error as data.
     async fn lease_renew(
         &self,
@@ -635,7 +656,7 @@ impl pb::raft_server::Raft for PeerService {
                 .into());
             }
         }
-        Ok(Response::new(self.join_inner(forwarded, request.into_inner()).await?))
+        self.join_inner(forwarded, request.into_inner()).await?.map(Response::new)
     }
 }
 

@@ -72,7 +72,7 @@ fn set(known: &mut BTreeMap<u64, SpaceAlarm>, alarm: SpaceAlarm, raised: bool) {
 
 /// The volume size another member reports, if it answers in time.
 async fn ask(member: &LocalMember, name: &str, addr: &str) -> Option<u64> {
-    let mut client = member.forwarder().cluster(name, addr).ok()?;
+    let mut client = member.channels().status_client(name, addr).ok()?;
     let reply = tokio::time::timeout(ASK_TIMEOUT, client.status(pb::StatusRequest { digest: false })).await;
     Some(reply.ok()?.ok()?.into_inner().db_size_bytes)
 }

@@ -186,19 +186,18 @@ pub fn query(e: &QueryError) -> Status {
 pub fn from_kv(e: KvError) -> Status {
     match e {
         KvError::NoLeader { .. } => no_leader(),
-        KvError::Unavailable(m) if m.contains("shutting down") || m.contains("raft stopped") => stopped(),
+        KvError::Stopping(_) => stopped(),
         KvError::Unavailable(_) => no_leader(),
         KvError::Overloaded(_) => too_many_requests(),
         // etcd's ErrGRPCNoSpace.
         KvError::NoSpace(_) => status(Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded"),
         KvError::Indeterminate(_) => timeout_connection_lost(),
         KvError::DeadlineExceeded(_) => timeout(),
-        KvError::OutOfRange(m) if m.contains("future") => future_revision(),
-        KvError::OutOfRange(_) => compacted(),
-        KvError::NotFound(_) => lease_not_found(),
+        KvError::FutureRevision(_) => future_revision(),
+        KvError::Compacted(_) => compacted(),
+        KvError::LeaseNotFound(_) => lease_not_found(),
         KvError::PermissionDenied(_) => permission_denied(),
         KvError::Unauthenticated(_) => invalid_auth_token(),
-        KvError::Remote(s) => s,
         // Limits and other refusals keep kvset's message, which names the limit.
         other => Status::from(other),
     }
@@ -226,5 +225,22 @@ mod tests {
             rejected(&ApplyError::FutureRevision { requested: 9, current: 3 }).message(),
             "etcdserver: mvcc: required revision is a future revision"
         );
+    }
+
+    /// Issue 27, item 2: etcd's wording is chosen by the error's kind, never by its text (a
+    /// message that happens to say "future" or "shutting down" changes nothing).
+    #[test]
+    fn etcds_wording_follows_the_kind_not_the_message() {
+        let cases = [
+            (KvError::Stopping("anything".into()), stopped()),
+            (KvError::Unavailable("member is shutting down".into()), no_leader()),
+            (KvError::FutureRevision("x".into()), future_revision()),
+            (KvError::Compacted("a future revision".into()), compacted()),
+            (KvError::LeaseNotFound("x".into()), lease_not_found()),
+        ];
+        for (e, want) in cases {
+            let got = from_kv(e.clone());
+            assert_eq!((got.code(), got.message()), (want.code(), want.message()), "{e:?}");
+        }
     }
 }

@@ -32,7 +32,7 @@ impl epb::watch_server::Watch for EtcdService {
         let requests = req.into_inner().filter_map(move |r| {
             let next = match r {
                 Ok(msg) => request::watch(msg, &limits).map(|w| Ok(guard.guard_watch(&ctx, w))),
-                Err(status) => Some(Err(KvError::Remote(status))),
+                Err(status) => Some(Err(KvError::request_stream(&status))),
             };
             std::future::ready(next)
         });
