@@ -9,7 +9,6 @@ use clap::Arg;
 use clap::ArgAction;
 use clap::ArgMatches;
 use kvset_server::config::flag;
-use kvset_server::config::KEYS;
 use kvset_server::Config;
 use kvset_server::Listeners;
 use kvset_server::Node;
@@ -25,7 +24,7 @@ pub struct ServeArgs {
 
 impl clap::FromArgMatches for ServeArgs {
     fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
-        let sets = KEYS
+        let sets = Config::keys()
             .iter()
             .filter_map(|k| m.get_one::<String>(k.key).map(|v| (k.key.to_string(), v.clone())))
             .collect();
@@ -59,8 +58,8 @@ impl clap::Args for ServeArgs {
                     .action(ArgAction::SetTrue)
                     .help("Print the effective configuration as TOML and exit"),
             );
-        for k in KEYS {
-            cmd = cmd.arg(Arg::new(k.key).long(flag(k.key)).value_name("VALUE").help(k.doc));
+        for k in Config::keys() {
+            cmd = cmd.arg(Arg::new(k.key).long(flag(k.key)).value_name("VALUE").help(k.doc()));
         }
         cmd
     }
