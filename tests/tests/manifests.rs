@@ -9,7 +9,6 @@ use std::collections::BTreeSet;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kvset_server::config::env_var;
-use kvset_server::config::KEYS;
 use kvset_server::Config;
 use kvset_tests::manifests::render;
 use kvset_tests::manifests::repo_root;
@@ -138,7 +137,7 @@ fn manifests_agree_with_the_binary() {
         // downward API provides POD_NAME and POD_NAMESPACE.
         let env = env(&r);
         let known: BTreeSet<String> =
-            KEYS.iter().map(|k| env_var(k.key)).chain(["KVSET_CONFIG".to_string()]).collect();
+            kvset_server::Config::keys().iter().map(|k| env_var(k.key)).chain(["KVSET_CONFIG".to_string()]).collect();
         for name in env.keys().filter(|n| n.starts_with("KVSET_")) {
             assert!(known.contains(name), "{dir}: {name} is not read by the binary");
         }
@@ -351,7 +350,7 @@ fn the_tls_overlay_gives_every_member_a_certificate_of_its_own_mounted_where_it_
         |name: &str| vars.get(name).and_then(|e| e.value.clone()).unwrap_or_else(|| panic!("{name} unset"));
     for key in ["KVSET_TLS_CERT_FILE", "KVSET_TLS_KEY_FILE", "KVSET_TLS_CA_FILE", "KVSET_TLS_MEMBER_DNS_NAME"]
     {
-        assert!(KEYS.iter().any(|k| env_var(k.key) == key), "{key} is not a configuration key");
+        assert!(kvset_server::Config::keys().iter().any(|k| env_var(k.key) == key), "{key} is not a configuration key");
     }
     assert_eq!(value("KVSET_TLS_CLIENT_CERT_AUTH"), "true");
     let sts = r.statefulset();
