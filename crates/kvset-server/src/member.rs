@@ -189,6 +189,79 @@ pub struct MemberParts {
     pub token_secret: TokenSecret,
 }
 
+/// The space alarms raised (this member's own, and on the leader every member's), shared by
+/// the quota task, which sets them, and the write path, which refuses writes that add data
+/// while one is raised.
+#[derive(Debug)]
+pub struct SpaceAlarms {
+    raised: Mutex<Vec<SpaceAlarm>>,
+    metrics: Arc<Metrics>,
+}
+
+impl SpaceAlarms {
+    /// No alarm raised; the count is published in `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { raised: Mutex::new(Vec::new()), metrics }
+    }
+
+    /// The raised alarms.
+    pub fn get(&self) -> Vec<SpaceAlarm> {
+        self.raised.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the raised alarms, logging changes.
+    pub fn set(&self, alarms: Vec<SpaceAlarm>) {
+        let mut current = self.raised.lock().unwrap_or_else(|e| e.into_inner());
+        let names = |a: &[SpaceAlarm]| a.iter().map(|a| a.node_id).collect::<Vec<_>>();
+        if names(&current) != names(&alarms) {
+            if alarms.is_empty() {
+                tracing::info!("space alarms cleared; writes are taken again");
+            } else {
+                let list: Vec<String> = alarms.iter().map(|a| a.to_string()).collect();
+                tracing::warn!(alarms = ?list, "space alarm raised: writes that add data are refused");
+            }
+        }
+        self.metrics.space_alarms.set(alarms.len() as i64);
+        *current = alarms;
+    }
+}
+
+/// What a background task that proposes commands holds (the compactor, the lease expirer):
+/// whether, and in which term, this member leads, and proposing on it — nothing else of the
+/// member (etcd's `RaftKV`, narrowed to what a task uses).
+#[derive(Clone)]
+pub struct Proposer(Arc<LocalMember>);
+
+impl std::fmt::Debug for Proposer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proposer").field("node_id", &self.0.node_id).finish()
+    }
+}
+
+impl Proposer {
+    /// The proposer of `member`.
+    pub fn new(member: Arc<LocalMember>) -> Self {
+        Self(member)
+    }
+
+    /// Whether this member leads with a quorum behind it (see [`LocalMember::route`]).
+    pub fn leads(&self) -> bool {
+        self.0.leads()
+    }
+
+    /// The term this member leads in, once it has applied its predecessors' log (see
+    /// [`LocalMember::leading_term`]).
+    pub fn leading_term(&self) -> Option<Leadership> {
+        self.0.leading_term()
+    }
+
+    /// Proposes `command` on this member and waits for its result (see
+    /// [`LocalMember::submit`]).
+    pub async fn submit(&self, command: Command, deadline: Instant) -> Result<CommandResult, KvError> {
+        self.0.submit(command, deadline).await
+    }
+}
+
 /// This member: identity, Raft, the write and read pipelines, lifecycle. See the module docs.
 pub struct LocalMember {
     /// The validated configuration it started with.
@@ -213,7 +286,7 @@ pub struct LocalMember {
     /// This member's watch streams.
     watch_hub: Arc<WatchHub>,
     /// Lease deadlines (meaningful while this member leads).
-    lessor: Lessor,
+    lessor: Arc<Lessor>,
     metrics: Arc<Metrics>,
     /// Channels to other members (peer and client ports).
     channels: Arc<PeerChannels>,
@@ -224,7 +297,7 @@ pub struct LocalMember {
     reconciler: Mutex<String>,
     /// Space alarms raised by the quota task (this member's own, and on the leader every
     /// member's): while any is raised, writes that add data are refused.
-    alarms: Mutex<Vec<SpaceAlarm>>,
+    alarms: Arc<SpaceAlarms>,
     /// Woken when a defragmentation was requested: the member stops so that its next start
     /// rewrites the database.
     defrag: tokio::sync::Notify,
@@ -289,7 +362,7 @@ impl LocalMember {
         let lessor = Lessor::new(Duration::from_millis(config.raft.election_timeout_max_ms));
         Self {
             watch_hub,
-            lessor,
+            lessor: Arc::new(lessor),
             config,
             identity,
             book,
@@ -300,11 +373,11 @@ impl LocalMember {
             reader,
             batcher,
             read_index,
+            alarms: Arc::new(SpaceAlarms::new(Arc::clone(&metrics))),
             metrics,
             channels,
             phase,
             reconciler: Mutex::new(String::new()),
-            alarms: Mutex::new(Vec::new()),
             defrag: tokio::sync::Notify::new(),
             defrag_pending: Arc::default(),
             started_unix_ms: std::time::SystemTime::now()
@@ -557,22 +630,6 @@ impl LocalMember {
         }
     }
 
-    /// Replaces the raised space alarms (the quota task), logging changes.
-    pub fn set_alarms(&self, alarms: Vec<SpaceAlarm>) {
-        let mut current = self.alarms.lock().unwrap_or_else(|e| e.into_inner());
-        let names = |a: &[SpaceAlarm]| a.iter().map(|a| a.name.clone()).collect::<Vec<_>>();
-        if names(&current) != names(&alarms) {
-            if alarms.is_empty() {
-                tracing::info!("space alarms cleared; writes are taken again");
-            } else {
-                let list: Vec<String> = alarms.iter().map(|a| a.to_string()).collect();
-                tracing::warn!(alarms = ?list, "space alarm raised: writes that add data are refused");
-            }
-        }
-        self.metrics.space_alarms.set(alarms.len() as i64);
-        *current = alarms;
-    }
-
     /// Records a defragmentation request on the volume (durably) and asks the member to stop;
     /// the next start rewrites the database before opening it. `budget` bounds the wait for
     /// the snapshot and log purge that come first (the caller's deadline).
@@ -769,7 +826,12 @@ impl LocalMember {
 
     /// The raised space alarms.
     pub fn alarms(&self) -> Vec<SpaceAlarm> {
-        self.alarms.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.alarms.get()
+    }
+
+    /// The cell of raised space alarms (the quota task sets it).
+    pub fn alarm_cell(&self) -> &Arc<SpaceAlarms> {
+        &self.alarms
     }
 
     /// What the membership task did last.
@@ -783,7 +845,7 @@ impl LocalMember {
     }
 
     /// The lease deadlines (meaningful while this member leads).
-    pub fn lessor(&self) -> &Lessor {
+    pub fn lessor(&self) -> &Arc<Lessor> {
         &self.lessor
     }
 

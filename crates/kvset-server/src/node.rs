@@ -47,6 +47,7 @@ use crate::member::LeaderClock;
 use crate::member::LocalMember;
 use crate::member::MemberParts;
 use crate::member::Phase;
+use crate::member::Proposer;
 use crate::metrics::Metrics;
 use crate::metrics::StorageMetrics;
 use crate::network::PeerFault;
@@ -281,9 +282,36 @@ impl Node {
         let leases_reader = member.reader().clone();
         let mut tasks = vec![
             tokio::spawn(crate::tasks::membership::run(member.clone(), timeline.clone(), stop_rx.clone())),
-            tokio::spawn(crate::tasks::leases::run(member.clone(), stop_rx.clone())),
-            tokio::spawn(crate::tasks::compactor::run(member.clone(), stop_rx.clone())),
-            tokio::spawn(crate::tasks::quota::run(member.clone(), stop_rx.clone())),
+            tokio::spawn(crate::tasks::leases::run(
+                crate::tasks::leases::Inputs {
+                    proposer: Proposer::new(member.clone()),
+                    lessor: member.lessor().clone(),
+                    reader: member.reader().clone(),
+                    config: config.lease.clone(),
+                    metrics: member.metrics().clone(),
+                },
+                stop_rx.clone(),
+            )),
+            tokio::spawn(crate::tasks::compactor::run(
+                crate::tasks::compactor::Inputs {
+                    proposer: Proposer::new(member.clone()),
+                    reader: member.reader().clone(),
+                    config: config.compaction.clone(),
+                    metrics: member.metrics().clone(),
+                },
+                stop_rx.clone(),
+            )),
+            tokio::spawn(crate::tasks::quota::run(
+                crate::tasks::quota::Inputs {
+                    raft: member.raft().metrics(),
+                    name: member.identity().name.clone(),
+                    quota: config.quota_bytes,
+                    channels: member.channels().clone(),
+                    alarms: member.alarm_cell().clone(),
+                    metrics: member.metrics().clone(),
+                },
+                stop_rx.clone(),
+            )),
             tokio::spawn(crate::tasks::raft_metrics::run(
                 crate::tasks::raft_metrics::Inputs {
                     rx: member.raft().metrics(),

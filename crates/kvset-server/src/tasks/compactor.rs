@@ -22,8 +22,11 @@ use kvset_storage::CommandResult;
 use kvset_storage::Revision;
 use tokio::sync::watch;
 
+use kvset_storage::SmReader;
+
 use crate::config::CompactionConfig;
-use crate::member::LocalMember;
+use crate::member::Proposer;
+use crate::metrics::Metrics;
 
 /// How long one compaction proposal may take.
 const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
@@ -53,9 +56,20 @@ pub fn target(
     (target > 1).then_some(target)
 }
 
+/// What the compactor uses.
+#[derive(Debug)]
+pub struct Inputs {
+    /// Whether this member leads, and proposing the compaction.
+    pub proposer: Proposer,
+    /// The applied revision and compact revision.
+    pub reader: SmReader,
+    pub config: CompactionConfig,
+    pub metrics: Arc<Metrics>,
+}
+
 /// Runs until `stop`.
-pub async fn run(member: Arc<LocalMember>, mut stop: watch::Receiver<bool>) {
-    let config = member.config().compaction.clone();
+pub async fn run(inputs: Inputs, mut stop: watch::Receiver<bool>) {
+    let Inputs { proposer, reader, config, metrics } = inputs;
     if config.retain_revisions == 0 && config.retain_ms == 0 {
         return;
     }
@@ -67,11 +81,11 @@ pub async fn run(member: Arc<LocalMember>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        if !member.leads() {
+        if !proposer.leads() {
             samples.clear();
             continue;
         }
-        let applied = member.reader().applied();
+        let applied = reader.applied();
         let now = Instant::now();
         samples.push_back((now, applied.revision));
         if config.retain_ms > 0 {
@@ -87,9 +101,9 @@ pub async fn run(member: Arc<LocalMember>, mut stop: watch::Receiver<bool>) {
         if to <= applied.compact_revision {
             continue;
         }
-        match member.submit(Command::Compact(to), Instant::now() + PROPOSE_DEADLINE).await {
+        match proposer.submit(Command::Compact(to), Instant::now() + PROPOSE_DEADLINE).await {
             Ok(CommandResult::Compact { .. }) => {
-                member.metrics().compactions.inc();
+                metrics.compactions.inc();
                 tracing::info!(compact_revision = to, revision = applied.revision, "automatic compaction");
             }
             Ok(other) => tracing::debug!(result = ?other, "automatic compaction not applied"),
