@@ -754,11 +754,22 @@ async fn lock_and_election_answers_match_etcds_over_grpc() {
         assert!(!waiter.is_finished(), "{name}: the second lock waits for the first");
         let mut lock = Raw::connect(&endpoint).await.lock;
         let unlocked = lock.unlock(lpb::UnlockRequest { key: b"lk/11".to_vec() }).await;
-        assert!(unlocked.is_ok(), "{name}: unlock {unlocked:?}");
+        let unlocked_at = match &unlocked {
+            Ok(r) => r.get_ref().header.as_ref().map_or(0, |h| h.revision),
+            Err(e) => panic!("{name}: unlock {e:?}"),
+        };
         let got = tokio::time::timeout(Duration::from_secs(10), waiter)
             .await
             .expect("the waiter gets the lock")
             .expect("join");
+        // Mutual exclusion, without timing: the waiter was granted the lock at a revision at or
+        // after the holder's unlock (its answer's header is the read that saw it owned).
+        let granted_at =
+            got.as_ref().ok().and_then(|r| r.get_ref().header.as_ref()).map_or(0, |h| h.revision);
+        assert!(
+            granted_at >= unlocked_at,
+            "{name}: the second waiter got the lock at revision {granted_at}, before the first unlocked it at {unlocked_at}"
+        );
         let got = got.map(|r| {
             let mut r = r.into_inner();
             r.header = None;
