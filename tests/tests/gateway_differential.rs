@@ -183,9 +183,13 @@ fn shape(v: &mut Value) {
     }
 }
 
-/// Replaces `field` (a remaining TTL) by whether it is positive.
+/// Replaces `field` (a remaining TTL) by whether it is positive, and sorts the lease's `keys`
+/// (etcd lists them in Go's map order, which changes from call to call).
 fn ttl_elided(mut a: Answer, field: &str) -> Answer {
     if let Ok(mut json) = serde_json::from_slice::<Value>(&a.body) {
+        if let Some(Value::Array(keys)) = json.get_mut("keys") {
+            keys.sort_by(|x, y| x.as_str().cmp(&y.as_str()));
+        }
         if let Some(ttl) = json.get_mut(field) {
             let n: i64 = ttl.as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
             *ttl = Value::String(if n > 0 { "<remaining>".into() } else { n.to_string() });
