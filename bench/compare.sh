@@ -7,6 +7,8 @@
 # etcd-client crate's build script needs; fonts-dejavu-core for the chart's text), builds kvset
 # with the etcd target, then starts a 3-member etcd and a 3-member kvset on loopback (data on the
 # same filesystem, fsync on for both) and runs the same matrix against each leader, alternating.
+# Put and get also run through etcd's JSON gateway of each (same HTTP/1.1 client): the gateway
+# column of the results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

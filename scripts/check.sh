@@ -71,8 +71,9 @@ venv="$PWD/target/tools/venv"
 # Pinned so a run on a fresh machine checks against the same schemas and clients as here:
 # kubernetes-validate for the manifests; python-etcd3 0.12 (the last release) with the
 # protobuf and tenacity it was built against, and grpcio-reflection 1.48 (reflection v1alpha)
-# for the etcd-API tests.
-python_tools=(kubernetes-validate==1.37.0 etcd3==0.12.0 protobuf==3.20.3 tenacity==6.3.1 grpcio==1.85.3 grpcio-reflection==1.48.2)
+# for the etcd-API tests; etcd3gw 2.0.0 (the release Debian packages as python3-etcd3gw) for the
+# JSON gateway tests.
+python_tools=(kubernetes-validate==1.37.0 etcd3==0.12.0 protobuf==3.20.3 tenacity==6.3.1 grpcio==1.85.3 grpcio-reflection==1.48.2 etcd3gw==2.0.0)
 stamp="$venv/.installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "${python_tools[*]}" ]; then
     echo "  installing into $venv from PyPI: ${python_tools[*]}"

@@ -155,6 +155,10 @@ pub struct Raw {
     pub cluster: epb::cluster_client::ClusterClient<Channel>,
     pub maintenance: epb::maintenance_client::MaintenanceClient<Channel>,
     pub auth: epb::auth_client::AuthClient<Channel>,
+    /// etcd's lock service (`v3lockpb.Lock`).
+    pub lock: kvset_proto::v3lockpb::lock_client::LockClient<Channel>,
+    /// etcd's election service (`v3electionpb.Election`).
+    pub election: kvset_proto::v3electionpb::election_client::ElectionClient<Channel>,
 }
 
 impl Raw {
@@ -167,7 +171,9 @@ impl Raw {
             lease: epb::lease_client::LeaseClient::new(channel.clone()),
             cluster: epb::cluster_client::ClusterClient::new(channel.clone()),
             maintenance: epb::maintenance_client::MaintenanceClient::new(channel.clone()),
-            auth: epb::auth_client::AuthClient::new(channel),
+            auth: epb::auth_client::AuthClient::new(channel.clone()),
+            lock: kvset_proto::v3lockpb::lock_client::LockClient::new(channel.clone()),
+            election: kvset_proto::v3electionpb::election_client::ElectionClient::new(channel),
         }
     }
 }

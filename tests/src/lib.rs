@@ -16,6 +16,7 @@ pub mod docker;
 pub mod etcd;
 pub mod harness;
 pub mod history;
+pub mod http;
 pub mod k8s_stub;
 pub mod linearizability;
 pub mod lock_check;

@@ -331,6 +331,8 @@ async fn reflection_lists_only_the_client_services_in_both_versions() {
             "grpc.reflection.v1alpha.ServerReflection",
             "kvset.v1.Cluster",
             "kvset.v1.Kv",
+            "v3electionpb.Election",
+            "v3lockpb.Lock",
         ],
         "every served service, and not the peer port's kvset.v1.Raft"
     );

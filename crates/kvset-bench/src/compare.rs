@@ -6,6 +6,9 @@
 //! every cell, CPU seconds and peak RSS of every server process, bytes on disk, and the floor
 //! of a single-client write on this machine (one fsync + one loopback round trip). A PNG chart
 //! shows throughput and p99 latency against clients for both systems.
+//!
+//! The put and get workloads also run through etcd's JSON gateway (`POST /v3/kv/put`,
+//! `/v3/kv/range`) of both systems, with the same HTTP/1.1 client: the gateway column.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -250,6 +253,15 @@ pub struct Cell {
     pub etcd: Report,
     /// kvset through its own API and client (kvset.v1).
     pub kvset_v1: Report,
+    /// Put and get only: etcd's and kvset's JSON gateways, same HTTP client.
+    pub gateway: Option<GatewayCell>,
+}
+
+/// The gateway column of a cell.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GatewayCell {
+    pub etcd: Report,
+    pub kvset: Report,
 }
 
 /// Runs the whole comparison and writes the results; returns the markdown path.
@@ -268,6 +280,8 @@ pub async fn run(cfg: &CompareConfig) -> Result<PathBuf, String> {
     let etcd = Target::etcd(std::slice::from_ref(&etcd_ep)).await?;
     let kvset_v1 =
         Target::Kvset(Client::new([kvset_ep.clone()], ClientOptions::default()).map_err(|e| e.to_string())?);
+    let etcd_gw = Target::gateway(&etcd_ep, "etcd-gateway");
+    let kvset_gw = Target::gateway(&kvset_ep, "kvset-gateway");
 
     let mut cells = Vec::new();
     let mut prefilled = false;
@@ -305,12 +319,28 @@ pub async fn run(cfg: &CompareConfig) -> Result<PathBuf, String> {
                 eprintln!("{}", report.line());
                 reports.insert(target.name(), report);
             }
+            let gateway = if matches!(workload, Workload::Put | Workload::Get) {
+                let mut order = [&etcd_gw, &kvset_gw];
+                order.rotate_left(turn % 2);
+                for target in order {
+                    let report = crate::run(target.clone(), &bc, false).await.map_err(|e| e.to_string())?;
+                    eprintln!("{}", report.line());
+                    reports.insert(target.name(), report);
+                }
+                Some(GatewayCell {
+                    etcd: reports.remove("etcd-gateway").ok_or("no etcd-gateway report")?,
+                    kvset: reports.remove("kvset-gateway").ok_or("no kvset-gateway report")?,
+                })
+            } else {
+                None
+            };
             cells.push(Cell {
                 workload: workload.name(),
                 clients,
                 kvset: reports.remove("kvset").ok_or("no kvset report")?,
                 etcd: reports.remove("etcd").ok_or("no etcd report")?,
                 kvset_v1: reports.remove("kvset.v1").ok_or("no kvset.v1 report")?,
+                gateway,
             });
         }
     }
@@ -418,9 +448,30 @@ fn report_markdown(
             r(c.kvset_v1.ops_per_sec, c.etcd.ops_per_sec),
         ));
     }
+    if cells.iter().any(|c| c.gateway.is_some()) {
+        s.push_str(
+            "\n## etcd's JSON gateway (kvset / etcd, same HTTP/1.1 client, `POST /v3/kv/put` and `/v3/kv/range`)\n\n\
+             | workload | clients | etcd ops/s | kvset ops/s | throughput | p50 latency | p99 latency |\n|---|---|---|---|---|---|---|\n",
+        );
+        for c in cells {
+            let Some(g) = &c.gateway else { continue };
+            let r = |a: f64, b: f64| if b > 0.0 { format!("{:.2}×", a / b) } else { "–".into() };
+            s.push_str(&format!(
+                "| {} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
+                c.workload,
+                c.clients,
+                g.etcd.ops_per_sec,
+                g.kvset.ops_per_sec,
+                r(g.kvset.ops_per_sec, g.etcd.ops_per_sec),
+                r(g.kvset.latency.p50_us as f64, g.etcd.latency.p50_us as f64),
+                r(g.kvset.latency.p99_us as f64, g.etcd.latency.p99_us as f64),
+            ));
+        }
+    }
     s.push_str("\n## Raw results\n\n| workload | clients | system | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for c in cells {
-        for r in [&c.etcd, &c.kvset, &c.kvset_v1] {
+        let gateway = c.gateway.iter().flat_map(|g| [&g.etcd, &g.kvset]);
+        for r in [&c.etcd, &c.kvset, &c.kvset_v1].into_iter().chain(gateway) {
             s.push_str(&format!(
                 "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |\n",
                 c.workload,

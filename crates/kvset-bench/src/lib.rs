@@ -6,7 +6,8 @@
 //! an HDR histogram (1 µs .. 60 s, 3 significant digits); failures are counted by kind.
 //!
 //! The same workload code drives every [`Target`]: kvset through its own client, or etcd
-//! through `etcd-client` (feature `etcd`), so the server is the only difference.
+//! through `etcd-client` (feature `etcd`), or either through etcd's JSON gateway (feature
+//! `etcd`, put and get only), so the server is the only difference.
 //!
 //! A benchmark is not a test: nothing here asserts a speed.
 
@@ -16,6 +17,8 @@
 mod chart;
 #[cfg(feature = "etcd")]
 pub mod compare;
+#[cfg(feature = "etcd")]
+mod gateway;
 mod target;
 pub mod watch;
 

@@ -12,6 +12,9 @@ pub enum Target {
     /// its name in reports.
     #[cfg(feature = "etcd")]
     Etcd(etcd_client::Client, &'static str),
+    /// A server's etcd JSON gateway over HTTP/1.1 (put and get only).
+    #[cfg(feature = "etcd")]
+    Gateway(crate::gateway::Gateway),
 }
 
 impl std::fmt::Debug for Target {
@@ -81,6 +84,8 @@ impl Target {
                 .await
                 .map(|r| r.header().map_or(0, |h| h.revision()))
                 .map_err(|e| etcd_kind(&e)),
+            #[cfg(feature = "etcd")]
+            Target::Gateway(_) => Err(UNSUPPORTED.into()),
         }
     }
 
@@ -125,6 +130,8 @@ impl Target {
                     }
                 });
             }
+            #[cfg(feature = "etcd")]
+            Target::Gateway(_) => return Err(UNSUPPORTED.into()),
         }
         Ok(rx)
     }
@@ -143,6 +150,8 @@ impl Target {
                 let (keeper, stream) = leases.keep_alive(id).await.map_err(|e| etcd_kind(&e))?;
                 Ok(Renewer::Etcd(keeper, stream))
             }
+            #[cfg(feature = "etcd")]
+            Target::Gateway(_) => Err(UNSUPPORTED.into()),
         }
     }
 
@@ -152,6 +161,8 @@ impl Target {
             Target::Kvset(_) => "kvset.v1",
             #[cfg(feature = "etcd")]
             Target::Etcd(_, name) => name,
+            #[cfg(feature = "etcd")]
+            Target::Gateway(g) => g.name,
         }
     }
 
@@ -172,6 +183,13 @@ impl Target {
             .map_err(|e| e.to_string())
     }
 
+    /// The JSON gateway of the server at `endpoint` (etcd's or kvset's), named `name` in
+    /// reports.
+    #[cfg(feature = "etcd")]
+    pub fn gateway(endpoint: &str, name: &'static str) -> Self {
+        Target::Gateway(crate::gateway::Gateway::new(endpoint, name))
+    }
+
     /// Puts `key` = `value`.
     pub async fn put(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), String> {
         match self {
@@ -180,6 +198,8 @@ impl Target {
             Target::Etcd(c, _) => {
                 c.kv_client().put(key, value, None).await.map(|_| ()).map_err(|e| etcd_kind(&e))
             }
+            #[cfg(feature = "etcd")]
+            Target::Gateway(g) => g.put(&key, &value).await,
         }
     }
 
@@ -202,6 +222,8 @@ impl Target {
                 let opts = serializable.then(|| etcd_client::GetOptions::new().with_serializable());
                 c.kv_client().get(key, opts).await.map(|_| ()).map_err(|e| etcd_kind(&e))
             }
+            #[cfg(feature = "etcd")]
+            Target::Gateway(g) => g.get(&key, serializable).await,
         }
     }
 
@@ -238,9 +260,15 @@ impl Target {
                     .and_then([TxnOp::put(key, value, None)]);
                 c.kv_client().txn(txn).await.map(|_| ()).map_err(|e| etcd_kind(&e))
             }
+            #[cfg(feature = "etcd")]
+            Target::Gateway(_) => Err(UNSUPPORTED.into()),
         }
     }
 }
+
+/// The error of a workload the gateway target does not run.
+#[cfg(feature = "etcd")]
+const UNSUPPORTED: &str = "unsupported-over-gateway";
 
 #[cfg(feature = "etcd")]
 fn etcd_kind(e: &etcd_client::Error) -> String {

@@ -34,6 +34,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("watch_hub", 2),
     ("recovery", 2),
     ("member", 3),
+    ("gateway", 4),
     ("service", 4),
     ("service::cluster", 4),
     ("service::etcd", 4),

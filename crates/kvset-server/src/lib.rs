@@ -26,7 +26,8 @@
 //! them, checking the cluster id and the intended node id on every message. The membership
 //! task bootstraps, joins and reconciles membership with no operator; `identity` turns the pod
 //! name into an ordinal and addresses. `service::ops` serves the cluster page (`/`), its data
-//! (`/status.json`), `/metrics`, `/healthz` and `/readyz`.
+//! (`/status.json`), `/metrics`, `/healthz` and `/readyz`. On the client port, requests that
+//! are not gRPC go to `gateway`, etcd's JSON gateway, which calls the same etcd service handlers.
 //!
 //! # Layers
 //!
@@ -37,7 +38,7 @@
 //! |---|---|---|
 //! | 6 assembly | [`node`] | start, handle, shutdown |
 //! | 5 assembly | [`server`] | the three listeners and servers |
-//! | 4 services | [`service::kv`], [`service::etcd`], [`service::cluster`], [`service::raft`], [`service::ops`] | one file per gRPC service (etcd's six under `service::etcd`), and the ops HTTP endpoints (cluster page, status JSON, metrics, probes) |
+//! | 4 services | [`service::kv`], [`service::etcd`], [`service::cluster`], [`service::raft`], [`service::ops`], [`gateway`] | one file per gRPC service (etcd's eight under `service::etcd`), the ops HTTP endpoints (cluster page, status JSON, metrics, probes), and etcd's JSON gateway (generic over etcd's services, so it imports none) |
 //! | 4 tasks | [`tasks::membership`], [`tasks::replicas`], [`tasks::raft_metrics`], [`tasks::leases`], [`tasks::compactor`], [`tasks::quota`] | background work; the compactor, the lease expirer, the quota, Raft-metrics and replicas tasks are given only what they use (a `member::Proposer`, the reader, the lessor, the alarm cell, channels); the membership task still holds the whole `LocalMember` |
 //! | 3 member | [`member`] | this member's shared state: identity, Raft, routing, the write and read entry points, lifecycle |
 //! | 2 transport and pipeline | [`network`], [`forward`], [`batcher`], [`read_index`], [`watch_hub`], [`lessor`], [`recovery`], [`tls`], [`auth`] | peer RPCs out, forwarding to the leader, write batching, shared ReadIndex rounds, watch streams, lease deadlines, restore and quorum-loss recovery of the volume before Raft starts, TLS on the listeners and its rotation, who a caller is and what it may do |
@@ -80,6 +81,7 @@ pub mod watch_hub;
 // Layer 3: the member's shared state.
 pub mod member;
 // Layer 4: services and background tasks.
+pub mod gateway;
 pub mod service;
 pub mod tasks;
 // Layers 5 and 6: assembly.

@@ -1,8 +1,10 @@
 //! The three servers of a member, each with graceful shutdown on the node's stop signal.
 //!
 //! * peer port: the `Raft` service only (so a NetworkPolicy can keep it pod-to-pod);
-//! * client port: kvset.v1 `Kv` and `Cluster`, etcd's v3 services (`etcdserverpb`), gRPC health
-//!   (`grpc.health.v1`) and server reflection (`v1` and `v1alpha`, listing only these services);
+//! * client port: kvset.v1 `Kv` and `Cluster`, etcd's v3 services (`etcdserverpb`, `v3lockpb`,
+//!   `v3electionpb`), gRPC health (`grpc.health.v1`) and server reflection (`v1` and
+//!   `v1alpha`, listing only these services) over HTTP/2; everything else on the port (HTTP/1.x,
+//!   HTTP/2 without a gRPC content type) goes to etcd's JSON gateway (`crate::gateway`);
 //! * ops port: HTTP `/`, `/status.json`, `/metrics`, `/healthz`, `/readyz` (the router built by
 //!   `node.rs`; plain HTTP, as etcd's `--listen-metrics-urls`: probes and scrapers need no
 //!   certificate).
@@ -22,6 +24,8 @@ use tonic_health::ServingStatus;
 
 use crate::config::Config;
 use crate::forward::CLIENT_MAX_MESSAGE_BYTES;
+use crate::gateway::Gateway;
+use crate::gateway::GatewayLayer;
 use crate::identity::AddressBook;
 use crate::identity::Identity;
 use crate::member::LocalMember;
@@ -136,6 +140,7 @@ pub async fn spawn_servers(
         .max_decoding_message_size(decode_limit)
         .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);
     let etcd = EtcdService::servers(member.clone(), decode_limit, CLIENT_MAX_MESSAGE_BYTES);
+    let gateway = GatewayLayer::new(Gateway::new(etcd.service.clone(), decode_limit));
     let incoming_client = incoming(listeners.client, tls.clone(), Port::Client, member.metrics().clone());
     let stop_client = stop.clone();
     let reporter = health_reporter.clone();
@@ -150,6 +155,9 @@ pub async fn spawn_servers(
         tokio::spawn(health_down);
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            // HTTP/1.x too: the gateway's (gRPC needs HTTP/2 and goes to the services).
+            .accept_http1(true)
+            .layer(gateway)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -161,6 +169,8 @@ pub async fn spawn_servers(
             .add_service(etcd.cluster)
             .add_service(etcd.maintenance)
             .add_service(etcd.auth)
+            .add_service(etcd.lock)
+            .add_service(etcd.election)
             .serve_with_incoming_shutdown(incoming_client, stopped(stop_client))
             .await;
         if let Err(e) = result {

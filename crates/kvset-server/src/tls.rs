@@ -250,11 +250,15 @@ fn build(
     let cas = wire::parse_certs(&paths.ca, &bytes[2]).unwrap_or_default();
     expiry.extend(cas.iter().filter_map(|c| not_after(c)).min().map(|at| ("ca", at)));
     let dial = wire::client_config(members, Some((certs, key)))?;
+    // The client port also serves etcd's JSON gateway over HTTP/1.1 (gRPC clients offer h2,
+    // which comes first).
+    let mut client = client;
+    client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok((
         Loaded {
             bytes,
             peer: h2(peer),
-            client: h2(client),
+            client: Arc::new(client),
             ops: Arc::new(ops),
             members: members_verifier,
             expiry,

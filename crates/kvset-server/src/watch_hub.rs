@@ -448,14 +448,11 @@ impl StreamTask {
             pending_rev = r.revision;
         }
         if !pending.is_empty() {
+            // The header says how far the watcher has been brought: every revision read, its
+            // events filtered out or not (etcd's catch-up sends its current revision).
             send(
                 tx,
-                StreamResponse::Events {
-                    watch_id: id,
-                    revision: pending_rev,
-                    events: pending,
-                    fragment: false,
-                },
+                StreamResponse::Events { watch_id: id, revision: last, events: pending, fragment: false },
             )
             .await?;
             sent = true;

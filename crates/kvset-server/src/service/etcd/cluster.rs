@@ -45,7 +45,8 @@ impl epb::cluster_server::Cluster for EtcdService {
                 self.member.read_barrier(ctx.deadline).await.map_err(errors::from_kv)?;
             }
             Ok::<_, Status>(epb::MemberListResponse {
-                header: self.header_now(),
+                // As etcd's cluster server: no revision in the header.
+                header: self.header_now().map(|h| epb::ResponseHeader { revision: 0, ..h }),
                 members: members(&self.member),
             })
         })

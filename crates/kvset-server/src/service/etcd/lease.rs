@@ -27,6 +27,34 @@ const RENEW_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 type KeepAliveStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<epb::LeaseKeepAliveResponse, Status>> + Send>>;
 
+impl EtcdService {
+    /// Grants a lease as the Lease service does (also the sessions of the lock and election
+    /// services).
+    pub(super) async fn grant_now(
+        &self,
+        r: &epb::LeaseGrantRequest,
+        ctx: &CallContext,
+    ) -> Result<epb::LeaseGrantResponse, Status> {
+        let ttl = request::lease_ttl(r.ttl, &self.member.config().lease)?;
+        if r.id < 0 {
+            return Err(Status::invalid_argument(format!(
+                "kvset: lease ID {} is negative; IDs are positive (0: any)",
+                r.id
+            )));
+        }
+        // ID 0: the leader picks one.
+        match self.execute(Command::LeaseGrant { id: r.id, ttl }, ctx).await? {
+            CommandResult::LeaseGrant { revision, id, ttl } => Ok(epb::LeaseGrantResponse {
+                header: response::header(&self.info(), revision),
+                id,
+                ttl,
+                error: String::new(),
+            }),
+            other => Err(Status::internal(format!("kvset: unexpected result {other:?}"))),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl epb::lease_server::Lease for EtcdService {
     async fn lease_grant(
@@ -35,26 +63,7 @@ impl epb::lease_server::Lease for EtcdService {
     ) -> Result<Response<epb::LeaseGrantResponse>, Status> {
         let ctx = CallContext::of(&req);
         let r = req.into_inner();
-        observe(self.member.metrics(), "etcd.LeaseGrant", &ctx, async {
-            let ttl = request::lease_ttl(r.ttl, &self.member.config().lease)?;
-            if r.id < 0 {
-                return Err(Status::invalid_argument(format!(
-                    "kvset: lease ID {} is negative; IDs are positive (0: any)",
-                    r.id
-                )));
-            }
-            // ID 0: the leader picks one.
-            match self.execute(Command::LeaseGrant { id: r.id, ttl }, &ctx).await? {
-                CommandResult::LeaseGrant { revision, id, ttl } => Ok(epb::LeaseGrantResponse {
-                    header: response::header(&self.info(), revision),
-                    id,
-                    ttl,
-                    error: String::new(),
-                }),
-                other => Err(Status::internal(format!("kvset: unexpected result {other:?}"))),
-            }
-        })
-        .await
+        observe(self.member.metrics(), "etcd.LeaseGrant", &ctx, self.grant_now(&r, &ctx)).await
     }
 
     async fn lease_revoke(

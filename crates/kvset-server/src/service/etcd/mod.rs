@@ -1,5 +1,7 @@
 //! etcd's v3 API (`etcdserverpb`) on the client port: KV, Watch, Lease, Cluster, Maintenance
-//! and Auth, one file each, all over the same [`LocalMember`] as kvset.v1.
+//! and Auth, one file each, all over the same [`LocalMember`] as kvset.v1; and etcd's Lock
+//! (`v3lockpb`) and Election (`v3electionpb`) services, which run etcd's concurrency recipe
+//! ([`recipe`]) over the same KV, Watch and Lease handlers.
 //!
 //! Each handler converts the request (`pb::etcd::request`, etcd's checks and error texts), runs
 //! it as a domain command, query, watch or renewal — exactly what the kvset.v1 handler of the
@@ -8,14 +10,19 @@
 
 mod auth;
 mod cluster;
+mod election;
 mod kv;
 mod lease;
+mod lock;
 mod maintenance;
+pub mod recipe;
 mod watch;
 
 use std::sync::Arc;
 
 use kvset_proto::etcdserverpb as epb;
+use kvset_proto::v3electionpb;
+use kvset_proto::v3lockpb;
 use kvset_storage::Command;
 use kvset_storage::CommandResult;
 use tonic::Status;
@@ -34,25 +41,31 @@ pub struct EtcdService {
     member: Arc<LocalMember>,
 }
 
-/// The gRPC servers of etcd's six services, ready for the client port's router.
+/// The gRPC servers of etcd's eight services, ready for the client port's router, and the
+/// service itself (which etcd's JSON gateway calls).
 #[derive(Debug)]
 pub struct EtcdServers {
+    pub service: EtcdService,
     pub kv: epb::kv_server::KvServer<EtcdService>,
     pub watch: epb::watch_server::WatchServer<EtcdService>,
     pub lease: epb::lease_server::LeaseServer<EtcdService>,
     pub cluster: epb::cluster_server::ClusterServer<EtcdService>,
     pub maintenance: epb::maintenance_server::MaintenanceServer<EtcdService>,
     pub auth: epb::auth_server::AuthServer<EtcdService>,
+    pub lock: v3lockpb::lock_server::LockServer<EtcdService>,
+    pub election: v3electionpb::election_server::ElectionServer<EtcdService>,
 }
 
 /// etcd's gRPC service names, as registered for health and reflection.
-pub const SERVICE_NAMES: [&str; 6] = [
+pub const SERVICE_NAMES: [&str; 8] = [
     "etcdserverpb.KV",
     "etcdserverpb.Watch",
     "etcdserverpb.Lease",
     "etcdserverpb.Cluster",
     "etcdserverpb.Maintenance",
     "etcdserverpb.Auth",
+    "v3lockpb.Lock",
+    "v3electionpb.Election",
 ];
 
 impl EtcdService {
@@ -75,6 +88,9 @@ impl EtcdService {
             cluster: server!(epb::cluster_server::ClusterServer<EtcdService>),
             maintenance: server!(epb::maintenance_server::MaintenanceServer<EtcdService>),
             auth: server!(epb::auth_server::AuthServer<EtcdService>),
+            lock: server!(v3lockpb::lock_server::LockServer<EtcdService>),
+            election: server!(v3electionpb::election_server::ElectionServer<EtcdService>),
+            service: s,
         }
     }
 
