@@ -476,14 +476,24 @@ async fn malformed_and_unsupported_requests_get_clear_errors_and_change_nothing(
     info!("--- a key over limits.key_max_bytes names the limit");
     let long = epb::PutRequest { key: vec![b'k'; 5000], ..Default::default() };
     check(unit(raw.kv.put(long).await), Code::InvalidArgument, "limits.key_max_bytes");
-    info!("--- a range with no limit over limits.range_max_keys is refused, not cut short");
-    let small = Cluster::start_with(1, |cfg| cfg.limits.range_max_keys = 3).await;
+    info!(
+        "--- a range with no limit over the opt-in limits.unpaged_range_max_keys is refused, not cut short"
+    );
+    let small = Cluster::start_with(1, |cfg| {
+        cfg.limits.range_max_keys = 3;
+        cfg.limits.unpaged_range_max_keys = 3;
+    })
+    .await;
     let mut s = Raw::connect(&small.endpoint(0)).await;
     for i in 0..5 {
         s.kv.put(epb::PutRequest { key: format!("p{i}").into_bytes(), ..Default::default() }).await.unwrap();
     }
     let everything = epb::RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
-    check(unit(s.kv.range(everything.clone()).await), Code::ResourceExhausted, "limits.range_max_keys = 3");
+    check(
+        unit(s.kv.range(everything.clone()).await),
+        Code::ResourceExhausted,
+        "limits.unpaged_range_max_keys = 3",
+    );
     let paged = s.kv.range(epb::RangeRequest { limit: 10, ..everything.clone() }).await.unwrap().into_inner();
     assert_eq!((paged.kvs.len(), paged.more, paged.count), (3, true, 5), "a client that pages gets pages");
     let counted =
@@ -645,5 +655,60 @@ async fn a_member_that_answers_a_write_has_applied_it() {
     let past = epb::RangeRequest { revision: now - 1, ..serializable("ryw/0") };
     let refused = raw.kv.range(past).await.expect_err("compacted on the follower that acked it");
     assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    c.shutdown().await;
+}
+
+/// Issue 28, item 5: a Range without a limit is answered whole, as etcd answers it: 50,000
+/// keys and 6 MB (past the page bounds, 10,000 keys and 4 MiB) through a follower, the same
+/// field by field as Debian's etcd loaded with the same transactions, and `etcdctl get
+/// --prefix` lists every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_range_of_50000_keys_without_a_limit_is_answered_whole_as_etcd_does() {
+    const KEYS: usize = 50_000;
+    let real = etcd::EtcdServer::start().await;
+    let c = Cluster::start(3).await;
+    let leader = c.wait_voters(3, Duration::from_secs(60)).await;
+    let follower = (0..3).find(|o| *o != leader).unwrap();
+    let mut kvset = Raw::connect(&c.endpoint(leader)).await;
+    let mut etcd_raw = Raw::connect(&real.endpoint).await;
+    let put = |i: usize| epb::RequestOp {
+        request: Some(epb::request_op::Request::RequestPut(epb::PutRequest {
+            key: format!("big/{i:05}").into_bytes(),
+            value: vec![b'a' + (i % 26) as u8; 100],
+            ..Default::default()
+        })),
+    };
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(128) {
+        let txn = epb::TxnRequest { success: chunk.iter().map(|i| put(*i)).collect(), ..Default::default() };
+        kvset.kv.txn(txn.clone()).await.expect("kvset txn");
+        etcd_raw.kv.txn(txn).await.expect("etcd txn");
+    }
+    let everything =
+        epb::RangeRequest { key: b"big/".to_vec(), range_end: b"big0".to_vec(), ..Default::default() };
+    // As clientv3 does, the clients take answers up to gRPC's largest message (tonic's default
+    // is 4 MiB).
+    let big_reader = |endpoint: String| async move {
+        epb::kv_client::KvClient::new(etcd::connect(&endpoint).await.expect("connect"))
+            .max_decoding_message_size(i32::MAX as usize)
+    };
+    let mut through_follower = big_reader(c.endpoint(follower)).await;
+    let ours = through_follower.range(everything.clone()).await.expect("kvset answers").into_inner();
+    let theirs = big_reader(real.endpoint.clone())
+        .await
+        .range(everything.clone())
+        .await
+        .expect("etcd answers")
+        .into_inner();
+    assert_eq!((ours.kvs.len(), ours.count, ours.more), (KEYS, KEYS as i64, false));
+    assert_eq!(ours.kvs, theirs.kvs, "every key, field by field");
+    assert_eq!((ours.count, ours.more), (theirs.count, theirs.more));
+    let serializable = epb::RangeRequest { serializable: true, keys_only: true, ..everything };
+    let keys = through_follower.range(serializable).await.expect("serializable").into_inner();
+    assert_eq!(keys.kvs.len(), KEYS);
+
+    for endpoints in [endpoints(&c), real.endpoint.clone()] {
+        let listed = ctl(&endpoints, &["get", "big/", "--prefix", "--keys-only"]).await;
+        assert_eq!(listed.lines().filter(|l| l.starts_with("big/")).count(), KEYS, "etcdctl at {endpoints}");
+    }
     c.shutdown().await;
 }

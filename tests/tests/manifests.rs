@@ -136,8 +136,11 @@ fn manifests_agree_with_the_binary() {
         // Environment: every KVSET_* variable is a real config key (or KVSET_CONFIG), the
         // downward API provides POD_NAME and POD_NAMESPACE.
         let env = env(&r);
-        let known: BTreeSet<String> =
-            kvset_server::Config::keys().iter().map(|k| env_var(k.key)).chain(["KVSET_CONFIG".to_string()]).collect();
+        let known: BTreeSet<String> = kvset_server::Config::keys()
+            .iter()
+            .map(|k| env_var(k.key))
+            .chain(["KVSET_CONFIG".to_string()])
+            .collect();
         for name in env.keys().filter(|n| n.starts_with("KVSET_")) {
             assert!(known.contains(name), "{dir}: {name} is not read by the binary");
         }
@@ -350,7 +353,10 @@ fn the_tls_overlay_gives_every_member_a_certificate_of_its_own_mounted_where_it_
         |name: &str| vars.get(name).and_then(|e| e.value.clone()).unwrap_or_else(|| panic!("{name} unset"));
     for key in ["KVSET_TLS_CERT_FILE", "KVSET_TLS_KEY_FILE", "KVSET_TLS_CA_FILE", "KVSET_TLS_MEMBER_DNS_NAME"]
     {
-        assert!(kvset_server::Config::keys().iter().any(|k| env_var(k.key) == key), "{key} is not a configuration key");
+        assert!(
+            kvset_server::Config::keys().iter().any(|k| env_var(k.key) == key),
+            "{key} is not a configuration key"
+        );
     }
     assert_eq!(value("KVSET_TLS_CLIENT_CERT_AUTH"), "true");
     let sts = r.statefulset();

@@ -279,6 +279,14 @@ settings! {
         /// (gRPC's own ceiling, 2 GiB, by default). A write whose answer is larger still applies
         /// and its client is told UNKNOWN (the outcome cannot be read), never that it failed.
         pub forward_response_max_bytes: u64 = i32::MAX as u64,
+        /// Most keys an etcd-API Range without a limit answers; 0: no bound, as etcd. A range
+        /// with more is refused with RESOURCE_EXHAUSTED naming this key (page with `limit`).
+        pub unpaged_range_max_keys: u64 = 0,
+        /// Most bytes of keys and values an etcd-API Range without a limit answers: by default
+        /// gRPC's largest message (2 GiB − 1), what etcd's server can send. Lower it to bound what
+        /// one request may make a member hold; a larger range is refused with RESOURCE_EXHAUSTED
+        /// naming this key (page with `limit`).
+        pub unpaged_range_max_bytes: u64 = i32::MAX as u64,
         /// Linearizable reads that may wait for a ReadIndex round at once on one member; past it,
         /// reads get RESOURCE_EXHAUSTED (nothing is read or changed).
         pub pending_reads_max: u64 = 10_000,
@@ -702,10 +710,17 @@ impl Config {
             ("limits.response_max_bytes", l.response_max_bytes),
             ("limits.pending_reads_max", l.pending_reads_max),
             ("limits.forward_response_max_bytes", l.forward_response_max_bytes),
+            ("limits.unpaged_range_max_bytes", l.unpaged_range_max_bytes),
         ] {
             if v == 0 {
                 return bad(key, "must be at least 1".into());
             }
+        }
+        if l.unpaged_range_max_bytes > i32::MAX as u64 {
+            return bad(
+                "limits.unpaged_range_max_bytes",
+                format!("must be at most {} (gRPC's largest message)", i32::MAX),
+            );
         }
         if l.request_max_bytes > 64 << 20 {
             return bad("limits.request_max_bytes", "must be at most 64 MiB".into());

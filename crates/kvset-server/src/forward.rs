@@ -15,8 +15,9 @@ use kvset_proto::is_connect_error;
 use crate::auth::Credentials;
 use crate::errors::KvError;
 
-/// Largest message the client port sends.
-pub const CLIENT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Largest message the client port sends: gRPC's ceiling (2 GiB − 1), what etcd's server
+/// sends, so an unpaged etcd Range as large as `limits.unpaged_range_max_bytes` allows fits.
+pub const CLIENT_MAX_MESSAGE_BYTES: usize = i32::MAX as usize;
 
 /// Deadline used when the caller sent none.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);

@@ -98,7 +98,9 @@ pub async fn spawn_servers(
     // Peer server.
     let peer = RaftServer::new(PeerService::new(member.clone()))
         .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES);
+        // The answers of reads passed on to this leader are bounded by what the asking member
+        // reads back (`limits.forward_response_max_bytes`), not here.
+        .max_encoding_message_size(i32::MAX as usize);
     let incoming_peer = incoming(listeners.peer, tls.clone(), Port::Peer, member.metrics().clone());
     let stop_peer = stop.clone();
     tasks.push(tokio::spawn(async move {

@@ -106,16 +106,21 @@ pub fn range(r: &epb::RangeRequest, limits: &Limits) -> Result<(RangeQuery, Cons
         Ok(O::Descend) => Some((target, SortOrder::Descend)),
         Err(_) => return Err(unknown("sort_order", r.sort_order)),
     };
-    // etcd has no page limit; kvset serves at most range_max_keys keys and response_max_bytes
-    // per response. A client that set a limit pages on `more`; one that did not is refused
-    // (see `complete`), never given a silently short answer.
-    let max = limits.range_max_keys as usize;
-    let limit = if r.limit > 0 { (r.limit as u64).min(max as u64) as usize } else { max };
+    // A client that sets a limit gets pages of at most range_max_keys keys and
+    // response_max_bytes bytes, and pages on `more`. One that sets none gets every key, as from
+    // etcd, up to the opt-in unpaged bounds; past them it is refused (see `complete`), never
+    // given a silently short answer.
+    let (limit, max_bytes) = if r.limit > 0 {
+        ((r.limit as u64).min(limits.range_max_keys) as usize, limits.response_max_bytes as usize)
+    } else {
+        // 0: no key bound (the collector's "no limit").
+        (limits.unpaged_range_max_keys as usize, limits.unpaged_range_max_bytes as usize)
+    };
     let query = RangeQuery {
         range,
         revision: r.revision.max(0),
         limit,
-        max_bytes: limits.response_max_bytes as usize,
+        max_bytes,
         keys_only: r.keys_only,
         count_only: r.count_only,
         sort,
@@ -128,16 +133,17 @@ pub fn range(r: &epb::RangeRequest, limits: &Limits) -> Result<(RangeQuery, Cons
     Ok((query, consistency))
 }
 
-/// Refuses a range result that kvset's limits cut short when the client set no limit (etcd
-/// would have returned every key).
+/// Refuses a range result that the opt-in unpaged bounds cut short when the client set no
+/// limit (etcd would have returned every key).
 pub fn complete(r: &epb::RangeRequest, more: bool, limits: &Limits) -> Result<()> {
     if more && r.limit <= 0 {
         return Err(Status::new(
             Code::ResourceExhausted,
             format!(
-                "kvset: the range holds more than limits.range_max_keys = {} keys or limits.response_max_bytes = {} \
-                 bytes; read it in pages (set limit, continue after the last key while more is true)",
-                limits.range_max_keys, limits.response_max_bytes
+                "kvset: the range holds more than limits.unpaged_range_max_keys = {} keys or \
+                 limits.unpaged_range_max_bytes = {} bytes; read it in pages (set limit, continue after the last \
+                 key while more is true)",
+                limits.unpaged_range_max_keys, limits.unpaged_range_max_bytes
             ),
         ));
     }
@@ -492,11 +498,16 @@ mod tests {
         assert!(message(q(&|r| r.sort_target = 9)).contains("sort_target 9"));
         assert!(message(q(&|r| r.sort_order = 9)).contains("sort_order 9"));
         assert_eq!(q(&|r| r.revision = -3).unwrap().0.revision, 0, "a negative revision is the current one");
-        assert_eq!(q(&|r| r.limit = -1).unwrap().0.limit, 10_000, "no limit: kvset's page");
-        assert_eq!(q(&|r| r.limit = 50_000).unwrap().0.limit, 10_000);
+        let unpaged = q(&|r| r.limit = -1).unwrap().0;
+        assert_eq!(
+            (unpaged.limit, unpaged.max_bytes),
+            (0, i32::MAX as usize),
+            "no limit: every key, as etcd"
+        );
+        assert_eq!(q(&|r| r.limit = 50_000).unwrap().0.limit, 10_000, "a limit: pages of range_max_keys");
         assert_eq!(q(&|r| r.serializable = true).unwrap().1, Consistency::Serializable);
         let unlimited = epb::RangeRequest::default();
-        assert!(message(complete(&unlimited, true, &l).map(|_| ())).contains("limits.range_max_keys"));
+        assert!(message(complete(&unlimited, true, &l).map(|_| ())).contains("limits.unpaged_range_max_keys"));
         assert!(complete(&epb::RangeRequest { limit: 5, ..Default::default() }, true, &l).is_ok());
     }
 
