@@ -299,7 +299,21 @@ pub async fn quorum_loss<H: Harness>(h: &mut H, _: &History, _: &mut StdRng) -> 
     let all = h.running();
     let lost: Vec<u32> = all.iter().copied().filter(|o| *o != survivor).collect();
     info!("--- every pod dies; the volumes of {lost:?} are gone for good; kvset-{survivor} survives");
-    h.kill(&all).await?;
+    // The two whose volumes are lost die first, then the leader, once its log is on its disk.
+    // A leader writes its log while it replicates it (its fsync runs beside the followers'), so
+    // at any instant the followers may have made durable, and committed, an entry that is not
+    // yet on the leader's disk: a recovery from the leader alone would lose it (as from etcd's),
+    // and the watchers that saw it would see its revision reused. Without followers the leader
+    // commits nothing more, and its log is on disk once it stops growing.
+    h.kill(&lost).await?;
+    let last = std::sync::Mutex::new(None);
+    poll_until(&format!("kvset-{survivor}'s log to stop growing"), Duration::from_secs(30), || async {
+        let now = harness::statuses(h, false).await.get(&survivor).map(|s| s.last_log_index);
+        let previous = std::mem::replace(&mut *last.lock().unwrap_or_else(|e| e.into_inner()), now);
+        (now.is_some() && now == previous).then_some(())
+    })
+    .await?;
+    h.kill(&[survivor]).await?;
     for o in &lost {
         h.wipe(*o).await?;
     }
