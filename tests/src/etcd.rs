@@ -220,3 +220,33 @@ mod tests {
         );
     }
 }
+
+/// etcd's minimum lease TTL with its default timing (1.5 × the 1 s election timeout, rounded
+/// up); the differential tests give kvset the same (`lease.min_ttl_seconds`, default 5).
+pub const ETCD_MIN_TTL: u64 = 2;
+
+/// A real etcd beside a 3-member kvset with etcd's lease minimum, for differential tests.
+#[derive(Debug)]
+pub struct SideBySide {
+    pub etcd: EtcdServer,
+    pub cluster: crate::cluster::Cluster,
+    /// The kvset member the tests talk to: a follower, whose answers must be the leader's.
+    pub follower: u32,
+}
+
+impl SideBySide {
+    /// Starts both and waits for kvset's leader.
+    pub async fn start() -> Self {
+        let etcd = EtcdServer::start().await;
+        let cluster =
+            crate::cluster::Cluster::start_with(3, |cfg| cfg.lease.min_ttl_seconds = ETCD_MIN_TTL).await;
+        cluster.wait_leader(Duration::from_secs(30)).await;
+        let follower = (0..3).find(|o| Some(*o) != cluster.leader()).expect("a follower");
+        Self { etcd, cluster, follower }
+    }
+
+    /// The endpoint of the kvset follower.
+    pub fn kvset_endpoint(&self) -> String {
+        self.cluster.endpoint(self.follower)
+    }
+}

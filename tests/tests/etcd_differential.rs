@@ -14,12 +14,9 @@ use kvset_tests::cluster::Cluster;
 use kvset_tests::etcd;
 use kvset_tests::etcd::EtcdServer;
 use kvset_tests::etcd::Raw;
+use kvset_tests::etcd::SideBySide;
 use tokio::sync::mpsc;
 use tonic::Streaming;
-
-/// etcd's minimum lease TTL with its default timing (1.5 × the 1 s election timeout, rounded
-/// up); kvset's (`lease.min_ttl_seconds`, default 5) is set to match for the comparison.
-const ETCD_MIN_TTL: u64 = 2;
 
 /// One etcd and one kvset, and the mismatches found so far.
 struct Both {
@@ -27,24 +24,20 @@ struct Both {
     kvset: Raw,
     compared: usize,
     mismatches: Vec<String>,
-    _server: EtcdServer,
+    _etcd: EtcdServer,
     cluster: Cluster,
 }
 
 impl Both {
     async fn start() -> Self {
-        let server = EtcdServer::start().await;
-        let cluster = Cluster::start_with(3, |cfg| cfg.lease.min_ttl_seconds = ETCD_MIN_TTL).await;
-        cluster.wait_leader(Duration::from_secs(30)).await;
-        // Through a follower: its answers must be the leader's.
-        let follower = (0..3).find(|o| Some(*o) != cluster.leader()).expect("a follower");
+        let both = SideBySide::start().await;
         Self {
-            etcd: Raw::connect(&server.endpoint).await,
-            kvset: Raw::connect(&cluster.endpoint(follower)).await,
+            etcd: Raw::connect(&both.etcd.endpoint).await,
+            kvset: Raw::connect(&both.kvset_endpoint()).await,
             compared: 0,
             mismatches: Vec::new(),
-            _server: server,
-            cluster,
+            _etcd: both.etcd,
+            cluster: both.cluster,
         }
     }
 

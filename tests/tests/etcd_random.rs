@@ -29,6 +29,7 @@ use kvset_tests::cluster::Cluster;
 use kvset_tests::etcd;
 use kvset_tests::etcd::EtcdServer;
 use kvset_tests::etcd::Raw;
+use kvset_tests::etcd::SideBySide;
 use rand::rngs::StdRng;
 use rand::Rng;
 use rand::SeedableRng;
@@ -404,15 +405,12 @@ struct Servers {
 
 impl Servers {
     async fn start() -> Self {
-        let server = EtcdServer::start().await;
-        let cluster = Cluster::start(3).await;
-        cluster.wait_leader(Duration::from_secs(30)).await;
-        let follower = (0..3).find(|o| Some(*o) != cluster.leader()).expect("a follower");
+        let both = SideBySide::start().await;
         Self {
-            etcd: Raw::connect(&server.endpoint).await,
-            kvset: Raw::connect(&cluster.endpoint(follower)).await,
-            _server: server,
-            cluster,
+            etcd: Raw::connect(&both.etcd.endpoint).await,
+            kvset: Raw::connect(&both.kvset_endpoint()).await,
+            _server: both.etcd,
+            cluster: both.cluster,
         }
     }
 }

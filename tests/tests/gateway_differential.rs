@@ -18,12 +18,10 @@ use kvset_tests::cluster::Cluster;
 use kvset_tests::etcd;
 use kvset_tests::etcd::EtcdServer;
 use kvset_tests::etcd::Raw;
+use kvset_tests::etcd::SideBySide;
 use kvset_tests::http;
 use kvset_tests::http::Answer;
 use serde_json::Value;
-
-/// etcd's minimum lease TTL with its default timing; kvset's is set to match.
-const ETCD_MIN_TTL: u64 = 2;
 
 /// What of an answer is compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,18 +50,14 @@ struct Both {
 
 impl Both {
     async fn start() -> Self {
-        let server = EtcdServer::start().await;
-        let cluster = Cluster::start_with(3, |cfg| cfg.lease.min_ttl_seconds = ETCD_MIN_TTL).await;
-        cluster.wait_leader(Duration::from_secs(30)).await;
-        // Through a follower: its answers must be the leader's.
-        let follower = (0..3).find(|o| Some(*o) != cluster.leader()).expect("a follower");
+        let both = SideBySide::start().await;
         Self {
-            etcd: server.endpoint.clone(),
-            kvset: cluster.endpoint(follower),
+            etcd: both.etcd.endpoint.clone(),
+            kvset: both.kvset_endpoint(),
             compared: 0,
             mismatches: Vec::new(),
-            _server: server,
-            cluster,
+            _server: both.etcd,
+            cluster: both.cluster,
         }
     }
 
@@ -717,12 +711,9 @@ macro_rules! same {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lock_and_election_answers_match_etcds_over_grpc() {
-    let server = EtcdServer::start().await;
-    let cluster = Cluster::start_with(3, |cfg| cfg.lease.min_ttl_seconds = ETCD_MIN_TTL).await;
-    cluster.wait_leader(Duration::from_secs(30)).await;
-    let follower = (0..3).find(|o| Some(*o) != cluster.leader()).expect("a follower");
+    let both = SideBySide::start().await;
     let mut b =
-        (Raw::connect(&server.endpoint).await, Raw::connect(&cluster.endpoint(follower)).await, Vec::new());
+        (Raw::connect(&both.etcd.endpoint).await, Raw::connect(&both.kvset_endpoint()).await, Vec::new());
     use kvset_proto::etcdserverpb as epb;
     for id in [0x11, 0x22, 0x33] {
         same!(b, format!("grant {id:x}"), |c| c.lease.lease_grant(epb::LeaseGrantRequest { ttl: 60, id }));
@@ -733,7 +724,7 @@ async fn lock_and_election_answers_match_etcds_over_grpc() {
     same!(b, "lock again by the same lease", |c| c
         .lock
         .lock(lpb::LockRequest { name: b"lk".to_vec(), lease: 0x11 }));
-    for (name, endpoint) in [("etcd", server.endpoint.clone()), ("kvset", cluster.endpoint(follower))] {
+    for (name, endpoint) in [("etcd", both.etcd.endpoint.clone()), ("kvset", both.kvset_endpoint())] {
         let mut raw = Raw::connect(&endpoint).await;
         let waiter = tokio::spawn(async move {
             raw.lock.lock(lpb::LockRequest { name: b"lk".to_vec(), lease: 0x22 }).await
@@ -838,7 +829,7 @@ async fn lock_and_election_answers_match_etcds_over_grpc() {
     }));
     // Observe: the leader's key now, then each proclamation.
     let mut observed = Vec::new();
-    for (i, endpoint) in [server.endpoint.clone(), cluster.endpoint(follower)].into_iter().enumerate() {
+    for (i, endpoint) in [both.etcd.endpoint.clone(), both.kvset_endpoint()].into_iter().enumerate() {
         let mut raw = Raw::connect(&endpoint).await;
         let mut stream = raw
             .election
@@ -882,7 +873,7 @@ async fn lock_and_election_answers_match_etcds_over_grpc() {
     if waited_e != waited_k {
         mismatches.push(format!("the waiter's lock:\n    etcd:  {waited_e:?}\n    kvset: {waited_k:?}"));
     }
-    cluster.shutdown().await;
+    both.cluster.shutdown().await;
     assert!(
         mismatches.is_empty(),
         "{} of {} answers differ from etcd's:\n{}",
