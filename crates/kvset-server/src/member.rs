@@ -19,6 +19,7 @@
 //! * **lifecycle** — the [`Phase`] readiness reports and whether requests are still taken;
 //! * **membership bookkeeping** — the desired replica count and the reconciler's last status.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU32;
 use std::sync::atomic::Ordering;
@@ -39,6 +40,7 @@ use kvset_storage::RaftMetrics;
 use kvset_storage::RaftMetricsRx;
 use kvset_storage::SmReader;
 use kvset_storage::WatchReceiver;
+use openraft::ChangeMembers;
 use tokio::sync::watch;
 
 use crate::auth::Needs;
@@ -1075,8 +1077,6 @@ impl LocalMember {
 
     /// [`Self::administer`] on this member, the leader.
     async fn administer_here(&self, call: AdminCall, deadline: Instant) -> Result<AdminResult, KvError> {
-        use openraft::ChangeMembers;
-        use std::collections::BTreeSet;
         match call {
             AdminCall::MemberList(_) => {
                 self.read_barrier(deadline).await?;
@@ -1161,7 +1161,7 @@ impl LocalMember {
     pub fn member_list(&self) -> Vec<pb::Member> {
         let m = self.raft_metrics();
         let membership = m.membership_config.membership();
-        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let mut out: Vec<pb::Member> = membership
             .nodes()
             .map(|(id, node)| pb::Member {
