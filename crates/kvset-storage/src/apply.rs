@@ -2,9 +2,10 @@
 //!
 //! Applying a batch of log entries must be atomic together with `last_applied`, so nothing is
 //! written to sled while commands are evaluated: every change goes into an [`Overlay`] (the
-//! pending live records, history versions, change-log entries, events and lease changes over
-//! the tree), later commands read through it, and the state machine turns it into one
-//! `sled::Batch` at the end. See [`crate::keys`] for the layout.
+//! pending current records, revision records, events and lease changes over the slot), later
+//! commands read through it, and the state machine turns it into one `sled::Batch` (one record
+//! per changed key, the leases, the applied state) and index changes at the end. See
+//! [`crate::keys`] for the layout.
 //!
 //! Revisions follow etcd: a command that changes keys gets the next revision; every key it
 //! changes gets a sub-revision there, in order; a delete writes a tombstone version. A Txn
@@ -15,11 +16,10 @@ use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::ops::Bound;
 
-use crate::codec;
 use crate::codec::CodecError;
-use crate::history;
 use crate::history::RangeCollector;
-use crate::keys;
+use crate::history::Slot;
+use crate::index::Rev;
 use crate::keys::Version;
 use crate::types::*;
 
@@ -48,15 +48,15 @@ pub(crate) struct Scalars {
 
 /// Pending changes over a tree.
 pub(crate) struct Overlay<'t> {
-    tree: &'t sled::Tree,
-    /// The revision of the state in `tree` (before this overlay's changes).
+    slot: &'t Slot,
+    /// The revision of the state in `slot` (before this overlay's changes).
     tree_revision: Revision,
     /// The lease table before this overlay's changes.
     leases_before: &'t BTreeMap<LeaseId, Lease>,
     /// Live records to write: `Some` = the key's new record, `None` = the key is deleted.
     pub(crate) live: BTreeMap<Vec<u8>, Option<StoredValue>>,
-    /// Versions to add to the history (and the change log), in order.
-    pub(crate) history: Vec<(Vec<u8>, Revision, u32, Version)>,
+    /// Records to add, one per change, in revision order.
+    pub(crate) records: Vec<(Rev, Vec<u8>, Version)>,
     /// The events of each new revision, in order.
     pub(crate) events: Vec<RevisionEvents>,
     /// Lease changes: `Some` = granted, `None` = revoked.
@@ -101,17 +101,13 @@ impl Writer {
 }
 
 impl<'t> Overlay<'t> {
-    pub(crate) fn new(
-        tree: &'t sled::Tree,
-        tree_revision: Revision,
-        leases: &'t BTreeMap<LeaseId, Lease>,
-    ) -> Self {
+    pub(crate) fn new(slot: &'t Slot, tree_revision: Revision, leases: &'t BTreeMap<LeaseId, Lease>) -> Self {
         Self {
-            tree,
+            slot,
             tree_revision,
             leases_before: leases,
             live: BTreeMap::new(),
-            history: Vec::new(),
+            records: Vec::new(),
             events: Vec::new(),
             leases: BTreeMap::new(),
             attachments: BTreeMap::new(),
@@ -130,10 +126,7 @@ impl<'t> Overlay<'t> {
         if let Some(change) = self.live.get(key) {
             return Ok(change.clone());
         }
-        match self.tree.get(keys::live(key))? {
-            Some(bytes) => Ok(Some(codec::decode("stored value", &bytes)?)),
-            None => Ok(None),
-        }
+        self.slot.current(key)
     }
 
     fn lease(&self, id: LeaseId) -> Option<Lease> {
@@ -145,12 +138,7 @@ impl<'t> Overlay<'t> {
 
     /// The keys attached to lease `id`, in key order.
     fn lease_keys(&self, id: LeaseId) -> Result<Vec<Vec<u8>>, ReadError> {
-        let prefix = keys::lease_keys_prefix(id);
-        let mut out = BTreeSet::new();
-        for item in self.tree.scan_prefix(prefix) {
-            let (k, _) = item?;
-            out.insert(k[prefix.len()..].to_vec());
-        }
+        let mut out: BTreeSet<Vec<u8>> = self.slot.index().lease_keys(id).into_iter().collect();
         for ((lease, key), present) in self.attachments.range((id, Vec::new())..) {
             if *lease != id {
                 break;
@@ -164,7 +152,7 @@ impl<'t> Overlay<'t> {
         Ok(out.into_iter().collect())
     }
 
-    /// Visits the current keys of `range` in order, merging the tree with the overlay, until
+    /// Visits the current keys of `range` in order, merging the slot with the overlay, until
     /// `visit` returns `false`.
     pub(crate) fn scan(
         &self,
@@ -181,36 +169,42 @@ impl<'t> Overlay<'t> {
             RangeEnd::Unbounded => Bound::Unbounded,
             RangeEnd::Before(end) => Bound::Excluded(end.clone()),
         };
-        let tree_end = match &range.end {
-            RangeEnd::Single => Bound::Included(keys::live(&range.start)),
-            RangeEnd::Unbounded => Bound::Excluded(vec![keys::LIVE + 1]),
-            RangeEnd::Before(end) => Bound::Excluded(keys::live(end)),
-        };
+        let mut in_slot = Vec::new();
+        self.slot.scan_at(range, self.tree_revision, |key, rev| {
+            in_slot.push((key, rev));
+            Ok(true)
+        })?;
         let mut over_iter =
             self.live.range::<Vec<u8>, _>((Bound::Included(range.start.clone()), overlay_end));
         let mut over_cur = over_iter.next();
-        let mut tree_iter = self.tree.range((Bound::Included(keys::live(&range.start)), tree_end));
-        let mut tree_cur = tree_iter.next().transpose()?;
+        let mut slot_iter = in_slot.into_iter();
+        let mut slot_cur = slot_iter.next();
         loop {
-            // Tree keys carry the LIVE prefix; overlay keys are bare user keys.
-            let take_tree = match (&tree_cur, over_cur) {
+            let take_slot = match (&slot_cur, over_cur) {
                 (None, None) => return Ok(()),
                 (Some(_), None) => true,
                 (None, Some(_)) => false,
-                (Some((tk, _)), Some((ok, _))) => &tk[1..] < ok.as_slice(),
+                (Some((sk, _)), Some((ok, _))) => sk < ok,
             };
-            if take_tree {
-                if let Some((tk, tv)) = tree_cur.take() {
-                    let value: StoredValue = codec::decode("stored value", &tv)?;
-                    if !visit(&tk[1..], &value) {
+            if take_slot {
+                if let Some((key, rev)) = slot_cur.take() {
+                    let (_, v) = self.slot.fetch(rev)?;
+                    let value = StoredValue {
+                        value: v.value,
+                        create_revision: v.create_revision,
+                        mod_revision: rev.main,
+                        version: v.version,
+                        lease: v.lease,
+                    };
+                    if !visit(&key, &value) {
                         return Ok(());
                     }
                 }
-                tree_cur = tree_iter.next().transpose()?;
+                slot_cur = slot_iter.next();
             } else if let Some((ok, change)) = over_cur.take() {
-                // The overlay shadows the tree's version of the same key.
-                if tree_cur.as_ref().is_some_and(|(tk, _)| &tk[1..] == ok.as_slice()) {
-                    tree_cur = tree_iter.next().transpose()?;
+                // The overlay shadows the slot's version of the same key.
+                if slot_cur.as_ref().is_some_and(|(sk, _)| sk == ok) {
+                    slot_cur = slot_iter.next();
                 }
                 if let Some(value) = change {
                     if !visit(ok, value) {
@@ -224,6 +218,9 @@ impl<'t> Overlay<'t> {
 
     /// Reads one page of `query` at the current state (its `revision` is ignored).
     pub(crate) fn range_current(&self, query: &RangeQuery) -> Result<RangeResult, ReadError> {
+        if self.live.is_empty() {
+            return self.slot.range_at(query, self.tree_revision);
+        }
         let mut collector = RangeCollector::new(query);
         self.scan(&query.range, |key, value| collector.push(value.to_key_value(key, false)))?;
         Ok(collector.finish())
@@ -239,21 +236,22 @@ impl<'t> Overlay<'t> {
         Ok(out)
     }
 
-    /// Reads one page of `query` at its past `revision`: the history in the tree, plus the
-    /// versions this overlay made at or below that revision (earlier commands of the batch).
+    /// Reads one page of `query` at its past `revision`: the slot, plus the versions this
+    /// overlay made at or below that revision (earlier commands of the batch).
     fn range_at(&self, query: &RangeQuery) -> Result<RangeResult, ReadError> {
         let revision = query.revision;
         if revision <= self.tree_revision {
-            return range_at(self.tree, query, revision);
+            return self.slot.range_at(query, revision);
         }
         let mut keys: BTreeMap<Vec<u8>, Option<KeyValue>> = BTreeMap::new();
-        history::scan_at(self.tree, &query.range, self.tree_revision, |kv| {
-            keys.insert(kv.key.clone(), Some(kv));
-            true
+        self.slot.scan_at(&query.range, self.tree_revision, |key, rev| {
+            let (_, v) = self.slot.fetch(rev)?;
+            keys.insert(key.clone(), v.into_key_value(key, rev.main));
+            Ok(true)
         })?;
-        for (key, rev, _, version) in &self.history {
-            if *rev <= revision && query.range.contains(key) {
-                keys.insert(key.clone(), version.to_key_value(key, *rev, false));
+        for (rev, key, version) in &self.records {
+            if rev.main <= revision && query.range.contains(key) {
+                keys.insert(key.clone(), version.to_key_value(key, rev.main, false));
             }
         }
         let mut collector = RangeCollector::new(query);
@@ -525,17 +523,6 @@ fn run_txn(
     Ok((succeeded, responses))
 }
 
-/// A range at a committed past revision, from the history.
-pub(crate) fn range_at(
-    tree: &sled::Tree,
-    query: &RangeQuery,
-    revision: Revision,
-) -> Result<RangeResult, ReadError> {
-    let mut collector = RangeCollector::new(query);
-    history::scan_at(tree, &query.range, revision, |kv| collector.push(kv))?;
-    Ok(collector.finish())
-}
-
 /// Writes a put at the writer's revision; returns the key as it was before.
 fn do_put(overlay: &mut Overlay<'_>, w: &mut Writer, put: &Put) -> Result<Option<KeyValue>, ReadError> {
     let rev = w.revision;
@@ -564,10 +551,9 @@ fn do_put(overlay: &mut Overlay<'_>, w: &mut Writer, put: &Put) -> Result<Option
         overlay.attach(lease, &put.key);
     }
     let sub = w.next_sub();
-    overlay.history.push((
+    overlay.records.push((
+        Rev::new(rev, sub),
         put.key.clone(),
-        rev,
-        sub,
         Version {
             value: next.value.clone(),
             create_revision: next.create_revision,
@@ -598,7 +584,11 @@ fn do_delete(
             overlay.detach(value.lease, &key);
         }
         let sub = w.next_sub();
-        overlay.history.push((key.clone(), w.revision, sub, Version { deleted: true, ..Default::default() }));
+        overlay.records.push((
+            Rev::new(w.revision, sub),
+            key.clone(),
+            Version { deleted: true, ..Default::default() },
+        ));
         let prev = value.to_key_value(&key, false);
         if prev_kv {
             prevs.push(prev.clone());

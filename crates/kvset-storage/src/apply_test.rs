@@ -1,9 +1,9 @@
 use super::*;
 
-fn tree() -> (sled::Db, sled::Tree) {
+fn tree() -> (sled::Db, Slot) {
     let db = sled::Config::new().temporary(true).open().unwrap();
     let t = db.open_tree("t").unwrap();
-    (db, t)
+    (db, Slot::new(t, crate::index::Index::default()))
 }
 
 fn scalars() -> Scalars {
@@ -57,7 +57,7 @@ fn put_tracks_versions_revisions_history_and_events() {
     let now = ov.get(b"a").unwrap().unwrap();
     assert_eq!((now.version, now.create_revision, now.mod_revision), (2, 2, 3));
     assert_eq!(
-        ov.history.iter().map(|(k, r, s, _)| (k.clone(), *r, *s)).collect::<Vec<_>>(),
+        ov.records.iter().map(|(r, k, _)| (k.clone(), r.main, r.sub)).collect::<Vec<_>>(),
         vec![(b"a".to_vec(), 2, 0), (b"a".to_vec(), 3, 0)]
     );
     assert_eq!(ov.events.iter().map(|e| e.revision).collect::<Vec<_>>(), vec![2, 3]);
@@ -77,8 +77,8 @@ fn a_delete_writes_a_tombstone_and_a_recreate_starts_over() {
     let r = apply_command(&mut ov, &mut s, &del(KeyRange::single("k"))).unwrap();
     let CommandResult::Delete { revision: 4, deleted: 1, prev } = r else { panic!("{r:?}") };
     assert_eq!(prev[0].value, b"2");
-    let tomb = &ov.history[2];
-    assert!(tomb.3.deleted && tomb.1 == 4);
+    let tomb = &ov.records[2];
+    assert!(tomb.2.deleted && tomb.0.main == 4);
     let event = &ov.events[2].events[0];
     assert_eq!(event.kind, EventKind::Delete);
     assert_eq!((event.kv.key.as_slice(), event.kv.mod_revision, event.kv.version), (&b"k"[..], 4, 0));
@@ -91,8 +91,12 @@ fn a_delete_writes_a_tombstone_and_a_recreate_starts_over() {
 fn scan_merges_tree_and_overlay_in_order() {
     let (_db, t) = tree();
     for (k, v) in [("a", "tree"), ("c", "tree"), ("e", "tree")] {
-        let sv = StoredValue { value: v.into(), ..Default::default() };
-        t.insert(keys::live(k.as_bytes()), codec::encode("v", &sv).unwrap()).unwrap();
+        let version = Version { value: v.into(), create_revision: 1, version: 1, ..Default::default() };
+        let rev = Rev::new(1, t.index().keys() as u32);
+        t.tree
+            .insert(crate::keys::record_key(rev), crate::keys::record::encode(k.as_bytes(), &version))
+            .unwrap();
+        t.index_mut().push(k.as_bytes(), rev, false);
     }
     let leases = BTreeMap::new();
     let mut ov = Overlay::new(&t, 1, &leases);
@@ -117,7 +121,7 @@ fn deleting_nothing_does_not_advance_the_revision() {
     let r = apply_command(&mut ov, &mut s, &del(KeyRange::prefix("x"))).unwrap();
     assert_eq!(r, CommandResult::Delete { revision: 1, deleted: 0, prev: vec![] });
     assert_eq!(s.revision, 1);
-    assert!(ov.events.is_empty() && ov.history.is_empty());
+    assert!(ov.events.is_empty() && ov.records.is_empty());
 }
 
 #[test]
@@ -233,9 +237,9 @@ fn a_txn_is_one_revision_its_ranges_see_its_writes_and_nested_compares_see_the_s
     let OpResult::Txn { succeeded: false, .. } = &responses[3] else { panic!("{:?}", responses[3]) };
     assert_eq!(ov.get(b"c").unwrap().unwrap().value, b"nested-failure");
     assert_eq!(ov.events.len(), 1, "one revision");
-    let subs: Vec<u32> = ov.history.iter().map(|h| h.2).collect();
+    let subs: Vec<u32> = ov.records.iter().map(|h| h.0.sub).collect();
     assert_eq!(subs, vec![0, 1, 2], "sub-revisions in op order");
-    assert!(ov.history.iter().all(|h| h.1 == 2));
+    assert!(ov.records.iter().all(|h| h.0.main == 2));
 }
 
 #[test]
@@ -273,7 +277,7 @@ fn an_unknown_lease_or_a_missing_key_for_ignore_value_is_refused_and_changes_not
     });
     let r = apply_command(&mut ov, &mut s, &txn).unwrap();
     assert_eq!(r, CommandResult::Rejected { revision: 1, error: ApplyError::LeaseNotFound(5) });
-    assert!(all(&ov).is_empty() && ov.history.is_empty() && ov.events.is_empty());
+    assert!(all(&ov).is_empty() && ov.records.is_empty() && ov.events.is_empty());
     assert_eq!(s.revision, 1);
 }
 

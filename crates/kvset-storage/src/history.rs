@@ -1,100 +1,207 @@
-//! Reads of the history (MVCC): a key or a range at a past revision, the events between two
-//! revisions, and the one piece of range logic both current and past reads share.
+//! Reads of the store at a revision: a key, a range, the events between two revisions, HashKV,
+//! and the one piece of range logic both current and past reads share.
 //!
-//! History below the applied revision never changes except by compaction, which only removes
-//! versions superseded before the compact revision. A reader therefore needs no lock: it reads,
-//! then checks that the compact revision has not passed the revision it read at (the caller
-//! does; see `SmReader`).
+//! A read first finds, in the [`Index`], where the version it wants of each key is stored (under
+//! the index's read lock, for a bounded number of keys at a time), then reads those records
+//! from sled with no lock held. Records are never changed once written, and the index only
+//! gains versions above the applied revision, so a read at a revision it captured sees the same
+//! versions however many applies run meanwhile. Only compaction removes records: a read that
+//! finds one missing was passed by compaction, which its caller checks (see `SmReader`).
 
 use std::sync::Arc;
+use std::sync::RwLock;
+use std::sync::RwLockReadGuard;
 
-use crate::codec;
+use crate::index::Index;
+use crate::index::Indexed;
+use crate::index::Rev;
 use crate::keys;
+use crate::keys::record;
 use crate::keys::Version;
 use crate::types::*;
 use crate::ReadError;
 
-/// Decodes one history entry.
-pub(crate) fn decode_entry(k: &[u8], v: &[u8]) -> Result<(Vec<u8>, Revision, u32, Version), ReadError> {
-    let (key, revision, sub) =
-        keys::parse_history(k).ok_or_else(|| ReadError::Corrupt(format!("bad history key {k:?}")))?;
-    let version: Version = codec::decode("key version", v)?;
-    Ok((key, revision, sub, version))
+/// Index entries a read looks at per hold of the index lock.
+const INDEX_CHUNK: usize = 1024;
+
+/// The state of one slot: the records in sled and the index over them. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Slot {
+    pub tree: sled::Tree,
+    pub index: Arc<RwLock<Index>>,
 }
 
-/// The version of `key` visible at `revision` (the last one at or below it), if the key existed
-/// then.
-pub(crate) fn get_at(
-    tree: &sled::Tree,
-    key: &[u8],
-    revision: Revision,
-) -> Result<Option<KeyValue>, ReadError> {
-    let lo = keys::history(key, 0, 0);
-    let hi = keys::history(key, revision, u32::MAX);
-    match tree.range(lo..=hi).next_back().transpose()? {
-        Some((k, v)) => {
-            let (_, rev, _, version) = decode_entry(&k, &v)?;
-            Ok(version.to_key_value(key, rev, false))
-        }
-        None => Ok(None),
+impl Slot {
+    pub(crate) fn new(tree: sled::Tree, index: Index) -> Self {
+        Self { tree, index: Arc::new(RwLock::new(index)) }
     }
-}
 
-/// The version of `key` at the revision before `revision`: the previous value of an event at
-/// `revision` (also when the same revision changed the key before, as etcd reads it at
-/// `mod_revision - 1`).
-pub(crate) fn prev_of(
-    tree: &sled::Tree,
-    key: &[u8],
-    revision: Revision,
-) -> Result<Option<KeyValue>, ReadError> {
-    let lo = keys::history(key, 0, 0);
-    let hi = keys::history(key, revision, 0);
-    match tree.range(lo..hi).next_back().transpose()? {
-        Some((k, v)) => {
-            let (_, rev, _, version) = decode_entry(&k, &v)?;
-            Ok(version.to_key_value(key, rev, false))
-        }
-        None => Ok(None),
+    /// The index, for reading.
+    pub(crate) fn index(&self) -> RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-/// Visits the keys of `range` as they were at `revision`, in key order, until `visit` says stop.
-pub(crate) fn scan_at(
-    tree: &sled::Tree,
-    range: &KeyRange,
-    revision: Revision,
-    mut visit: impl FnMut(KeyValue) -> bool,
-) -> Result<(), ReadError> {
-    if let RangeEnd::Before(end) = &range.end {
-        if end.as_slice() <= range.start.as_slice() {
-            return Ok(());
+    /// The index, for changing (apply and compaction).
+    pub(crate) fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The record at `rev`: its key and version. A missing record is an error (a read passed by
+    /// compaction, or corruption; the caller tells which).
+    pub(crate) fn fetch(&self, rev: Rev) -> Result<(Vec<u8>, Version), ReadError> {
+        match self.tree.get(keys::record_key(rev))? {
+            Some(bytes) => {
+                let r = record::decode(&bytes).ok_or_else(|| {
+                    ReadError::Corrupt(format!("undecodable record at {}.{}", rev.main, rev.sub))
+                })?;
+                Ok((r.key.to_vec(), r.to_version()))
+            }
+            None => Err(ReadError::Corrupt(format!("no record at revision {}.{}", rev.main, rev.sub))),
         }
     }
-    let (lo, hi) = keys::history_bounds(range);
-    // The last version at or below `revision` of the key being walked.
-    let mut current: Option<(Vec<u8>, Option<KeyValue>)> = None;
-    for item in tree.range(lo..hi) {
-        let (k, v) = item?;
-        let (key, rev, _, version) = decode_entry(&k, &v)?;
-        if current.as_ref().is_some_and(|(ck, _)| *ck != key) {
-            if let Some((_, Some(kv))) = current.take() {
-                if !visit(kv) {
+
+    /// The key-value of the (live) version at `rev`.
+    fn fetch_kv(&self, rev: Rev) -> Result<KeyValue, ReadError> {
+        let (key, version) = self.fetch(rev)?;
+        version.into_key_value(key, rev.main).ok_or_else(|| {
+            ReadError::Corrupt(format!("the index holds a tombstone at {}.{} as live", rev.main, rev.sub))
+        })
+    }
+
+    /// The current record of `key`, if it exists.
+    pub(crate) fn current(&self, key: &[u8]) -> Result<Option<StoredValue>, ReadError> {
+        let Some(rev) = self.index().latest(key) else { return Ok(None) };
+        let (_, v) = self.fetch(rev)?;
+        Ok(Some(StoredValue {
+            value: v.value,
+            create_revision: v.create_revision,
+            mod_revision: rev.main,
+            version: v.version,
+            lease: v.lease,
+        }))
+    }
+
+    /// The version of `key` visible at `revision`, if the key existed then.
+    pub(crate) fn get_at(&self, key: &[u8], revision: Revision) -> Result<Option<KeyValue>, ReadError> {
+        let Some(rev) = self.index().visible_at(key, revision) else { return Ok(None) };
+        self.fetch_kv(rev).map(Some)
+    }
+
+    /// Visits the keys of `range` that existed at `revision`, in key order, with where their
+    /// version then is stored, until `visit` says stop.
+    pub(crate) fn scan_at(
+        &self,
+        range: &KeyRange,
+        revision: Revision,
+        mut visit: impl FnMut(Vec<u8>, Rev) -> Result<bool, ReadError>,
+    ) -> Result<(), ReadError> {
+        let mut after: Option<Vec<u8>> = None;
+        let mut found = Vec::new();
+        loop {
+            let next = self.index().visible_range(range, revision, after.as_deref(), INDEX_CHUNK, &mut found);
+            for (key, rev) in found.drain(..) {
+                if !visit(key, rev)? {
                     return Ok(());
                 }
             }
-        }
-        if rev <= revision {
-            let kv = version.to_key_value(&key, rev, false);
-            current = Some((key, kv));
-        } else if current.is_none() {
-            current = Some((key, None));
+            match next {
+                Some(last) => after = Some(last),
+                None => return Ok(()),
+            }
         }
     }
-    if let Some((_, Some(kv))) = current {
-        visit(kv);
+
+    /// Reads one page of `query` at `revision`.
+    pub(crate) fn range_at(&self, query: &RangeQuery, revision: Revision) -> Result<RangeResult, ReadError> {
+        let mut collector = RangeCollector::new(query);
+        self.scan_at(&query.range, revision, |_, rev| {
+            if collector.needs_value() {
+                collector.push(self.fetch_kv(rev)?);
+            } else {
+                collector.push_key();
+            }
+            Ok(true)
+        })?;
+        Ok(collector.finish())
     }
-    Ok(())
+
+    /// The events of revisions `from..=to`, at most about `max_events` events (whole revisions
+    /// only, at least one), oldest first. `after_records` runs once the records are read and
+    /// before the previous values are (tests park a read there).
+    pub(crate) fn events_between(
+        &self,
+        from: Revision,
+        to: Revision,
+        max_events: usize,
+        after_records: &mut dyn FnMut(),
+    ) -> Result<Vec<Arc<RevisionEvents>>, ReadError> {
+        // The records, whole revisions only.
+        let mut changes: Vec<(Rev, Vec<u8>, Version)> = Vec::new();
+        let lo = keys::record_key(Rev::new(from.max(1), 0));
+        let hi = keys::record_key(Rev::new(to, u32::MAX));
+        for item in self.tree.range(lo..=hi) {
+            let (k, v) = item?;
+            let rev = keys::parse_record_key(&k)
+                .ok_or_else(|| ReadError::Corrupt(format!("bad record key {k:?}")))?;
+            if changes.len() >= max_events && changes.last().is_some_and(|(last, ..)| last.main != rev.main) {
+                break;
+            }
+            let r = record::decode(&v).ok_or_else(|| {
+                ReadError::Corrupt(format!("undecodable record at {}.{}", rev.main, rev.sub))
+            })?;
+            changes.push((rev, r.key.to_vec(), r.to_version()));
+        }
+        after_records();
+        // Each event's previous value: the key at the revision before (etcd reads it at
+        // `mod_revision - 1`, also for a key the same revision changed before).
+        let prev_revs: Vec<Option<Rev>> = {
+            let index = self.index();
+            changes.iter().map(|(rev, key, _)| index.before(key, rev.main)).collect()
+        };
+        let mut out: Vec<Arc<RevisionEvents>> = Vec::new();
+        let mut current: Option<RevisionEvents> = None;
+        for ((rev, key, version), prev_rev) in changes.into_iter().zip(prev_revs) {
+            let prev = prev_rev.map(|p| self.fetch_kv(p)).transpose()?;
+            if current.as_ref().is_some_and(|c| c.revision != rev.main) {
+                out.extend(current.take().map(Arc::new));
+            }
+            let event = match version.into_key_value(key.clone(), rev.main) {
+                Some(kv) => Event { kind: EventKind::Put, kv, prev },
+                None => Event {
+                    kind: EventKind::Delete,
+                    kv: KeyValue { key, mod_revision: rev.main, ..Default::default() },
+                    prev,
+                },
+            };
+            current
+                .get_or_insert_with(|| RevisionEvents { revision: rev.main, events: Vec::new() })
+                .events
+                .push(event);
+        }
+        out.extend(current.map(Arc::new));
+        Ok(out)
+    }
+
+    /// A hash of the history up to `revision` as it reads once compaction at `compact` has run:
+    /// every version above `compact`, and of older ones only each key's version visible at
+    /// `compact` (when it is not a deletion), in key then revision order. It depends on the
+    /// versions hashed only, not on how far physical compaction has got, so members agree.
+    pub(crate) fn hash_kv(&self, revision: Revision, compact: Revision) -> Result<u32, ReadError> {
+        let mut hasher = KvHasher::default();
+        let mut after: Option<Vec<u8>> = None;
+        let mut found: Vec<(Vec<u8>, Indexed)> = Vec::new();
+        loop {
+            let next = self.index().hashed(revision, compact, after.as_deref(), INDEX_CHUNK, &mut found);
+            for (key, indexed) in found.drain(..) {
+                let (_, version) = self.fetch(indexed.rev)?;
+                hasher.add(&key, indexed.rev.main, indexed.rev.sub, &version);
+            }
+            match next {
+                Some(last) => after = Some(last),
+                None => return Ok(hasher.finish()),
+            }
+        }
+    }
 }
 
 /// Builds a range result the way etcd does, from the keys of a range in key order.
@@ -121,6 +228,18 @@ impl<'q> RangeCollector<'q> {
             gather_all: query.sort.is_some_and(|s| s != (SortTarget::Key, SortOrder::Ascend))
                 || query.has_revision_filters(),
         }
+    }
+
+    /// Whether the next key's value and record are needed, or only its key (a count, or a key
+    /// past the page).
+    pub(crate) fn needs_value(&self) -> bool {
+        !self.query.count_only && (self.gather_all || self.out.next_key.is_none())
+    }
+
+    /// Takes the next key of the range when [`Self::needs_value`] said its record is not needed.
+    pub(crate) fn push_key(&mut self) {
+        debug_assert!(!self.needs_value());
+        self.out.count += 1;
     }
 
     /// Takes the next key of the range. Always returns true (every key is counted).
@@ -192,59 +311,6 @@ impl<'q> RangeCollector<'q> {
     }
 }
 
-/// The events of revisions `from..=to` from the change log, at most about `max_events` events
-/// (whole revisions only, at least one), oldest first.
-pub(crate) fn events_between(
-    tree: &sled::Tree,
-    from: Revision,
-    to: Revision,
-    max_events: usize,
-    after_first_change: &mut dyn FnMut(),
-) -> Result<Vec<Arc<RevisionEvents>>, ReadError> {
-    let mut out: Vec<Arc<RevisionEvents>> = Vec::new();
-    let mut current: Option<RevisionEvents> = None;
-    let lo = keys::change(from.max(1), 0);
-    let hi = keys::change(to, u32::MAX);
-    for (events, item) in tree.range(lo..=hi).enumerate() {
-        let (k, key) = item?;
-        let (revision, sub) =
-            keys::parse_change(&k).ok_or_else(|| ReadError::Corrupt(format!("bad change key {k:?}")))?;
-        if events == 0 {
-            after_first_change();
-        }
-        if current.as_ref().is_some_and(|c| c.revision != revision) {
-            if let Some(done) = current.take() {
-                out.push(Arc::new(done));
-            }
-            if events >= max_events {
-                return Ok(out);
-            }
-        }
-        let version = match tree.get(keys::history(&key, revision, sub))? {
-            Some(v) => codec::decode::<Version>("key version", &v)?,
-            None => {
-                return Err(ReadError::Corrupt(format!(
-                    "the change log names key {key:?} at revision {revision}.{sub} but the history has no such version"
-                )))
-            }
-        };
-        let prev = prev_of(tree, &key, revision)?;
-        let event = match version.to_key_value(&key, revision, false) {
-            Some(kv) => Event { kind: EventKind::Put, kv, prev },
-            None => Event {
-                kind: EventKind::Delete,
-                kv: KeyValue { key: key.to_vec(), mod_revision: revision, ..Default::default() },
-                prev,
-            },
-        };
-        current.get_or_insert_with(|| RevisionEvents { revision, events: Vec::new() }).events.push(event);
-    }
-    if let Some(done) = current {
-        out.push(Arc::new(done));
-    }
-    Ok(out)
-}
-
 /// The hash HashKV answers: CRC-32 over versions fed in key, then revision order, each in a
 /// canonical encoding (key, revision, sub-revision, tombstone, create revision, version, lease,
 /// value), so that it depends on the versions hashed and not on how a store lays them out.
@@ -269,39 +335,4 @@ impl KvHasher {
     pub(crate) fn finish(self) -> u32 {
         self.0.finalize()
     }
-}
-
-/// A hash of the history up to `revision` as it reads once compaction at `compact` has run:
-/// every version above `compact`, and of older ones only each key's version visible at
-/// `compact` (when it is not a deletion). Physical compaction removes only versions this leaves
-/// out, so members agree on the hash wherever their compaction has got to.
-pub(crate) fn hash_kv(tree: &sled::Tree, revision: Revision, compact: Revision) -> Result<u32, ReadError> {
-    let mut hasher = KvHasher::default();
-    // The newest version at or below `compact` of the key being walked, not yet hashed.
-    let mut kept: Option<(Vec<u8>, Revision, u32, Version)> = None;
-    let hash_kept = |kept: &mut Option<(Vec<u8>, Revision, u32, Version)>, hasher: &mut KvHasher| {
-        if let Some((key, rev, sub, version)) = kept.take() {
-            if !version.deleted {
-                hasher.add(&key, rev, sub, &version);
-            }
-        }
-    };
-    for item in tree.range(vec![keys::HISTORY]..vec![keys::HISTORY + 1]) {
-        let (k, v) = item?;
-        let (key, rev, sub, version) = decode_entry(&k, &v)?;
-        if kept.as_ref().is_some_and(|(kept_key, ..)| *kept_key != key) {
-            hash_kept(&mut kept, &mut hasher);
-        }
-        if rev > revision {
-            continue;
-        }
-        if rev <= compact {
-            kept = Some((key, rev, sub, version));
-        } else {
-            hash_kept(&mut kept, &mut hasher);
-            hasher.add(&key, rev, sub, &version);
-        }
-    }
-    hash_kept(&mut kept, &mut hasher);
-    Ok(hasher.finish())
 }

@@ -10,24 +10,24 @@
 //!    waiting, so one fsync covers every append that arrived while the previous one ran.
 //! 3. Once a quorum has the entry, openraft calls [`StateMachine`]'s `apply`: every command of
 //!    the batch is evaluated through an in-memory overlay and written, with the new
-//!    `last_applied`, in one atomic `sled::Batch`: the keys' new live records, a new version
-//!    of each changed key in the history, the change log, leases. The results
-//!    ([`BatchResult`]) go back to the waiting clients; the events go to the in-memory
-//!    [`EventLog`] and watchers are told of the new revision.
-//! 4. Reads go through [`SmReader`]: current reads see whole applied batches; reads at a past
-//!    revision read the history; watchers read events from memory or, when they lag, from the
-//!    change log.
+//!    `last_applied`, in one atomic `sled::Batch`: one record per changed key, keyed by
+//!    revision (a put is one sled write), leases; the in-memory key index takes the same
+//!    changes. The results ([`BatchResult`]) go back to the waiting clients; the events go to
+//!    the in-memory [`EventLog`] and watchers are told of the new revision.
+//! 4. Reads go through [`SmReader`]: every read is a read at a revision (the current one by
+//!    default): the index says where each key's version then is, sled holds the record;
+//!    watchers read events from memory or, when they lag, from the records in revision order.
 //! 5. `Compact(revision)` makes older history unreachable at once; a background thread then
-//!    deletes it in small chunks.
-//! 6. Now and then openraft asks for a snapshot: the builder copies the history up to the
+//!    walks the index and deletes it in small chunks.
+//! 6. Now and then openraft asks for a snapshot: the builder copies the records up to the
 //!    captured revision without blocking applies, and openraft purges the log up to it.
 //!
 //! # Layout of a volume
 //!
 //! ```text
 //! <data dir>/kvset-volume.json   identity: node id, ordinal, cluster id (volume.rs)
-//! <data dir>/db/                 sled: trees `raft` (log + vote), `sm0`/`sm1` (state: live keys,
-//!                                history, change log, leases; see `keys`), `sm_slot`
+//! <data dir>/db/                 sled: trees `raft` (log + vote), `sm0`/`sm1` (state: one record
+//!                                per revision, leases, applied state; see `keys`), `sm_slot`
 //! <data dir>/snapshots/          snap-<term>-<index>-<id>.snap (snapshot.rs)
 //! <data dir>/restore.snap         only while a restore or a recovery is seeding the volume (seed.rs)
 //! <data dir>/defrag.requested     only while a defragmentation is pending (defrag.rs)
@@ -37,7 +37,8 @@
 //!
 //! * Lease expiry times live in the leader's memory (the server's lessor), not here: the state
 //!   machine records which leases exist, their TTL and their keys.
-//! * Volumes of format 1 (kvset 0.1, no history) are refused with a clear error, not converted.
+//! * Volumes of format 1 (kvset 0.1, no history) are refused with a clear error, not converted;
+//!   volumes of format 2 (kvset 0.2) are upgraded in place at first open.
 //! * sled never shrinks its files by itself; space after deletes is reused, and returned to the
 //!   filesystem only by a defragmentation (`defrag`), which runs while the database is closed.
 //! * A snapshot received from a leader that fails verification stops the node (openraft treats
@@ -55,6 +56,7 @@ pub mod defrag;
 mod entry_cache;
 pub mod events;
 mod history;
+mod index;
 mod keys;
 mod log_store;
 mod observer;
@@ -214,7 +216,10 @@ impl Store {
     /// Opens (creating if needed) the database of an opened [`Volume`]. Needs a Tokio runtime:
     /// (kept for symmetry with the server; the flusher is a thread of its own).
     pub fn open(volume: &Volume, options: StoreOptions) -> Result<Self, OpenError> {
-        Self::open_dir(volume.dir(), options)
+        let store = Self::open_dir(volume.dir(), options)?;
+        // The store is of the current format now (an older one was upgraded as it opened).
+        volume::record_current_format(volume)?;
+        Ok(store)
     }
 
     /// Opens the database under `dir` without looking at volume metadata (for tools and tests

@@ -130,31 +130,22 @@ pub fn summarize(path: &Path) -> io::Result<Summary> {
     let bytes = fs::metadata(path)?.len();
     let mut reader = snapshot::SnapshotReader::open(path)?;
     let header = reader.header().clone();
-    let (mut versions, mut keys) = (0u64, 0u64);
-    let mut last: Option<(Vec<u8>, bool)> = None;
-    while let Some((k, v)) = reader.next_record()? {
-        let mut full = Vec::with_capacity(k.len() + 1);
-        full.push(crate::keys::HISTORY);
-        full.extend_from_slice(&k);
-        let (key, revision, _, version) = crate::history::decode_entry(&full, &v)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        if revision > header.revision {
+    let mut versions = 0u64;
+    // Whether each key's last change so far deleted it (records come in revision order).
+    let mut deleted: std::collections::HashMap<Vec<u8>, bool> = std::collections::HashMap::new();
+    while let Some((rev, bytes)) = reader.next_change()? {
+        if rev.main > header.revision {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("snapshot holds revision {revision}, beyond its revision {}", header.revision),
+                format!("snapshot holds revision {}, beyond its revision {}", rev.main, header.revision),
             ));
         }
+        let r = crate::keys::record::decode(&bytes)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "undecodable record"))?;
         versions += 1;
-        if let Some((prev, deleted)) = last.take() {
-            if prev != key && !deleted {
-                keys += 1;
-            }
-        }
-        last = Some((key, version.deleted));
+        deleted.insert(r.key.to_vec(), r.deleted);
     }
-    if let Some((_, false)) = last {
-        keys += 1;
-    }
+    let keys = deleted.values().filter(|d| !**d).count() as u64;
     Ok(Summary { header, versions, keys, bytes })
 }
 

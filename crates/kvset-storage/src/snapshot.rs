@@ -3,19 +3,22 @@
 //! A snapshot is one file under `<data dir>/snapshots/`:
 //!
 //! ```text
-//! "KVSETSNAP3\n"                      magic (11 bytes; "KVSETSNAP2\n" files, from before access
-//!                                     control, are still read: no users or roles)
+//! "KVSETSNAP4\n"                      magic (11 bytes)
 //! u32 LE n, n bytes                   postcard(SnapshotHeader): openraft meta, store revision,
 //!                                     compact revision, desired replicas, the lease table,
 //!                                     users, roles and permissions
-//! repeated, in (key, revision) order:
-//!   u32 LE klen, key bytes            a history key: escaped user key, revision, sub-revision
-//!                                     (`crate::keys`, without its prefix byte)
-//!   u32 LE vlen, value bytes          postcard(Version): one version of the key
+//! repeated, in (revision, sub-revision) order:
+//!   u32 LE klen, key bytes            revision (8 B BE), sub-revision (4 B BE)
+//!   u32 LE vlen, value bytes          the record of that change (`crate::keys::record`)
 //! u32 LE 0xFFFF_FFFF                  end of records
 //! u64 LE count                        number of records
 //! u32 LE crc32                        CRC-32 of every byte before it
 //! ```
+//!
+//! Files of earlier formats are still read (see [`SnapshotReader::next_change`]): format 3
+//! ("KVSETSNAP3\n", kvset 0.2) has the same header and one record per version in (key, revision)
+//! order, keyed by the escaped user key, revision and sub-revision, with a postcard `Version`;
+//! format 2 ("KVSETSNAP2\n") is format 3 from before access control (no users or roles).
 //!
 //! Files are written under a temporary name, fsynced, renamed to `snap-<id>.snap` and the
 //! directory fsynced, so a crash never leaves a half-written file under a final name. A file
@@ -43,10 +46,17 @@ use tokio::io::ReadBuf;
 
 use crate::auth::AuthState;
 use crate::codec;
+use crate::index::Rev;
+use crate::keys;
+use crate::keys::legacy;
+use crate::keys::record;
+use crate::keys::Version;
 use crate::types::Lease;
 use crate::SnapshotMeta;
 
-const MAGIC: &[u8] = b"KVSETSNAP3\n";
+const MAGIC: &[u8] = b"KVSETSNAP4\n";
+/// Files of kvset 0.2, one record per version in key order: read, never written.
+const MAGIC_V3: &[u8] = b"KVSETSNAP3\n";
 /// Files written before access control: read, never written.
 const MAGIC_V2: &[u8] = b"KVSETSNAP2\n";
 const END: u32 = u32::MAX;
@@ -236,6 +246,8 @@ pub(crate) struct SnapshotReader {
     consumed: u64,
     /// Whether zero bytes after the checksum are allowed (etcd's sector padding).
     padded: bool,
+    /// The file's format: 2, 3 or 4 (see the module docs).
+    format: u8,
 }
 
 fn corrupt(msg: impl Into<String>) -> io::Error {
@@ -261,15 +273,19 @@ impl SnapshotReader {
             done: false,
             consumed: 0,
             padded: false,
+            format: 4,
         };
         let mut magic = [0u8; MAGIC.len()];
         r.take(&mut magic)?;
-        if magic != MAGIC && magic != MAGIC_V2 {
-            return Err(corrupt(format!("{}: not a kvset snapshot (bad magic)", path.display())));
-        }
+        r.format = match &magic[..] {
+            m if m == MAGIC => 4,
+            m if m == MAGIC_V3 => 3,
+            m if m == MAGIC_V2 => 2,
+            _ => return Err(corrupt(format!("{}: not a kvset snapshot (bad magic)", path.display()))),
+        };
         let len = r.take_u32()?;
         let header = r.take_field(len)?;
-        r.header = if magic == MAGIC {
+        r.header = if r.format >= 3 {
             codec::decode("snapshot header", &header).map_err(|e| corrupt(e.to_string()))?
         } else {
             let v2: SnapshotHeaderV2 =
@@ -363,6 +379,31 @@ impl SnapshotReader {
         self.count += 1;
         Ok(Some((key, value)))
     }
+
+    /// Returns the next change: where it is stored and its record, whatever the file's format
+    /// (a record of format 2 or 3 is converted), or `None` after the last one once the trailer
+    /// has been verified. A record that does not decode is an error.
+    pub(crate) fn next_change(&mut self) -> io::Result<Option<(Rev, Vec<u8>)>> {
+        let Some((k, v)) = self.next_record()? else { return Ok(None) };
+        if self.format == 4 {
+            let mut full = [0u8; 13];
+            if k.len() != 12 {
+                return Err(corrupt(format!("bad record key {k:?}")));
+            }
+            full[0] = keys::RECORD;
+            full[1..].copy_from_slice(&k);
+            let rev =
+                keys::parse_record_key(&full).ok_or_else(|| corrupt(format!("bad record key {k:?}")))?;
+            if record::decode(&v).is_none() {
+                return Err(corrupt(format!("undecodable record at {}.{}", rev.main, rev.sub)));
+            }
+            return Ok(Some((rev, v)));
+        }
+        let (key, revision, sub) =
+            legacy::parse_history(&k, false).ok_or_else(|| corrupt(format!("bad history key {k:?}")))?;
+        let version: Version = codec::decode("key version", &v).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Some((Rev::new(revision, sub), record::encode(&key, &version))))
+    }
 }
 
 /// etcd pads a streamed snapshot to a multiple of this (`etcdctl snapshot save`).
@@ -410,7 +451,8 @@ pub fn inspect(path: &Path) -> io::Result<(SnapshotHeader, u64)> {
     Ok((r.header.clone(), r.count))
 }
 
-/// Copies the records of the snapshot `src` into a new file `dst` (fsynced) under the header
+/// Copies the records of the snapshot `src` into a new file `dst` of the current format (fsynced)
+/// under the header
 /// `header` makes of `src`'s, checking `src` on the way (a damaged `src` fails the copy).
 /// Returns `src`'s header and its number of records.
 pub(crate) fn rewrite(
@@ -420,8 +462,8 @@ pub(crate) fn rewrite(
 ) -> io::Result<(SnapshotHeader, u64)> {
     let mut r = SnapshotReader::open(src)?;
     let mut w = SnapshotWriter::create(dst, &header(&r.header)?)?;
-    while let Some((k, v)) = r.next_record()? {
-        w.record(&k, &v)?;
+    while let Some((rev, record)) = r.next_change()? {
+        w.record(&keys::record_key(rev)[1..], &record)?;
     }
     w.finish()?;
     Ok((r.header, r.count))

@@ -2,41 +2,43 @@
 //! and the events watchers read.
 //!
 //! The state lives in one of two sled trees, `sm0` or `sm1` (the *slot*); a one-key tree
-//! `sm_slot` says which is active. The layout of a slot tree is in [`crate::keys`]: live
-//! records, every version of every key (the history), the change log in revision order, leases
-//! and their keys, and the metadata (last applied log id, membership, revision, compact
-//! revision, desired replicas).
+//! `sm_slot` says which is active. A slot holds one record per change of a key, keyed by
+//! revision, the leases, and the applied state (last applied log id, membership, revision,
+//! compact revision, desired replicas) and access control ([`crate::keys`]); the in-memory
+//! [`Index`] finds each key's versions and is rebuilt from the records at open.
 //!
 //! Invariants kept by [`StateMachine`]:
 //!
 //! * **Apply is atomic with `last_applied`**: every call to `apply` evaluates its entries into
-//!   an in-memory overlay and writes the changes (live records, history versions, change log,
-//!   leases), the new `last_applied`, the membership and the revision as one `sled::Batch`. A
-//!   crash leaves all of it or none of it. Apply does not flush: the log is the durable
+//!   an in-memory overlay and writes the changes (one record per changed key, the leases) and
+//!   the applied state as one `sled::Batch`; the index takes the same changes under the state
+//!   lock. A crash leaves all of it or none of it. Apply does not flush: the log is the durable
 //!   record, and sled recovers a prefix of its operations, so after a crash `last_applied` can
 //!   only be behind, never ahead; openraft re-applies the rest from the log (entries are only
 //!   purged after a snapshot covering them is durable, and the builder flushes the state it
 //!   captured before publishing the snapshot).
-//! * **History below the applied revision is immutable** except for compaction, which removes
-//!   only versions superseded at or before the compact revision (and tombstones there), and
-//!   the change-log entries below it. Reads at a past revision therefore take no lock; they
-//!   check afterwards that the compact revision did not pass them.
+//! * **Records are never changed once written**; compaction alone removes them, and only the
+//!   ones no read at or above the compact revision can see ([`Index::compact`]). Reads at a
+//!   revision therefore take the index lock only to find records; they check afterwards that
+//!   the compact revision did not pass them.
 //! * **Compaction is logical, then physical**: `Compact(rev)` sets the compact revision when
 //!   applied (the same on every member: reads and watches below it are refused from then on);
-//!   a background thread then deletes what it made unreachable, in chunks of
-//!   [`COMPACTION_CHUNK`] change-log entries, each its own sled batch, so applies never wait
-//!   for more than one chunk of sled work. Its progress is the `compacted_to` metadata key.
-//! * **Building a snapshot does not block writes**: the builder captures the metadata and the
-//!   lease table under a short read lock, then copies the history up to the captured revision
-//!   with no lock (later versions are skipped). Physical compaction pauses while a build runs
-//!   (the compaction gate), so the copied history is exactly the captured state.
+//!   a background thread then walks the index key by key, [`COMPACTION_CHUNK`] keys per step,
+//!   removing from the index and from sled (one batch per step) what it made unreachable, so
+//!   applies never wait for more than one step. A key's tombstone and the versions before it
+//!   go in the same batch, so a crash never brings a deleted key back; a restart rebuilds the
+//!   index from what is left and the walk starts again.
+//! * **Building a snapshot does not block writes**: the builder captures the applied state and
+//!   the lease table under a short read lock, then copies the records up to the captured
+//!   revision, in revision order, with no lock. Physical compaction pauses while a build runs
+//!   (the compaction gate), so the copy is exactly the captured state.
 //! * **Installing a snapshot replaces the state atomically**: the file is verified and loaded
-//!   into the inactive slot (the live records, change log and lease attachments rebuilt from
-//!   the history), flushed, and only then does the `sm_slot` pointer flip (flushed). A crash
-//!   before the flip leaves the old state; after it, the new one.
-//! * **Reads see whole batches**: current-revision readers hold the state read lock while they
-//!   read the live records, and apply holds the write lock only while it writes its finished
-//!   batch. Watchers are told of a revision only after its events are readable.
+//!   into the inactive slot (its index built as it loads), flushed, and only then does the
+//!   `sm_slot` pointer flip (flushed). A crash before the flip leaves the old state; after it,
+//!   the new one. Upgrading a volume of format 2 takes the same path (see [`upgrade_slot`]).
+//! * **Reads see whole batches**: a reader captures the applied revision under the state read
+//!   lock and reads at it; apply publishes a revision only after its records and index entries
+//!   are in place. Watchers are told of a revision only after its events are readable.
 //!
 //! Snapshot files are described in [`crate::snapshot`].
 
@@ -65,7 +67,6 @@ use openraft::RaftSnapshotBuilder;
 use tokio::sync::watch;
 
 use crate::apply::apply_command;
-use crate::apply::range_at;
 use crate::apply::Overlay;
 use crate::apply::ReadError;
 use crate::apply::Scalars;
@@ -73,8 +74,12 @@ use crate::auth::AuthState;
 use crate::codec;
 use crate::events::EventLog;
 use crate::events::EventLogLimits;
-use crate::history;
+use crate::history::Slot;
+use crate::index::Index;
+use crate::index::Rev;
 use crate::keys;
+use crate::keys::legacy;
+use crate::keys::record;
 use crate::keys::Version;
 use crate::observer::DiskFault;
 use crate::observer::StorageObserver;
@@ -93,20 +98,22 @@ use crate::SnapshotMeta;
 use crate::StoredMembership;
 use crate::TypeConfig;
 
-const META_APPLIED: &str = "applied";
-const META_MEMBERSHIP: &str = "membership";
-const META_REVISION: &str = "revision";
-const META_COMPACT: &str = "compact";
-const META_COMPACTED_TO: &str = "compacted_to";
-const META_REPLICAS: &str = "replicas";
+/// The applied state ([`StoredState`]), one record rewritten by every apply.
+const META_STATE: &str = "state";
 const META_AUTH: &str = "auth";
+/// The layout of the slot: [`LAYOUT`]. Absent in a slot of volume format 2.
+const META_LAYOUT: &str = "layout";
+/// The slot layout this build writes: one record per revision.
+const LAYOUT: u32 = 3;
+/// Volume format 2 kept each scalar under its own name.
+const LEGACY_META: [&str; 6] = ["applied", "membership", "revision", "compact", "compacted_to", "replicas"];
 const SLOT_KEY: &[u8] = b"active";
 const SLOT_NAMES: [&str; 2] = ["sm0", "sm1"];
 /// Applies of at most this many single-key commands run inline on the state machine task.
 const INLINE_APPLY_COMMANDS: usize = 16;
 /// Records per sled batch when loading a snapshot.
 const LOAD_BATCH: usize = 10_000;
-/// Change-log entries physical compaction handles per sled batch.
+/// Keys physical compaction handles per step (one sled batch).
 pub const COMPACTION_CHUNK: usize = 1_000;
 /// Revision of an empty store (as in etcd: the first write gets revision 2).
 pub const INITIAL_REVISION: Revision = 1;
@@ -134,6 +141,10 @@ pub enum SmOpenError {
     Io { path: PathBuf, source: io::Error },
     #[error("cannot start the compaction thread: {0}")]
     Thread(io::Error),
+    #[error("state machine is corrupt: {0}")]
+    Corrupt(String),
+    #[error("state machine layout {0} is newer than this kvset understands ({LAYOUT})")]
+    NewerLayout(u32),
 }
 
 /// The applied state, as readers see it.
@@ -155,6 +166,17 @@ impl AppliedState {
     fn scalars(&self) -> Scalars {
         Scalars { revision: self.revision, compact_revision: self.compact_revision, replicas: self.replicas }
     }
+}
+
+/// The applied state as one metadata record (access control is kept apart: it is larger and
+/// rarely changes).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct StoredState {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    revision: Revision,
+    compact_revision: Revision,
+    replicas: Option<u32>,
 }
 
 /// A summary of the whole state, equal on members that applied the same log prefix.
@@ -179,10 +201,23 @@ fn next_grant() -> u64 {
 }
 
 struct SmState {
-    tree: sled::Tree,
+    data: Slot,
     slot: usize,
+    /// Counts installs: a reader that sees it change read a state that was replaced.
+    generation: u64,
     applied: AppliedState,
     leases: LeaseTable,
+}
+
+/// Where physical compaction has got to.
+#[derive(Debug, Default)]
+struct CompactionProgress {
+    /// The compact revision of the walk in progress.
+    target: Revision,
+    /// The last key the walk handled.
+    after: Option<Vec<u8>>,
+    /// Every revision at or below this is compacted.
+    done_to: Revision,
 }
 
 #[derive(Debug, Clone)]
@@ -200,6 +235,7 @@ struct Shared {
     /// Held (shared) by snapshot builds and (exclusive) by installs and by each compaction
     /// chunk: compaction never removes history a build is copying.
     compaction_gate: RwLock<()>,
+    compaction: Mutex<CompactionProgress>,
     /// Wakes the compaction thread.
     compactor: Mutex<Option<mpsc::Sender<()>>>,
     /// The compaction thread, joined by [`Shared::stop_compactor`].
@@ -210,14 +246,17 @@ struct Shared {
     /// Tests: stalls applies.
     disk_fault: Option<Arc<dyn DiskFault>>,
     seq: AtomicU64,
+    /// Tests: sled writes made by applies.
+    #[cfg(test)]
+    writes: AtomicU64,
     /// Tests: a build parks after its first record until this receives.
     #[cfg(test)]
     build_pause: Mutex<Option<(mpsc::SyncSender<()>, mpsc::Receiver<()>)>>,
     /// Tests: a digest parks after its first key until this receives.
     #[cfg(test)]
     digest_pause: Mutex<Option<(mpsc::SyncSender<()>, mpsc::Receiver<()>)>>,
-    /// Tests: a read of events from the history parks after its first change-log entry until
-    /// this receives.
+    /// Tests: a read of events from the history parks after it read the records, before the
+    /// previous values, until this receives.
     #[cfg(test)]
     events_pause: Mutex<Option<(mpsc::SyncSender<()>, mpsc::Receiver<()>)>>,
 }
@@ -228,32 +267,36 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Adds the writes of `overlay` to `batch`.
-fn write_overlay(batch: &mut sled::Batch, overlay: &Overlay<'_>) -> Result<(), codec::CodecError> {
-    for (key, change) in &overlay.live {
-        match change {
-            Some(value) => batch.insert(keys::live(key), codec::encode("stored value", value)?),
-            None => batch.remove(keys::live(key)),
-        }
-    }
-    for (key, revision, sub, version) in &overlay.history {
-        batch.insert(keys::history(key, *revision, *sub), codec::encode("key version", version)?);
-        batch.insert(&keys::change(*revision, *sub), key.as_slice());
+/// Adds the writes of `overlay` to `batch`: one record per change, and the lease changes.
+/// Returns the number of writes.
+fn write_overlay(batch: &mut sled::Batch, overlay: &Overlay<'_>) -> Result<usize, codec::CodecError> {
+    let mut writes = 0;
+    for (rev, key, version) in &overlay.records {
+        batch.insert(&keys::record_key(*rev), record::encode(key, version));
+        writes += 1;
     }
     for (id, lease) in &overlay.leases {
         match lease {
             Some(l) => batch.insert(&keys::lease(*id), codec::encode("lease", l)?),
             None => batch.remove(&keys::lease(*id)),
         }
+        writes += 1;
+    }
+    Ok(writes)
+}
+
+/// Takes the records and lease attachments of an applied overlay into the index.
+fn index_overlay(index: &mut Index, overlay: &Overlay<'_>) {
+    for (rev, key, version) in &overlay.records {
+        index.push(key, *rev, version.deleted);
     }
     for ((id, key), present) in &overlay.attachments {
         if *present {
-            batch.insert(keys::lease_key(*id, key), &[] as &[u8]);
+            index.attach(*id, key);
         } else {
-            batch.remove(keys::lease_key(*id, key));
+            index.detach(*id, key);
         }
     }
-    Ok(())
 }
 
 impl Shared {
@@ -298,14 +341,14 @@ impl Shared {
         // the compact revision, never a live record), and openraft never runs an install
         // concurrently with an apply, so what the overlay reads cannot change under it.
         // Readers wait only for the final batch write below.
-        let (tree, mut applied, leases) = {
+        let (data, mut applied, leases) = {
             let st = self.read_state();
-            (st.tree.clone(), st.applied.clone(), st.leases.clone())
+            (st.data.clone(), st.applied.clone(), st.leases.clone())
         };
         let compact_before = applied.compact_revision;
         let mut scalars = applied.scalars();
         let auth_before = applied.auth.clone();
-        let mut overlay = Overlay::new(&tree, applied.revision, &leases).with_auth(&auth_before);
+        let mut overlay = Overlay::new(&data, applied.revision, &leases).with_auth(&auth_before);
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
@@ -333,12 +376,17 @@ impl Shared {
         applied.replicas = scalars.replicas;
 
         let mut batch = sled::Batch::default();
-        write_overlay(&mut batch, &overlay).map_err(|e| sm_err("writing", e))?;
+        let mut writes = write_overlay(&mut batch, &overlay).map_err(|e| sm_err("writing", e))?;
         if let Some(auth) = overlay.auth.take() {
             applied.auth = Arc::new(auth);
             write_auth(&mut batch, &applied.auth).map_err(|e| sm_err("writing", e))?;
+            writes += 1;
         }
         write_meta(&mut batch, &applied).map_err(|e| sm_err("writing", e))?;
+        writes += 1;
+        #[cfg(test)]
+        self.writes.fetch_add(writes as u64, Ordering::Relaxed);
+        let _ = writes;
         let applied_at = Instant::now();
         let new_leases = (!overlay.leases.is_empty()).then(|| {
             let mut table = (*leases).clone();
@@ -353,16 +401,17 @@ impl Shared {
             Arc::new(table)
         });
         let events = std::mem::take(&mut overlay.events);
-        drop(overlay);
         {
             // Readers see the whole batch with its revision or none of it.
             let mut st = self.write_state();
-            tree.apply_batch(batch).map_err(|e| sm_err("writing", e))?;
+            data.tree.apply_batch(batch).map_err(|e| sm_err("writing", e))?;
+            index_overlay(&mut data.index_mut(), &overlay);
             st.applied = applied.clone();
             if let Some(table) = new_leases {
                 st.leases = table;
             }
         }
+        drop(overlay);
         self.events.publish(events, applied.revision);
         if applied.compact_revision > compact_before {
             self.wake_compactor();
@@ -371,77 +420,50 @@ impl Shared {
         Ok(results)
     }
 
-    /// Handles up to `max` change-log entries below the compact revision. Returns whether more
-    /// remain. See the module docs.
+    /// Compacts up to `max` keys of the index at the compact revision, and removes their
+    /// unreachable records. Returns whether more remain. See the module docs.
     fn compact_chunk(&self, max: usize) -> Result<bool, ReadError> {
         let _gate = self.compaction_gate.write().unwrap_or_else(|e| e.into_inner());
-        let (tree, compact) = {
+        let (data, compact) = {
             let st = self.read_state();
-            (st.tree.clone(), st.applied.compact_revision)
+            (st.data.clone(), st.applied.compact_revision)
         };
-        let done: Revision = match tree.get(keys::meta(META_COMPACTED_TO))? {
-            Some(v) => codec::decode("compacted to", &v)?,
-            None => 0,
-        };
-        // Every revision below `compact` is handled once `done` reaches compact - 1.
-        let last = compact - 1;
-        if done >= last {
+        let mut progress = lock(&self.compaction);
+        if progress.done_to >= compact - 1 {
             return Ok(false);
         }
-        let mut batch = sled::Batch::default();
-        let mut stopped_at = None;
-        for (handled, item) in
-            tree.range(keys::change(done + 1, 0)..=keys::change(last, u32::MAX)).enumerate()
-        {
-            let (k, key) = item?;
-            let (revision, sub) =
-                keys::parse_change(&k).ok_or_else(|| ReadError::Corrupt(format!("bad change key {k:?}")))?;
-            if handled >= max {
-                stopped_at = Some(revision);
-                break;
-            }
-            let superseded = tree
-                .range(
-                    keys::history(&key, revision, sub.saturating_add(1))
-                        ..=keys::history(&key, compact, u32::MAX),
-                )
-                .next()
-                .transpose()?
-                .is_some();
-            let this = keys::history(&key, revision, sub);
-            let tombstone = match tree.get(&this)? {
-                Some(v) => codec::decode::<Version>("key version", &v)?.deleted,
-                None => false,
-            };
-            if superseded || tombstone {
-                batch.remove(this);
-            }
-            // Every older version of the key is superseded by this one, which is below the
-            // compact revision. Most were removed when their own change-log entry was handled;
-            // the one that was the key's visible version at an earlier compaction was kept
-            // then, and its change-log entry is gone: it must go now, or it would become the
-            // key's newest version once this one (a tombstone) is removed.
-            for older in tree.range(keys::history(&key, 0, 0)..keys::history(&key, revision, sub)) {
-                batch.remove(older?.0);
-            }
-            batch.remove(k);
+        if progress.target != compact {
+            // A new compaction: the walk starts again from the first key.
+            *progress = CompactionProgress { target: compact, after: None, done_to: progress.done_to };
         }
-        // A chunk may stop inside a revision: its handled entries are gone from the change log,
-        // so starting that revision again is safe.
-        let progress = stopped_at.map_or(last, |r| r - 1);
-        batch.insert(keys::meta(META_COMPACTED_TO), codec::encode("compacted to", &progress)?);
-        tree.apply_batch(batch)?;
-        Ok(stopped_at.is_some())
+        let mut removed = Vec::new();
+        let next = data.index_mut().compact(compact, progress.after.as_deref(), max, &mut removed);
+        let mut batch = sled::Batch::default();
+        for rev in removed {
+            batch.remove(&keys::record_key(rev));
+        }
+        data.tree.apply_batch(batch)?;
+        match next {
+            Some(last) => {
+                progress.after = Some(last);
+                Ok(true)
+            }
+            None => {
+                progress.after = None;
+                progress.done_to = compact - 1;
+                Ok(false)
+            }
+        }
     }
 
     /// Writes the snapshot file of the current state. Returns its header, path and size.
     fn write_snapshot(&self) -> io::Result<(SnapshotHeader, PathBuf, u64)> {
         // No compaction chunk runs from the capture to the end of the copy.
         let _gate = self.compaction_gate.read().unwrap_or_else(|e| e.into_inner());
-        let (tree, header) = self.capture();
+        let (data, header) = self.capture();
         let tmp = self.snapshot_dir.join(format!("build-{}.tmp", self.next_seq()));
         let result = (|| {
-            let bytes = self.write_history(&tree, &header, &tmp, true)?;
+            let bytes = self.write_history(&data.tree, &header, &tmp, true)?;
             // The captured state must be durable before a snapshot of it exists, or openraft
             // could purge log entries the state machine would need after a crash.
             self.db.flush().map_err(io::Error::other)?;
@@ -460,8 +482,8 @@ impl Shared {
         Ok((header, path, bytes))
     }
 
-    /// The tree and the snapshot header of the applied state, captured together.
-    fn capture(&self) -> (sled::Tree, SnapshotHeader) {
+    /// The slot and the snapshot header of the applied state, captured together.
+    fn capture(&self) -> (Slot, SnapshotHeader) {
         let st = self.read_state();
         let applied = &st.applied;
         let meta =
@@ -474,11 +496,12 @@ impl Shared {
             leases: st.leases.values().copied().collect(),
             auth: (*applied.auth).clone(),
         };
-        (st.tree.clone(), header)
+        (st.data.clone(), header)
     }
 
-    /// Writes `header` and the history up to its revision to a new snapshot file at `path`,
-    /// fsynced when `sync`. The caller holds the compaction gate. Returns the file's size.
+    /// Writes `header` and the records up to its revision, in revision order, to a new snapshot
+    /// file at `path`, fsynced when `sync`. The caller holds the compaction gate. Returns the
+    /// file's size.
     fn write_history(
         &self,
         tree: &sled::Tree,
@@ -487,7 +510,8 @@ impl Shared {
         sync: bool,
     ) -> io::Result<u64> {
         let mut w = SnapshotWriter::create(path, header)?;
-        for (i, item) in tree.range(vec![keys::HISTORY]..vec![keys::HISTORY + 1]).enumerate() {
+        let last = keys::record_key(Rev::new(header.revision, u32::MAX));
+        for (i, item) in tree.range(vec![keys::RECORD]..=last.to_vec()).enumerate() {
             #[cfg(test)]
             if i == 1 {
                 if let Some((parked, resume)) = lock(&self.build_pause).take() {
@@ -497,11 +521,7 @@ impl Shared {
             }
             let _ = i;
             let (k, v) = item.map_err(io::Error::other)?;
-            let (_, revision, _) = keys::parse_history(&k)
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad history key"))?;
-            if revision <= header.revision {
-                w.record(&k[1..], &v)?;
-            }
+            w.record(&k[1..], &v)?;
         }
         if sync {
             w.finish()
@@ -558,51 +578,19 @@ impl Shared {
             let mut batch = sled::Batch::default();
             let mut in_batch = 0;
             let mut versions = 0u64;
-            // The last version of the key being loaded: it becomes the live record unless it is
-            // a tombstone.
-            let mut last: Option<(Vec<u8>, Revision, Version)> = None;
-            let finish_key = |batch: &mut sled::Batch, last: Option<(Vec<u8>, Revision, Version)>| {
-                if let Some((key, revision, v)) = last {
-                    if !v.deleted {
-                        let live = StoredValue {
-                            value: v.value,
-                            create_revision: v.create_revision,
-                            mod_revision: revision,
-                            version: v.version,
-                            lease: v.lease,
-                        };
-                        batch.insert(
-                            keys::live(&key),
-                            codec::encode("stored value", &live).map_err(io::Error::other)?,
-                        );
-                        if v.lease != 0 {
-                            batch.insert(keys::lease_key(v.lease, &key), &[] as &[u8]);
-                        }
-                    }
+            let mut index = IndexBuilder::default();
+            let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+            while let Some((rev, bytes)) = reader.next_change()? {
+                if rev.main > header.revision {
+                    return Err(invalid(format!(
+                        "snapshot holds revision {}, beyond its revision {}",
+                        rev.main, header.revision
+                    )));
                 }
-                Ok::<_, io::Error>(())
-            };
-            while let Some((k, value)) = reader.next_record()? {
-                let mut full = Vec::with_capacity(k.len() + 1);
-                full.push(keys::HISTORY);
-                full.extend_from_slice(&k);
-                let (key, revision, sub, version) = history::decode_entry(&full, &value)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                if revision > header.revision {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "snapshot holds revision {revision}, beyond its revision {}",
-                            header.revision
-                        ),
-                    ));
-                }
-                if last.as_ref().is_some_and(|(lk, _, _)| *lk != key) {
-                    finish_key(&mut batch, last.take())?;
-                }
-                batch.insert(full, value);
-                batch.insert(&keys::change(revision, sub), key.as_slice());
-                last = Some((key, revision, version));
+                let r = record::decode(&bytes)
+                    .ok_or_else(|| invalid(format!("undecodable record at {}", rev.main)))?;
+                index.add(rev, &r).map_err(invalid)?;
+                batch.insert(&keys::record_key(rev), bytes);
                 in_batch += 1;
                 versions += 1;
                 if in_batch >= LOAD_BATCH {
@@ -610,7 +598,6 @@ impl Shared {
                     in_batch = 0;
                 }
             }
-            finish_key(&mut batch, last.take())?;
             for lease in &header.leases {
                 batch
                     .insert(&keys::lease(lease.id), codec::encode("lease", lease).map_err(io::Error::other)?);
@@ -625,11 +612,12 @@ impl Shared {
             };
             write_meta(&mut batch, &applied).map_err(io::Error::other)?;
             write_auth(&mut batch, &applied.auth).map_err(io::Error::other)?;
+            write_layout(&mut batch).map_err(io::Error::other)?;
             tree.apply_batch(batch).map_err(io::Error::other)?;
             self.db.flush().map_err(io::Error::other)?;
-            Ok::<_, io::Error>((applied, versions))
+            Ok::<_, io::Error>((applied, versions, index.finish()))
         })();
-        let (applied, versions) = match load {
+        let (applied, versions, index) = match load {
             Ok(v) => v,
             Err(e) => {
                 drop(tree);
@@ -646,8 +634,10 @@ impl Shared {
         self.db.flush().map_err(io::Error::other)?;
         let old_slot = st.slot;
         let revision = applied.revision;
-        *st = SmState { tree, slot: target, applied, leases };
+        let generation = st.generation + 1;
+        *st = SmState { data: Slot::new(tree, index), slot: target, generation, applied, leases };
         drop(st);
+        *lock(&self.compaction) = CompactionProgress::default();
         self.events.reset(revision);
         if let Err(e) = self.db.drop_tree(SLOT_NAMES[old_slot]) {
             tracing::warn!(error = %e, "could not drop the previous state machine tree; it is dropped at next start");
@@ -680,11 +670,14 @@ fn compactor(shared: Weak<Shared>, wake: mpsc::Receiver<()>) {
 }
 
 fn write_meta(batch: &mut sled::Batch, applied: &AppliedState) -> Result<(), codec::CodecError> {
-    batch.insert(keys::meta(META_APPLIED), codec::encode("last applied", &applied.last_applied)?);
-    batch.insert(keys::meta(META_MEMBERSHIP), codec::encode("membership", &applied.membership)?);
-    batch.insert(keys::meta(META_REVISION), codec::encode("revision", &applied.revision)?);
-    batch.insert(keys::meta(META_COMPACT), codec::encode("compact revision", &applied.compact_revision)?);
-    batch.insert(keys::meta(META_REPLICAS), codec::encode("replicas", &applied.replicas)?);
+    let state = StoredState {
+        last_applied: applied.last_applied,
+        membership: applied.membership.clone(),
+        revision: applied.revision,
+        compact_revision: applied.compact_revision,
+        replicas: applied.replicas,
+    };
+    batch.insert(keys::meta(META_STATE), codec::encode("applied state", &state)?);
     Ok(())
 }
 
@@ -692,6 +685,11 @@ fn write_meta(batch: &mut sled::Batch, applied: &AppliedState) -> Result<(), cod
 /// most batches do not touch it).
 fn write_auth(batch: &mut sled::Batch, auth: &AuthState) -> Result<(), codec::CodecError> {
     batch.insert(keys::meta(META_AUTH), codec::encode("auth", auth)?);
+    Ok(())
+}
+
+fn write_layout(batch: &mut sled::Batch) -> Result<(), codec::CodecError> {
+    batch.insert(keys::meta(META_LAYOUT), codec::encode("layout", &LAYOUT)?);
     Ok(())
 }
 
@@ -707,12 +705,40 @@ fn read_meta<T: serde::de::DeserializeOwned>(
 }
 
 fn read_applied(tree: &sled::Tree) -> Result<AppliedState, SmOpenError> {
+    let state: Option<StoredState> = match tree.get(keys::meta(META_STATE))? {
+        Some(v) => Some(codec::decode(META_STATE, &v)?),
+        None => None,
+    };
+    let auth = Arc::new(read_meta(tree, META_AUTH, AuthState::default())?);
+    Ok(match state {
+        Some(s) => AppliedState {
+            last_applied: s.last_applied,
+            membership: s.membership,
+            revision: s.revision,
+            compact_revision: s.compact_revision,
+            replicas: s.replicas,
+            auth,
+        },
+        None => AppliedState {
+            last_applied: None,
+            membership: StoredMembership::default(),
+            revision: INITIAL_REVISION,
+            compact_revision: NEVER_COMPACTED,
+            replicas: None,
+            auth,
+        },
+    })
+}
+
+/// The applied state of a slot of volume format 2, where each scalar had its own key.
+fn read_legacy_applied(tree: &sled::Tree) -> Result<AppliedState, SmOpenError> {
+    let [applied, membership, revision, compact, _, replicas] = LEGACY_META;
     Ok(AppliedState {
-        last_applied: read_meta(tree, META_APPLIED, None)?,
-        membership: read_meta(tree, META_MEMBERSHIP, StoredMembership::default())?,
-        revision: read_meta(tree, META_REVISION, INITIAL_REVISION)?,
-        compact_revision: read_meta(tree, META_COMPACT, NEVER_COMPACTED)?,
-        replicas: read_meta(tree, META_REPLICAS, None)?,
+        last_applied: read_meta(tree, applied, None)?,
+        membership: read_meta(tree, membership, StoredMembership::default())?,
+        revision: read_meta(tree, revision, INITIAL_REVISION)?,
+        compact_revision: read_meta(tree, compact, NEVER_COMPACTED)?,
+        replicas: read_meta(tree, replicas, None)?,
         auth: Arc::new(read_meta(tree, META_AUTH, AuthState::default())?),
     })
 }
@@ -725,6 +751,100 @@ fn read_leases(tree: &sled::Tree) -> Result<LeaseTable, SmOpenError> {
         table.insert(lease.id, Lease { grant: next_grant(), ..lease });
     }
     Ok(Arc::new(table))
+}
+
+/// Builds an index from records, checking that each key's changes come in revision order, and
+/// which lease each key's current version carries.
+#[derive(Default)]
+struct IndexBuilder {
+    index: Index,
+    leased: std::collections::HashMap<Vec<u8>, LeaseId>,
+}
+
+impl IndexBuilder {
+    fn add(&mut self, rev: Rev, r: &record::RecordRef<'_>) -> Result<(), String> {
+        if !self.index.try_push(r.key, rev, r.deleted) {
+            return Err(format!("record at {}.{} is out of revision order for its key", rev.main, rev.sub));
+        }
+        if !r.deleted && r.lease != 0 {
+            self.leased.insert(r.key.to_vec(), r.lease);
+        } else if !self.leased.is_empty() {
+            self.leased.remove(r.key);
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Index {
+        for (key, lease) in self.leased {
+            self.index.attach(lease, &key);
+        }
+        self.index
+    }
+}
+
+/// The index of the records of `tree`, read in revision order.
+fn build_index(tree: &sled::Tree) -> Result<Index, SmOpenError> {
+    let mut builder = IndexBuilder::default();
+    for item in tree.range(vec![keys::RECORD]..vec![keys::RECORD + 1]) {
+        let (k, v) = item?;
+        let corrupt = |what: String| SmOpenError::Corrupt(what);
+        let rev = keys::parse_record_key(&k).ok_or_else(|| corrupt(format!("bad record key {k:?}")))?;
+        let r = record::decode(&v)
+            .ok_or_else(|| corrupt(format!("undecodable record at {}.{}", rev.main, rev.sub)))?;
+        builder.add(rev, &r).map_err(corrupt)?;
+    }
+    Ok(builder.finish())
+}
+
+/// Upgrades the slot `old` (number `old_slot`) of volume format 2 — live records, a history
+/// keyed by user key, a change log — to one record per revision, in the other slot, and flips
+/// the slot pointer to it: the same steps as a snapshot install, so a crash at any point leaves
+/// either the old slot, upgraded again at the next open, or the new one. Returns the new slot.
+fn upgrade_slot(
+    db: &sled::Db,
+    slots: &sled::Tree,
+    old: &sled::Tree,
+    old_slot: usize,
+) -> Result<(sled::Tree, usize), SmOpenError> {
+    let started = Instant::now();
+    let target = 1 - old_slot;
+    db.drop_tree(SLOT_NAMES[target])?;
+    let tree = db.open_tree(SLOT_NAMES[target])?;
+    let mut batch = sled::Batch::default();
+    let mut records = 0u64;
+    for item in old.range(vec![legacy::HISTORY]..vec![legacy::HISTORY + 1]) {
+        let (k, v) = item?;
+        let (key, revision, sub) = legacy::parse_history(&k, true)
+            .ok_or_else(|| SmOpenError::Corrupt(format!("bad history key {k:?}")))?;
+        let version: Version = codec::decode("key version", &v)?;
+        batch.insert(&keys::record_key(Rev::new(revision, sub)), record::encode(&key, &version));
+        records += 1;
+        if records % LOAD_BATCH as u64 == 0 {
+            tree.apply_batch(std::mem::take(&mut batch))?;
+        }
+    }
+    for item in old.scan_prefix([keys::LEASE]) {
+        let (k, v) = item?;
+        batch.insert(k, v);
+    }
+    let applied = read_legacy_applied(old)?;
+    write_meta(&mut batch, &applied)?;
+    write_auth(&mut batch, &applied.auth)?;
+    write_layout(&mut batch)?;
+    tree.apply_batch(batch)?;
+    db.flush()?;
+    slots.insert(SLOT_KEY, &[target as u8])?;
+    db.flush()?;
+    if let Err(e) = db.drop_tree(SLOT_NAMES[old_slot]) {
+        tracing::warn!(error = %e, "could not drop the slot of format 2; it is dropped at next start");
+    }
+    tracing::warn!(
+        records,
+        revision = applied.revision,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "upgraded the state machine from volume format 2 to one record per revision"
+    );
+    Ok((tree, target))
 }
 
 /// A file name for a snapshot: `snap-<term>-<index>-<seq>-<unix ms>.snap`, unique even for
@@ -800,9 +920,32 @@ impl StateMachine {
             // Left over from an install interrupted before its flip, or not yet dropped after it.
             db.drop_tree(other)?;
         }
-        let tree = db.open_tree(SLOT_NAMES[slot])?;
+        let mut tree = db.open_tree(SLOT_NAMES[slot])?;
+        let mut slot = slot;
+        match tree.get(keys::meta(META_LAYOUT))? {
+            Some(v) => {
+                let layout: u32 = codec::decode("layout", &v)?;
+                if layout > LAYOUT {
+                    return Err(SmOpenError::NewerLayout(layout));
+                }
+            }
+            None if tree.is_empty() => {
+                let mut batch = sled::Batch::default();
+                write_layout(&mut batch)?;
+                tree.apply_batch(batch)?;
+            }
+            None => (tree, slot) = upgrade_slot(&db, &slots, &tree, slot)?,
+        }
         let applied = read_applied(&tree)?;
         let leases = read_leases(&tree)?;
+        let index_started = Instant::now();
+        let index = build_index(&tree)?;
+        tracing::info!(
+            keys = index.keys(),
+            versions = index.versions(),
+            elapsed_ms = index_started.elapsed().as_millis() as u64,
+            "rebuilt the key index"
+        );
 
         fs::create_dir_all(&snapshot_dir).map_err(io(&snapshot_dir))?;
         let mut best: Option<CurrentSnapshot> = None;
@@ -844,9 +987,16 @@ impl StateMachine {
             db,
             slots,
             snapshot_dir,
-            state: RwLock::new(SmState { tree, slot, applied, leases }),
+            state: RwLock::new(SmState {
+                data: Slot::new(tree, index),
+                slot,
+                generation: 0,
+                applied,
+                leases,
+            }),
             events: EventLog::new(revision, event_limits),
             compaction_gate: RwLock::new(()),
+            compaction: Mutex::new(CompactionProgress::default()),
             compactor: Mutex::new(Some(wake)),
             compactor_thread: Mutex::new(None),
             build_gate: Arc::new(tokio::sync::RwLock::new(())),
@@ -854,6 +1004,8 @@ impl StateMachine {
             observer,
             disk_fault,
             seq: AtomicU64::new(0),
+            #[cfg(test)]
+            writes: AtomicU64::new(0),
             #[cfg(test)]
             build_pause: Mutex::new(None),
             #[cfg(test)]
@@ -938,47 +1090,52 @@ impl SmReader {
         Ok(())
     }
 
+    /// Runs `read` at `revision` (0: the current one) on the slot, and returns its answer and
+    /// the current revision. A read passed by compaction fails as compacted — unless it was a
+    /// read of the current revision, which is read again at the new one (as it is when a
+    /// snapshot install replaced the state during the read).
+    fn read_at<T>(
+        &self,
+        revision: Revision,
+        read: impl Fn(&Slot, Revision) -> Result<T, ReadError>,
+    ) -> Result<(T, Revision), ReadError> {
+        loop {
+            let (data, current, generation) = {
+                let st = self.shared.read_state();
+                if revision != 0 {
+                    Self::check_revision(&st.applied, revision)?;
+                }
+                (st.data.clone(), st.applied.revision, st.generation)
+            };
+            let at = if revision == 0 { current } else { revision };
+            let result = read(&data, at);
+            let (compact, replaced) = {
+                let st = self.shared.read_state();
+                (st.applied.compact_revision, st.generation != generation)
+            };
+            if replaced || (at < compact && revision == 0) {
+                continue;
+            }
+            if at < compact {
+                return Err(ReadError::Compacted { requested: at, compact_revision: compact });
+            }
+            return result.map(|r| (r, current));
+        }
+    }
+
     /// Reads one key at `revision` (0: the current one). Returns it (if present then) and the
     /// current store revision.
     pub fn get(&self, key: &[u8], revision: Revision) -> Result<(Option<KeyValue>, Revision), ReadError> {
-        let st = self.shared.read_state();
-        let current = st.applied.revision;
-        if revision == 0 || revision == current {
-            let value = match st.tree.get(keys::live(key))? {
-                Some(bytes) => {
-                    Some(codec::decode::<StoredValue>("stored value", &bytes)?.to_key_value(key, false))
-                }
-                None => None,
-            };
-            return Ok((value, current));
-        }
-        Self::check_revision(&st.applied, revision)?;
-        let tree = st.tree.clone();
-        drop(st);
-        let kv = history::get_at(&tree, key, revision)?;
-        self.still_readable(revision)?;
-        Ok((kv, current))
+        self.read_at(revision, |data, at| data.get_at(key, at))
     }
 
     /// Reads one page of a range at its revision. Returns it and the current store revision.
     pub fn range(&self, query: &RangeQuery) -> Result<(RangeResult, Revision), ReadError> {
-        let st = self.shared.read_state();
-        let current = st.applied.revision;
-        if query.revision == 0 || query.revision == current {
-            let leases = st.leases.clone();
-            let result = Overlay::new(&st.tree, current, &leases).range_current(query)?;
-            return Ok((result, current));
-        }
-        Self::check_revision(&st.applied, query.revision)?;
-        let tree = st.tree.clone();
-        drop(st);
-        let result = range_at(&tree, query, query.revision)?;
-        self.still_readable(query.revision)?;
-        Ok((result, current))
+        self.read_at(query.revision, |data, at| data.range_at(query, at))
     }
 
     /// The events of revisions `from..=to` (whole revisions, at most about `max_events` events
-    /// but at least one revision), from memory when recent, else from the history. Fails with
+    /// but at least one revision), from memory when recent, else from the records. Fails with
     /// [`ReadError::Compacted`] when `from` is below the compact revision.
     pub fn events(
         &self,
@@ -986,9 +1143,9 @@ impl SmReader {
         to: Revision,
         max_events: usize,
     ) -> Result<Vec<Arc<RevisionEvents>>, ReadError> {
-        let (tree, applied) = {
+        let (data, applied) = {
             let st = self.shared.read_state();
-            (st.tree.clone(), st.applied.clone())
+            (st.data.clone(), st.applied.clone())
         };
         if from < applied.compact_revision {
             return Err(ReadError::Compacted { requested: from, compact_revision: applied.compact_revision });
@@ -996,7 +1153,7 @@ impl SmReader {
         let events = match self.shared.events.get(from, to, max_events) {
             Some(recent) => Ok(recent),
             None => {
-                // Tests: park between reading a change-log entry and its version.
+                // Tests: park between reading the records and their previous values.
                 let mut hook = || {
                     #[cfg(test)]
                     if let Some((parked, resume)) = lock(&self.shared.events_pause).take() {
@@ -1004,11 +1161,11 @@ impl SmReader {
                         let _ = resume.recv();
                     }
                 };
-                history::events_between(&tree, from, to.min(applied.revision), max_events, &mut hook)
+                data.events_between(from, to.min(applied.revision), max_events, &mut hook)
             }
         };
         // Compaction may have passed `from` during the read and removed what it was reading
-        // (the change log naming a version already gone): that is "compacted", not corrupt.
+        // (a previous value already gone): that is "compacted", not corrupt.
         let compact = self.shared.read_state().applied.compact_revision;
         if from < compact {
             return Err(ReadError::Compacted { requested: from, compact_revision: compact });
@@ -1047,12 +1204,7 @@ impl SmReader {
     pub fn lease(&self, id: LeaseId) -> Result<Option<LeaseKeys>, ReadError> {
         let st = self.shared.read_state();
         let Some(lease) = st.leases.get(&id).copied() else { return Ok(None) };
-        let prefix = keys::lease_keys_prefix(id);
-        let mut attached = Vec::new();
-        for item in st.tree.scan_prefix(prefix) {
-            let (k, _) = item?;
-            attached.push(k[prefix.len()..].to_vec());
-        }
+        let attached = st.data.index().lease_keys(id);
         Ok(Some((lease, attached)))
     }
 
@@ -1063,11 +1215,14 @@ impl SmReader {
 
     /// Where physical compaction has got to: every revision at or below it is compacted.
     pub fn compacted_to(&self) -> Result<Revision, ReadError> {
-        let tree = self.shared.read_state().tree.clone();
-        Ok(match tree.get(keys::meta(META_COMPACTED_TO))? {
-            Some(v) => codec::decode("compacted to", &v)?,
-            None => 0,
-        })
+        Ok(lock(&self.shared.compaction).done_to)
+    }
+
+    /// Keys and versions (tombstones included) in the index.
+    pub fn index_size(&self) -> (usize, usize) {
+        let data = self.shared.read_state().data.clone();
+        let index = data.index();
+        (index.keys(), index.versions())
     }
 
     /// Tests: runs one chunk of physical compaction of at most `max` changes now; returns
@@ -1084,14 +1239,14 @@ impl SmReader {
     /// only changes by compaction, checked afterwards), so a digest of a large store never holds
     /// up apply.
     pub fn digest(&self) -> Result<StateDigest, ReadError> {
-        let (tree, applied, leases) = {
+        let (data, applied, leases) = {
             let st = self.shared.read_state();
-            (st.tree.clone(), st.applied.clone(), st.leases.clone())
+            (st.data.clone(), st.applied.clone(), st.leases.clone())
         };
         let mut crc = crc32fast::Hasher::new();
         let mut keys = 0;
         let mut visited = 0u64;
-        history::scan_at(&tree, &KeyRange::all(), applied.revision, |kv| {
+        data.scan_at(&KeyRange::all(), applied.revision, |key, rev| {
             #[cfg(test)]
             if visited == 1 {
                 if let Some((parked, resume)) = lock(&self.shared.digest_pause).take() {
@@ -1100,16 +1255,18 @@ impl SmReader {
                 }
             }
             visited += 1;
-            for field in [&kv.key[..], &kv.value[..]] {
+            let (_, v) = data.fetch(rev)?;
+            for field in [&key[..], &v.value[..]] {
                 crc.update(&(field.len() as u64).to_le_bytes());
                 crc.update(field);
             }
-            for n in [kv.create_revision, kv.mod_revision, kv.version, kv.lease] {
+            for n in [v.create_revision, rev.main, v.version, v.lease] {
                 crc.update(&n.to_le_bytes());
             }
             keys += 1;
-            true
-        })?;
+            Ok(true)
+        })
+        .or_else(|e| self.still_readable(applied.revision).and(Err(e)))?;
         let _ = visited;
         self.still_readable(applied.revision)?;
         crc.update(&applied.compact_revision.to_le_bytes());
@@ -1151,14 +1308,14 @@ impl SmReader {
         let shared = &self.shared;
         let path = shared.snapshot_dir.join(format!("backup-{}.tmp", shared.next_seq()));
         let _gate = shared.compaction_gate.read().unwrap_or_else(|e| e.into_inner());
-        let (tree, mut header) = shared.capture();
+        let (data, mut header) = shared.capture();
         // The token signing key stays in the cluster: whoever holds a backup must not be able to
         // sign tokens for it (a restored cluster makes a key of its own).
         header.auth.token_key = Vec::new();
         // Not fsynced: the file is read back at once and deleted, and a 100 MB fsync would
         // queue the Raft log's own flushes behind it on the same disk (writes stalled for
         // 0.6 s during backups before).
-        match shared.write_history(&tree, &header, &path, false) {
+        match shared.write_history(&data.tree, &header, &path, false) {
             Ok(bytes) => Ok((header, path, bytes)),
             Err(e) => {
                 let _ = fs::remove_file(&path);
@@ -1173,13 +1330,13 @@ impl SmReader {
     pub fn hash_kv(&self, revision: Revision) -> Result<(u32, Revision, Revision), ReadError> {
         // No compaction chunk runs during the walk.
         let _gate = self.shared.compaction_gate.read().unwrap_or_else(|e| e.into_inner());
-        let (tree, applied) = {
+        let (data, applied) = {
             let st = self.shared.read_state();
-            (st.tree.clone(), st.applied.clone())
+            (st.data.clone(), st.applied.clone())
         };
         let revision = if revision == 0 { applied.revision } else { revision };
         Self::check_revision(&applied, revision)?;
-        let hash = history::hash_kv(&tree, revision, applied.compact_revision)?;
+        let hash = data.hash_kv(revision, applied.compact_revision)?;
         Ok((hash, applied.compact_revision, revision))
     }
 

@@ -31,6 +31,17 @@ fn everything_at(reader: &SmReader, revision: Revision) -> BTreeMap<String, Stri
         .collect()
 }
 
+/// Every record on disk (key, where), in revision order.
+fn records(reader: &SmReader) -> Vec<(Vec<u8>, Rev)> {
+    let tree = reader.shared.read_state().data.tree.clone();
+    tree.range(vec![keys::RECORD]..vec![keys::RECORD + 1])
+        .map(|item| {
+            let (k, v) = item.unwrap();
+            (record::decode(&v).unwrap().key.to_vec(), keys::parse_record_key(&k).unwrap())
+        })
+        .collect()
+}
+
 fn everything(reader: &SmReader) -> BTreeMap<String, String> {
     everything_at(reader, 0)
 }
@@ -99,10 +110,7 @@ async fn physical_compaction_keeps_exactly_what_reads_at_the_compact_revision_ne
     sm.apply_entries(vec![entry(1, commands)]).await.unwrap();
     let revision = reader.applied().revision;
     assert_eq!(revision, 9);
-    let versions = |reader: &SmReader| {
-        let tree = reader.shared.read_state().tree.clone();
-        tree.range(vec![keys::HISTORY]..vec![keys::HISTORY + 1]).count()
-    };
+    let versions = |reader: &SmReader| records(reader).len();
     assert_eq!(versions(&reader), 8);
     sm.apply_entries(vec![entry(2, vec![Command::Compact(revision)])]).await.unwrap();
     crate::tests_support::wait_compacted(&reader, revision - 1).await;
@@ -110,8 +118,8 @@ async fn physical_compaction_keeps_exactly_what_reads_at_the_compact_revision_ne
     // every superseded version are gone.
     assert_eq!(versions(&reader), 2);
     assert_eq!(everything_at(&reader, revision), everything(&reader));
-    let tree = reader.shared.read_state().tree.clone();
-    assert_eq!(tree.range(vec![keys::CHANGES]..vec![keys::CHANGES + 1]).count(), 1, "only the change at 9");
+    let revs: Vec<_> = records(&reader).into_iter().map(|(key, rev)| (key, rev.main)).collect();
+    assert_eq!(revs, vec![(b"kept".to_vec(), 2), (b"k".to_vec(), 9)], "one record per version left");
     // History goes on after compaction.
     sm.apply_entries(vec![entry(3, vec![put("k", "after")])]).await.unwrap();
     let events = reader.events(9, 10, 100).unwrap();
@@ -340,18 +348,15 @@ async fn hash_kv_agrees_across_physical_compaction_and_sees_every_change() {
 
     sm1.apply_entries(vec![entry(2, vec![Command::Compact(4)])]).await.unwrap();
     crate::tests_support::wait_compacted(&one.reader, 3).await;
-    let history = |reader: &SmReader| {
-        let tree = reader.shared.read_state().tree.clone();
-        tree.range(vec![keys::HISTORY]..vec![keys::HISTORY + 1]).count()
-    };
+    let history = |reader: &SmReader| records(reader).len();
     assert!(history(&one.reader) < 5, "physical compaction removed versions");
     assert_eq!(history(&two.reader), 5);
     let (h1, c1, r1) = one.reader.hash_kv(6).unwrap();
     assert_eq!((c1, r1), (4, 6));
     // The second member's history read as if compacted at 4: the same hash, though it still
     // holds every version (a member whose compaction is under way sits between the two).
-    let tree2 = two.reader.shared.read_state().tree.clone();
-    assert_eq!(history::hash_kv(&tree2, 6, 4).unwrap(), h1, "same state, same hash");
+    let data2 = two.reader.shared.read_state().data.clone();
+    assert_eq!(data2.hash_kv(6, 4).unwrap(), h1, "same state, same hash");
     assert!(matches!(one.reader.hash_kv(3), Err(ReadError::Compacted { .. })));
     assert!(matches!(one.reader.hash_kv(7), Err(ReadError::FutureRevision { .. })));
 
@@ -438,8 +443,7 @@ async fn a_deleted_key_stays_deleted_through_two_compactions_and_a_snapshot() {
     assert_eq!(everything_at(&reader, 5), map(&[("x", "2")]));
     assert_eq!(everything_at(&reader, 6), map(&[("x", "2"), ("y", "1")]));
     assert_eq!(everything(&reader), map(&[("x", "2"), ("y", "1")]));
-    let tree = reader.shared.read_state().tree.clone();
-    let versions_of_k = tree.scan_prefix(keys::history_prefix(b"k")).count();
+    let versions_of_k = records(&reader).iter().filter(|(key, _)| key == b"k").count();
     assert_eq!(versions_of_k, 0, "nothing of k is reachable at or after the compact revision");
 
     // A snapshot built now and installed into a fresh store: k stays deleted there too.
@@ -541,4 +545,31 @@ async fn events_read_while_compaction_passes_them_are_compacted_not_corrupt() {
         Err(ReadError::Compacted { requested: 3, compact_revision: 8 }) => {}
         other => panic!("a read passed by compaction answered {other:?}"),
     }
+}
+
+/// Issue 25: a put is one sled write (its record); each apply adds one for the applied state,
+/// however many entries it applies. Counted at the sled batch the apply writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_is_one_sled_write_and_each_apply_adds_one_for_the_applied_state() {
+    let (_dir, store) = new_store();
+    let mut sm = store.state_machine;
+    let writes = || sm_writes(&store.reader);
+    let before = writes();
+    sm.apply_entries(vec![entry(1, vec![put("a", "1")])]).await.unwrap();
+    assert_eq!(writes() - before, 2, "the record and the applied state");
+    let before = writes();
+    let entries: Vec<_> = (2..102).map(|i| entry(i, vec![put(&format!("k{i:03}"), "v")])).collect();
+    sm.apply_entries(entries).await.unwrap();
+    assert_eq!(writes() - before, 101, "100 puts in 100 entries, applied together");
+    let before = writes();
+    let range = KeyRange::between("k002", "k012");
+    sm.apply_entries(vec![entry(102, vec![Command::Delete(Delete { range, prev_kv: false })])])
+        .await
+        .unwrap();
+    assert_eq!(writes() - before, 11, "a tombstone per deleted key");
+    assert_eq!(records(&store.reader).len(), 1 + 100 + 10, "one record per change");
+}
+
+fn sm_writes(reader: &SmReader) -> u64 {
+    reader.shared.writes.load(Ordering::Relaxed)
 }

@@ -34,7 +34,13 @@ pub const META_FILE: &str = "kvset-volume.json";
 ///
 /// * 1 — kvset 0.1: the latest version of each key only.
 /// * 2 — history (MVCC), leases, compaction; a new log entry and snapshot format.
-pub const FORMAT_VERSION: u32 = 2;
+/// * 3 — one record per revision and an in-memory key index (etcd's shape); snapshot format 4.
+///   A volume of format 2 is upgraded in place when its store is first opened (the state
+///   machine's `upgrade_slot`), and only then is this file rewritten with 3.
+pub const FORMAT_VERSION: u32 = 3;
+
+/// The oldest format this build upgrades in place.
+pub const UPGRADABLE_FROM: u32 = 2;
 
 /// Entries a fresh Kubernetes volume may already hold and that do not make it "used".
 const IGNORED_ENTRIES: &[&str] = &["lost+found"];
@@ -344,7 +350,7 @@ impl Volume {
                 supported: FORMAT_VERSION,
             });
         }
-        if version.format_version < FORMAT_VERSION {
+        if version.format_version < UPGRADABLE_FROM {
             return Err(VolumeError::OlderFormat {
                 path: path.to_path_buf(),
                 found: version.format_version,
@@ -415,6 +421,21 @@ fn mint_node_id() -> u64 {
 }
 
 /// Writes `meta` to `dir/META_FILE` atomically: tmp file, fsync, rename, fsync dir.
+/// Records in the volume's metadata file that its store is of the current format: called once
+/// the store of a volume of an older format has been opened (and with that, upgraded).
+pub(crate) fn record_current_format(volume: &Volume) -> Result<(), VolumeError> {
+    if volume.meta.format_version >= FORMAT_VERSION {
+        return Ok(());
+    }
+    let meta = VolumeMeta { format_version: FORMAT_VERSION, ..volume.meta.clone() };
+    write_atomically(&volume.dir, &meta)?;
+    tracing::warn!(
+        dir = %volume.dir.display(), from = volume.meta.format_version, to = FORMAT_VERSION,
+        "upgraded the volume format"
+    );
+    Ok(())
+}
+
 fn write_atomically(dir: &Path, meta: &VolumeMeta) -> Result<(), VolumeError> {
     let path = dir.join(META_FILE);
     let tmp = dir.join(format!("{META_FILE}.tmp"));
@@ -547,6 +568,12 @@ mod tests {
         let err = Volume::open(dir.path(), 0, None).unwrap_err();
         assert!(matches!(err, VolumeError::OlderFormat { found: 1, .. }), "{err}");
         assert!(err.to_string().contains("new cluster"), "{err}");
+        // Format 2 is upgraded in place: it opens, and says so until its store was opened.
+        fs::write(&path, with_format(2)).unwrap();
+        let volume = Volume::open(dir.path(), 0, None).unwrap();
+        assert_eq!(volume.meta().format_version, 2);
+        record_current_format(&volume).unwrap();
+        assert_eq!(Volume::open(dir.path(), 0, None).unwrap().meta().format_version, FORMAT_VERSION);
     }
 
     #[test]

@@ -142,7 +142,12 @@ async fn bytes_on_disk_per_logical_byte_before_and_after_compaction() {
     // sled keeps its segments and never shrinks; what matters is that it stays bounded and
     // that the space compaction freed is reused rather than added to.
     assert!(after_writes / written < 40.0, "space amplification exploded: {:.1}x", after_writes / written);
-    assert!(after_rewrite < after_writes * 1.5, "the space compaction freed was not reused");
+    // Without reuse the second round would add as much as the first did.
+    assert!(
+        after_rewrite - after_compaction < 0.75 * after_writes,
+        "the space compaction freed was not reused: the first round took {after_writes}, the second added {}",
+        after_rewrite - after_compaction
+    );
     assert!(
         after_defrag < before_defrag / 4.0,
         "defragmentation returned too little: {after_defrag} of {before_defrag}"
