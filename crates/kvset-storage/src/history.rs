@@ -54,7 +54,7 @@ impl Slot {
                 let r = record::decode(&bytes).ok_or_else(|| {
                     ReadError::Corrupt(format!("undecodable record at {}.{}", rev.main, rev.sub))
                 })?;
-                Ok((r.key.to_vec(), r.to_version()))
+                Ok((r.key.to_vec(), r.version()))
             }
             None => Err(ReadError::Corrupt(format!("no record at revision {}.{}", rev.main, rev.sub))),
         }
@@ -149,7 +149,7 @@ impl Slot {
             let r = record::decode(&v).ok_or_else(|| {
                 ReadError::Corrupt(format!("undecodable record at {}.{}", rev.main, rev.sub))
             })?;
-            changes.push((rev, r.key.to_vec(), r.to_version()));
+            changes.push((rev, r.key.to_vec(), r.version()));
         }
         after_records();
         // Each event's previous value: the key at the revision before (etcd reads it at

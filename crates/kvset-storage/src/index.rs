@@ -54,8 +54,11 @@ pub(crate) struct Index {
     versions: usize,
 }
 
+/// Bounds of a range of keys in the index.
+type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
+
 /// The keys of `range` after `after` (exclusive), as map bounds; `None` when that is empty.
-fn bounds<'a>(range: &'a KeyRange, after: Option<&'a [u8]>) -> Option<(Bound<&'a [u8]>, Bound<&'a [u8]>)> {
+fn bounds<'a>(range: &'a KeyRange, after: Option<&'a [u8]>) -> Option<KeyBounds<'a>> {
     let start = match after {
         Some(a) if a >= range.start.as_slice() => Bound::Excluded(a),
         _ => Bound::Included(range.start.as_slice()),
@@ -306,7 +309,7 @@ mod tests {
         assert_eq!(removed, vec![rev(2), rev(2), rev(2), rev(3)]);
         assert_eq!(index.visible_at(b"a", 4), Some(rev(3)));
         assert_eq!(index.keys(), 2);
-        assert!(index.keys.get(&b"b"[..]).is_none());
+        assert!(!index.keys.contains_key(&b"b"[..]));
         assert_eq!(index.versions(), 3);
     }
 

@@ -131,7 +131,7 @@ pub(crate) mod record {
     }
 
     impl RecordRef<'_> {
-        pub(crate) fn to_version(&self) -> Version {
+        pub(crate) fn version(&self) -> Version {
             Version {
                 value: self.value.to_vec(),
                 create_revision: self.create_revision,
@@ -292,7 +292,7 @@ mod tests {
         for (key, version) in cases {
             let bytes = record::encode(&key, &version);
             let r = record::decode(&bytes).expect("decodes");
-            assert_eq!((r.key, r.to_version()), (key.as_slice(), version));
+            assert_eq!((r.key, r.version()), (key.as_slice(), version));
         }
     }
 

@@ -819,7 +819,7 @@ fn upgrade_slot(
         let version: Version = codec::decode("key version", &v)?;
         batch.insert(&keys::record_key(Rev::new(revision, sub)), record::encode(&key, &version));
         records += 1;
-        if records % LOAD_BATCH as u64 == 0 {
+        if records.is_multiple_of(LOAD_BATCH as u64) {
             tree.apply_batch(std::mem::take(&mut batch))?;
         }
     }

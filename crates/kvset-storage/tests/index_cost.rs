@@ -1,8 +1,9 @@
-//! What the in-memory key index costs: heap per key and per retained version, and how long its
-//! rebuild takes at open, for a million keys. Measured, not estimated: this test binary counts
-//! every heap allocation, and the store is opened on a volume written through Raft beforehand.
-//! The sled cache is set to 1 MiB for the measurement, so the growth of the heap across
-//! `Store::open` is the index (plus that cache, the Raft log's metadata and allocator slack).
+//! What the in-memory key index costs: memory per key and per retained version, and how long
+//! its rebuild takes at open, for a million keys. Measured, not estimated: the volumes are
+//! written through Raft, then each is opened in a fresh process (this test run again as a
+//! child, so that no memory freed by the writing is reused) with a 1 MiB sled cache, and the
+//! growth of the child's resident set across `Store::open` is reported: the index, plus that
+//! cache, sled's own per-page structures and allocator slack.
 //!
 //! The README's figures come from
 //! `cargo test --release -p kvset-storage --test index_cost -- --ignored --nocapture`
@@ -10,12 +11,8 @@
 
 mod common;
 
-use std::alloc::GlobalAlloc;
-use std::alloc::Layout;
-use std::alloc::System;
 use std::path::Path;
-use std::sync::atomic::AtomicIsize;
-use std::sync::atomic::Ordering;
+use std::process::Command as Process;
 use std::time::Instant;
 
 use kvset_storage::Batch;
@@ -24,30 +21,12 @@ use kvset_storage::Put;
 use kvset_storage::Store;
 use kvset_storage::StoreOptions;
 
-/// Bytes allocated and not freed, over the whole process.
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-struct Counting;
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
+/// Resident set of this process, in bytes.
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).expect("resident pages");
+    pages * 4096
 }
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
 
 const VALUE_BYTES: usize = 100;
 const PER_ENTRY: usize = 1_000;
@@ -66,22 +45,46 @@ async fn write(dir: &Path, keys: usize, versions: usize) {
     raft.shutdown().await.expect("shutdown");
 }
 
-/// Opens the store in `dir`: heap growth, time, keys and versions in the index.
-fn open(dir: &Path) -> (isize, f64, usize, usize) {
-    let before = LIVE.load(Ordering::Relaxed);
+/// In the child: opens the store in `dir` and prints its RSS growth, time, keys and versions.
+fn open_and_report(dir: &Path) {
+    let before = rss();
     let started = Instant::now();
     let store =
         Store::open_dir(dir, StoreOptions { cache_bytes: 1 << 20, ..StoreOptions::default() }).expect("open");
     let took = started.elapsed().as_secs_f64();
-    let grew = LIVE.load(Ordering::Relaxed) - before;
+    let grew = rss() - before;
     let (keys, versions) = store.reader.index_size();
-    store.state_machine.close().expect("close");
-    (grew, took, keys, versions)
+    println!("OPENED {grew} {took} {keys} {versions}");
+    store.reader.close().expect("close");
+}
+
+/// Opens the store in `dir` in a fresh process: RSS growth, seconds, keys, versions.
+fn open(dir: &Path) -> (u64, f64, usize, usize) {
+    let out = Process::new(std::env::current_exe().expect("exe"))
+        .args([
+            "--ignored",
+            "--exact",
+            "--nocapture",
+            "index_memory_per_key_and_per_version_and_rebuild_time",
+        ])
+        .env("KVSET_INDEX_OPEN", dir)
+        .output()
+        .expect("child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("OPENED "))
+        .unwrap_or_else(|| panic!("child said {stdout}"));
+    let f: Vec<&str> = line.split_whitespace().collect();
+    (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: run it in release, see the module docs"]
 async fn index_memory_per_key_and_per_version_and_rebuild_time() {
+    if let Some(dir) = std::env::var_os("KVSET_INDEX_OPEN") {
+        return open_and_report(Path::new(&dir));
+    }
     let keys: usize =
         std::env::var("KVSET_INDEX_KEYS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let one = tempfile::tempdir().expect("tempdir");
@@ -92,9 +95,9 @@ async fn index_memory_per_key_and_per_version_and_rebuild_time() {
     let (grew2, took2, keys2, versions2) = open(two.path());
     assert_eq!((keys1, versions1, keys2, versions2), (keys, keys, keys, 2 * keys));
     let per_key = grew1 as f64 / keys as f64;
-    let per_version = (grew2 - grew1) as f64 / keys as f64;
+    let per_version = (grew2 as f64 - grew1 as f64) / keys as f64;
     println!(
-        "index: {keys} keys of 14 B, one version each: heap +{:.1} MiB at open ({per_key:.0} B per key), rebuilt \
+        "index: {keys} keys of 14 B, one version each: RSS +{:.1} MiB at open ({per_key:.0} B per key), rebuilt \
          in {took1:.2} s; two versions each: +{:.1} MiB ({per_version:.0} B per extra retained version), rebuilt in \
          {took2:.2} s",
         grew1 as f64 / 1048576.0,
