@@ -15,7 +15,7 @@
 //! u32 LE crc32                        CRC-32 of every byte before it
 //! ```
 //!
-//! Files of earlier formats are still read (see [`SnapshotReader::next_change`]): format 3
+//! Files of earlier formats are still read (see `SnapshotReader::next_change`): format 3
 //! ("KVSETSNAP3\n", kvset 0.2) has the same header and one record per version in (key, revision)
 //! order, keyed by the escaped user key, revision and sub-revision, with a postcard `Version`;
 //! format 2 ("KVSETSNAP2\n") is format 3 from before access control (no users or roles).
