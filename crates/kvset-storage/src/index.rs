@@ -234,8 +234,9 @@ impl Index {
         let mut emptied = Vec::new();
         let mut last = None;
         let mut more = false;
+        let removed_before = removed.len();
         for (looked, (key, revs)) in self.keys.range_mut::<[u8], _>((lower, Bound::Unbounded)).enumerate() {
-            if looked >= max.max(1) || removed.len() >= max.max(1) {
+            if looked > 0 && (looked >= max || removed.len() - removed_before >= max) {
                 more = true;
                 break;
             }
