@@ -46,6 +46,8 @@ fn decode_all(bytes: &[u8]) {
     let _ = codec::decode::<crate::Vote>("vote", bytes);
     let _ = codec::decode::<crate::auth::AuthCommand>("auth command", bytes);
     let _ = codec::decode::<crate::auth::AuthState>("auth state", bytes);
+    let _ = crate::keys::record::decode(bytes);
+    let _ = crate::keys::parse_record_key(bytes);
 }
 
 /// Applies `edits` (position, byte) to a copy of `good`, and cuts it to `len` if shorter.
@@ -65,6 +67,25 @@ proptest! {
     #[test]
     fn garbage_decodes_to_errors_not_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         decode_all(&bytes);
+    }
+
+    #[test]
+    fn a_record_decodes_to_what_was_encoded_and_a_damaged_one_never_panics(
+        key in proptest::collection::vec(any::<u8>(), 0..32),
+        value in proptest::collection::vec(any::<u8>(), 0..64),
+        create_revision in 0i64..i64::MAX,
+        version in 0i64..i64::MAX,
+        lease in any::<i64>(),
+        deleted in any::<bool>(),
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        cut in any::<usize>(),
+    ) {
+        let v = Version { value, create_revision, version, lease, deleted };
+        let good = crate::keys::record::encode(&key, &v);
+        let r = crate::keys::record::decode(&good).expect("a record decodes");
+        prop_assert_eq!((r.key, r.version()), (key.as_slice(), v));
+        let bad = mutate(&good, &edits, cut % (good.len() + 1));
+        let _ = crate::keys::record::decode(&bad);
     }
 
     #[test]

@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use super::*;
@@ -572,4 +573,62 @@ async fn a_put_is_one_sled_write_and_each_apply_adds_one_for_the_applied_state()
 
 fn sm_writes(reader: &SmReader) -> u64 {
     reader.shared.writes.load(Ordering::Relaxed)
+}
+
+/// An upgrade from format 2 that a crash interrupted before its slot flip leaves the old slot
+/// active and a half-written other slot: the next open drops that and upgrades again, from the
+/// old slot, which was never changed. (The volume is the one the previous release wrote, see
+/// `tests/upgrade.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_interrupted_before_its_flip_is_done_again_at_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/volume-format-2.tar.gz");
+    let status = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(dir.path())
+        .arg("-xzf")
+        .arg(&fixture)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let data = dir.path().join("kvset-0");
+    {
+        let db = sled::open(data.join("db")).unwrap();
+        let slots = db.open_tree("sm_slot").unwrap();
+        let active = usize::from(slots.get(SLOT_KEY).unwrap().is_some_and(|v| v.as_ref() == [1]));
+        let old = db.open_tree(SLOT_NAMES[active]).unwrap();
+        assert!(old.get(keys::meta(META_LAYOUT)).unwrap().is_none(), "the fixture is of format 2");
+        // What the crashed upgrade wrote: part of the records, a wrong one among them, no flip.
+        let half = db.open_tree(SLOT_NAMES[1 - active]).unwrap();
+        let wrong = Version {
+            value: b"not what the history says".to_vec(),
+            create_revision: 2,
+            version: 1,
+            ..Default::default()
+        };
+        half.insert(keys::record_key(Rev::new(2, 0)), record::encode(b"k/a", &wrong)).unwrap();
+        half.insert(keys::record_key(Rev::new(99, 0)), record::encode(b"k/ghost", &wrong)).unwrap();
+        db.flush().unwrap();
+    }
+    // sled releases its file lock shortly after the last handle is dropped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let store = loop {
+        match Store::open_dir(&data, StoreOptions::default()) {
+            Ok(store) => break store,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("open: {e}"),
+        }
+    };
+    let reader = store.reader;
+    assert_eq!((reader.applied().revision, reader.applied().compact_revision), (36, 5));
+    let (a, _) = reader.get(b"k/a", 5).unwrap();
+    assert_eq!(a.map(|kv| (kv.value, kv.mod_revision)), Some((b"a3".to_vec(), 4)));
+    assert_eq!(reader.get(b"k/ghost", 0).unwrap().0, None, "nothing of the half-written slot survives");
+    assert_eq!(everything(&reader).get("k/a").map(String::as_str), Some("a4"));
+    assert_eq!(records(&reader).iter().filter(|(_, rev)| rev.main == 99).count(), 0);
 }
