@@ -2,7 +2,7 @@
 //!
 //! One task per stream holds the stream's watches. It learns of new revisions from the state
 //! machine's announcements and *pulls* each watch's events (`SmReader::events`: recent ones
-//! from memory, older ones from the history's change log), filters them, and sends responses
+//! from memory, older ones from the records on disk), filters them, and sends responses
 //! through the stream's bounded queue. Nothing here is pushed from apply, so:
 //!
 //! * **a slow watcher never holds up apply or other streams**: only its own stream task waits

@@ -169,8 +169,14 @@ fn open_waiting(path: &Path, wait: Duration) -> io::Result<sled::Db> {
 mod tests {
     use super::*;
 
+    /// sled lets go of its file lock shortly after its last handle is dropped (its flusher
+    /// thread ends on its own): every open here after another one waits for that.
+    fn open(path: &Path) -> sled::Db {
+        open_waiting(path, Duration::from_secs(10)).unwrap()
+    }
+
     fn fill(path: &Path, rounds: usize) {
-        let db = sled::open(path).unwrap();
+        let db = open(path);
         let t = db.open_tree("t").unwrap();
         for r in 0..rounds {
             for i in 0..500u32 {
@@ -190,7 +196,7 @@ mod tests {
         let report = run(dir.path(), Duration::from_secs(1)).unwrap();
         assert!(report.after < report.before, "{report:?}");
         assert!(!requested(dir.path()), "the request is cleared");
-        let db = sled::open(dir.path().join(DB)).unwrap();
+        let db = open(&dir.path().join(DB));
         let t = db.open_tree("t").unwrap();
         assert_eq!(t.len(), 500);
         assert_eq!(t.get(7u32.to_be_bytes()).unwrap().unwrap().as_ref(), &[39u8; 1024][..]);
@@ -206,7 +212,7 @@ mod tests {
         fs::create_dir_all(dir.path().join(NEW)).unwrap();
         finish_interrupted(dir.path()).unwrap();
         assert!(!dir.path().join(NEW).exists());
-        assert_eq!(sled::open(dir.path().join(DB)).unwrap().open_tree("t").unwrap().len(), 500);
+        assert_eq!(open(&dir.path().join(DB)).open_tree("t").unwrap().len(), 500);
 
         // Cut between the two renames: the finished copy takes the original's place.
         let dir = tempfile::tempdir().unwrap();
@@ -214,7 +220,7 @@ mod tests {
         fill(&dir.path().join(OLD), 1);
         finish_interrupted(dir.path()).unwrap();
         assert!(!dir.path().join(NEW).exists() && !dir.path().join(OLD).exists());
-        let t = sled::open(dir.path().join(DB)).unwrap().open_tree("t").unwrap();
+        let t = open(&dir.path().join(DB)).open_tree("t").unwrap();
         assert_eq!(t.get(1u32.to_be_bytes()).unwrap().unwrap().as_ref(), &[1u8; 1024][..]);
     }
 }

@@ -3,7 +3,7 @@
 //! Apply publishes the events of every revision it makes here, after they are written to the
 //! tree, and then announces the new revision on a `watch` channel. Watchers pull: a watcher at
 //! revision `r` asks for the events from `r` on; the ring answers from memory while it still
-//! holds `r`, else the caller reads the same events from the history (the change log). So apply
+//! holds `r`, else the caller reads the same events from the records on disk. So apply
 //! never waits for a watcher, and a slow watcher costs memory only up to the ring's bound.
 //!
 //! Invariant: the ring holds the events of a contiguous run of revisions `first..=last`, and

@@ -337,8 +337,8 @@ impl Shared {
         let n_entries = entries.len();
         let mut n_commands = 0;
         // Evaluate without holding the state lock: apply is the only writer of what it reads
-        // (live records, leases; physical compaction deletes only versions superseded before
-        // the compact revision, never a live record), and openraft never runs an install
+        // (current versions, leases; physical compaction deletes only versions no read at or
+        // above the compact revision sees, never a key's current one), and openraft never runs an install
         // concurrently with an apply, so what the overlay reads cannot change under it.
         // Readers wait only for the final batch write below.
         let (data, mut applied, leases) = {
@@ -1278,9 +1278,9 @@ impl SmReader {
         Ok(StateDigest { revision: applied.revision, keys, crc: crc.finalize() })
     }
 
-    /// Tests: the next read of events from the history parks after it read its first change-log
-    /// entry, before it reads that version and says so on the returned receiver; it goes on when the
-    /// returned sender sends.
+    /// Tests: the next read of events from the records parks after it read them, before their
+    /// previous values; it says so on the returned receiver and goes on when the returned sender
+    /// sends.
     #[cfg(test)]
     pub(crate) fn pause_next_history_events(&self) -> (mpsc::Receiver<()>, mpsc::SyncSender<()>) {
         let (parked_tx, parked_rx) = mpsc::sync_channel(1);

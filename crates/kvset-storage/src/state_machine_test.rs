@@ -144,7 +144,7 @@ async fn events_from_memory_and_from_the_change_log_are_the_same() {
         failure: vec![],
     });
     sm.apply_entries(vec![entry(1, vec![put("a", "1"), put("a", "2"), txn, del("a")])]).await.unwrap();
-    // The ring holds revisions 4 and 5 only; 2 and 3 come from the change log.
+    // The ring holds revisions 4 and 5 only; 2 and 3 come from the records on disk.
     let from_log = reader.events(2, 5, 100).unwrap();
     assert_eq!(from_log.iter().map(|r| r.revision).collect::<Vec<_>>(), vec![2, 3, 4, 5]);
     let recent = reader.shared.events.get(4, 5, 100).expect("in memory");

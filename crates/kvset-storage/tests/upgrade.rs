@@ -85,7 +85,20 @@ async fn a_volume_of_format_2_is_upgraded_in_place_and_serves_its_keys_history_l
     // Opened again: the volume says format 3 now, nothing is upgraded twice, all is the same.
     let volume = Volume::open(&data, 0, None).expect("opens");
     assert_eq!(volume.meta().format_version, kvset_storage::volume::FORMAT_VERSION);
-    let store = Store::open(&volume, StoreOptions::default()).expect("opens again");
+    // sled lets go of its file lock shortly after the last handle is dropped.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let store = loop {
+        match Store::open(&volume, StoreOptions::default()) {
+            Ok(store) => break store,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("opens again: {e}"),
+        }
+    };
     check(&store);
     assert_eq!(store.reader.hash_kv(0).expect("hash"), hash);
 }
