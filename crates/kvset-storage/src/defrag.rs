@@ -152,7 +152,7 @@ fn sync_tree(dir: &Path) -> io::Result<()> {
 
 /// Opens the database at `path`, retrying while another handle in this process still holds
 /// its lock (up to `wait`).
-fn open_waiting(path: &Path, wait: Duration) -> io::Result<sled::Db> {
+pub(crate) fn open_waiting(path: &Path, wait: Duration) -> io::Result<sled::Db> {
     let deadline = Instant::now() + wait;
     loop {
         match sled::Config::new().path(path).open() {

@@ -113,7 +113,8 @@ const SLOT_NAMES: [&str; 2] = ["sm0", "sm1"];
 const INLINE_APPLY_COMMANDS: usize = 16;
 /// Records per sled batch when loading a snapshot.
 const LOAD_BATCH: usize = 10_000;
-/// Keys physical compaction handles per step (one sled batch).
+/// Keys physical compaction handles per step (one sled batch), and the most versions a step
+/// removes before it ends at the key it is on.
 pub const COMPACTION_CHUNK: usize = 1_000;
 /// Revision of an empty store (as in etcd: the first write gets revision 2).
 pub const INITIAL_REVISION: Revision = 1;
@@ -630,8 +631,7 @@ impl Shared {
 
         // The flip: from here on the new state is the state.
         let mut st = self.write_state();
-        self.slots.insert(SLOT_KEY, &[target as u8]).map_err(io::Error::other)?;
-        self.db.flush().map_err(io::Error::other)?;
+        point_at(&self.db, &self.slots, target).map_err(io::Error::other)?;
         let old_slot = st.slot;
         let revision = applied.revision;
         let generation = st.generation + 1;
@@ -639,11 +639,23 @@ impl Shared {
         drop(st);
         *lock(&self.compaction) = CompactionProgress::default();
         self.events.reset(revision);
-        if let Err(e) = self.db.drop_tree(SLOT_NAMES[old_slot]) {
-            tracing::warn!(error = %e, "could not drop the previous state machine tree; it is dropped at next start");
-        }
+        drop_slot(&self.db, old_slot);
         self.wake_compactor();
         Ok(versions)
+    }
+}
+
+/// Makes `target` the active slot, durably: the flip of an install or an upgrade.
+fn point_at(db: &sled::Db, slots: &sled::Tree, target: usize) -> Result<(), sled::Error> {
+    slots.insert(SLOT_KEY, &[target as u8])?;
+    db.flush()?;
+    Ok(())
+}
+
+/// Drops the slot a flip left behind; if that fails, the next open drops it.
+fn drop_slot(db: &sled::Db, slot: usize) {
+    if let Err(e) = db.drop_tree(SLOT_NAMES[slot]) {
+        tracing::warn!(error = %e, "could not drop the previous state machine tree; it is dropped at next start");
     }
 }
 
@@ -833,11 +845,8 @@ fn upgrade_slot(
     write_layout(&mut batch)?;
     tree.apply_batch(batch)?;
     db.flush()?;
-    slots.insert(SLOT_KEY, &[target as u8])?;
-    db.flush()?;
-    if let Err(e) = db.drop_tree(SLOT_NAMES[old_slot]) {
-        tracing::warn!(error = %e, "could not drop the slot of format 2; it is dropped at next start");
-    }
+    point_at(db, slots, target)?;
+    drop_slot(db, old_slot);
     tracing::warn!(
         records,
         revision = applied.revision,
@@ -1143,12 +1152,12 @@ impl SmReader {
         to: Revision,
         max_events: usize,
     ) -> Result<Vec<Arc<RevisionEvents>>, ReadError> {
-        let (data, applied) = {
+        let (data, current, compact) = {
             let st = self.shared.read_state();
-            (st.data.clone(), st.applied.clone())
+            (st.data.clone(), st.applied.revision, st.applied.compact_revision)
         };
-        if from < applied.compact_revision {
-            return Err(ReadError::Compacted { requested: from, compact_revision: applied.compact_revision });
+        if from < compact {
+            return Err(ReadError::Compacted { requested: from, compact_revision: compact });
         }
         let events = match self.shared.events.get(from, to, max_events) {
             Some(recent) => Ok(recent),
@@ -1161,7 +1170,7 @@ impl SmReader {
                         let _ = resume.recv();
                     }
                 };
-                data.events_between(from, to.min(applied.revision), max_events, &mut hook)
+                data.events_between(from, to.min(current), max_events, &mut hook)
             }
         };
         // Compaction may have passed `from` during the read and removed what it was reading

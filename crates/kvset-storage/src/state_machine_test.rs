@@ -611,24 +611,52 @@ async fn an_upgrade_interrupted_before_its_flip_is_done_again_at_the_next_open()
         db.flush().unwrap();
     }
     // sled releases its file lock shortly after the last handle is dropped.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let store = loop {
-        match Store::open_dir(&data, StoreOptions::default()) {
-            Ok(store) => break store,
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("open: {e}"),
-        }
-    };
-    let reader = store.reader;
+    let db = crate::defrag::open_waiting(&data.join("db"), Duration::from_secs(10)).unwrap();
+    let sm = StateMachine::open(
+        db,
+        data.join("snapshots"),
+        Arc::new(crate::NoopObserver),
+        EventLogLimits::default(),
+        false,
+        None,
+    )
+    .unwrap();
+    let reader = sm.reader();
     assert_eq!((reader.applied().revision, reader.applied().compact_revision), (36, 5));
     let (a, _) = reader.get(b"k/a", 5).unwrap();
     assert_eq!(a.map(|kv| (kv.value, kv.mod_revision)), Some((b"a3".to_vec(), 4)));
     assert_eq!(reader.get(b"k/ghost", 0).unwrap().0, None, "nothing of the half-written slot survives");
     assert_eq!(everything(&reader).get("k/a").map(String::as_str), Some("a4"));
     assert_eq!(records(&reader).iter().filter(|(_, rev)| rev.main == 99).count(), 0);
+}
+
+/// A slot of a newer layout, or with a record that does not decode, is refused at open with an
+/// error saying which: never indexed into a wrong state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_layout_or_a_damaged_record_is_refused_at_open() {
+    let refused = |damage: &dyn Fn(&sled::Tree)| -> String {
+        let (dir, store) = new_store();
+        let tree = store.reader.shared.read_state().data.tree.clone();
+        damage(&tree);
+        store.reader.close().unwrap();
+        drop((store, tree));
+        let db = crate::defrag::open_waiting(&dir.path().join("db"), Duration::from_secs(10)).unwrap();
+        let opened = StateMachine::open(
+            db,
+            dir.path().join("snapshots"),
+            Arc::new(crate::NoopObserver),
+            EventLogLimits::default(),
+            false,
+            None,
+        );
+        opened.expect_err("a damaged slot is refused").to_string()
+    };
+    let newer = refused(&|t| {
+        t.insert(keys::meta(META_LAYOUT), codec::encode("layout", &(LAYOUT + 1)).unwrap()).unwrap();
+    });
+    assert!(newer.contains("layout 4 is newer"), "{newer}");
+    let garbage = refused(&|t| {
+        t.insert(keys::record_key(Rev::new(2, 0)), &[0xffu8, 1, 2][..]).unwrap();
+    });
+    assert!(garbage.contains("undecodable record at 2.0"), "{garbage}");
 }
